@@ -1,0 +1,253 @@
+//! The headless command line. Each subcommand builds [`Job`]s and runs them with
+//! [`run_job`], exactly as the GUI's worker does, then prints JSON (`--json`) or text.
+
+use std::io::Write as _;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::generate::{GenerateConfig, Sampling};
+use crate::model::{DeviceChoice, ModelSpec};
+use crate::worker::job::{Job, JobOutput, Slot};
+use crate::worker::runner::{run_job, WorkerCtx};
+
+/// Compare a base and an instruction-tuned language model.
+#[derive(Debug, Parser)]
+#[command(name = "tunelens", version, about)]
+pub struct Cli {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Compute device: cpu or cuda.
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Weight dtype: f32 (default; what the analyses are specified in), f16 or bf16.
+    #[arg(long, global = true, default_value = "f32")]
+    pub dtype: String,
+    /// Preload slot A when opening the GUI (a HF folder, a .gguf file, or BASE+ADAPTER).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Preload slot B when opening the GUI.
+    #[arg(long = "model-b")]
+    pub model_b: Option<String>,
+    /// The subcommand; none opens the GUI.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// `--model PATH`.
+#[derive(Debug, Args)]
+pub struct ModelArg {
+    /// A Hugging Face folder, a .gguf file, or BASE_PATH+ADAPTER_PATH.
+    #[arg(long)]
+    pub model: String,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Architecture, sizes, dtype, device and load time of a model.
+    Info {
+        #[command(flatten)]
+        model: ModelArg,
+    },
+    /// Token ids and strings of a text.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArg,
+        /// The text.
+        #[arg(long)]
+        text: String,
+    },
+    /// Logits of one forward pass: the full last-position vector and the top k per position.
+    Forward {
+        #[command(flatten)]
+        model: ModelArg,
+        /// The text.
+        #[arg(long)]
+        text: String,
+        /// Logits reported per position.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+    },
+    /// Generate a response (greedy unless --temperature is given).
+    Generate {
+        #[command(flatten)]
+        model: ModelArg,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Upper bound on new tokens.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// Sample with this temperature instead of greedy decoding.
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Nucleus sampling threshold (with --temperature).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Random seed (with --temperature).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop when this string appears (repeatable).
+        #[arg(long = "stop")]
+        stop: Vec<String>,
+    },
+}
+
+/// Runs a subcommand, printing to stdout.
+pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
+    let mut ctx = WorkerCtx::default();
+    let model_arg = match command {
+        Command::Info { model }
+        | Command::Tokenize { model, .. }
+        | Command::Forward { model, .. }
+        | Command::Generate { model, .. } => &model.model,
+    };
+    let spec = ModelSpec::parse(model_arg);
+    let loaded = run_job(
+        &mut ctx,
+        0,
+        Job::LoadModel {
+            slot: Slot::A,
+            spec: spec.clone(),
+            device: cli.device,
+            dtype: cli.dtype.clone(),
+        },
+        &mut |_| {},
+    )
+    .with_context(|| format!("cannot load model {spec}"))?;
+    let job = match command {
+        Command::Info { .. } => None,
+        Command::Tokenize { text, .. } => Some(Job::Tokenize {
+            slot: Slot::A,
+            text: text.clone(),
+        }),
+        Command::Forward { text, top_k, .. } => Some(Job::Forward {
+            slot: Slot::A,
+            text: text.clone(),
+            top_k: *top_k,
+        }),
+        Command::Generate {
+            prompt,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop,
+            ..
+        } => {
+            let sampling = match temperature {
+                None => Sampling::Greedy,
+                Some(t) => Sampling::Sample {
+                    temperature: *t,
+                    top_p: *top_p,
+                    seed: *seed,
+                },
+            };
+            Some(Job::Generate {
+                slot: Slot::A,
+                prompt: prompt.clone(),
+                chat: *chat,
+                cfg: GenerateConfig {
+                    max_new_tokens: *max_new_tokens,
+                    sampling,
+                    stop_strings: stop.clone(),
+                    ..GenerateConfig::default()
+                },
+            })
+        }
+    };
+    let output = match job {
+        None => loaded,
+        Some(job) => {
+            let stream_text = !cli.json && matches!(job, Job::Generate { .. });
+            let mut stdout = std::io::stdout();
+            run_job(&mut ctx, 1, job, &mut |event| {
+                if stream_text {
+                    if let crate::worker::Event::Token { token, .. } = event {
+                        // Streaming is best effort: a closed pipe must not abort the job.
+                        let _ = write!(stdout, "{}", token.text_delta);
+                        let _ = stdout.flush();
+                    }
+                }
+            })?
+        }
+    };
+    print_output(&output, cli.json)
+}
+
+fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let value = match output {
+            JobOutput::Loaded { info, .. } => serde_json::to_string_pretty(info)?,
+            JobOutput::Tokens(t) => serde_json::to_string(t)?,
+            JobOutput::Forward(f) => serde_json::to_string(f)?,
+            JobOutput::Generated(g) => serde_json::to_string_pretty(g)?,
+        };
+        writeln!(out, "{value}")?;
+        return Ok(());
+    }
+    match output {
+        JobOutput::Loaded { info, .. } => {
+            writeln!(out, "source        {}", info.source)?;
+            writeln!(out, "format        {} ({})", info.format, info.source_dtype)?;
+            writeln!(out, "architecture  {}", info.architecture)?;
+            writeln!(
+                out,
+                "layers        {} (hidden {}, mlp {}, heads {}/{} kv, head dim {})",
+                info.num_layers, info.hidden_size, info.intermediate_size, info.num_heads, info.num_kv_heads, info.head_dim
+            )?;
+            writeln!(out, "vocabulary    {}", info.vocab_size)?;
+            writeln!(out, "context       {}", info.context_length)?;
+            writeln!(out, "parameters    {:.1}M", info.parameters as f64 / 1e6)?;
+            writeln!(out, "weights       {} on {}, {:.0} MiB", info.dtype, info.device, info.weight_bytes as f64 / 1_048_576.0)?;
+            writeln!(out, "chat template {}", if info.has_chat_template { "yes" } else { "no" })?;
+            if let Some(adapter) = &info.adapter {
+                writeln!(
+                    out,
+                    "adapter       {} (r {}, alpha {}, {})",
+                    adapter.path,
+                    adapter.rank,
+                    adapter.alpha,
+                    adapter.target_modules.join(",")
+                )?;
+            }
+            writeln!(out, "load time     {:.2} s", info.load_secs)?;
+        }
+        JobOutput::Tokens(t) => {
+            for (id, token) in t.ids.iter().zip(&t.tokens) {
+                writeln!(out, "{id}\t{token}")?;
+            }
+        }
+        JobOutput::Forward(f) => {
+            for (pos, (token, top)) in f.tokens.iter().zip(&f.top_k).enumerate() {
+                let tops: Vec<String> = top.iter().map(|(id, logit)| format!("{id}:{logit:.3}")).collect();
+                writeln!(out, "{pos}\t{token}\t{}", tops.join(" "))?;
+            }
+        }
+        JobOutput::Generated(g) => {
+            // The text was streamed already; finish the line and summarise.
+            writeln!(out)?;
+            let decode_tps = if g.decode_secs > 0.0 {
+                (g.new_ids.len().saturating_sub(1)) as f64 / g.decode_secs
+            } else {
+                0.0
+            };
+            eprintln!(
+                "[{} prompt tokens, {} new, stop: {:?}, prefill {:.2} s, decode {:.1} tok/s]",
+                g.prompt_ids.len(),
+                g.new_ids.len(),
+                g.stop_reason,
+                g.prefill_secs,
+                decode_tps
+            );
+        }
+    }
+    Ok(())
+}

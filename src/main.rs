@@ -1,0 +1,22 @@
+//! The `tunelens` binary: a subcommand runs headless; no subcommand will open the GUI.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tunelens::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let Some(command) = &cli.command else {
+        eprintln!("error: the desktop app is not part of this build yet; use a subcommand (tunelens --help)");
+        return ExitCode::from(2);
+    };
+    match cli::run(&cli, command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! PEFT LoRA adapters on disk (`adapter_config.json` + `adapter_model.safetensors`, tensor names
+//! `base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight`), attached to
+//! a loaded [`Transformer`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::Device;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::model::info::AdapterInfo;
+use crate::model::load::first_line;
+use crate::model::lora::{Linear, LoraAdapter};
+use crate::model::transformer::Transformer;
+
+/// The `adapter_config.json` fields tunelens reads.
+#[derive(Clone, Debug, Deserialize)]
+struct PeftConfig {
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    use_dora: bool,
+}
+
+/// The linear layer of `model` that a PEFT module path names.
+pub fn module_mut<'a>(model: &'a mut Transformer, layer_idx: usize, module: &str) -> Option<&'a mut Linear> {
+    let layer = model.layers.get_mut(layer_idx)?;
+    Some(match module {
+        "q_proj" => &mut layer.self_attn.q_proj,
+        "k_proj" => &mut layer.self_attn.k_proj,
+        "v_proj" => &mut layer.self_attn.v_proj,
+        "o_proj" => &mut layer.self_attn.o_proj,
+        "gate_proj" => &mut layer.mlp.gate_proj,
+        "up_proj" => &mut layer.mlp.up_proj,
+        "down_proj" => &mut layer.mlp.down_proj,
+        _ => return None,
+    })
+}
+
+/// Parses `...layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}[.default].weight`.
+fn parse_key(key: &str) -> Option<(usize, String, char)> {
+    let rest = &key[key.find("layers.")? + "layers.".len()..];
+    let mut parts = rest.split('.');
+    let layer_idx = parts.next()?.parse().ok()?;
+    let _block = parts.next()?;
+    let module = parts.next()?.to_owned();
+    let which = match parts.next()? {
+        "lora_A" => 'A',
+        "lora_B" => 'B',
+        _ => return None,
+    };
+    Some((layer_idx, module, which))
+}
+
+/// Loads the adapter in `dir` and attaches it to `model`.
+pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<AdapterInfo> {
+    if !dir.exists() {
+        return Err(Error::NotFound {
+            path: dir.to_path_buf(),
+        });
+    }
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|err| {
+        Error::bad_file(&config_path, format!("cannot read PEFT adapter config ({err})"))
+    })?;
+    let cfg: PeftConfig = serde_json::from_str(&text).map_err(|err| {
+        let message = err.to_string();
+        let message = message.split(" at line").next().unwrap_or(&message).to_owned();
+        Error::bad_file(&config_path, format!("adapter_config.json: {message}"))
+    })?;
+    if cfg.fan_in_fan_out || cfg.use_dora {
+        return Err(Error::bad_file(
+            &config_path,
+            "fan_in_fan_out and DoRA adapters are not supported",
+        ));
+    }
+    let weights_path = dir.join("adapter_model.safetensors");
+    if !weights_path.exists() {
+        return Err(Error::bad_file(
+            &weights_path,
+            "missing adapter weights (only adapter_model.safetensors is supported)",
+        ));
+    }
+    let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|err| {
+        Error::bad_file(&weights_path, format!("corrupt or truncated safetensors ({})", first_line(&err)))
+    })?;
+    let mut pairs: BTreeMap<(usize, String), (Option<candle_core::Tensor>, Option<candle_core::Tensor>)> =
+        BTreeMap::new();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let Some((layer_idx, module, which)) = parse_key(name) else {
+            return Err(Error::bad_file(&weights_path, format!("unexpected tensor `{name}`")));
+        };
+        let entry = pairs.entry((layer_idx, module)).or_default();
+        let tensor = tensors[name].clone();
+        if which == 'A' {
+            entry.0 = Some(tensor);
+        } else {
+            entry.1 = Some(tensor);
+        }
+    }
+    let device = model.device().clone();
+    let dtype = model.dtype();
+    let mut targets: Vec<String> = Vec::new();
+    let mut parameters = 0;
+    let adapted = pairs.len();
+    for ((layer_idx, module), (a, b)) in pairs {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(Error::bad_file(
+                &weights_path,
+                format!("layer {layer_idx} {module}: lora_A and lora_B must both be present"),
+            ));
+        };
+        let rank = a.dims().first().copied().unwrap_or(cfg.r);
+        let scale = if cfg.use_rslora {
+            cfg.lora_alpha / (rank as f64).sqrt()
+        } else {
+            cfg.lora_alpha / rank as f64
+        };
+        parameters += a.elem_count() + b.elem_count();
+        let Some(linear) = module_mut(model, layer_idx, &module) else {
+            return Err(Error::bad_file(
+                &weights_path,
+                format!("the adapter targets layer {layer_idx} {module}, which the model does not have"),
+            ));
+        };
+        linear
+            .attach(LoraAdapter {
+                a: a.to_dtype(dtype)?.to_device(&device)?,
+                b: b.to_dtype(dtype)?.to_device(&device)?,
+                scale,
+            })
+            .map_err(|err| Error::bad_file(&weights_path, format!("layer {layer_idx} {module}: {err}")))?;
+        if !targets.contains(&module) {
+            targets.push(module);
+        }
+    }
+    targets.sort();
+    Ok(AdapterInfo {
+        path: dir.display().to_string(),
+        rank: cfg.r,
+        alpha: cfg.lora_alpha,
+        target_modules: targets,
+        adapted_layers: adapted,
+        parameters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_peft_keys() {
+        assert_eq!(
+            parse_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"),
+            Some((3, "q_proj".to_owned(), 'A'))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight"),
+            Some((0, "down_proj".to_owned(), 'B'))
+        );
+        assert_eq!(parse_key("base_model.model.lm_head.weight"), None);
+    }
+}

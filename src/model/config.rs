@@ -1,0 +1,397 @@
+//! Model hyper-parameters: the Hugging Face `config.json` schema (field names as in the file) and
+//! the normalised [`ModelConfig`] that the transformer runs on. GGUF metadata is mapped onto the
+//! same normalised type in `gguf.rs`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The decoder families tunelens runs. They share one forward; they differ in biases and defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// LLaMA 1/2/3, SmolLM, TinyLlama, Vicuna, ...
+    Llama,
+    /// Mistral (LLaMA layout plus an optional sliding attention window).
+    Mistral,
+    /// Qwen2 / Qwen2.5 (biases on q, k and v).
+    Qwen2,
+}
+
+impl Architecture {
+    /// The lower-case name used in `config.json`'s `model_type` and in GGUF metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Recognises an `architectures[0]` class name or a `model_type` / GGUF architecture string.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" | "llama" => Some(Self::Llama),
+            "MistralForCausalLM" | "mistral" => Some(Self::Mistral),
+            "Qwen2ForCausalLM" | "qwen2" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// How rotary position embeddings are rescaled for long contexts.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Positions divided by `factor` (HF `"linear"`).
+    Linear {
+        /// Position divisor.
+        factor: f64,
+    },
+    /// LLaMA-3.1 frequency-dependent scaling (HF `"llama3"`).
+    Llama3 {
+        /// Overall scaling factor.
+        factor: f64,
+        /// Wavelengths longer than `original / low_freq_factor` are fully scaled.
+        low_freq_factor: f64,
+        /// Wavelengths shorter than `original / high_freq_factor` are unscaled.
+        high_freq_factor: f64,
+        /// Context length the model was pre-trained with.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Normalised hyper-parameters of a LLaMA-family decoder.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    /// Decoder family.
+    pub architecture: Architecture,
+    /// `V`.
+    pub vocab_size: usize,
+    /// `d`.
+    pub hidden_size: usize,
+    /// `d_ff`.
+    pub intermediate_size: usize,
+    /// `L`.
+    pub num_hidden_layers: usize,
+    /// `h`.
+    pub num_attention_heads: usize,
+    /// `h_kv` (grouped-query attention when smaller than `h`).
+    pub num_key_value_heads: usize,
+    /// `d_h`.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE rescaling.
+    pub rope_scaling: RopeScaling,
+    /// Longest sequence the model supports.
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` shares the input embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Biases on q, k, v (Qwen2, or LLaMA with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on `o_proj` (LLaMA with `attention_bias`).
+    pub o_bias: bool,
+    /// Biases on the MLP projections.
+    pub mlp_bias: bool,
+    /// Mistral-style sliding attention window.
+    pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence token id, when the checkpoint names one.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token ids (generation stops on any of them).
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// `bos_token_id` / `eos_token_id` are an integer or a list of integers in `config.json`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![id],
+            Self::Many(ids) => ids,
+        }
+    }
+}
+
+/// The fields of a Hugging Face `config.json` that tunelens reads; names match the file exactly.
+#[derive(Clone, Debug, Deserialize)]
+struct HfConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    hidden_act: Option<String>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    bos_token_id: Option<OneOrMany>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+impl ModelConfig {
+    /// Parses a Hugging Face `config.json`; `path` is only used in error messages.
+    pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
+        let raw: HfConfig = serde_json::from_str(text).map_err(|err| {
+            // serde names the missing field ("missing field `hidden_size`"); keep that, drop the position.
+            let message = err.to_string();
+            let message = message.split(" at line").next().unwrap_or(&message).to_owned();
+            Error::bad_file(path, format!("config.json: {message}"))
+        })?;
+        let arch_name = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .or_else(|| raw.model_type.clone())
+            .ok_or_else(|| Error::bad_field(path, "architectures"))?;
+        let architecture = Architecture::parse(&arch_name)
+            .or_else(|| raw.model_type.as_deref().and_then(Architecture::parse))
+            .ok_or_else(|| Error::UnsupportedArchitecture {
+                arch: arch_name.clone(),
+                path: path.to_path_buf(),
+            })?;
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" && act != "swish" {
+                return Err(Error::bad_file(
+                    path,
+                    format!("config.json: hidden_act `{act}` is not supported (only silu)"),
+                ));
+            }
+        }
+        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref(), path)?;
+        let qkv_bias = architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false);
+        let sliding_window = match architecture {
+            Architecture::Mistral => raw.sliding_window,
+            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            _ => None,
+        };
+        let cfg = Self {
+            architecture,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            num_key_value_heads: raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias: architecture != Architecture::Qwen2 && raw.attention_bias.unwrap_or(false),
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            sliding_window,
+            bos_token_id: raw.bos_token_id.and_then(|b| b.into_vec().first().copied()),
+            eos_token_ids: raw.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default(),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks the head arithmetic; `path` names the source in the error.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(Error::bad_field(path, field));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::bad_file(path, "head_dim must be even for RoPE"));
+        }
+        Ok(())
+    }
+
+    /// Number of parameters of the base model (adapters excluded).
+    pub fn parameter_count(&self) -> usize {
+        let d = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let mut per_layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d;
+        if self.qkv_bias {
+            per_layer += q + 2 * kv;
+        }
+        if self.o_bias {
+            per_layer += d;
+        }
+        if self.mlp_bias {
+            per_layer += 2 * self.intermediate_size + d;
+        }
+        let embed = self.vocab_size * d;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + head + d + per_layer * self.num_hidden_layers
+    }
+}
+
+fn parse_rope_scaling(value: Option<&serde_json::Value>, path: &Path) -> Result<RopeScaling> {
+    let Some(value) = value else {
+        return Ok(RopeScaling::None);
+    };
+    if value.is_null() {
+        return Ok(RopeScaling::None);
+    }
+    let kind = value
+        .get("rope_type")
+        .or_else(|| value.get("type"))
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| Error::bad_field(path, "rope_scaling.rope_type"))?;
+    let num = |key: &str| -> Result<f64> {
+        value
+            .get(key)
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| Error::bad_field(path, format!("rope_scaling.{key}")))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(Error::bad_file(
+            path,
+            format!("rope_scaling type `{other}` is not supported (default, linear, llama3)"),
+        )),
+    }
+}
+
+/// RoPE inverse frequencies `θ^{-2i/d_h}` after rescaling, one per rotated pair.
+pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let half = cfg.head_dim / 2;
+    (0..half)
+        .map(|i| {
+            let base = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
+            let scaled = match cfg.rope_scaling {
+                RopeScaling::None => base,
+                RopeScaling::Linear { factor } => base / factor,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings: original,
+                } => {
+                    // Same piecewise rule as transformers' `_compute_llama3_parameters`.
+                    let low_freq_wavelen = original / low_freq_factor;
+                    let high_freq_wavelen = original / high_freq_factor;
+                    let wavelen = 2.0 * std::f64::consts::PI / base;
+                    if wavelen < high_freq_wavelen {
+                        base
+                    } else if wavelen > low_freq_wavelen {
+                        base / factor
+                    } else {
+                        let smooth = (original / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * base / factor + smooth * base
+                    }
+                }
+            };
+            scaled as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMOLLM_LIKE: &str = r#"{
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": [2, 3]
+    }"#;
+
+    #[test]
+    fn parses_llama_config() {
+        let cfg = ModelConfig::from_hf_json(SMOLLM_LIKE, Path::new("config.json")).unwrap();
+        assert_eq!(cfg.architecture, Architecture::Llama);
+        assert_eq!(cfg.head_dim, 4);
+        assert_eq!(cfg.num_key_value_heads, 2);
+        assert_eq!(cfg.eos_token_ids, vec![2, 3]);
+        assert_eq!(cfg.bos_token_id, Some(1));
+        assert!(cfg.tie_word_embeddings);
+        assert!(!cfg.qkv_bias);
+    }
+
+    #[test]
+    fn missing_field_names_field_and_file() {
+        let text = SMOLLM_LIKE.replace("\"hidden_size\": 16,", "");
+        let err = ModelConfig::from_hf_json(&text, Path::new("/m/config.json")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("hidden_size") && msg.contains("/m/config.json"), "{msg}");
+    }
+
+    #[test]
+    fn unsupported_architecture_is_named() {
+        let text = SMOLLM_LIKE
+            .replace("LlamaForCausalLM", "GPT2LMHeadModel")
+            .replace("\"llama\"", "\"gpt2\"");
+        let err = ModelConfig::from_hf_json(&text, Path::new("config.json")).unwrap_err();
+        assert!(err.to_string().contains("GPT2LMHeadModel"), "{err}");
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_scales_low_frequencies() {
+        let mut cfg = ModelConfig::from_hf_json(SMOLLM_LIKE, Path::new("c")).unwrap();
+        cfg.head_dim = 128;
+        cfg.rope_theta = 500_000.0;
+        let plain = rope_inv_freq(&cfg);
+        cfg.rope_scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let scaled = rope_inv_freq(&cfg);
+        assert!((scaled[0] - plain[0]).abs() < 1e-12);
+        assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-12);
+    }
+}

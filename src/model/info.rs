@@ -1,0 +1,103 @@
+//! [`ModelInfo`]: a plain-data summary of a loaded model, for the UI, the CLI and exports.
+//! Holds no tensors.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::transformer::Transformer;
+
+/// What the Models panel and `tunelens info` show about a loaded checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The `--model` spec it was loaded from.
+    pub source: String,
+    /// Checkpoint format: `safetensors` or `gguf`.
+    pub format: String,
+    /// Decoder family (`llama`, `mistral`, `qwen2`).
+    pub architecture: String,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Context length.
+    pub context_length: usize,
+    /// Base parameters (adapters excluded).
+    pub parameters: usize,
+    /// Whether `lm_head` is tied to the input embeddings.
+    pub tied_embeddings: bool,
+    /// Dtype of the weights as stored in the file (e.g. `Q4_1`, `bf16`).
+    pub source_dtype: String,
+    /// Dtype the weights are held in now.
+    pub dtype: String,
+    /// Device the weights are on.
+    pub device: String,
+    /// Bytes held by the base weights.
+    pub weight_bytes: usize,
+    /// Seconds the load took.
+    pub load_secs: f64,
+    /// Whether a chat template is available.
+    pub has_chat_template: bool,
+    /// The LoRA adapter applied on top, if any.
+    pub adapter: Option<AdapterInfo>,
+}
+
+/// A PEFT adapter attached to the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterInfo {
+    /// Adapter folder.
+    pub path: String,
+    /// Rank `r`.
+    pub rank: usize,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// Adapted module names (e.g. `q_proj`, `v_proj`).
+    pub target_modules: Vec<String>,
+    /// Layers × modules that received an adapter.
+    pub adapted_layers: usize,
+    /// Adapter parameters.
+    pub parameters: usize,
+}
+
+impl ModelInfo {
+    /// Summarises `model`.
+    pub fn describe(model: &Transformer, format: &str, source_dtype: &str, has_chat_template: bool) -> Self {
+        let cfg = model.config();
+        let parameters = cfg.parameter_count();
+        let device = match model.device() {
+            candle_core::Device::Cpu => "cpu".to_owned(),
+            candle_core::Device::Cuda(_) => "cuda".to_owned(),
+            candle_core::Device::Metal(_) => "metal".to_owned(),
+        };
+        Self {
+            source: String::new(),
+            format: format.to_owned(),
+            architecture: cfg.architecture.name().to_owned(),
+            num_layers: cfg.num_hidden_layers,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            head_dim: cfg.head_dim,
+            vocab_size: cfg.vocab_size,
+            context_length: cfg.max_position_embeddings,
+            parameters,
+            tied_embeddings: cfg.tie_word_embeddings,
+            source_dtype: source_dtype.to_owned(),
+            dtype: format!("{:?}", model.dtype()).to_lowercase(),
+            device,
+            weight_bytes: parameters * model.dtype().size_in_bytes(),
+            load_secs: 0.0,
+            has_chat_template,
+            adapter: None,
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! Loading checkpoints: a Hugging Face folder (`config.json` + safetensors, single or sharded, +
+//! `tokenizer.json`), a `.gguf` file, or either of them plus a PEFT LoRA adapter
+//! (`BASE+ADAPTER`). Every loader ends in [`build_transformer`], so all formats give the same
+//! model type, and every failure names the file (and tensor or field) at fault.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::chat::ChatTemplate;
+use crate::model::config::ModelConfig;
+use crate::model::info::ModelInfo;
+use crate::model::lora::Linear;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::transformer::{Attention, DecoderLayer, Mlp, RmsNorm, Transformer};
+use crate::model::{adapter, gguf};
+
+/// A loaded checkpoint: the model, its tokenizer, its chat template and a summary for display.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    /// The network.
+    pub model: Transformer,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template, when the checkpoint ships one.
+    pub chat_template: Option<ChatTemplate>,
+    /// Plain-data summary (architecture, sizes, dtype, device, load time, memory).
+    pub info: ModelInfo,
+}
+
+/// How to load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Where the weights go.
+    pub device: Device,
+    /// Weight dtype; f32 is what every analysis is specified in.
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// What a `--model` argument names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// A Hugging Face folder or a `.gguf` file.
+    pub base: PathBuf,
+    /// An optional PEFT adapter folder applied on top.
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelSpec {
+    /// Parses `PATH` or `BASE_PATH+ADAPTER_PATH`. A path that itself contains `+` and exists is
+    /// taken whole.
+    pub fn parse(spec: &str) -> Self {
+        if !Path::new(spec).exists() {
+            if let Some((base, adapter)) = spec.rsplit_once('+') {
+                return Self {
+                    base: PathBuf::from(base),
+                    adapter: Some(PathBuf::from(adapter)),
+                };
+            }
+        }
+        Self {
+            base: PathBuf::from(spec),
+            adapter: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ModelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.adapter {
+            None => write!(f, "{}", self.base.display()),
+            Some(a) => write!(f, "{}+{}", self.base.display(), a.display()),
+        }
+    }
+}
+
+/// Loads a model from a spec.
+pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LoadedModel> {
+    let started = Instant::now();
+    let base = &spec.base;
+    if !base.exists() {
+        return Err(Error::NotFound { path: base.clone() });
+    }
+    let mut loaded = if base.is_dir() {
+        load_hf_folder(base, opts)?
+    } else if base.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        gguf::load_gguf(base, opts)?
+    } else if base.file_name().is_some_and(|n| n == "config.json") {
+        let folder = base.parent().unwrap_or(Path::new("."));
+        load_hf_folder(folder, opts)?
+    } else {
+        return Err(Error::bad_file(
+            base,
+            "not a model: expected a Hugging Face folder (config.json + safetensors) or a .gguf file",
+        ));
+    };
+    if let Some(adapter_dir) = &spec.adapter {
+        let summary = adapter::attach_peft_adapter(&mut loaded.model, adapter_dir)?;
+        loaded.info.adapter = Some(summary);
+    }
+    loaded.info.source = spec.to_string();
+    loaded.info.load_secs = started.elapsed().as_secs_f64();
+    Ok(loaded)
+}
+
+/// A place to take named tensors from, by Hugging Face name.
+pub trait TensorSource {
+    /// Removes and returns the tensor `name`, or `None` when the checkpoint lacks it.
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>>;
+    /// The file or folder, for error messages.
+    fn path(&self) -> &Path;
+}
+
+/// Tensors already in memory (GGUF after dequantization, tests).
+pub struct TensorMap {
+    /// Tensors by Hugging Face name.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// Where they came from.
+    pub path: PathBuf,
+}
+
+impl TensorSource for TensorMap {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        Ok(self.tensors.remove(name))
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Memory-mapped safetensors files (one, or the shards of an index).
+struct SafetensorsSource {
+    files: candle_core::safetensors::MmapedSafetensors,
+    names: BTreeSet<String>,
+    path: PathBuf,
+}
+
+impl SafetensorsSource {
+    fn open(paths: &[PathBuf], folder: &Path) -> Result<Self> {
+        for p in paths {
+            if !p.exists() {
+                return Err(Error::NotFound { path: p.clone() });
+            }
+        }
+        // SAFETY: the files are mapped read-only; as with every mmap, another process truncating
+        // them while we read would be undefined behaviour. Checkpoints are not edited in place.
+        #[allow(unsafe_code)]
+        let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }
+            .map_err(|err| {
+                let name = paths.first().map_or(folder, PathBuf::as_path);
+                Error::bad_file(name, format!("corrupt or truncated safetensors ({})", first_line(&err)))
+            })?;
+        let names = files.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Self {
+            files,
+            names,
+            path: folder.to_path_buf(),
+        })
+    }
+}
+
+impl TensorSource for SafetensorsSource {
+    fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
+        if !self.names.contains(name) {
+            return Ok(None);
+        }
+        let tensor = self
+            .files
+            .load(name, &Device::Cpu)
+            .map_err(|err| Error::bad_file(&self.path, format!("tensor `{name}`: {}", first_line(&err))))?;
+        Ok(Some(tensor))
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The first line of an error's message (candle errors can carry backtraces).
+pub(crate) fn first_line(err: &dyn std::fmt::Display) -> String {
+    err.to_string().lines().next().unwrap_or_default().to_owned()
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => Error::bad_file(path, format!("cannot read ({err})")),
+    })
+}
+
+/// Loads a Hugging Face model folder.
+pub fn load_hf_folder(folder: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let config_path = folder.join("config.json");
+    let cfg = ModelConfig::from_hf_json(&read_text(&config_path)?, &config_path)?;
+    let index_path = folder.join("model.safetensors.index.json");
+    let shard_paths = if index_path.exists() {
+        let index: serde_json::Value = serde_json::from_str(&read_text(&index_path)?)
+            .map_err(|err| Error::bad_file(&index_path, format!("invalid JSON ({err})")))?;
+        let map = index
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| Error::bad_field(&index_path, "weight_map"))?;
+        let files: BTreeSet<&str> = map.values().filter_map(serde_json::Value::as_str).collect();
+        files.into_iter().map(|f| folder.join(f)).collect()
+    } else {
+        vec![folder.join("model.safetensors")]
+    };
+    let mut source = SafetensorsSource::open(&shard_paths, folder)?;
+    let source_dtype = source
+        .names
+        .iter()
+        .next()
+        .and_then(|n| source.files.get(n).ok())
+        .map(|view| format!("{:?}", view.dtype()).to_lowercase());
+    let model = build_transformer(cfg.clone(), &mut source, opts)?;
+    let tokenizer_path = folder.join("tokenizer.json");
+    if !tokenizer_path.exists() {
+        return Err(Error::bad_file(
+            &tokenizer_path,
+            "missing tokenizer: the folder has no tokenizer.json",
+        ));
+    }
+    let tokenizer_config_path = folder.join("tokenizer_config.json");
+    let tokenizer_config: Option<serde_json::Value> = if tokenizer_config_path.exists() {
+        Some(
+            serde_json::from_str(&read_text(&tokenizer_config_path)?).map_err(|err| {
+                Error::bad_file(&tokenizer_config_path, format!("invalid JSON ({err})"))
+            })?,
+        )
+    } else {
+        None
+    };
+    let tokenizer = Tokenizer::from_hf_files(&tokenizer_path, tokenizer_config.as_ref(), &cfg)?;
+    let chat_file = folder.join("chat_template.jinja");
+    let template_source = if chat_file.exists() {
+        Some(read_text(&chat_file)?)
+    } else {
+        tokenizer_config.as_ref().and_then(chat_template_from_config)
+    };
+    let chat_template = template_source.map(|source| tokenizer.chat_template(source));
+    let info = ModelInfo::describe(
+        &model,
+        "safetensors",
+        source_dtype.as_deref().unwrap_or("unknown"),
+        chat_template.is_some(),
+    );
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat_template,
+        info,
+    })
+}
+
+/// `chat_template` in `tokenizer_config.json` is a string or a list of `{name, template}`.
+fn chat_template_from_config(config: &serde_json::Value) -> Option<String> {
+    match config.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .find(|item| item.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| items.first())
+            .and_then(|item| item.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// Takes a required tensor, checks its shape against the config, and moves it to the target
+/// dtype and device.
+fn required(src: &mut dyn TensorSource, name: &str, shape: &[usize], opts: &LoadOptions) -> Result<Tensor> {
+    let Some(tensor) = src.take(name)? else {
+        return Err(Error::bad_file(src.path(), format!("missing tensor `{name}`")));
+    };
+    convert(src, name, tensor, shape, opts)
+}
+
+fn optional(
+    src: &mut dyn TensorSource,
+    name: &str,
+    shape: &[usize],
+    opts: &LoadOptions,
+) -> Result<Option<Tensor>> {
+    match src.take(name)? {
+        None => Ok(None),
+        Some(t) => convert(src, name, t, shape, opts).map(Some),
+    }
+}
+
+fn convert(
+    src: &mut dyn TensorSource,
+    name: &str,
+    tensor: Tensor,
+    shape: &[usize],
+    opts: &LoadOptions,
+) -> Result<Tensor> {
+    if tensor.dims() != shape {
+        return Err(Error::bad_file(
+            src.path(),
+            format!(
+                "tensor `{name}` has shape {:?} but the config implies {:?} (mismatched checkpoint)",
+                tensor.dims(),
+                shape
+            ),
+        ));
+    }
+    Ok(tensor.to_dtype(opts.dtype)?.to_device(&opts.device)?)
+}
+
+/// Builds the network from Hugging Face-named tensors, checking every shape against `cfg`.
+pub fn build_transformer(
+    cfg: ModelConfig,
+    src: &mut dyn TensorSource,
+    opts: &LoadOptions,
+) -> Result<Transformer> {
+    let d = cfg.hidden_size;
+    let q_dim = cfg.num_attention_heads * cfg.head_dim;
+    let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
+    let ff = cfg.intermediate_size;
+    let eps = cfg.rms_norm_eps;
+    let embed_tokens = required(src, "model.embed_tokens.weight", &[cfg.vocab_size, d], opts)?;
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let weight = required(src, &format!("{p}.{name}.weight"), &[out, inp], opts)?;
+            let bias = if bias {
+                Some(required(src, &format!("{p}.{name}.bias"), &[out], opts)?)
+            } else {
+                optional(src, &format!("{p}.{name}.bias"), &[out], opts)?
+            };
+            Ok(Linear::new(weight, bias))
+        };
+        let self_attn = Attention {
+            q_proj: linear("self_attn.q_proj", q_dim, d, cfg.qkv_bias)?,
+            k_proj: linear("self_attn.k_proj", kv_dim, d, cfg.qkv_bias)?,
+            v_proj: linear("self_attn.v_proj", kv_dim, d, cfg.qkv_bias)?,
+            o_proj: linear("self_attn.o_proj", d, q_dim, cfg.o_bias)?,
+        };
+        let mlp = Mlp {
+            gate_proj: linear("mlp.gate_proj", ff, d, cfg.mlp_bias)?,
+            up_proj: linear("mlp.up_proj", ff, d, cfg.mlp_bias)?,
+            down_proj: linear("mlp.down_proj", d, ff, cfg.mlp_bias)?,
+        };
+        layers.push(DecoderLayer {
+            input_layernorm: RmsNorm {
+                weight: required(src, &format!("{p}.input_layernorm.weight"), &[d], opts)?,
+                eps,
+            },
+            self_attn,
+            post_attention_layernorm: RmsNorm {
+                weight: required(src, &format!("{p}.post_attention_layernorm.weight"), &[d], opts)?,
+                eps,
+            },
+            mlp,
+        });
+    }
+    let norm = RmsNorm {
+        weight: required(src, "model.norm.weight", &[d], opts)?,
+        eps,
+    };
+    let lm_head_weight = if cfg.tie_word_embeddings {
+        embed_tokens.clone()
+    } else {
+        required(src, "lm_head.weight", &[cfg.vocab_size, d], opts)?
+    };
+    Transformer::new(cfg, embed_tokens, layers, norm, Linear::new(lm_head_weight, None))
+}

@@ -1,0 +1,24 @@
+//! The model core: configs, loaders, tokenizers, chat templates, the hookable transformer, LoRA
+//! layers and generation. Knows nothing of the UI, channels or the CLI.
+
+pub mod adapter;
+pub mod chat;
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod gguf;
+pub mod hooks;
+pub mod info;
+pub mod load;
+pub mod lora;
+pub mod tokenizer;
+pub mod transformer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{Architecture, ModelConfig};
+pub use device::{device, DeviceChoice};
+pub use hooks::{Edit, EditOp, Editor, Hook, HookPoint, NoHook, Positions, Recorder};
+pub use info::{AdapterInfo, ModelInfo};
+pub use load::{load, LoadOptions, LoadedModel, ModelSpec};
+pub use tokenizer::Tokenizer;
+pub use transformer::{ForwardOptions, Input, KvCache, LogitsAt, Transformer};

@@ -1,0 +1,494 @@
+//! A hookable LLaMA-family decoder (LLaMA, Mistral, SmolLM, TinyLlama, Qwen2).
+//!
+//! Follows the Hugging Face transformers `modeling_llama.py` forward exactly (METHODS.md §0.1):
+//! pre-norm blocks, rotate-half RoPE, grouped-query attention, SwiGLU MLP, final RMSNorm, and
+//! `lm_head` (tied or not). GGUF checkpoints are converted to this layout at load time (their
+//! q/k rows are un-permuted), so one forward serves every format.
+//!
+//! Each forward chooses between a fast path (candle's fused RoPE, softmax and RMSNorm, which do
+//! not propagate gradients) and a differentiable path (hand-written equivalents, and
+//! [`crate::model::lora::frozen_matmul`] so frozen weights receive no gradient).
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::model::config::{rope_inv_freq, ModelConfig};
+use crate::model::hooks::{Hook, HookPoint, NoHook};
+use crate::model::lora::{Linear, LinearMode};
+
+/// Which positions get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// Every position, `(b, T, V)`.
+    All,
+    /// The last position only, `(b, 1, V)`.
+    Last,
+    /// None: the forward returns the final-norm hidden states `(b, T, d)`.
+    None,
+}
+
+/// Per-pass settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardOptions {
+    /// Use autograd-safe ops (slower); needed whenever gradients are taken.
+    pub differentiable: bool,
+    /// Which positions get logits.
+    pub logits: LogitsAt,
+    /// Apply attached LoRA adapters.
+    pub use_lora: bool,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self {
+            differentiable: false,
+            logits: LogitsAt::All,
+            use_lora: true,
+        }
+    }
+}
+
+/// The input of a forward: token ids `(b, T)` (u32) or input embeddings `(b, T, d)`.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// Token ids, `(b, T)`.
+    Ids(&'a Tensor),
+    /// Input embeddings, `(b, T, d)` (e.g. a `Var` for gradient attribution).
+    Embeds(&'a Tensor),
+}
+
+/// Keys and values of earlier tokens, per layer, for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// RMSNorm with gain: `x / sqrt(mean(x²) + eps) ⊙ g`, computed in f32 as in transformers.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    /// Gain `g`, `(d,)`.
+    pub weight: Tensor,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, xs: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if !differentiable && xs.dtype() == DType::F32 {
+            return Ok(candle_nn::ops::rms_norm(
+                &xs.contiguous()?,
+                &self.weight,
+                self.eps as f32,
+            )?);
+        }
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let normed = xs.broadcast_mul(&inv_rms)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Self-attention of one layer.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// `W_Q`.
+    pub q_proj: Linear,
+    /// `W_K`.
+    pub k_proj: Linear,
+    /// `W_V`.
+    pub v_proj: Linear,
+    /// `W_O`.
+    pub o_proj: Linear,
+}
+
+/// SwiGLU MLP of one layer.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// `W_gate`.
+    pub gate_proj: Linear,
+    /// `W_up`.
+    pub up_proj: Linear,
+    /// `W_down`.
+    pub down_proj: Linear,
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    /// Norm before attention (`g_1`).
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP (`g_2`).
+    pub post_attention_layernorm: RmsNorm,
+    /// MLP.
+    pub mlp: Mlp,
+}
+
+/// The full decoder.
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    cfg: ModelConfig,
+    /// `E_in`, `(V, d)`.
+    pub embed_tokens: Tensor,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm (`g_final`).
+    pub norm: RmsNorm,
+    /// `U`, `(V, d)`; shares storage with `embed_tokens` when tied.
+    pub lm_head: Linear,
+    inv_freq: Tensor,
+    device: Device,
+}
+
+/// Everything a layer needs that is shared across layers of one forward.
+struct PassCtx {
+    mode: LinearMode,
+    cos: Tensor,
+    sin: Tensor,
+    /// Additive mask `(T, T_kv)`, or `None` for a single query token.
+    mask: Option<Tensor>,
+}
+
+impl Transformer {
+    /// Assembles a model from parts; `embed_tokens` must be `(V, d)`.
+    pub fn new(
+        cfg: ModelConfig,
+        embed_tokens: Tensor,
+        layers: Vec<DecoderLayer>,
+        norm: RmsNorm,
+        lm_head: Linear,
+    ) -> Result<Self> {
+        let device = embed_tokens.device().clone();
+        let inv_freq = rope_inv_freq(&cfg);
+        let half = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), &device)?;
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            device,
+        })
+    }
+
+    /// Hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The device holding the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// Looks up input embeddings for ids `(b, T)`, giving `(b, T, d)`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b_sz, seq_len) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let xs = self.embed_tokens.index_select(&flat, 0)?;
+        Ok(xs.reshape((b_sz, seq_len, self.cfg.hidden_size))?)
+    }
+
+    /// Logits at every position for ids `(b, T)`, on the fast path.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_hooked(ids, &mut NoHook)
+    }
+
+    /// Logits at every position for ids `(b, T)`, calling `hook` at every hook point.
+    pub fn forward_hooked(&self, ids: &Tensor, hook: &mut dyn Hook) -> Result<Tensor> {
+        self.run(Input::Ids(ids), &ForwardOptions::default(), None, hook)
+    }
+
+    /// The general forward: ids or embeddings in; logits (or final hidden states) out.
+    /// With a `cache`, the input continues the cached sequence and the cache is extended.
+    pub fn run(
+        &self,
+        input: Input<'_>,
+        opts: &ForwardOptions,
+        mut cache: Option<&mut KvCache>,
+        hook: &mut dyn Hook,
+    ) -> Result<Tensor> {
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        hook.set_position_offset(offset);
+        let mut xs = match input {
+            Input::Ids(ids) => {
+                if ids.dtype() != DType::U32 {
+                    return Err(Error::invalid("token ids", "expected u32 ids"));
+                }
+                self.check_ids(ids)?;
+                self.embed(ids)?
+            }
+            Input::Embeds(embeds) => {
+                let (_, _, hidden) = embeds.dims3()?;
+                if hidden != self.cfg.hidden_size {
+                    return Err(Error::invalid(
+                        "input embeddings",
+                        format!("hidden size {hidden}, the model's is {}", self.cfg.hidden_size),
+                    ));
+                }
+                embeds.to_dtype(self.dtype())?
+            }
+        };
+        let (_b_sz, seq_len, _) = xs.dims3()?;
+        if seq_len == 0 {
+            return Err(Error::EmptyPrompt);
+        }
+        if offset + seq_len > self.cfg.max_position_embeddings {
+            return Err(Error::PromptTooLong {
+                len: offset + seq_len,
+                max: self.cfg.max_position_embeddings,
+            });
+        }
+        xs = replace_if(hook, HookPoint::Embed, xs)?;
+        let pass = self.pass_ctx(opts, offset, seq_len)?;
+        if let Some(cache) = cache.as_deref_mut() {
+            if cache.layers.len() != self.layers.len() {
+                cache.layers = vec![None; self.layers.len()];
+            }
+        }
+        for (layer_idx, layer) in self.layers.iter().enumerate() {
+            let layer_cache = match cache.as_deref_mut() {
+                Some(c) => Some(&mut c.layers[layer_idx]),
+                None => None,
+            };
+            xs = layer.forward(layer_idx, &xs, &self.cfg, &pass, layer_cache, hook, opts)?;
+        }
+        if let Some(cache) = cache {
+            cache.len = offset + seq_len;
+        }
+        if opts.logits == LogitsAt::Last && seq_len > 1 {
+            xs = xs.narrow(1, seq_len - 1, 1)?;
+        }
+        let xs = self.norm.forward(&xs, opts.differentiable)?;
+        let xs = replace_if(hook, HookPoint::FinalNorm, xs)?;
+        if opts.logits == LogitsAt::None {
+            return Ok(xs);
+        }
+        let logits = self.lm_head.forward(&xs, pass.mode)?;
+        replace_if(hook, HookPoint::Logits, logits)
+    }
+
+    fn pass_ctx(&self, opts: &ForwardOptions, offset: usize, seq_len: usize) -> Result<PassCtx> {
+        let positions: Vec<f32> = (offset..offset + seq_len).map(|p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (seq_len, 1), &self.device)?;
+        let freqs = positions.broadcast_mul(&self.inv_freq)?; // (seq_len, head_dim / 2)
+        let dtype = self.dtype();
+        Ok(PassCtx {
+            mode: LinearMode {
+                differentiable: opts.differentiable,
+                use_lora: opts.use_lora,
+            },
+            cos: freqs.cos()?.to_dtype(dtype)?.contiguous()?,
+            sin: freqs.sin()?.to_dtype(dtype)?.contiguous()?,
+            mask: self.mask(seq_len, offset)?,
+        })
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            return Err(Error::invalid(
+                "token id",
+                format!("{max} is outside the vocabulary of {}", self.cfg.vocab_size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Causal (and sliding-window) additive mask for `seq_len` queries after `offset` cached keys.
+    fn mask(&self, seq_len: usize, offset: usize) -> Result<Option<Tensor>> {
+        let kv_len = offset + seq_len;
+        let window = self.cfg.sliding_window;
+        if seq_len == 1 && window.is_none_or(|w| kv_len <= w) {
+            return Ok(None);
+        }
+        let mut values = vec![0f32; seq_len * kv_len];
+        for i in 0..seq_len {
+            let query_pos = offset + i;
+            for j in 0..kv_len {
+                let future = j > query_pos;
+                let outside = window.is_some_and(|w| query_pos >= j + w);
+                if future || outside {
+                    values[i * kv_len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(values, (seq_len, kv_len), &self.device)?;
+        Ok(Some(mask.to_dtype(self.dtype())?))
+    }
+}
+
+
+/// Calls the hook and takes its replacement, checking the shape.
+fn replace_if(hook: &mut dyn Hook, point: HookPoint, xs: Tensor) -> Result<Tensor> {
+    match hook.on(point, &xs)? {
+        None => Ok(xs),
+        Some(new) => {
+            if new.dims() != xs.dims() {
+                return Err(Error::invalid(
+                    "hook replacement",
+                    format!("{point:?} expects shape {:?}, got {:?}", xs.dims(), new.dims()),
+                ));
+            }
+            Ok(new)
+        }
+    }
+}
+
+impl DecoderLayer {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        layer_idx: usize,
+        xs: &Tensor,
+        cfg: &ModelConfig,
+        pass: &PassCtx,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        hook: &mut dyn Hook,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        let residual = replace_if(hook, HookPoint::ResidPre(layer_idx), xs.clone())?;
+        let normed = self
+            .input_layernorm
+            .forward(&residual, opts.differentiable)?;
+        let attn = self
+            .self_attn
+            .forward(layer_idx, &normed, cfg, pass, cache, hook)?;
+        let attn = replace_if(hook, HookPoint::AttnOut(layer_idx), attn)?;
+        let xs = replace_if(hook, HookPoint::ResidMid(layer_idx), (residual + attn)?)?;
+        let normed = self
+            .post_attention_layernorm
+            .forward(&xs, opts.differentiable)?;
+        let mlp = self.mlp.forward(&normed, pass.mode)?;
+        let mlp = replace_if(hook, HookPoint::MlpOut(layer_idx), mlp)?;
+        replace_if(hook, HookPoint::ResidPost(layer_idx), (xs + mlp)?)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, xs: &Tensor, mode: LinearMode) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(xs, mode)?.silu()?;
+        let up = self.up_proj.forward(xs, mode)?;
+        self.down_proj.forward(&(gate * up)?, mode)
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        layer_idx: usize,
+        xs: &Tensor,
+        cfg: &ModelConfig,
+        pass: &PassCtx,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        hook: &mut dyn Hook,
+    ) -> Result<Tensor> {
+        let (b_sz, seq_len, _) = xs.dims3()?;
+        let n_heads = cfg.num_attention_heads;
+        let n_kv = cfg.num_key_value_heads;
+        let head_dim = cfg.head_dim;
+        let n_rep = n_heads / n_kv;
+        let q = self.q_proj.forward(xs, pass.mode)?;
+        let k = self.k_proj.forward(xs, pass.mode)?;
+        let v = self.v_proj.forward(xs, pass.mode)?;
+        // (b_sz, n_heads, seq_len, head_dim)
+        let q = q
+            .reshape((b_sz, seq_len, n_heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        // (b_sz, n_kv, seq_len, head_dim)
+        let k = k
+            .reshape((b_sz, seq_len, n_kv, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((b_sz, seq_len, n_kv, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = if pass.mode.differentiable {
+            (
+                candle_nn::rotary_emb::rope_slow(&q, &pass.cos, &pass.sin)?,
+                candle_nn::rotary_emb::rope_slow(&k, &pass.cos, &pass.sin)?,
+            )
+        } else {
+            (
+                candle_nn::rotary_emb::rope(&q, &pass.cos, &pass.sin)?,
+                candle_nn::rotary_emb::rope(&k, &pass.cos, &pass.sin)?,
+            )
+        };
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some((k_prev, v_prev)) => (
+                        Tensor::cat(&[&k_prev, &k], 2)?,
+                        Tensor::cat(&[&v_prev, &v], 2)?,
+                    ),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        let kv_len = k.dim(2)?;
+        // Grouped-query attention without copying k and v: the n_rep query heads that share a
+        // kv head are stacked along the sequence axis.
+        // (b_sz, n_kv, n_rep * seq_len, head_dim)
+        let q = q.reshape((b_sz, n_kv, n_rep * seq_len, head_dim))?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        // (b_sz, n_heads, seq_len, kv_len)
+        let scores = scores.reshape((b_sz, n_heads, seq_len, kv_len))?;
+        let scores = match &pass.mask {
+            None => scores,
+            Some(mask) => scores.broadcast_add(mask)?,
+        };
+        let probs = if pass.mode.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = replace_if(hook, HookPoint::AttnPattern(layer_idx), probs)?;
+        // (b_sz, n_kv, n_rep * seq_len, head_dim)
+        let z = probs
+            .reshape((b_sz, n_kv, n_rep * seq_len, kv_len))?
+            .matmul(&v)?;
+        // (b_sz, seq_len, n_heads, head_dim)
+        let z = z
+            .reshape((b_sz, n_heads, seq_len, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let z = replace_if(hook, HookPoint::HeadOut(layer_idx), z)?;
+        let z = z.reshape((b_sz, seq_len, n_heads * head_dim))?;
+        self.o_proj.forward(&z, pass.mode)
+    }
+}

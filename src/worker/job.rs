@@ -1,0 +1,178 @@
+//! The messages between the front ends and the model worker, and the plain-data results.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::generate::{GenerateConfig, GeneratedToken, Generation};
+use crate::model::{DeviceChoice, ModelInfo, ModelSpec};
+
+/// Which model slot a job uses: A (e.g. base) or B (e.g. tuned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Slot {
+    /// Slot A.
+    A,
+    /// Slot B.
+    B,
+}
+
+/// Work for the model worker.
+#[derive(Clone, Debug)]
+pub enum Job {
+    /// Load a checkpoint into a slot.
+    LoadModel {
+        /// Target slot.
+        slot: Slot,
+        /// What to load.
+        spec: ModelSpec,
+        /// Where.
+        device: DeviceChoice,
+        /// Weight dtype: `f32`, `f16` or `bf16`.
+        dtype: String,
+    },
+    /// Tokenize text (with the tokenizer's own special-token handling).
+    Tokenize {
+        /// Model slot.
+        slot: Slot,
+        /// The text.
+        text: String,
+    },
+    /// One forward pass over text; logits at every position.
+    Forward {
+        /// Model slot.
+        slot: Slot,
+        /// The text.
+        text: String,
+        /// How many top logits to report per position.
+        top_k: usize,
+    },
+    /// Generate a response.
+    Generate {
+        /// Model slot.
+        slot: Slot,
+        /// The user's prompt.
+        prompt: String,
+        /// Wrap the prompt in the model's chat template.
+        chat: bool,
+        /// Generation settings.
+        cfg: GenerateConfig,
+    },
+}
+
+/// The result of a finished job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum JobOutput {
+    /// A model was loaded.
+    Loaded {
+        /// Which slot.
+        slot: Slot,
+        /// Its summary.
+        info: Box<ModelInfo>,
+    },
+    /// Token ids and strings.
+    Tokens(TokenizeOutput),
+    /// Logits.
+    Forward(ForwardOutput),
+    /// A response.
+    Generated(GenerateOutput),
+}
+
+/// `tunelens tokenize` output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenizeOutput {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Vocabulary strings of the ids.
+    pub tokens: Vec<String>,
+}
+
+/// `tunelens forward` output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ForwardOutput {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Vocabulary strings of the ids.
+    pub tokens: Vec<String>,
+    /// The full logit vector at the last position.
+    pub logits_last: Vec<f32>,
+    /// Per position, the `k` largest logits as `[id, logit]`, largest first.
+    pub top_k: Vec<Vec<(u32, f32)>>,
+}
+
+/// `tunelens generate` output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOutput {
+    /// The user's prompt.
+    pub prompt: String,
+    /// Whether the chat template was applied.
+    pub chat: bool,
+    /// The text actually fed to the model.
+    pub rendered_prompt: String,
+    /// Ids of the rendered prompt.
+    pub prompt_ids: Vec<u32>,
+    /// Generated ids.
+    pub new_ids: Vec<u32>,
+    /// Generated text.
+    pub new_text: String,
+    /// Why generation stopped.
+    pub stop_reason: crate::model::generate::StopReason,
+    /// Seconds for the prompt forward.
+    pub prefill_secs: f64,
+    /// Seconds for the one-token steps.
+    pub decode_secs: f64,
+}
+
+impl GenerateOutput {
+    /// Assembles the output from a generation.
+    pub fn new(prompt: String, chat: bool, rendered_prompt: String, generation: Generation) -> Self {
+        Self {
+            prompt,
+            chat,
+            rendered_prompt,
+            prompt_ids: generation.prompt_ids,
+            new_ids: generation.new_ids,
+            new_text: generation.text,
+            stop_reason: generation.stop_reason,
+            prefill_secs: generation.prefill_secs,
+            decode_secs: generation.decode_secs,
+        }
+    }
+}
+
+/// Identifies a submitted job in events.
+pub type JobId = u64;
+
+/// What the worker reports while and after running a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// Fraction done, 0..=1, with a short description.
+    Progress {
+        /// The job.
+        job_id: JobId,
+        /// Fraction done.
+        frac: f32,
+        /// What is happening.
+        message: String,
+    },
+    /// A generated token, streamed as it arrives.
+    Token {
+        /// The job.
+        job_id: JobId,
+        /// The slot generating.
+        slot: Slot,
+        /// The token.
+        token: GeneratedToken,
+    },
+    /// The job finished.
+    Finished {
+        /// The job.
+        job_id: JobId,
+        /// Its result.
+        output: JobOutput,
+    },
+    /// The job failed; `error` is one line in plain words.
+    Failed {
+        /// The job.
+        job_id: JobId,
+        /// The reason.
+        error: String,
+    },
+}

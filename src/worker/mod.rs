@@ -1,0 +1,8 @@
+//! Jobs and their execution. The GUI will run [`runner::run_job`] on a worker thread; the CLI
+//! and the tests call it directly. Results are plain data (no tensors).
+
+pub mod job;
+pub mod runner;
+
+pub use job::{Event, Job, JobOutput, Slot};
+pub use runner::{run_job, WorkerCtx};

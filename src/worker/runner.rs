@@ -1,0 +1,174 @@
+//! [`run_job`]: executes one [`Job`] against the loaded models. Shared by the GUI worker thread
+//! and the CLI, so both run exactly the same code.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::generate::generate;
+use crate::model::{self, LoadOptions, LoadedModel, NoHook};
+use crate::worker::job::{
+    Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, Slot, TokenizeOutput,
+};
+
+/// State owned by whoever runs jobs: the loaded models and the cancel flag.
+#[derive(Debug, Default)]
+pub struct WorkerCtx {
+    /// Slot A.
+    pub a: Option<LoadedModel>,
+    /// Slot B.
+    pub b: Option<LoadedModel>,
+    /// Set by the front end to cancel the running job.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl WorkerCtx {
+    /// The model in `slot`, or a plain error when it is empty.
+    pub fn model(&self, slot: Slot) -> Result<&LoadedModel> {
+        let loaded = match slot {
+            Slot::A => self.a.as_ref(),
+            Slot::B => self.b.as_ref(),
+        };
+        loaded.ok_or_else(|| Error::invalid("model slot", format!("slot {slot:?} has no model loaded")))
+    }
+
+}
+
+/// Parses a dtype name.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(Error::invalid("dtype", format!("`{other}` (expected f32, f16 or bf16)"))),
+    }
+}
+
+/// Runs one job; streamed tokens and progress go to `emit`.
+pub fn run_job(ctx: &mut WorkerCtx, job_id: JobId, job: Job, emit: &mut dyn FnMut(Event)) -> Result<JobOutput> {
+    match job {
+        Job::LoadModel {
+            slot,
+            spec,
+            device,
+            dtype,
+        } => {
+            emit(Event::Progress {
+                job_id,
+                frac: 0.0,
+                message: format!("loading {spec}"),
+            });
+            let opts = LoadOptions {
+                device: model::device(device)?,
+                dtype: parse_dtype(&dtype)?,
+            };
+            let loaded = model::load(&spec, &opts)?;
+            let info = Box::new(loaded.info.clone());
+            match slot {
+                Slot::A => ctx.a = Some(loaded),
+                Slot::B => ctx.b = Some(loaded),
+            }
+            Ok(JobOutput::Loaded { slot, info })
+        }
+        Job::Tokenize { slot, text } => {
+            let loaded = ctx.model(slot)?;
+            let ids = loaded.tokenizer.encode(&text, true)?;
+            if ids.is_empty() {
+                return Err(Error::EmptyPrompt);
+            }
+            let tokens = loaded.tokenizer.tokens(&ids);
+            Ok(JobOutput::Tokens(TokenizeOutput { ids, tokens }))
+        }
+        Job::Forward { slot, text, top_k } => {
+            let loaded = ctx.model(slot)?;
+            Ok(JobOutput::Forward(forward_text(loaded, &text, top_k)?))
+        }
+        Job::Generate {
+            slot,
+            prompt,
+            chat,
+            cfg,
+        } => {
+            let cancel = ctx.cancel.clone();
+            let loaded = ctx.model(slot)?;
+            if prompt.trim().is_empty() {
+                return Err(Error::EmptyPrompt);
+            }
+            let (rendered, ids) = render_prompt(loaded, &prompt, chat)?;
+            let generation = generate(
+                &loaded.model,
+                &loaded.tokenizer,
+                &ids,
+                &cfg,
+                &mut NoHook,
+                &mut |token| {
+                    emit(Event::Token {
+                        job_id,
+                        slot,
+                        token: token.clone(),
+                    });
+                    if cancel.load(Ordering::Relaxed) {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+            )?;
+            Ok(JobOutput::Generated(GenerateOutput::new(prompt, chat, rendered, generation)))
+        }
+    }
+}
+
+/// The text fed to the model and its ids: the chat template applied (special tokens parsed, no
+/// extra BOS, as `apply_chat_template` does), or the raw prompt tokenized as `tokenizer(text)`.
+pub fn render_prompt(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<(String, Vec<u32>)> {
+    if chat {
+        let Some(template) = &loaded.chat_template else {
+            return Err(Error::invalid(
+                "chat",
+                "this model has no chat template; run without --chat",
+            ));
+        };
+        let rendered = template.render_user(prompt)?;
+        let ids = loaded.tokenizer.encode(&rendered, false)?;
+        Ok((rendered, ids))
+    } else {
+        let ids = loaded.tokenizer.encode(prompt, true)?;
+        Ok((prompt.to_owned(), ids))
+    }
+}
+
+/// Logits at every position of `text`, with the top `k` per position.
+pub fn forward_text(loaded: &LoadedModel, text: &str, top_k: usize) -> Result<ForwardOutput> {
+    let ids = loaded.tokenizer.encode(text, true)?;
+    if ids.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let input = Tensor::new(ids.as_slice(), loaded.model.device())?.unsqueeze(0)?;
+    let logits = loaded.model.forward(&input)?.squeeze(0)?.to_dtype(DType::F32)?;
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    let top_k = rows.iter().map(|row| top_k_of(row, top_k)).collect();
+    let logits_last = rows.last().cloned().unwrap_or_default();
+    Ok(ForwardOutput {
+        tokens: loaded.tokenizer.tokens(&ids),
+        ids,
+        logits_last,
+        top_k,
+    })
+}
+
+/// The `k` largest entries as `(index, value)`, largest first (lower index first on ties).
+pub fn top_k_of(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut indexed: Vec<(u32, f32)> = values.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    let k = k.min(indexed.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    indexed.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    indexed.truncate(k);
+    indexed.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    indexed
+}
