@@ -1,1 +1,7 @@
-mod a {}
+//! The one integration-test binary (STYLE.md §1): tiny-model tests, loader and bad-input tests,
+//! CLI tests, and the demo-model tests against the Hugging Face goldens.
+
+mod cli;
+mod common;
+mod demo_model;
+mod model_core;

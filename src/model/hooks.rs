@@ -261,7 +261,7 @@ fn resolve_positions(positions: &Positions, len: usize, offset: usize) -> Result
 fn spread(value: &Tensor, selected: &[usize], len: usize, axis: usize, xs: &Tensor) -> Result<Tensor> {
     if value.rank() == xs.rank() && value.dim(axis)? == selected.len() && selected.len() != len {
         let index = spread_index(selected, len, xs)?;
-        Ok(value.index_select(&index, axis)?)
+        Ok(value.contiguous()?.index_select(&index, axis)?)
     } else {
         Ok(value.clone())
     }

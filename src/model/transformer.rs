@@ -100,7 +100,9 @@ impl RmsNorm {
             )?);
         }
         let dtype = xs.dtype();
-        let xs = xs.to_dtype(DType::F32)?;
+        // Half precision is normalised in f32 (as transformers does); f32 and f64 stay as they are.
+        let compute = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let xs = xs.to_dtype(compute)?;
         let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
             .recip()?;

@@ -1,0 +1,150 @@
+//! The command line on the tiny model written to disk: outputs, and one-line errors for bad input.
+
+use tunelens::model::tiny::{tiny_config, write_tiny_hf_folder};
+
+use crate::common::{assert_one_line_error, demo_model_path, run_cli};
+
+fn tiny_folder(seed: u64) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_tiny_hf_folder(dir.path(), &tiny_config(), seed).expect("tiny folder written");
+    let path = dir.path().display().to_string();
+    (dir, path)
+}
+
+#[test]
+fn info_tokenize_forward_generate_print_json() -> anyhow::Result<()> {
+    let (_dir, path) = tiny_folder(1);
+    let info = run_cli(&["info", "--model", &path, "--json"]);
+    assert_eq!(info.code, 0, "{}", info.stderr);
+    let info: serde_json::Value = serde_json::from_str(&info.stdout)?;
+    assert_eq!(info["architecture"], "llama");
+    assert_eq!(info["num_layers"], 3);
+
+    let tok = run_cli(&["tokenize", "--model", &path, "--text", "the cat sat", "--json"]);
+    assert_eq!(tok.code, 0, "{}", tok.stderr);
+    let tok: serde_json::Value = serde_json::from_str(&tok.stdout)?;
+    assert_eq!(tok["ids"], serde_json::json!([5, 7, 9]));
+    assert_eq!(tok["tokens"], serde_json::json!(["the", "cat", "sat"]));
+
+    let fwd = run_cli(&["forward", "--model", &path, "--text", "the cat sat", "--top-k", "3", "--json"]);
+    assert_eq!(fwd.code, 0, "{}", fwd.stderr);
+    let fwd: serde_json::Value = serde_json::from_str(&fwd.stdout)?;
+    assert_eq!(fwd["logits_last"].as_array().map(Vec::len), Some(64));
+    let top = fwd["top_k"].as_array().expect("top_k");
+    assert_eq!(top.len(), 3);
+    assert_eq!(top[0].as_array().map(Vec::len), Some(3));
+
+    let gen = run_cli(&["generate", "--model", &path, "--prompt", "write a poem", "--chat", "--max-new-tokens", "5", "--json"]);
+    assert_eq!(gen.code, 0, "{}", gen.stderr);
+    let gen: serde_json::Value = serde_json::from_str(&gen.stdout)?;
+    assert_eq!(gen["rendered_prompt"], "<|user|> write a poem <|assistant|>");
+    assert!(gen["new_ids"].as_array().is_some_and(|ids| !ids.is_empty() && ids.len() <= 5));
+    Ok(())
+}
+
+#[test]
+fn text_output_is_readable() {
+    let (_dir, path) = tiny_folder(2);
+    let info = run_cli(&["info", "--model", &path]);
+    assert_eq!(info.code, 0, "{}", info.stderr);
+    assert!(info.stdout.contains("architecture  llama"), "{}", info.stdout);
+    let tok = run_cli(&["tokenize", "--model", &path, "--text", "the dog"]);
+    assert_eq!(tok.stdout, "5\tthe\n8\tdog\n");
+}
+
+#[test]
+fn missing_path_is_one_line() {
+    let run = run_cli(&["info", "--model", "/nonexistent/model.gguf"]);
+    assert_one_line_error(&run, "/nonexistent/model.gguf");
+}
+
+#[test]
+fn missing_config_field_names_the_field_and_file() {
+    let (dir, path) = tiny_folder(3);
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let mut value: serde_json::Value = serde_json::from_str(&text).expect("json");
+    value.as_object_mut().expect("object").remove("num_attention_heads");
+    std::fs::write(&config, value.to_string()).expect("write");
+    let run = run_cli(&["info", "--model", &path]);
+    assert_one_line_error(&run, "num_attention_heads");
+    assert!(run.stderr.contains("config.json"), "{}", run.stderr);
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let (dir, path) = tiny_folder(4);
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("LlamaForCausalLM", "BertForMaskedLM")
+        .replace("\"llama\"", "\"bert\"");
+    std::fs::write(&config, text).expect("write");
+    assert_one_line_error(&run_cli(&["info", "--model", &path]), "BertForMaskedLM");
+}
+
+#[test]
+fn missing_tokenizer_is_named() {
+    let (dir, path) = tiny_folder(5);
+    std::fs::remove_file(dir.path().join("tokenizer.json")).expect("remove");
+    assert_one_line_error(&run_cli(&["info", "--model", &path]), "tokenizer.json");
+}
+
+#[test]
+fn corrupt_and_truncated_safetensors_are_named() {
+    let (dir, path) = tiny_folder(6);
+    let weights = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).expect("weights");
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).expect("truncate");
+    assert_one_line_error(&run_cli(&["info", "--model", &path]), "model.safetensors");
+    std::fs::write(&weights, b"this is not a safetensors file").expect("garbage");
+    assert_one_line_error(&run_cli(&["info", "--model", &path]), "model.safetensors");
+}
+
+#[test]
+fn mismatched_checkpoint_names_the_tensor() {
+    let (dir, path) = tiny_folder(7);
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace("\"intermediate_size\":32", "\"intermediate_size\":48");
+    std::fs::write(&config, text).expect("write");
+    let run = run_cli(&["info", "--model", &path]);
+    assert_one_line_error(&run, "mlp.gate_proj.weight");
+    assert!(run.stderr.contains("mismatched"), "{}", run.stderr);
+}
+
+#[test]
+fn empty_prompt_and_too_long_prompt_are_rejected() {
+    let (_dir, path) = tiny_folder(8);
+    assert_one_line_error(&run_cli(&["forward", "--model", &path, "--text", ""]), "empty");
+    assert_one_line_error(&run_cli(&["generate", "--model", &path, "--prompt", "   "]), "empty");
+    // The tiny model's context is 64 tokens.
+    let long = vec!["cat"; 80].join(" ");
+    assert_one_line_error(&run_cli(&["forward", "--model", &path, "--text", &long]), "context of 64");
+    assert_one_line_error(&run_cli(&["generate", "--model", &path, "--prompt", &long]), "context of 64");
+}
+
+#[test]
+fn corrupt_and_truncated_gguf_are_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let garbage = dir.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"GGUF but not really").expect("write");
+    assert_one_line_error(&run_cli(&["info", "--model", &garbage.display().to_string()]), "garbage.gguf");
+    // A truncated copy of the demo model: header intact, tensor data cut short.
+    let demo = std::fs::read(demo_model_path()).expect("demo model");
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &demo[..demo.len() / 3]).expect("write");
+    let run = run_cli(&["info", "--model", &truncated.display().to_string()]);
+    assert_one_line_error(&run, "truncated.gguf");
+    assert!(run.stderr.contains("truncated"), "{}", run.stderr);
+}
+
+#[test]
+fn cuda_without_the_feature_is_a_clear_error() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let (_dir, path) = tiny_folder(9);
+    assert_one_line_error(&run_cli(&["info", "--model", &path, "--device", "cuda"]), "--features cuda");
+}

@@ -1,0 +1,89 @@
+//! The demo model (SmolLM2-135M-Instruct, Q4_1 GGUF) against the Hugging Face transformers
+//! goldens in `tests/golden/` (copied from `shared/golden/`, produced with transformers 5.23.0).
+
+use std::ops::ControlFlow;
+use std::sync::OnceLock;
+
+use tunelens::model::generate::{generate, GenerateConfig};
+use tunelens::model::{load, LoadOptions, LoadedModel, ModelSpec, NoHook};
+use tunelens::worker::runner::{forward_text, render_prompt};
+
+use crate::common::{demo_model_path, golden};
+
+fn demo() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let spec = ModelSpec::parse(&demo_model_path().display().to_string());
+        load(&spec, &LoadOptions::default()).expect("demo model loads")
+    })
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+#[test]
+fn tokenizer_ids_and_strings_match_transformers() {
+    let m = demo();
+    for case in golden("tokenize.json")["tokenize"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        let ids = m.tokenizer.encode(text, true).expect("encodes");
+        assert_eq!(ids, u32s(&case["ids"]), "ids of {text:?}");
+        let tokens: Vec<String> = case["tokens"].as_array().expect("tokens").iter().map(|t| t.as_str().unwrap_or_default().to_owned()).collect();
+        assert_eq!(m.tokenizer.tokens(&ids), tokens, "tokens of {text:?}");
+    }
+}
+
+#[test]
+fn forward_matches_transformers() {
+    let m = demo();
+    for case in golden("forward.json")["forward"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        let out = forward_text(m, text, 5).expect("forward");
+        assert_eq!(out.ids, u32s(&case["ids"]));
+        let golden_top = case["top_k"].as_array().expect("top_k");
+        assert_eq!(out.top_k.len(), golden_top.len());
+        for (pos, (ours, theirs)) in out.top_k.iter().zip(golden_top).enumerate() {
+            let theirs_top1 = theirs[0][0].as_u64().expect("id") as u32;
+            assert_eq!(ours[0].0, theirs_top1, "top-1 at position {pos} of {text:?}");
+        }
+        let golden_last: Vec<f64> = case["logits_last"].as_array().expect("logits").iter().map(|v| v.as_f64().expect("f")).collect();
+        assert_eq!(out.logits_last.len(), golden_last.len());
+        let worst = out
+            .logits_last
+            .iter()
+            .zip(&golden_last)
+            .map(|(a, b)| (f64::from(*a) - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-2, "last-position logits differ by {worst} for {text:?}");
+    }
+}
+
+#[test]
+fn chat_template_and_greedy_generation_match_transformers() {
+    let m = demo();
+    for case in golden("generate.json")["generate"].as_array().expect("cases") {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let (rendered, ids) = render_prompt(m, prompt, true).expect("renders");
+        assert_eq!(rendered, case["rendered_prompt"].as_str().expect("rendered"));
+        assert_eq!(ids, u32s(&case["prompt_ids"]));
+        let cfg = GenerateConfig {
+            max_new_tokens: case["max_new_tokens"].as_u64().expect("n") as usize,
+            ..GenerateConfig::default()
+        };
+        let out = generate(&m.model, &m.tokenizer, &ids, &cfg, &mut NoHook, &mut |_| ControlFlow::Continue(())).expect("generates");
+        assert_eq!(out.new_ids, u32s(&case["new_ids"]));
+        assert_eq!(out.text, case["new_text"].as_str().expect("text"));
+    }
+}
+
+#[test]
+fn demo_model_info() {
+    let info = &demo().info;
+    assert_eq!(info.architecture, "llama");
+    assert_eq!(info.num_layers, 30);
+    assert_eq!((info.num_heads, info.num_kv_heads, info.hidden_size), (9, 3, 576));
+    assert!(info.tied_embeddings);
+    assert!(info.has_chat_template);
+    assert!(info.source_dtype.contains("Q4_1"));
+}
