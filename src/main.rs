@@ -6,6 +6,8 @@ use clap::Parser as _;
 use tunelens::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    // Before anything touches candle or spawns a thread.
+    tunelens::model::configure_cpu_threads();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let Some(command) = &cli.command else {

@@ -20,13 +20,29 @@ fn info_tokenize_forward_generate_print_json() -> anyhow::Result<()> {
     assert_eq!(info["architecture"], "llama");
     assert_eq!(info["num_layers"], 3);
 
-    let tok = run_cli(&["tokenize", "--model", &path, "--text", "the cat sat", "--json"]);
+    let tok = run_cli(&[
+        "tokenize",
+        "--model",
+        &path,
+        "--text",
+        "the cat sat",
+        "--json",
+    ]);
     assert_eq!(tok.code, 0, "{}", tok.stderr);
     let tok: serde_json::Value = serde_json::from_str(&tok.stdout)?;
     assert_eq!(tok["ids"], serde_json::json!([5, 7, 9]));
     assert_eq!(tok["tokens"], serde_json::json!(["the", "cat", "sat"]));
 
-    let fwd = run_cli(&["forward", "--model", &path, "--text", "the cat sat", "--top-k", "3", "--json"]);
+    let fwd = run_cli(&[
+        "forward",
+        "--model",
+        &path,
+        "--text",
+        "the cat sat",
+        "--top-k",
+        "3",
+        "--json",
+    ]);
     assert_eq!(fwd.code, 0, "{}", fwd.stderr);
     let fwd: serde_json::Value = serde_json::from_str(&fwd.stdout)?;
     assert_eq!(fwd["logits_last"].as_array().map(Vec::len), Some(64));
@@ -34,11 +50,26 @@ fn info_tokenize_forward_generate_print_json() -> anyhow::Result<()> {
     assert_eq!(top.len(), 3);
     assert_eq!(top[0].as_array().map(Vec::len), Some(3));
 
-    let gen = run_cli(&["generate", "--model", &path, "--prompt", "write a poem", "--chat", "--max-new-tokens", "5", "--json"]);
+    let gen = run_cli(&[
+        "generate",
+        "--model",
+        &path,
+        "--prompt",
+        "write a poem",
+        "--chat",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]);
     assert_eq!(gen.code, 0, "{}", gen.stderr);
     let gen: serde_json::Value = serde_json::from_str(&gen.stdout)?;
-    assert_eq!(gen["rendered_prompt"], "<|user|> write a poem <|assistant|>");
-    assert!(gen["new_ids"].as_array().is_some_and(|ids| !ids.is_empty() && ids.len() <= 5));
+    assert_eq!(
+        gen["rendered_prompt"],
+        "<|user|> write a poem <|assistant|>"
+    );
+    assert!(gen["new_ids"]
+        .as_array()
+        .is_some_and(|ids| !ids.is_empty() && ids.len() <= 5));
     Ok(())
 }
 
@@ -47,7 +78,11 @@ fn text_output_is_readable() {
     let (_dir, path) = tiny_folder(2);
     let info = run_cli(&["info", "--model", &path]);
     assert_eq!(info.code, 0, "{}", info.stderr);
-    assert!(info.stdout.contains("architecture  llama"), "{}", info.stdout);
+    assert!(
+        info.stdout.contains("architecture  llama"),
+        "{}",
+        info.stdout
+    );
     let tok = run_cli(&["tokenize", "--model", &path, "--text", "the dog"]);
     assert_eq!(tok.stdout, "5\tthe\n8\tdog\n");
 }
@@ -64,7 +99,10 @@ fn missing_config_field_names_the_field_and_file() {
     let config = dir.path().join("config.json");
     let text = std::fs::read_to_string(&config).expect("config");
     let mut value: serde_json::Value = serde_json::from_str(&text).expect("json");
-    value.as_object_mut().expect("object").remove("num_attention_heads");
+    value
+        .as_object_mut()
+        .expect("object")
+        .remove("num_attention_heads");
     std::fs::write(&config, value.to_string()).expect("write");
     let run = run_cli(&["info", "--model", &path]);
     assert_one_line_error(&run, "num_attention_heads");
@@ -117,12 +155,24 @@ fn mismatched_checkpoint_names_the_tensor() {
 #[test]
 fn empty_prompt_and_too_long_prompt_are_rejected() {
     let (_dir, path) = tiny_folder(8);
-    assert_one_line_error(&run_cli(&["forward", "--model", &path, "--text", ""]), "empty");
-    assert_one_line_error(&run_cli(&["generate", "--model", &path, "--prompt", "   "]), "empty");
+    assert_one_line_error(
+        &run_cli(&["forward", "--model", &path, "--text", ""]),
+        "empty",
+    );
+    assert_one_line_error(
+        &run_cli(&["generate", "--model", &path, "--prompt", "   "]),
+        "empty",
+    );
     // The tiny model's context is 64 tokens.
     let long = vec!["cat"; 80].join(" ");
-    assert_one_line_error(&run_cli(&["forward", "--model", &path, "--text", &long]), "context of 64");
-    assert_one_line_error(&run_cli(&["generate", "--model", &path, "--prompt", &long]), "context of 64");
+    assert_one_line_error(
+        &run_cli(&["forward", "--model", &path, "--text", &long]),
+        "context of 64",
+    );
+    assert_one_line_error(
+        &run_cli(&["generate", "--model", &path, "--prompt", &long]),
+        "context of 64",
+    );
 }
 
 #[test]
@@ -130,7 +180,10 @@ fn corrupt_and_truncated_gguf_are_named() {
     let dir = tempfile::tempdir().expect("temp dir");
     let garbage = dir.path().join("garbage.gguf");
     std::fs::write(&garbage, b"GGUF but not really").expect("write");
-    assert_one_line_error(&run_cli(&["info", "--model", &garbage.display().to_string()]), "garbage.gguf");
+    assert_one_line_error(
+        &run_cli(&["info", "--model", &garbage.display().to_string()]),
+        "garbage.gguf",
+    );
     // A truncated copy of the demo model: header intact, tensor data cut short.
     let demo = std::fs::read(demo_model_path()).expect("demo model");
     let truncated = dir.path().join("truncated.gguf");
@@ -146,5 +199,8 @@ fn cuda_without_the_feature_is_a_clear_error() {
         return;
     }
     let (_dir, path) = tiny_folder(9);
-    assert_one_line_error(&run_cli(&["info", "--model", &path, "--device", "cuda"]), "--features cuda");
+    assert_one_line_error(
+        &run_cli(&["info", "--model", &path, "--device", "cuda"]),
+        "--features cuda",
+    );
 }

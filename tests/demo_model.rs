@@ -19,17 +19,29 @@ fn demo() -> &'static LoadedModel {
 }
 
 fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 #[test]
 fn tokenizer_ids_and_strings_match_transformers() {
     let m = demo();
-    for case in golden("tokenize.json")["tokenize"].as_array().expect("cases") {
+    for case in golden("tokenize.json")["tokenize"]
+        .as_array()
+        .expect("cases")
+    {
         let text = case["text"].as_str().expect("text");
         let ids = m.tokenizer.encode(text, true).expect("encodes");
         assert_eq!(ids, u32s(&case["ids"]), "ids of {text:?}");
-        let tokens: Vec<String> = case["tokens"].as_array().expect("tokens").iter().map(|t| t.as_str().unwrap_or_default().to_owned()).collect();
+        let tokens: Vec<String> = case["tokens"]
+            .as_array()
+            .expect("tokens")
+            .iter()
+            .map(|t| t.as_str().unwrap_or_default().to_owned())
+            .collect();
         assert_eq!(m.tokenizer.tokens(&ids), tokens, "tokens of {text:?}");
     }
 }
@@ -45,9 +57,17 @@ fn forward_matches_transformers() {
         assert_eq!(out.top_k.len(), golden_top.len());
         for (pos, (ours, theirs)) in out.top_k.iter().zip(golden_top).enumerate() {
             let theirs_top1 = theirs[0][0].as_u64().expect("id") as u32;
-            assert_eq!(ours[0].0, theirs_top1, "top-1 at position {pos} of {text:?}");
+            assert_eq!(
+                ours[0].0, theirs_top1,
+                "top-1 at position {pos} of {text:?}"
+            );
         }
-        let golden_last: Vec<f64> = case["logits_last"].as_array().expect("logits").iter().map(|v| v.as_f64().expect("f")).collect();
+        let golden_last: Vec<f64> = case["logits_last"]
+            .as_array()
+            .expect("logits")
+            .iter()
+            .map(|v| v.as_f64().expect("f"))
+            .collect();
         assert_eq!(out.logits_last.len(), golden_last.len());
         let worst = out
             .logits_last
@@ -55,23 +75,35 @@ fn forward_matches_transformers() {
             .zip(&golden_last)
             .map(|(a, b)| (f64::from(*a) - b).abs())
             .fold(0.0, f64::max);
-        assert!(worst < 1e-2, "last-position logits differ by {worst} for {text:?}");
+        assert!(
+            worst < 1e-2,
+            "last-position logits differ by {worst} for {text:?}"
+        );
     }
 }
 
 #[test]
 fn chat_template_and_greedy_generation_match_transformers() {
     let m = demo();
-    for case in golden("generate.json")["generate"].as_array().expect("cases") {
+    for case in golden("generate.json")["generate"]
+        .as_array()
+        .expect("cases")
+    {
         let prompt = case["prompt"].as_str().expect("prompt");
         let (rendered, ids) = render_prompt(m, prompt, true).expect("renders");
-        assert_eq!(rendered, case["rendered_prompt"].as_str().expect("rendered"));
+        assert_eq!(
+            rendered,
+            case["rendered_prompt"].as_str().expect("rendered")
+        );
         assert_eq!(ids, u32s(&case["prompt_ids"]));
         let cfg = GenerateConfig {
             max_new_tokens: case["max_new_tokens"].as_u64().expect("n") as usize,
             ..GenerateConfig::default()
         };
-        let out = generate(&m.model, &m.tokenizer, &ids, &cfg, &mut NoHook, &mut |_| ControlFlow::Continue(())).expect("generates");
+        let out = generate(&m.model, &m.tokenizer, &ids, &cfg, &mut NoHook, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .expect("generates");
         assert_eq!(out.new_ids, u32s(&case["new_ids"]));
         assert_eq!(out.text, case["new_text"].as_str().expect("text"));
     }
@@ -82,7 +114,10 @@ fn demo_model_info() {
     let info = &demo().info;
     assert_eq!(info.architecture, "llama");
     assert_eq!(info.num_layers, 30);
-    assert_eq!((info.num_heads, info.num_kv_heads, info.hidden_size), (9, 3, 576));
+    assert_eq!(
+        (info.num_heads, info.num_kv_heads, info.hidden_size),
+        (9, 3, 576)
+    );
     assert!(info.tied_embeddings);
     assert!(info.has_chat_template);
     assert!(info.source_dtype.contains("Q4_1"));

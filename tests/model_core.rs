@@ -18,7 +18,10 @@ const IDS: [u32; 7] = [1, 7, 9, 12, 30, 44, 8];
 fn hf_folder_round_trip_gives_identical_logits() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     write_tiny_hf_folder(dir.path(), &tiny_config(), 11)?;
-    let loaded = load(&ModelSpec::parse(&dir.path().display().to_string()), &LoadOptions::default())?;
+    let loaded = load(
+        &ModelSpec::parse(&dir.path().display().to_string()),
+        &LoadOptions::default(),
+    )?;
     let memory = tiny(11);
     let ids = ids_tensor(&IDS);
     let a = loaded.model.forward(&ids)?;
@@ -26,7 +29,9 @@ fn hf_folder_round_trip_gives_identical_logits() -> anyhow::Result<()> {
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     // The tokenizer and chat template came along.
     assert_eq!(loaded.tokenizer.encode("the cat sat", true)?, vec![5, 7, 9]);
-    let template = loaded.chat_template.expect("chat template from tokenizer_config.json");
+    let template = loaded
+        .chat_template
+        .expect("chat template from tokenizer_config.json");
     assert_eq!(template.render_user("hi")?, "<|user|> hi <|assistant|>");
     assert_eq!(loaded.info.architecture, "llama");
     assert_eq!(loaded.info.num_kv_heads, 2);
@@ -42,12 +47,18 @@ fn tied_embeddings_and_biases_load() -> anyhow::Result<()> {
     cfg.o_bias = true;
     let dir = tempfile::tempdir()?;
     write_tiny_hf_folder(dir.path(), &cfg, 3)?;
-    let loaded = load(&ModelSpec::parse(&dir.path().display().to_string()), &LoadOptions::default())?;
+    let loaded = load(
+        &ModelSpec::parse(&dir.path().display().to_string()),
+        &LoadOptions::default(),
+    )?;
     assert!(loaded.model.config().qkv_bias);
     assert!(loaded.model.layers[0].self_attn.q_proj.bias.is_some());
     assert!(loaded.model.layers[0].self_attn.o_proj.bias.is_some());
     // Tied: lm_head is the embedding matrix.
-    assert_eq!(max_abs_diff(&loaded.model.lm_head.weight, &loaded.model.embed_tokens), 0.0);
+    assert_eq!(
+        max_abs_diff(&loaded.model.lm_head.weight, &loaded.model.embed_tokens),
+        0.0
+    );
     let logits = loaded.model.forward(&ids_tensor(&IDS))?;
     assert_eq!(logits.dims(), &[1, IDS.len(), 64]);
     Ok(())
@@ -65,8 +76,14 @@ fn forward_with_no_hook_equals_plain_forward() -> anyhow::Result<()> {
     assert_eq!(max_abs_diff(&plain, &recorded), 0.0);
     // Every layer's points were seen.
     assert!(recorder.acts.contains_key(&HookPoint::AttnPattern(2)));
-    assert_eq!(recorder.get(HookPoint::HeadOut(0))?.dims(), &[1, IDS.len(), 4, 4]);
-    assert_eq!(recorder.get(HookPoint::AttnPattern(1))?.dims(), &[1, 4, IDS.len(), IDS.len()]);
+    assert_eq!(
+        recorder.get(HookPoint::HeadOut(0))?.dims(),
+        &[1, IDS.len(), 4, 4]
+    );
+    assert_eq!(
+        recorder.get(HookPoint::AttnPattern(1))?.dims(),
+        &[1, 4, IDS.len(), IDS.len()]
+    );
     Ok(())
 }
 
@@ -78,9 +95,18 @@ fn residual_stream_decomposes_into_attention_and_mlp() -> anyhow::Result<()> {
     for l in 0..3 {
         let sum = ((rec.get(HookPoint::ResidPre(l))? + rec.get(HookPoint::AttnOut(l))?)?
             + rec.get(HookPoint::MlpOut(l))?)?;
-        assert!(max_abs_diff(&sum, rec.get(HookPoint::ResidPost(l))?) < 1e-5, "layer {l}");
+        assert!(
+            max_abs_diff(&sum, rec.get(HookPoint::ResidPost(l))?) < 1e-5,
+            "layer {l}"
+        );
         if l > 0 {
-            assert_eq!(max_abs_diff(rec.get(HookPoint::ResidPre(l))?, rec.get(HookPoint::ResidPost(l - 1))?), 0.0);
+            assert_eq!(
+                max_abs_diff(
+                    rec.get(HookPoint::ResidPre(l))?,
+                    rec.get(HookPoint::ResidPost(l - 1))?
+                ),
+                0.0
+            );
         }
     }
     // Attention rows are distributions and causal.
@@ -100,7 +126,10 @@ fn replacing_a_head_output_with_itself_changes_nothing() -> anyhow::Result<()> {
     let clean = m.model.forward_hooked(&ids, &mut rec)?;
     let head_out = rec.get(HookPoint::HeadOut(1))?.clone();
     // Replace head 2 at positions 3 and the last with its own value.
-    let own = head_out.narrow(2, 2, 1)?.contiguous()?.index_select(&Tensor::new(&[3u32, 6], &Device::Cpu)?, 1)?;
+    let own = head_out
+        .narrow(2, 2, 1)?
+        .contiguous()?
+        .index_select(&Tensor::new(&[3u32, 6], &Device::Cpu)?, 1)?;
     let mut editor = Editor::new(vec![Edit {
         point: HookPoint::HeadOut(1),
         positions: Positions::List(vec![3, -1]),
@@ -126,7 +155,11 @@ fn replacing_a_head_output_with_itself_changes_nothing() -> anyhow::Result<()> {
 fn adding_at_a_residual_position_matches_manual_addition() -> anyhow::Result<()> {
     let m = tiny(4);
     let ids = ids_tensor(&IDS);
-    let direction = Tensor::from_vec((0..16).map(|i| i as f32 * 0.1).collect::<Vec<_>>(), 16, &Device::Cpu)?;
+    let direction = Tensor::from_vec(
+        (0..16).map(|i| i as f32 * 0.1).collect::<Vec<_>>(),
+        16,
+        &Device::Cpu,
+    )?;
     let mut add = Editor::new(vec![Edit {
         point: HookPoint::ResidPost(0),
         positions: Positions::List(vec![-1]),
@@ -154,7 +187,14 @@ fn kv_cache_generation_equals_no_cache_greedy() -> anyhow::Result<()> {
         stop_at_eos: false,
         ..GenerateConfig::default()
     };
-    let out = generate(&m.model, &m.tokenizer, &prompt, &cfg, &mut NoHook, &mut |_| ControlFlow::Continue(()))?;
+    let out = generate(
+        &m.model,
+        &m.tokenizer,
+        &prompt,
+        &cfg,
+        &mut NoHook,
+        &mut |_| ControlFlow::Continue(()),
+    )?;
     let mut ids = prompt.to_vec();
     for _ in 0..12 {
         let logits = m.model.forward(&ids_tensor(&ids))?.squeeze(0)?;
@@ -175,15 +215,25 @@ fn generation_streams_and_cancels() -> anyhow::Result<()> {
         ..GenerateConfig::default()
     };
     let mut seen = Vec::new();
-    let out = generate(&m.model, &m.tokenizer, &[1, 12], &cfg, &mut NoHook, &mut |t| {
-        seen.push(t.token_id);
-        if seen.len() == 4 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    })?;
-    assert_eq!(out.stop_reason, tunelens::model::generate::StopReason::Cancelled);
+    let out = generate(
+        &m.model,
+        &m.tokenizer,
+        &[1, 12],
+        &cfg,
+        &mut NoHook,
+        &mut |t| {
+            seen.push(t.token_id);
+            if seen.len() == 4 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )?;
+    assert_eq!(
+        out.stop_reason,
+        tunelens::model::generate::StopReason::Cancelled
+    );
     assert_eq!(out.new_ids, seen);
     assert_eq!(seen.len(), 4);
     Ok(())
@@ -202,11 +252,23 @@ fn cached_forward_matches_full_forward_with_hooks_at_absolute_positions() -> any
             op: EditOp::Add(delta.clone()),
         }])
     };
-    let full = m.model.run(Input::Ids(&ids_tensor(&IDS)), &opts, None, &mut edit())?;
+    let full = m
+        .model
+        .run(Input::Ids(&ids_tensor(&IDS)), &opts, None, &mut edit())?;
     let mut cache = tunelens::model::KvCache::new();
     let mut hook = edit();
-    let first = m.model.run(Input::Ids(&ids_tensor(&IDS[..4])), &opts, Some(&mut cache), &mut hook)?;
-    let second = m.model.run(Input::Ids(&ids_tensor(&IDS[4..])), &opts, Some(&mut cache), &mut hook)?;
+    let first = m.model.run(
+        Input::Ids(&ids_tensor(&IDS[..4])),
+        &opts,
+        Some(&mut cache),
+        &mut hook,
+    )?;
+    let second = m.model.run(
+        Input::Ids(&ids_tensor(&IDS[4..])),
+        &opts,
+        Some(&mut cache),
+        &mut hook,
+    )?;
     let stitched = Tensor::cat(&[&first, &second], 1)?;
     assert!(max_abs_diff(&full, &stitched) < 1e-5);
     Ok(())
@@ -221,10 +283,21 @@ fn differentiable_path_equals_fast_path() -> anyhow::Result<()> {
         differentiable: true,
         ..ForwardOptions::default()
     };
-    let slow = m.model.run(Input::Ids(&ids), &slow_opts, None, &mut NoHook)?;
-    assert!(max_abs_diff(&fast, &slow) < 1e-5, "{}", max_abs_diff(&fast, &slow));
+    let slow = m
+        .model
+        .run(Input::Ids(&ids), &slow_opts, None, &mut NoHook)?;
+    assert!(
+        max_abs_diff(&fast, &slow) < 1e-5,
+        "{}",
+        max_abs_diff(&fast, &slow)
+    );
     let embeds = m.model.embed(&ids)?;
-    let from_embeds = m.model.run(Input::Embeds(&embeds), &ForwardOptions::default(), None, &mut NoHook)?;
+    let from_embeds = m.model.run(
+        Input::Embeds(&embeds),
+        &ForwardOptions::default(),
+        None,
+        &mut NoHook,
+    )?;
     assert_eq!(max_abs_diff(&fast, &from_embeds), 0.0);
     let last = m.model.run(
         Input::Ids(&ids),
@@ -240,7 +313,12 @@ fn differentiable_path_equals_fast_path() -> anyhow::Result<()> {
 }
 
 /// `p(target | prefix)` at `pos` for embeddings `x`, in f64.
-fn prob_at(m: &tunelens::model::LoadedModel, x: &Tensor, pos: usize, target: u32) -> anyhow::Result<Tensor> {
+fn prob_at(
+    m: &tunelens::model::LoadedModel,
+    x: &Tensor,
+    pos: usize,
+    target: u32,
+) -> anyhow::Result<Tensor> {
     let opts = ForwardOptions {
         differentiable: true,
         ..ForwardOptions::default()
@@ -259,7 +337,9 @@ fn input_embedding_gradient_matches_finite_differences() -> anyhow::Result<()> {
     let (pos, target) = (5usize, 17u32);
     let objective = prob_at(&m, var.as_tensor(), pos, target)?;
     let grads = objective.backward()?;
-    let grad = grads.get(&var).expect("gradient reaches the input embeddings");
+    let grad = grads
+        .get(&var)
+        .expect("gradient reaches the input embeddings");
     let grad: Vec<Vec<f64>> = grad.squeeze(0)?.to_vec2()?;
     let base: Vec<f64> = x0.flatten_all()?.to_vec1()?;
     let eps = 1e-5;
@@ -306,7 +386,8 @@ fn lora_with_zero_b_equals_base_and_can_be_disabled() -> anyhow::Result<()> {
         scale: 8.0,
     })?;
     assert_eq!(max_abs_diff(&base, &m.model.forward(&ids)?), 0.0);
-    m.model.layers[1].self_attn.q_proj.lora.as_mut().unwrap().b = Tensor::ones((16, 2), DType::F32, &Device::Cpu)?;
+    m.model.layers[1].self_attn.q_proj.lora.as_mut().unwrap().b =
+        Tensor::ones((16, 2), DType::F32, &Device::Cpu)?;
     let adapted = m.model.forward(&ids)?;
     assert!(max_abs_diff(&base, &adapted) > 1e-3);
     let off = ForwardOptions {
@@ -333,8 +414,14 @@ fn peft_adapter_folder_loads_as_base_plus_adapter() -> anyhow::Result<()> {
     for l in 0..3 {
         for (module, out) in [("q_proj", 16), ("v_proj", 8)] {
             let p = format!("base_model.model.model.layers.{l}.self_attn.{module}");
-            tensors.insert(format!("{p}.lora_A.weight"), (Tensor::ones((2, 16), DType::F32, &Device::Cpu)? * 0.1)?);
-            tensors.insert(format!("{p}.lora_B.weight"), (Tensor::ones((out, 2), DType::F32, &Device::Cpu)? * 0.1)?);
+            tensors.insert(
+                format!("{p}.lora_A.weight"),
+                (Tensor::ones((2, 16), DType::F32, &Device::Cpu)? * 0.1)?,
+            );
+            tensors.insert(
+                format!("{p}.lora_B.weight"),
+                (Tensor::ones((out, 2), DType::F32, &Device::Cpu)? * 0.1)?,
+            );
         }
     }
     candle_core::safetensors::save(&tensors, adapter_dir.join("adapter_model.safetensors"))?;
@@ -343,8 +430,16 @@ fn peft_adapter_folder_loads_as_base_plus_adapter() -> anyhow::Result<()> {
     let info = loaded.info.adapter.clone().expect("adapter summary");
     assert_eq!(info.rank, 2);
     assert_eq!(info.adapted_layers, 6);
-    assert_eq!(info.target_modules, vec!["q_proj".to_owned(), "v_proj".to_owned()]);
-    let lora = loaded.model.layers[0].self_attn.q_proj.lora.as_ref().expect("attached");
+    assert_eq!(
+        info.target_modules,
+        vec!["q_proj".to_owned(), "v_proj".to_owned()]
+    );
+    let lora = loaded.model.layers[0]
+        .self_attn
+        .q_proj
+        .lora
+        .as_ref()
+        .expect("attached");
     assert!((lora.scale - 2.0).abs() < 1e-12);
     let base = tiny(10);
     let ids = ids_tensor(&IDS);
@@ -353,7 +448,9 @@ fn peft_adapter_folder_loads_as_base_plus_adapter() -> anyhow::Result<()> {
         use_lora: false,
         ..ForwardOptions::default()
     };
-    let disabled = loaded.model.run(Input::Ids(&ids), &off, None, &mut NoHook)?;
+    let disabled = loaded
+        .model
+        .run(Input::Ids(&ids), &off, None, &mut NoHook)?;
     assert_eq!(max_abs_diff(&base.model.forward(&ids)?, &disabled), 0.0);
     Ok(())
 }
@@ -372,11 +469,16 @@ fn gradients_flow_to_lora_adapters_but_not_frozen_weights() -> anyhow::Result<()
         differentiable: true,
         ..ForwardOptions::default()
     };
-    let logits = m.model.run(Input::Ids(&ids_tensor(&IDS)), &opts, None, &mut NoHook)?;
-    let loss = candle_nn::loss::cross_entropy(&logits.squeeze(0)?, &Tensor::new(&IDS, &Device::Cpu)?)?;
+    let logits = m
+        .model
+        .run(Input::Ids(&ids_tensor(&IDS)), &opts, None, &mut NoHook)?;
+    let loss =
+        candle_nn::loss::cross_entropy(&logits.squeeze(0)?, &Tensor::new(&IDS, &Device::Cpu)?)?;
     let grads = loss.backward()?;
     assert!(grads.get(&a).is_some() && grads.get(&b).is_some());
-    assert!(grads.get(&m.model.layers[2].self_attn.v_proj.weight).is_none());
+    assert!(grads
+        .get(&m.model.layers[2].self_attn.v_proj.weight)
+        .is_none());
     assert!(grads.get(&m.model.layers[0].mlp.down_proj.weight).is_none());
     Ok(())
 }

@@ -201,13 +201,28 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             writeln!(
                 out,
                 "layers        {} (hidden {}, mlp {}, heads {}/{} kv, head dim {})",
-                info.num_layers, info.hidden_size, info.intermediate_size, info.num_heads, info.num_kv_heads, info.head_dim
+                info.num_layers,
+                info.hidden_size,
+                info.intermediate_size,
+                info.num_heads,
+                info.num_kv_heads,
+                info.head_dim
             )?;
             writeln!(out, "vocabulary    {}", info.vocab_size)?;
             writeln!(out, "context       {}", info.context_length)?;
             writeln!(out, "parameters    {:.1}M", info.parameters as f64 / 1e6)?;
-            writeln!(out, "weights       {} on {}, {:.0} MiB", info.dtype, info.device, info.weight_bytes as f64 / 1_048_576.0)?;
-            writeln!(out, "chat template {}", if info.has_chat_template { "yes" } else { "no" })?;
+            writeln!(
+                out,
+                "weights       {} on {}, {:.0} MiB",
+                info.dtype,
+                info.device,
+                info.weight_bytes as f64 / 1_048_576.0
+            )?;
+            writeln!(
+                out,
+                "chat template {}",
+                if info.has_chat_template { "yes" } else { "no" }
+            )?;
             if let Some(adapter) = &info.adapter {
                 writeln!(
                     out,
@@ -227,7 +242,10 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
         }
         JobOutput::Forward(f) => {
             for (pos, (token, top)) in f.tokens.iter().zip(&f.top_k).enumerate() {
-                let tops: Vec<String> = top.iter().map(|(id, logit)| format!("{id}:{logit:.3}")).collect();
+                let tops: Vec<String> = top
+                    .iter()
+                    .map(|(id, logit)| format!("{id}:{logit:.3}"))
+                    .collect();
                 writeln!(out, "{pos}\t{token}\t{}", tops.join(" "))?;
             }
         }

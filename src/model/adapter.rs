@@ -28,7 +28,11 @@ struct PeftConfig {
 }
 
 /// The linear layer of `model` that a PEFT module path names.
-pub fn module_mut<'a>(model: &'a mut Transformer, layer_idx: usize, module: &str) -> Option<&'a mut Linear> {
+pub fn module_mut<'a>(
+    model: &'a mut Transformer,
+    layer_idx: usize,
+    module: &str,
+) -> Option<&'a mut Linear> {
     let layer = model.layers.get_mut(layer_idx)?;
     Some(match module {
         "q_proj" => &mut layer.self_attn.q_proj,
@@ -66,11 +70,18 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
     }
     let config_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|err| {
-        Error::bad_file(&config_path, format!("cannot read PEFT adapter config ({err})"))
+        Error::bad_file(
+            &config_path,
+            format!("cannot read PEFT adapter config ({err})"),
+        )
     })?;
     let cfg: PeftConfig = serde_json::from_str(&text).map_err(|err| {
         let message = err.to_string();
-        let message = message.split(" at line").next().unwrap_or(&message).to_owned();
+        let message = message
+            .split(" at line")
+            .next()
+            .unwrap_or(&message)
+            .to_owned();
         Error::bad_file(&config_path, format!("adapter_config.json: {message}"))
     })?;
     if cfg.fan_in_fan_out || cfg.use_dora {
@@ -87,15 +98,23 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
         ));
     }
     let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|err| {
-        Error::bad_file(&weights_path, format!("corrupt or truncated safetensors ({})", first_line(&err)))
+        Error::bad_file(
+            &weights_path,
+            format!("corrupt or truncated safetensors ({})", first_line(&err)),
+        )
     })?;
-    let mut pairs: BTreeMap<(usize, String), (Option<candle_core::Tensor>, Option<candle_core::Tensor>)> =
-        BTreeMap::new();
+    let mut pairs: BTreeMap<
+        (usize, String),
+        (Option<candle_core::Tensor>, Option<candle_core::Tensor>),
+    > = BTreeMap::new();
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
         let Some((layer_idx, module, which)) = parse_key(name) else {
-            return Err(Error::bad_file(&weights_path, format!("unexpected tensor `{name}`")));
+            return Err(Error::bad_file(
+                &weights_path,
+                format!("unexpected tensor `{name}`"),
+            ));
         };
         let entry = pairs.entry((layer_idx, module)).or_default();
         let tensor = tensors[name].clone();
@@ -127,7 +146,9 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
         let Some(linear) = module_mut(model, layer_idx, &module) else {
             return Err(Error::bad_file(
                 &weights_path,
-                format!("the adapter targets layer {layer_idx} {module}, which the model does not have"),
+                format!(
+                    "the adapter targets layer {layer_idx} {module}, which the model does not have"
+                ),
             ));
         };
         linear
@@ -136,7 +157,9 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
                 b: b.to_dtype(dtype)?.to_device(&device)?,
                 scale,
             })
-            .map_err(|err| Error::bad_file(&weights_path, format!("layer {layer_idx} {module}: {err}")))?;
+            .map_err(|err| {
+                Error::bad_file(&weights_path, format!("layer {layer_idx} {module}: {err}"))
+            })?;
         if !targets.contains(&module) {
             targets.push(module);
         }

@@ -65,6 +65,7 @@ pub enum RopeScaling {
 }
 
 /// Normalised hyper-parameters of a LLaMA-family decoder.
+#[allow(clippy::struct_excessive_bools)] // independent switches, as in config.json
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ModelConfig {
     /// Decoder family.
@@ -156,7 +157,11 @@ impl ModelConfig {
         let raw: HfConfig = serde_json::from_str(text).map_err(|err| {
             // serde names the missing field ("missing field `hidden_size`"); keep that, drop the position.
             let message = err.to_string();
-            let message = message.split(" at line").next().unwrap_or(&message).to_owned();
+            let message = message
+                .split(" at line")
+                .next()
+                .unwrap_or(&message)
+                .to_owned();
             Error::bad_file(path, format!("config.json: {message}"))
         })?;
         let arch_name = raw
@@ -207,7 +212,10 @@ impl ModelConfig {
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             sliding_window,
             bos_token_id: raw.bos_token_id.and_then(|b| b.into_vec().first().copied()),
-            eos_token_ids: raw.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default(),
+            eos_token_ids: raw
+                .eos_token_id
+                .map(OneOrMany::into_vec)
+                .unwrap_or_default(),
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -366,7 +374,10 @@ mod tests {
         let text = SMOLLM_LIKE.replace("\"hidden_size\": 16,", "");
         let err = ModelConfig::from_hf_json(&text, Path::new("/m/config.json")).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("hidden_size") && msg.contains("/m/config.json"), "{msg}");
+        assert!(
+            msg.contains("hidden_size") && msg.contains("/m/config.json"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub enum Sampling {
 pub struct GenerateConfig {
     /// Upper bound on generated tokens.
     pub max_new_tokens: usize,
+    /// The EOS ids are masked until this many tokens exist (transformers' `min_new_tokens`).
+    pub min_new_tokens: usize,
     /// Greedy or sampling.
     pub sampling: Sampling,
     /// Stop when the text contains one of these (the stop string is cut from the text).
@@ -48,6 +50,7 @@ impl Default for GenerateConfig {
     fn default() -> Self {
         Self {
             max_new_tokens: 128,
+            min_new_tokens: 0,
             sampling: Sampling::Greedy,
             stop_strings: Vec::new(),
             stop_at_eos: true,
@@ -101,24 +104,32 @@ pub struct Generation {
 }
 
 /// Picks the next token from last-position logits.
-pub fn pick_token(logits: &[f32], sampling: &Sampling, rng: &mut rand::rngs::StdRng) -> Result<u32> {
+pub fn pick_token(
+    logits: &[f32],
+    sampling: &Sampling,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<u32> {
     if logits.is_empty() {
         return Err(Error::invalid("logits", "empty vocabulary"));
     }
     match sampling {
         Sampling::Greedy => Ok(argmax(logits)),
         Sampling::Sample {
-            temperature,
-            top_p,
-            ..
+            temperature, top_p, ..
         } => {
             let temperature = *temperature;
             let top_p = *top_p;
             if !(temperature > 0.0 && temperature.is_finite()) {
-                return Err(Error::invalid("temperature", format!("{temperature} must be > 0")));
+                return Err(Error::invalid(
+                    "temperature",
+                    format!("{temperature} must be > 0"),
+                ));
             }
             if !(top_p > 0.0 && top_p <= 1.0) {
-                return Err(Error::invalid("top_p", format!("{top_p} must be in (0, 1]")));
+                return Err(Error::invalid(
+                    "top_p",
+                    format!("{top_p} must be in (0, 1]"),
+                ));
             }
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut probs: Vec<(u32, f64)> = logits
@@ -202,17 +213,28 @@ pub fn generate(
     let mut text = String::new();
     let mut stop_reason = StopReason::MaxTokens;
     while new_ids.len() < cfg.max_new_tokens {
-        let last: Vec<f32> = logits
+        let mut last: Vec<f32> = logits
             .squeeze(0)?
             .squeeze(0)?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1()?;
+        if new_ids.len() < cfg.min_new_tokens {
+            for &id in &tokenizer.stop_ids {
+                if let Some(logit) = last.get_mut(id as usize) {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
         let token_id = pick_token(&last, &cfg.sampling, &mut rng)?;
         new_ids.push(token_id);
         let is_eos = cfg.stop_at_eos && tokenizer.stop_ids.contains(&token_id);
         let full = tokenizer.decode(&new_ids, true)?;
         // A partial UTF-8 sequence decodes to U+FFFD; hold it back until the character completes.
-        let stable = if full.ends_with('\u{FFFD}') { text.clone() } else { full };
+        let stable = if full.ends_with('\u{FFFD}') {
+            text.clone()
+        } else {
+            full
+        };
         let mut delta = stable.get(text.len()..).unwrap_or_default().to_owned();
         let mut hit_stop = false;
         if let Some(cut) = cfg
@@ -223,8 +245,11 @@ pub fn generate(
             .min()
         {
             hit_stop = true;
-            delta = stable.get(text.len().min(cut)..cut).unwrap_or_default().to_owned();
-            text = stable[..cut].to_owned();
+            stable
+                .get(text.len().min(cut)..cut)
+                .unwrap_or_default()
+                .clone_into(&mut delta);
+            stable[..cut].clone_into(&mut text);
         } else {
             text = stable;
         }
@@ -297,10 +322,21 @@ mod tests {
         };
         let draw = |seed| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            (0..50).map(|_| pick_token(&logits, &wide, &mut rng).unwrap()).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| pick_token(&logits, &wide, &mut rng).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert!(draw(3).contains(&1));
-        assert!(pick_token(&logits, &Sampling::Sample { temperature: 0.0, top_p: 1.0, seed: 0 }, &mut rng).is_err());
+        assert!(pick_token(
+            &logits,
+            &Sampling::Sample {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0
+            },
+            &mut rng
+        )
+        .is_err());
     }
 }

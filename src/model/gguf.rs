@@ -6,7 +6,7 @@
 //! are permuted back here so the model runs Hugging Face's rotate-half RoPE, and hooks and
 //! gradients see exactly the tensors transformers would.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
@@ -22,11 +22,16 @@ use crate::model::tokenizer::{GgufVocab, Tokenizer};
 
 /// Loads a `.gguf` file.
 pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
-    let file = File::open(path).map_err(|err| Error::bad_file(path, format!("cannot open ({err})")))?;
+    let file =
+        File::open(path).map_err(|err| Error::bad_file(path, format!("cannot open ({err})")))?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader)
-        .map_err(|err| Error::bad_file(path, format!("not a valid GGUF file ({})", first_line(&err))))?;
+    let content = Content::read(&mut reader).map_err(|err| {
+        Error::bad_file(
+            path,
+            format!("not a valid GGUF file ({})", first_line(&err)),
+        )
+    })?;
     check_complete(&content, file_len, path)?;
     let meta = Meta {
         values: &content.metadata,
@@ -50,9 +55,9 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     source_dtypes.dedup();
 
     // Dequantize tensor by tensor, renaming to Hugging Face names (sorted for determinism).
-    let names: BTreeMap<&String, ()> = content.tensor_infos.keys().map(|k| (k, ())).collect();
+    let names: BTreeSet<&String> = content.tensor_infos.keys().collect();
     let mut tensors = BTreeMap::new();
-    for name in names.keys() {
+    for name in names {
         let Some(hf_name) = hf_name(name) else {
             if name.as_str() == "rope_freqs.weight" {
                 return Err(Error::bad_file(
@@ -65,10 +70,12 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         };
         let qtensor = content
             .tensor(&mut reader, name, &Device::Cpu)
-            .map_err(|err| Error::bad_file(path, format!("tensor `{name}`: {}", first_line(&err))))?;
-        let mut tensor = qtensor
-            .dequantize(&Device::Cpu)
-            .map_err(|err| Error::bad_file(path, format!("tensor `{name}`: {}", first_line(&err))))?;
+            .map_err(|err| {
+                Error::bad_file(path, format!("tensor `{name}`: {}", first_line(&err)))
+            })?;
+        let mut tensor = qtensor.dequantize(&Device::Cpu).map_err(|err| {
+            Error::bad_file(path, format!("tensor `{name}`: {}", first_line(&err)))
+        })?;
         if architecture == Architecture::Llama || architecture == Architecture::Mistral {
             if hf_name.ends_with("q_proj.weight") || hf_name.ends_with("q_proj.bias") {
                 tensor = unpermute(&tensor, cfg.num_attention_heads)?;
@@ -87,7 +94,12 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let chat_template = meta
         .optional_string("tokenizer.chat_template")
         .map(|source| tokenizer.chat_template(source));
-    let info = ModelInfo::describe(&model, "gguf", &source_dtypes.join("+"), chat_template.is_some());
+    let info = ModelInfo::describe(
+        &model,
+        "gguf",
+        &source_dtypes.join("+"),
+        chat_template.is_some(),
+    );
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -99,7 +111,8 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 /// Fails early, with a clear message, when the file ends before its last tensor.
 fn check_complete(content: &Content, file_len: u64, path: &Path) -> Result<()> {
     let mut needed = content.tensor_data_offset;
-    for (name, info) in &content.tensor_infos {
+    let sorted: BTreeMap<&String, _> = content.tensor_infos.iter().collect();
+    for (name, info) in sorted {
         let elems = info.shape.elem_count();
         let block = info.ggml_dtype.block_size();
         let bytes = (elems / block.max(1)) * info.ggml_dtype.type_size();
@@ -237,10 +250,14 @@ fn as_f64(value: &Value) -> Option<f64> {
 
 fn read_vocab(meta: &Meta<'_>) -> Result<GgufVocab> {
     let token_types = match meta.values.get("tokenizer.ggml.token_type") {
-        Some(Value::Array(items)) => items.iter().map(|v| as_f64(v).unwrap_or(1.0) as i64).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| as_f64(v).unwrap_or(1.0) as i64)
+            .collect(),
         _ => Vec::new(),
     };
-    let id = |key: &str| -> Result<Option<u32>> { Ok(meta.optional_number(key)?.map(|v| v as u32)) };
+    let id =
+        |key: &str| -> Result<Option<u32>> { Ok(meta.optional_number(key)?.map(|v| v as u32)) };
     Ok(GgufVocab {
         model: meta.string("tokenizer.ggml.model")?,
         pre: meta.optional_string("tokenizer.ggml.pre"),
@@ -307,7 +324,9 @@ fn config_from_meta(
         rms_norm_eps: meta
             .optional_number(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5),
-        rope_theta: meta.optional_number(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+        rope_theta: meta
+            .optional_number(&key("rope.freq_base"))?
+            .unwrap_or(10_000.0),
         rope_scaling,
         max_position_embeddings: meta.count(&key("context_length"))?,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
@@ -328,8 +347,14 @@ mod tests {
 
     #[test]
     fn maps_names() {
-        assert_eq!(hf_name("blk.12.attn_q.weight").as_deref(), Some("model.layers.12.self_attn.q_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_down.weight").as_deref(), Some("model.layers.0.mlp.down_proj.weight"));
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").as_deref(),
+            Some("model.layers.12.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight").as_deref(),
+            Some("model.layers.0.mlp.down_proj.weight")
+        );
         assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
     }

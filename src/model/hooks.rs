@@ -12,7 +12,9 @@ use crate::error::{Error, Result};
 
 /// Where in the forward a hook is called. Shapes use `b` = batch, `T` = tokens in this call,
 /// `T_kv` = tokens attended to (cache included), `d` = hidden size, `h` = query heads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum HookPoint {
     /// Token embeddings `h^(0)`, `(b, T, d)`.
     Embed,
@@ -106,7 +108,10 @@ impl Recorder {
     /// The activation recorded at `point`.
     pub fn get(&self, point: HookPoint) -> Result<&Tensor> {
         self.acts.get(&point).ok_or_else(|| {
-            Error::invalid("hook point", format!("{point:?} was not recorded by this forward"))
+            Error::invalid(
+                "hook point",
+                format!("{point:?} was not recorded by this forward"),
+            )
         })
     }
 }
@@ -211,7 +216,13 @@ impl Hook for Chain<'_> {
 
 /// A 0/1 mask over `len` entries with ones at `selected`, shaped to broadcast along `axis` of a
 /// tensor of rank `rank`.
-fn axis_mask(selected: &[usize], len: usize, axis: usize, rank: usize, xs: &Tensor) -> Result<Tensor> {
+fn axis_mask(
+    selected: &[usize],
+    len: usize,
+    axis: usize,
+    rank: usize,
+    xs: &Tensor,
+) -> Result<Tensor> {
     let mut values = vec![0f32; len];
     for &i in selected {
         values[i] = 1.0;
@@ -231,9 +242,9 @@ fn spread_index(selected: &[usize], len: usize, xs: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(index, len, xs.device())?)
 }
 
-fn resolve_positions(positions: &Positions, len: usize, offset: usize) -> Result<Vec<usize>> {
+fn resolve_positions(positions: &Positions, len: usize, offset: usize) -> Vec<usize> {
     match positions {
-        Positions::All => Ok((0..len).collect()),
+        Positions::All => (0..len).collect(),
         Positions::List(list) => {
             let mut out = Vec::with_capacity(list.len());
             for &p in list {
@@ -252,13 +263,19 @@ fn resolve_positions(positions: &Positions, len: usize, offset: usize) -> Result
                 }
             }
             out.sort_unstable();
-            Ok(out)
+            out
         }
     }
 }
 
 /// Expands `value`, given for the selected entries of `axis`, to the full axis length.
-fn spread(value: &Tensor, selected: &[usize], len: usize, axis: usize, xs: &Tensor) -> Result<Tensor> {
+fn spread(
+    value: &Tensor,
+    selected: &[usize],
+    len: usize,
+    axis: usize,
+    xs: &Tensor,
+) -> Result<Tensor> {
     if value.rank() == xs.rank() && value.dim(axis)? == selected.len() && selected.len() != len {
         let index = spread_index(selected, len, xs)?;
         Ok(value.contiguous()?.index_select(&index, axis)?)
@@ -271,7 +288,7 @@ fn apply_edit(xs: &Tensor, edit: &Edit, offset: usize) -> Result<Option<Tensor>>
     let rank = xs.rank();
     let pos_axis = edit.point.position_axis();
     let seq_len = xs.dim(pos_axis)?;
-    let positions = resolve_positions(&edit.positions, seq_len, offset)?;
+    let positions = resolve_positions(&edit.positions, seq_len, offset);
     if positions.is_empty() {
         return Ok(None);
     }
@@ -342,7 +359,10 @@ mod tests {
         let mut editor = Editor::new(vec![edit]);
         let out = editor.on(HookPoint::HeadOut(0), &xs)?.unwrap();
         let flat: Vec<f32> = out.flatten_all()?.to_vec1()?;
-        assert_eq!(flat, vec![0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 100., 200.]);
+        assert_eq!(
+            flat,
+            vec![0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 100., 200.]
+        );
         // Other points are untouched.
         assert!(editor.on(HookPoint::HeadOut(1), &xs)?.is_none());
         Ok(())

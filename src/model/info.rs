@@ -69,7 +69,12 @@ pub struct AdapterInfo {
 
 impl ModelInfo {
     /// Summarises `model`.
-    pub fn describe(model: &Transformer, format: &str, source_dtype: &str, has_chat_template: bool) -> Self {
+    pub fn describe(
+        model: &Transformer,
+        format: &str,
+        source_dtype: &str,
+        has_chat_template: bool,
+    ) -> Self {
         let cfg = model.config();
         let parameters = cfg.parameter_count();
         let device = match model.device() {

@@ -95,7 +95,10 @@ pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let mut loaded = if base.is_dir() {
         load_hf_folder(base, opts)?
-    } else if base.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    } else if base
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         gguf::load_gguf(base, opts)?
     } else if base.file_name().is_some_and(|n| n == "config.json") {
         let folder = base.parent().unwrap_or(Path::new("."));
@@ -158,11 +161,15 @@ impl SafetensorsSource {
         // SAFETY: the files are mapped read-only; as with every mmap, another process truncating
         // them while we read would be undefined behaviour. Checkpoints are not edited in place.
         #[allow(unsafe_code)]
-        let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }
-            .map_err(|err| {
+        let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(
+            |err| {
                 let name = paths.first().map_or(folder, PathBuf::as_path);
-                Error::bad_file(name, format!("corrupt or truncated safetensors ({})", first_line(&err)))
-            })?;
+                Error::bad_file(
+                    name,
+                    format!("corrupt or truncated safetensors ({})", first_line(&err)),
+                )
+            },
+        )?;
         let names = files.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(Self {
             files,
@@ -177,10 +184,9 @@ impl TensorSource for SafetensorsSource {
         if !self.names.contains(name) {
             return Ok(None);
         }
-        let tensor = self
-            .files
-            .load(name, &Device::Cpu)
-            .map_err(|err| Error::bad_file(&self.path, format!("tensor `{name}`: {}", first_line(&err))))?;
+        let tensor = self.files.load(name, &Device::Cpu).map_err(|err| {
+            Error::bad_file(&self.path, format!("tensor `{name}`: {}", first_line(&err)))
+        })?;
         Ok(Some(tensor))
     }
 
@@ -191,7 +197,11 @@ impl TensorSource for SafetensorsSource {
 
 /// The first line of an error's message (candle errors can carry backtraces).
 pub(crate) fn first_line(err: &dyn std::fmt::Display) -> String {
-    err.to_string().lines().next().unwrap_or_default().to_owned()
+    err.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -250,7 +260,9 @@ pub fn load_hf_folder(folder: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
     let template_source = if chat_file.exists() {
         Some(read_text(&chat_file)?)
     } else {
-        tokenizer_config.as_ref().and_then(chat_template_from_config)
+        tokenizer_config
+            .as_ref()
+            .and_then(chat_template_from_config)
     };
     let chat_template = template_source.map(|source| tokenizer.chat_template(source));
     let info = ModelInfo::describe(
@@ -284,11 +296,19 @@ fn chat_template_from_config(config: &serde_json::Value) -> Option<String> {
 
 /// Takes a required tensor, checks its shape against the config, and moves it to the target
 /// dtype and device.
-fn required(src: &mut dyn TensorSource, name: &str, shape: &[usize], opts: &LoadOptions) -> Result<Tensor> {
+fn required(
+    src: &mut dyn TensorSource,
+    name: &str,
+    shape: &[usize],
+    opts: &LoadOptions,
+) -> Result<Tensor> {
     let Some(tensor) = src.take(name)? else {
-        return Err(Error::bad_file(src.path(), format!("missing tensor `{name}`")));
+        return Err(Error::bad_file(
+            src.path(),
+            format!("missing tensor `{name}`"),
+        ));
     };
-    convert(src, name, tensor, shape, opts)
+    convert(src, name, &tensor, shape, opts)
 }
 
 fn optional(
@@ -299,14 +319,14 @@ fn optional(
 ) -> Result<Option<Tensor>> {
     match src.take(name)? {
         None => Ok(None),
-        Some(t) => convert(src, name, t, shape, opts).map(Some),
+        Some(t) => convert(src, name, &t, shape, opts).map(Some),
     }
 }
 
 fn convert(
     src: &mut dyn TensorSource,
     name: &str,
-    tensor: Tensor,
+    tensor: &Tensor,
     shape: &[usize],
     opts: &LoadOptions,
 ) -> Result<Tensor> {
@@ -365,7 +385,12 @@ pub fn build_transformer(
             },
             self_attn,
             post_attention_layernorm: RmsNorm {
-                weight: required(src, &format!("{p}.post_attention_layernorm.weight"), &[d], opts)?,
+                weight: required(
+                    src,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[d],
+                    opts,
+                )?,
                 eps,
             },
             mlp,
@@ -380,5 +405,11 @@ pub fn build_transformer(
     } else {
         required(src, "lm_head.weight", &[cfg.vocab_size, d], opts)?
     };
-    Transformer::new(cfg, embed_tokens, layers, norm, Linear::new(lm_head_weight, None))
+    Transformer::new(
+        cfg,
+        embed_tokens,
+        layers,
+        norm,
+        Linear::new(lm_head_weight, None),
+    )
 }

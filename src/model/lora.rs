@@ -229,7 +229,10 @@ mod tests {
             b: Tensor::zeros((3, 2), candle_core::DType::F32, &dev)?,
             scale: 2.0,
         })?;
-        assert_eq!(lin.forward(&x, on)?.to_vec3::<f32>()?, base.to_vec3::<f32>()?);
+        assert_eq!(
+            lin.forward(&x, on)?.to_vec3::<f32>()?,
+            base.to_vec3::<f32>()?
+        );
         lin.lora.as_mut().unwrap().b = Tensor::ones((3, 2), candle_core::DType::F32, &dev)?;
         let x2 = Tensor::new(&[[[1f32, 2.0]]], &dev)?;
         let with = lin.forward(&x2, on)?.flatten_all()?.to_vec1::<f32>()?;

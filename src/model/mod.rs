@@ -17,7 +17,7 @@ pub mod transformer;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
-pub use device::{device, DeviceChoice};
+pub use device::{configure_cpu_threads, device, DeviceChoice};
 pub use hooks::{Edit, EditOp, Editor, Hook, HookPoint, NoHook, Positions, Recorder};
 pub use info::{AdapterInfo, ModelInfo};
 pub use load::{load, LoadOptions, LoadedModel, ModelSpec};

@@ -16,12 +16,65 @@ use crate::model::ModelInfo;
 
 /// Words of the tiny vocabulary after the special tokens (ids 5..64).
 const WORDS: [&str; 59] = [
-    "the", "a", "cat", "dog", "sat", "on", "mat", "write", "poem", "about", "sea", "summarize",
-    "text", "in", "one", "sentence", "translate", "to", "french", "list", "three", "tips", "for",
-    "study", "is", "was", "warm", "cold", "red", "blue", "green", "big", "small", "and", "or",
-    "not", "it", "this", "that", "with", "answer", "question", "what", "why", "how", "paris",
-    "france", "capital", "of", "city", "river", "tree", "house", "run", "jump", "read", "book",
-    ".", ",",
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "write",
+    "poem",
+    "about",
+    "sea",
+    "summarize",
+    "text",
+    "in",
+    "one",
+    "sentence",
+    "translate",
+    "to",
+    "french",
+    "list",
+    "three",
+    "tips",
+    "for",
+    "study",
+    "is",
+    "was",
+    "warm",
+    "cold",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+    "and",
+    "or",
+    "not",
+    "it",
+    "this",
+    "that",
+    "with",
+    "answer",
+    "question",
+    "what",
+    "why",
+    "how",
+    "paris",
+    "france",
+    "capital",
+    "of",
+    "city",
+    "river",
+    "tree",
+    "house",
+    "run",
+    "jump",
+    "read",
+    "book",
+    ".",
+    ",",
 ];
 
 /// The special tokens of the tiny vocabulary (ids 0..5).
@@ -101,18 +154,41 @@ pub fn tiny_weights(cfg: &ModelConfig, seed: u64) -> Result<BTreeMap<String, Ten
     let mut tensors = BTreeMap::new();
     let mut put = |name: String, shape: &[usize], std: f64, mean: f32| -> Result<()> {
         let n = shape.iter().product();
-        let values: Vec<f32> = randn(&mut rng, n, std).into_iter().map(|v| v + mean).collect();
+        let values: Vec<f32> = randn(&mut rng, n, std)
+            .into_iter()
+            .map(|v| v + mean)
+            .collect();
         tensors.insert(name, Tensor::from_vec(values, shape, &dev)?);
         Ok(())
     };
-    put("model.embed_tokens.weight".into(), &[cfg.vocab_size, d], 1.0, 0.0)?;
+    put(
+        "model.embed_tokens.weight".into(),
+        &[cfg.vocab_size, d],
+        1.0,
+        0.0,
+    )?;
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         put(format!("{p}.input_layernorm.weight"), &[d], 0.1, 1.0)?;
-        put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.1, 1.0)?;
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[d],
+            0.1,
+            1.0,
+        )?;
         let s = 1.0 / (d as f64).sqrt();
-        put(format!("{p}.self_attn.q_proj.weight"), &[q, d], s * 2.0, 0.0)?;
-        put(format!("{p}.self_attn.k_proj.weight"), &[kv, d], s * 2.0, 0.0)?;
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[q, d],
+            s * 2.0,
+            0.0,
+        )?;
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            &[kv, d],
+            s * 2.0,
+            0.0,
+        )?;
         put(format!("{p}.self_attn.v_proj.weight"), &[kv, d], s, 0.0)?;
         put(format!("{p}.self_attn.o_proj.weight"), &[d, q], s, 0.0)?;
         if cfg.qkv_bias {
@@ -125,11 +201,21 @@ pub fn tiny_weights(cfg: &ModelConfig, seed: u64) -> Result<BTreeMap<String, Ten
         }
         put(format!("{p}.mlp.gate_proj.weight"), &[ff, d], s, 0.0)?;
         put(format!("{p}.mlp.up_proj.weight"), &[ff, d], s, 0.0)?;
-        put(format!("{p}.mlp.down_proj.weight"), &[d, ff], 1.0 / (ff as f64).sqrt(), 0.0)?;
+        put(
+            format!("{p}.mlp.down_proj.weight"),
+            &[d, ff],
+            1.0 / (ff as f64).sqrt(),
+            0.0,
+        )?;
     }
     put("model.norm.weight".into(), &[d], 0.1, 1.0)?;
     if !cfg.tie_word_embeddings {
-        put("lm_head.weight".into(), &[cfg.vocab_size, d], 1.0 / (d as f64).sqrt() * 3.0, 0.0)?;
+        put(
+            "lm_head.weight".into(),
+            &[cfg.vocab_size, d],
+            1.0 / (d as f64).sqrt() * 3.0,
+            0.0,
+        )?;
     }
     Ok(tensors)
 }
@@ -157,13 +243,13 @@ pub fn tiny_tokenizer() -> Result<tokenizers::Tokenizer> {
 
 /// A tiny model in memory, f32 on the CPU unless `opts` says otherwise.
 pub fn tiny_model(seed: u64, opts: &LoadOptions) -> Result<LoadedModel> {
-    tiny_model_with(tiny_config(), seed, opts)
+    tiny_model_with(&tiny_config(), seed, opts)
 }
 
 /// A tiny model with a custom config (e.g. tied embeddings or biases).
-pub fn tiny_model_with(cfg: ModelConfig, seed: u64, opts: &LoadOptions) -> Result<LoadedModel> {
+pub fn tiny_model_with(cfg: &ModelConfig, seed: u64, opts: &LoadOptions) -> Result<LoadedModel> {
     let mut source = TensorMap {
-        tensors: tiny_weights(&cfg, seed)?,
+        tensors: tiny_weights(cfg, seed)?,
         path: format!("tiny-model-seed-{seed}").into(),
     };
     let model = build_transformer(cfg.clone(), &mut source, opts)?;
@@ -199,7 +285,10 @@ pub fn write_tiny_hf_folder(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<
         "eos_token": "</s>",
         "chat_template": TINY_CHAT_TEMPLATE,
     });
-    std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string())?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        tokenizer_config.to_string(),
+    )?;
     Ok(())
 }
 

@@ -54,7 +54,12 @@ fn special_token_text(config: Option<&serde_json::Value>, key: &str) -> Option<S
 
 impl Tokenizer {
     /// Wraps a `tokenizers::Tokenizer` with explicit special tokens.
-    pub fn new(inner: tokenizers::Tokenizer, bos: Option<(String, u32)>, eos: Option<(String, u32)>, extra_stop_ids: &[u32]) -> Self {
+    pub fn new(
+        inner: tokenizers::Tokenizer,
+        bos: Option<(String, u32)>,
+        eos: Option<(String, u32)>,
+        extra_stop_ids: &[u32],
+    ) -> Self {
         let mut stop_ids: Vec<u32> = eos.iter().map(|(_, id)| *id).collect();
         for &id in extra_stop_ids {
             if !stop_ids.contains(&id) {
@@ -71,7 +76,11 @@ impl Tokenizer {
 
     /// Loads `tokenizer.json`, taking special tokens from `tokenizer_config.json` when present and
     /// from the model config otherwise.
-    pub fn from_hf_files(path: &Path, tokenizer_config: Option<&serde_json::Value>, cfg: &ModelConfig) -> Result<Self> {
+    pub fn from_hf_files(
+        path: &Path,
+        tokenizer_config: Option<&serde_json::Value>,
+        cfg: &ModelConfig,
+    ) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|err| Error::bad_file(path, format!("invalid tokenizer.json ({err})")))?;
         let lookup = |text: Option<String>, id: Option<u32>| -> Option<(String, u32)> {
@@ -81,7 +90,10 @@ impl Tokenizer {
                 (None, None) => None,
             }
         };
-        let bos = lookup(special_token_text(tokenizer_config, "bos_token"), cfg.bos_token_id);
+        let bos = lookup(
+            special_token_text(tokenizer_config, "bos_token"),
+            cfg.bos_token_id,
+        );
         let eos = lookup(
             special_token_text(tokenizer_config, "eos_token"),
             cfg.eos_token_ids.first().copied(),
@@ -172,7 +184,9 @@ impl Tokenizer {
         }
         inner.add_special_tokens(&special);
         inner.add_tokens(&added);
-        let named = |id: Option<u32>| id.and_then(|id| vocab.tokens.get(id as usize).map(|t| (t.clone(), id)));
+        let named = |id: Option<u32>| {
+            id.and_then(|id| vocab.tokens.get(id as usize).map(|t| (t.clone(), id)))
+        };
         let bos = named(vocab.bos_token_id);
         let eos = named(vocab.eos_token_id);
         if vocab.add_bos_token {
@@ -203,7 +217,11 @@ impl Tokenizer {
     /// The vocabulary string of each id (`Ġhow`, `<0x0A>`, ...).
     pub fn tokens(&self, ids: &[u32]) -> Vec<String> {
         ids.iter()
-            .map(|&id| self.inner.id_to_token(id).unwrap_or_else(|| format!("<{id}>")))
+            .map(|&id| {
+                self.inner
+                    .id_to_token(id)
+                    .unwrap_or_else(|| format!("<{id}>"))
+            })
             .collect()
     }
 
@@ -233,8 +251,16 @@ impl Tokenizer {
     pub fn chat_template(&self, source: String) -> ChatTemplate {
         ChatTemplate {
             source,
-            bos_token: self.bos.as_ref().map(|(t, _)| t.clone()).unwrap_or_default(),
-            eos_token: self.eos.as_ref().map(|(t, _)| t.clone()).unwrap_or_default(),
+            bos_token: self
+                .bos
+                .as_ref()
+                .map(|(t, _)| t.clone())
+                .unwrap_or_default(),
+            eos_token: self
+                .eos
+                .as_ref()
+                .map(|(t, _)| t.clone())
+                .unwrap_or_default(),
         }
     }
 }

@@ -101,7 +101,11 @@ impl RmsNorm {
         }
         let dtype = xs.dtype();
         // Half precision is normalised in f32 (as transformers does); f32 and f64 stay as they are.
-        let compute = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let compute = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let xs = xs.to_dtype(compute)?;
         let inv_rms = (xs.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
             .sqrt()?
@@ -254,7 +258,10 @@ impl Transformer {
                 if hidden != self.cfg.hidden_size {
                     return Err(Error::invalid(
                         "input embeddings",
-                        format!("hidden size {hidden}, the model's is {}", self.cfg.hidden_size),
+                        format!(
+                            "hidden size {hidden}, the model's is {}",
+                            self.cfg.hidden_size
+                        ),
                     ));
                 }
                 embeds.to_dtype(self.dtype())?
@@ -271,7 +278,7 @@ impl Transformer {
             });
         }
         xs = replace_if(hook, HookPoint::Embed, xs)?;
-        let pass = self.pass_ctx(opts, offset, seq_len)?;
+        let pass = self.pass_ctx(*opts, offset, seq_len)?;
         if let Some(cache) = cache.as_deref_mut() {
             if cache.layers.len() != self.layers.len() {
                 cache.layers = vec![None; self.layers.len()];
@@ -282,7 +289,7 @@ impl Transformer {
                 Some(c) => Some(&mut c.layers[layer_idx]),
                 None => None,
             };
-            xs = layer.forward(layer_idx, &xs, &self.cfg, &pass, layer_cache, hook, opts)?;
+            xs = layer.forward(layer_idx, &xs, &self.cfg, &pass, layer_cache, hook, *opts)?;
         }
         if let Some(cache) = cache {
             cache.len = offset + seq_len;
@@ -299,7 +306,7 @@ impl Transformer {
         replace_if(hook, HookPoint::Logits, logits)
     }
 
-    fn pass_ctx(&self, opts: &ForwardOptions, offset: usize, seq_len: usize) -> Result<PassCtx> {
+    fn pass_ctx(&self, opts: ForwardOptions, offset: usize, seq_len: usize) -> Result<PassCtx> {
         let positions: Vec<f32> = (offset..offset + seq_len).map(|p| p as f32).collect();
         let positions = Tensor::from_vec(positions, (seq_len, 1), &self.device)?;
         let freqs = positions.broadcast_mul(&self.inv_freq)?; // (seq_len, head_dim / 2)
@@ -349,7 +356,6 @@ impl Transformer {
     }
 }
 
-
 /// Calls the hook and takes its replacement, checking the shape.
 fn replace_if(hook: &mut dyn Hook, point: HookPoint, xs: Tensor) -> Result<Tensor> {
     match hook.on(point, &xs)? {
@@ -358,7 +364,11 @@ fn replace_if(hook: &mut dyn Hook, point: HookPoint, xs: Tensor) -> Result<Tenso
             if new.dims() != xs.dims() {
                 return Err(Error::invalid(
                     "hook replacement",
-                    format!("{point:?} expects shape {:?}, got {:?}", xs.dims(), new.dims()),
+                    format!(
+                        "{point:?} expects shape {:?}, got {:?}",
+                        xs.dims(),
+                        new.dims()
+                    ),
                 ));
             }
             Ok(new)
@@ -376,7 +386,7 @@ impl DecoderLayer {
         pass: &PassCtx,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         hook: &mut dyn Hook,
-        opts: &ForwardOptions,
+        opts: ForwardOptions,
     ) -> Result<Tensor> {
         let residual = replace_if(hook, HookPoint::ResidPre(layer_idx), xs.clone())?;
         let normed = self

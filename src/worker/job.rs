@@ -122,7 +122,12 @@ pub struct GenerateOutput {
 
 impl GenerateOutput {
     /// Assembles the output from a generation.
-    pub fn new(prompt: String, chat: bool, rendered_prompt: String, generation: Generation) -> Self {
+    pub fn new(
+        prompt: String,
+        chat: bool,
+        rendered_prompt: String,
+        generation: Generation,
+    ) -> Self {
         Self {
             prompt,
             chat,

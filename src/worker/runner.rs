@@ -32,9 +32,10 @@ impl WorkerCtx {
             Slot::A => self.a.as_ref(),
             Slot::B => self.b.as_ref(),
         };
-        loaded.ok_or_else(|| Error::invalid("model slot", format!("slot {slot:?} has no model loaded")))
+        loaded.ok_or_else(|| {
+            Error::invalid("model slot", format!("slot {slot:?} has no model loaded"))
+        })
     }
-
 }
 
 /// Parses a dtype name.
@@ -43,12 +44,20 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
-        other => Err(Error::invalid("dtype", format!("`{other}` (expected f32, f16 or bf16)"))),
+        other => Err(Error::invalid(
+            "dtype",
+            format!("`{other}` (expected f32, f16 or bf16)"),
+        )),
     }
 }
 
 /// Runs one job; streamed tokens and progress go to `emit`.
-pub fn run_job(ctx: &mut WorkerCtx, job_id: JobId, job: Job, emit: &mut dyn FnMut(Event)) -> Result<JobOutput> {
+pub fn run_job(
+    ctx: &mut WorkerCtx,
+    job_id: JobId,
+    job: Job,
+    emit: &mut dyn FnMut(Event),
+) -> Result<JobOutput> {
     match job {
         Job::LoadModel {
             slot,
@@ -117,7 +126,9 @@ pub fn run_job(ctx: &mut WorkerCtx, job_id: JobId, job: Job, emit: &mut dyn FnMu
                     }
                 },
             )?;
-            Ok(JobOutput::Generated(GenerateOutput::new(prompt, chat, rendered, generation)))
+            Ok(JobOutput::Generated(GenerateOutput::new(
+                prompt, chat, rendered, generation,
+            )))
         }
     }
 }
@@ -148,7 +159,11 @@ pub fn forward_text(loaded: &LoadedModel, text: &str, top_k: usize) -> Result<Fo
         return Err(Error::EmptyPrompt);
     }
     let input = Tensor::new(ids.as_slice(), loaded.model.device())?.unsqueeze(0)?;
-    let logits = loaded.model.forward(&input)?.squeeze(0)?.to_dtype(DType::F32)?;
+    let logits = loaded
+        .model
+        .forward(&input)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?;
     let rows: Vec<Vec<f32>> = logits.to_vec2()?;
     let top_k = rows.iter().map(|row| top_k_of(row, top_k)).collect();
     let logits_last = rows.last().cloned().unwrap_or_default();
@@ -162,7 +177,11 @@ pub fn forward_text(loaded: &LoadedModel, text: &str, top_k: usize) -> Result<Fo
 
 /// The `k` largest entries as `(index, value)`, largest first (lower index first on ties).
 pub fn top_k_of(values: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut indexed: Vec<(u32, f32)> = values.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    let mut indexed: Vec<(u32, f32)> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as u32, v))
+        .collect();
     let k = k.min(indexed.len());
     if k == 0 {
         return Vec::new();

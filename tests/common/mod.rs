@@ -27,19 +27,33 @@ pub fn ids_tensor(ids: &[u32]) -> Tensor {
 /// Largest absolute difference of two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let diff = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    diff.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// The demo model; tests that need it fail with instructions when it is absent.
 pub fn demo_model_path() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "demo model missing: run scripts/fetch-models ({})", path.display());
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "demo model missing: run scripts/fetch-models ({})",
+        path.display()
+    );
     path
 }
 
 /// A golden JSON file from `tests/golden/`.
 pub fn golden(name: &str) -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     let text = std::fs::read_to_string(&path).expect("golden file readable");
     serde_json::from_str(&text).expect("golden file is JSON")
 }
@@ -72,9 +86,17 @@ pub fn run_cli(args: &[&str]) -> CliRun {
 pub fn assert_one_line_error(run: &CliRun, needle: &str) {
     assert_ne!(run.code, 0, "expected failure, stdout: {}", run.stdout);
     assert_eq!(run.code, 2, "stderr: {}", run.stderr);
-    let lines: Vec<&str> = run.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {:?}", run.stderr);
     assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    assert!(lines[0].contains(needle), "`{}` does not name `{needle}`", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "`{}` does not name `{needle}`",
+        lines[0]
+    );
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }

@@ -1,0 +1,157 @@
+//! Speed benchmark of the model core on the demo model, mirroring the Python peer's methodology
+//! (`shared/bench/peers/bench_peer.py`): the same prompt ids, warm-up runs, then the median of
+//! timed repetitions. Prints one JSON object to stdout. Run through `scripts/bench`.
+//!
+//! Figures: load time; (a) forward latency with logits at every position for 16/64/128-token
+//! prompts; (b) greedy generation of 32 tokens with EOS suppressed, prefill and decode separately;
+//! peak RSS.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use candle_core::Tensor;
+use serde_json::{json, Value};
+use tunelens::model::generate::{generate, GenerateConfig};
+use tunelens::model::{load, LoadOptions, ModelSpec, NoHook};
+
+const FORWARD_WARMUP: usize = 3;
+const GENERATE_WARMUP: usize = 2;
+const NEW_TOKENS: usize = 32;
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process, in MB (VmHWM).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn timed(
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let started = Instant::now();
+        f()?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+fn main() -> anyhow::Result<()> {
+    tunelens::model::configure_cpu_threads();
+    let mut args = std::env::args().skip(1);
+    let mut model_path = PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let mut prompts_path = PathBuf::from("bench/prompts.json");
+    let mut reps = 5usize;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--model" => model_path = args.next().context("--model PATH")?.into(),
+            "--prompts" => prompts_path = args.next().context("--prompts FILE")?.into(),
+            "--reps" => reps = args.next().context("--reps N")?.parse()?,
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    let prompts: Value = serde_json::from_str(&std::fs::read_to_string(&prompts_path)?)?;
+    let threads = candle_core::utils::get_num_threads();
+
+    let started = Instant::now();
+    let loaded = load(
+        &ModelSpec::parse(&model_path.display().to_string()),
+        &LoadOptions::default(),
+    )?;
+    let load_secs = started.elapsed().as_secs_f64();
+    let model = &loaded.model;
+
+    let mut forward = serde_json::Map::new();
+    let mut generation = serde_json::Map::new();
+    for name in ["short", "medium", "long"] {
+        let ids: Vec<u32> = serde_json::from_value(prompts[name]["ids"].clone())?;
+        let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
+        let times = timed(FORWARD_WARMUP, reps, || {
+            model.forward(&input)?;
+            Ok(())
+        })?;
+        let med = median(times.clone());
+        forward.insert(
+            name.to_owned(),
+            json!({"tokens": ids.len(), "median_s": med, "median_ms": med * 1e3, "all_s": times,
+                   "tokens_per_s": ids.len() as f64 / med}),
+        );
+
+        let cfg = GenerateConfig {
+            max_new_tokens: NEW_TOKENS,
+            min_new_tokens: NEW_TOKENS,
+            ..GenerateConfig::default()
+        };
+        let run = || {
+            generate(
+                model,
+                &loaded.tokenizer,
+                &ids,
+                &cfg,
+                &mut NoHook,
+                &mut |_| ControlFlow::Continue(()),
+            )
+        };
+        for _ in 0..GENERATE_WARMUP {
+            run()?;
+        }
+        let (mut totals, mut prefills, mut decodes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut last = None;
+        for _ in 0..reps {
+            let started = Instant::now();
+            let g = run()?;
+            totals.push(started.elapsed().as_secs_f64());
+            prefills.push(g.prefill_secs);
+            decodes.push(g.decode_secs);
+            last = Some(g);
+        }
+        let last = last.context("at least one repetition")?;
+        let new_tokens = last.new_ids.len();
+        let med = median(totals.clone());
+        let decode_med = median(decodes);
+        generation.insert(
+            name.to_owned(),
+            json!({"prompt_tokens": ids.len(), "new_tokens": new_tokens, "median_s": med, "all_s": totals,
+                   "tokens_per_s": new_tokens as f64 / med,
+                   "prefill_median_s": median(prefills), "decode_median_s": decode_med,
+                   "decode_tokens_per_s": (new_tokens - 1) as f64 / decode_med,
+                   "text": last.text}),
+        );
+    }
+    let report = json!({
+        "tool": "tunelens",
+        "version": env!("CARGO_PKG_VERSION"),
+        "threads": threads,
+        "candle_barrier_pool_spin_limit": std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").ok(),
+        "reps": reps,
+        "model_file": model_path.display().to_string(),
+        "load_s": load_secs,
+        "a_forward_latency": forward,
+        "b_generation": generation,
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
