@@ -57,17 +57,17 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..3 {
         loaded.model.forward(&input)?;
     }
-    let reps = 10;
+    let reps = 10u32;
     let mut timer = Timer::default();
     let started = Instant::now();
     for _ in 0..reps {
         timer.last = None;
         loaded.model.forward_hooked(&input, &mut timer)?;
     }
-    let total = started.elapsed().as_secs_f64() / reps as f64;
+    let total = started.elapsed().as_secs_f64() / f64::from(reps);
     println!("forward: {:.1} ms", total * 1e3);
     for (segment, secs) in &timer.totals {
-        println!("{segment:28} {:7.2} ms", secs / reps as f64 * 1e3);
+        println!("{segment:28} {:7.2} ms", secs / f64::from(reps) * 1e3);
     }
     Ok(())
 }

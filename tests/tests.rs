@@ -8,3 +8,4 @@ mod cli;
 mod common;
 mod demo_model;
 mod model_core;
+mod worker;

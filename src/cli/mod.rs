@@ -150,7 +150,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
                 },
             };
             Some(Job::Generate {
-                slot: Slot::A,
+                slots: vec![Slot::A],
                 prompt: prompt.clone(),
                 chat: *chat,
                 cfg: GenerateConfig {
@@ -188,7 +188,11 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             JobOutput::Loaded { info, .. } => serde_json::to_string_pretty(info)?,
             JobOutput::Tokens(t) => serde_json::to_string(t)?,
             JobOutput::Forward(f) => serde_json::to_string(f)?,
-            JobOutput::Generated(g) => serde_json::to_string_pretty(g)?,
+            JobOutput::Generated(g) => match g.as_slice() {
+                [one] => serde_json::to_string_pretty(one)?,
+                many => serde_json::to_string_pretty(many)?,
+            },
+            JobOutput::Unloaded { .. } | JobOutput::Swapped { .. } => String::new(),
         };
         writeln!(out, "{value}")?;
         return Ok(());
@@ -249,9 +253,13 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                 writeln!(out, "{pos}\t{token}\t{}", tops.join(" "))?;
             }
         }
-        JobOutput::Generated(g) => {
+        JobOutput::Unloaded { .. } | JobOutput::Swapped { .. } => {}
+        JobOutput::Generated(outputs) => {
             // The text was streamed already; finish the line and summarise.
             writeln!(out)?;
+            let Some(g) = outputs.first() else {
+                return Ok(());
+            };
             let decode_tps = if g.decode_secs > 0.0 {
                 (g.new_ids.len().saturating_sub(1)) as f64 / g.decode_secs
             } else {

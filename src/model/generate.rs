@@ -173,6 +173,181 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
+/// A generation in progress, advanced one token at a time with [`Generator::step`], so several
+/// models can stream side by side from one thread.
+pub struct Generator<'m> {
+    model: &'m Transformer,
+    tokenizer: &'m Tokenizer,
+    cfg: GenerateConfig,
+    opts: ForwardOptions,
+    rng: rand::rngs::StdRng,
+    cache: KvCache,
+    prompt_ids: Vec<u32>,
+    new_ids: Vec<u32>,
+    text: String,
+    /// Logits of the prompt, consumed by the first step.
+    prefill_logits: Option<Tensor>,
+    /// The last token, not yet fed to the model (fed lazily, so a token is streamed as soon as
+    /// it is chosen).
+    pending: Option<u32>,
+    stop_reason: Option<StopReason>,
+    prefill_secs: f64,
+    decode_secs: f64,
+}
+
+impl<'m> Generator<'m> {
+    /// Checks the prompt and runs the prefill forward.
+    pub fn new(
+        model: &'m Transformer,
+        tokenizer: &'m Tokenizer,
+        prompt_ids: &[u32],
+        cfg: &GenerateConfig,
+        hook: &mut dyn Hook,
+    ) -> Result<Self> {
+        if prompt_ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let context = model.config().max_position_embeddings;
+        if prompt_ids.len() >= context {
+            return Err(Error::PromptTooLong {
+                len: prompt_ids.len(),
+                max: context,
+            });
+        }
+        let seed = match cfg.sampling {
+            Sampling::Sample { seed, .. } => seed,
+            Sampling::Greedy => 0,
+        };
+        let opts = ForwardOptions {
+            differentiable: false,
+            logits: LogitsAt::Last,
+            use_lora: cfg.use_lora,
+        };
+        let mut cache = KvCache::new();
+        let started = Instant::now();
+        let input = Tensor::new(prompt_ids, model.device())?.unsqueeze(0)?;
+        let logits = model.run(Input::Ids(&input), &opts, Some(&mut cache), hook)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            cfg: cfg.clone(),
+            opts,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            cache,
+            prompt_ids: prompt_ids.to_vec(),
+            new_ids: Vec::new(),
+            text: String::new(),
+            prefill_logits: Some(logits),
+            pending: None,
+            stop_reason: (cfg.max_new_tokens == 0).then_some(StopReason::MaxTokens),
+            prefill_secs: started.elapsed().as_secs_f64(),
+            decode_secs: 0.0,
+        })
+    }
+
+    /// Whether generation has ended.
+    pub fn is_done(&self) -> bool {
+        self.stop_reason.is_some()
+    }
+
+    /// Ends generation early; [`Self::finish`] then reports [`StopReason::Cancelled`].
+    pub fn cancel(&mut self) {
+        if self.stop_reason.is_none() {
+            self.stop_reason = Some(StopReason::Cancelled);
+        }
+    }
+
+    /// Chooses the next token (running the forward for the previous one first). `None` once done.
+    pub fn step(&mut self, hook: &mut dyn Hook) -> Result<Option<GeneratedToken>> {
+        if self.stop_reason.is_some() {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let logits = match (self.pending.take(), self.prefill_logits.take()) {
+            (None, Some(logits)) => logits,
+            (Some(token_id), _) => {
+                let step = Tensor::new(&[token_id], self.model.device())?.unsqueeze(0)?;
+                self.model
+                    .run(Input::Ids(&step), &self.opts, Some(&mut self.cache), hook)?
+            }
+            (None, None) => return Err(Error::invalid("generator", "no logits to continue from")),
+        };
+        let mut last: Vec<f32> = logits
+            .squeeze(0)?
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        if self.new_ids.len() < self.cfg.min_new_tokens {
+            for &id in &self.tokenizer.stop_ids {
+                if let Some(logit) = last.get_mut(id as usize) {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let token_id = pick_token(&last, &self.cfg.sampling, &mut self.rng)?;
+        self.new_ids.push(token_id);
+        let full = self.tokenizer.decode(&self.new_ids, true)?;
+        // A partial UTF-8 sequence decodes to U+FFFD; hold it back until the character completes.
+        let stable = if full.ends_with('\u{FFFD}') {
+            self.text.clone()
+        } else {
+            full
+        };
+        let stop_cut = self
+            .cfg
+            .stop_strings
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| stable.find(s.as_str()))
+            .min();
+        let visible = stable[..stop_cut.unwrap_or(stable.len())].to_owned();
+        let text_delta = visible
+            .get(self.text.len()..)
+            .unwrap_or_default()
+            .to_owned();
+        self.text = visible;
+        let context = self.model.config().max_position_embeddings;
+        self.stop_reason = if self.cfg.stop_at_eos && self.tokenizer.stop_ids.contains(&token_id) {
+            Some(StopReason::Eos)
+        } else if stop_cut.is_some() {
+            Some(StopReason::StopString)
+        } else if self.new_ids.len() >= self.cfg.max_new_tokens {
+            Some(StopReason::MaxTokens)
+        } else if self.cache.len() + 1 >= context {
+            Some(StopReason::ContextFull)
+        } else {
+            self.pending = Some(token_id);
+            None
+        };
+        if self.new_ids.len() > 1 {
+            self.decode_secs += started.elapsed().as_secs_f64();
+        }
+        Ok(Some(GeneratedToken {
+            index: self.new_ids.len() - 1,
+            token_id,
+            text_delta,
+        }))
+    }
+
+    /// The finished (or cancelled) generation.
+    pub fn finish(self) -> Result<Generation> {
+        let stop_reason = self.stop_reason.unwrap_or(StopReason::Cancelled);
+        let text = if stop_reason == StopReason::StopString {
+            self.text
+        } else {
+            self.tokenizer.decode(&self.new_ids, true)?
+        };
+        Ok(Generation {
+            prompt_ids: self.prompt_ids,
+            new_ids: self.new_ids,
+            text,
+            stop_reason,
+            prefill_secs: self.prefill_secs,
+            decode_secs: self.decode_secs,
+        })
+    }
+}
+
 /// Generates a continuation of `prompt_ids`, calling `on_token` for each new token; return
 /// `ControlFlow::Break` from it to stop (the partial generation is returned, marked cancelled).
 pub fn generate(
@@ -183,114 +358,14 @@ pub fn generate(
     hook: &mut dyn Hook,
     on_token: &mut dyn FnMut(&GeneratedToken) -> ControlFlow<()>,
 ) -> Result<Generation> {
-    if prompt_ids.is_empty() {
-        return Err(Error::EmptyPrompt);
+    let mut generator = Generator::new(model, tokenizer, prompt_ids, cfg, hook)?;
+    while let Some(token) = generator.step(hook)? {
+        if on_token(&token).is_break() {
+            generator.cancel();
+            break;
+        }
     }
-    let context = model.config().max_position_embeddings;
-    if prompt_ids.len() >= context {
-        return Err(Error::PromptTooLong {
-            len: prompt_ids.len(),
-            max: context,
-        });
-    }
-    let seed = match cfg.sampling {
-        Sampling::Sample { seed, .. } => seed,
-        Sampling::Greedy => 0,
-    };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let opts = ForwardOptions {
-        differentiable: false,
-        logits: LogitsAt::Last,
-        use_lora: cfg.use_lora,
-    };
-    let mut cache = KvCache::new();
-    let started = Instant::now();
-    let input = Tensor::new(prompt_ids, model.device())?.unsqueeze(0)?;
-    let mut logits = model.run(Input::Ids(&input), &opts, Some(&mut cache), hook)?;
-    let prefill_secs = started.elapsed().as_secs_f64();
-    let decode_started = Instant::now();
-    let mut new_ids: Vec<u32> = Vec::new();
-    let mut text = String::new();
-    let mut stop_reason = StopReason::MaxTokens;
-    while new_ids.len() < cfg.max_new_tokens {
-        let mut last: Vec<f32> = logits
-            .squeeze(0)?
-            .squeeze(0)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?;
-        if new_ids.len() < cfg.min_new_tokens {
-            for &id in &tokenizer.stop_ids {
-                if let Some(logit) = last.get_mut(id as usize) {
-                    *logit = f32::NEG_INFINITY;
-                }
-            }
-        }
-        let token_id = pick_token(&last, &cfg.sampling, &mut rng)?;
-        new_ids.push(token_id);
-        let is_eos = cfg.stop_at_eos && tokenizer.stop_ids.contains(&token_id);
-        let full = tokenizer.decode(&new_ids, true)?;
-        // A partial UTF-8 sequence decodes to U+FFFD; hold it back until the character completes.
-        let stable = if full.ends_with('\u{FFFD}') {
-            text.clone()
-        } else {
-            full
-        };
-        let mut delta = stable.get(text.len()..).unwrap_or_default().to_owned();
-        let mut hit_stop = false;
-        if let Some(cut) = cfg
-            .stop_strings
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| stable.find(s.as_str()))
-            .min()
-        {
-            hit_stop = true;
-            stable
-                .get(text.len().min(cut)..cut)
-                .unwrap_or_default()
-                .clone_into(&mut delta);
-            stable[..cut].clone_into(&mut text);
-        } else {
-            text = stable;
-        }
-        let event = GeneratedToken {
-            index: new_ids.len() - 1,
-            token_id,
-            text_delta: delta,
-        };
-        if on_token(&event).is_break() {
-            stop_reason = StopReason::Cancelled;
-            break;
-        }
-        if is_eos {
-            stop_reason = StopReason::Eos;
-            break;
-        }
-        if hit_stop {
-            stop_reason = StopReason::StopString;
-            break;
-        }
-        if new_ids.len() >= cfg.max_new_tokens {
-            break;
-        }
-        if cache.len() + 1 > context {
-            stop_reason = StopReason::ContextFull;
-            break;
-        }
-        let step = Tensor::new(&[token_id], model.device())?.unsqueeze(0)?;
-        logits = model.run(Input::Ids(&step), &opts, Some(&mut cache), hook)?;
-    }
-    if stop_reason != StopReason::StopString {
-        text = tokenizer.decode(&new_ids, true)?;
-    }
-    Ok(Generation {
-        prompt_ids: prompt_ids.to_vec(),
-        new_ids,
-        text,
-        stop_reason,
-        prefill_secs,
-        decode_secs: decode_started.elapsed().as_secs_f64(),
-    })
+    generator.finish()
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
 //! Linear layers with frozen base weights and optional LoRA adapters (Hu et al., 2021,
 //! arXiv 2106.09685; tensor names and scaling as in Hugging Face PEFT).
 //!
-//! Base weights are plain tensors and never receive gradients: on differentiable passes the
-//! product `x W^T` goes through [`FrozenLinear`], a custom op whose backward computes only the
-//! input gradient `g W`. candle's own matmul backward always computes the weight gradient too,
-//! which on a frozen model is pure waste (about 2x the backward cost). Adapters are ordinary
-//! tensors (typically `Var`s during training), so their gradients flow as usual.
+//! Base weights are plain tensors and never receive gradients. On CPU f32 the product `x W^T`
+//! goes through OpenBLAS ([`crate::model::blas`]); elsewhere, differentiable passes use
+//! [`frozen_matmul`]. Both are custom ops whose backward computes only the input gradient `g W`:
+//! candle's own matmul backward always computes the weight gradient too, which on a frozen model
+//! is pure waste (about 2x the backward cost). Adapters are ordinary tensors (typically `Var`s
+//! during training), so their gradients flow as usual.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::blas::blas_linear;
 
 /// A LoRA adapter `ΔW = scale · B A`.
 #[derive(Clone, Debug)]
@@ -43,7 +45,7 @@ pub struct Linear {
 /// Per-pass switches for [`Linear::forward`].
 #[derive(Clone, Copy, Debug)]
 pub struct LinearMode {
-    /// Route the base product through [`FrozenLinear`] so gradients reach the input only.
+    /// Build the autograd graph (gradients reach the input, never the frozen weight).
     pub differentiable: bool,
     /// Apply attached adapters.
     pub use_lora: bool,
@@ -97,10 +99,10 @@ impl Linear {
         };
         let rows: usize = lead.iter().product();
         let x2 = xs.reshape((rows, in_dim))?;
-        let mut ys = if mode.differentiable {
-            frozen_matmul(&x2, &self.weight)?
-        } else {
-            x2.matmul(&self.weight.t()?)?
+        let mut ys = match blas_linear(&x2, &self.weight)? {
+            Some(ys) => ys,
+            None if mode.differentiable => frozen_matmul(&x2, &self.weight)?,
+            None => x2.matmul(&self.weight.t()?)?,
         };
         if let Some(bias) = &self.bias {
             ys = ys.broadcast_add(bias)?;

@@ -2,6 +2,7 @@
 //! layers and generation. Knows nothing of the UI, channels or the CLI.
 
 pub mod adapter;
+pub mod blas;
 pub mod chat;
 pub mod config;
 pub mod device;

@@ -28,6 +28,13 @@ pub enum Job {
         /// Weight dtype: `f32`, `f16` or `bf16`.
         dtype: String,
     },
+    /// Empty a slot.
+    Unload {
+        /// The slot.
+        slot: Slot,
+    },
+    /// Exchange the models of slots A and B.
+    SwapSlots,
     /// Tokenize text (with the tokenizer's own special-token handling).
     Tokenize {
         /// Model slot.
@@ -44,10 +51,11 @@ pub enum Job {
         /// How many top logits to report per position.
         top_k: usize,
     },
-    /// Generate a response.
+    /// Generate a response with each listed slot's model, token by token in lockstep, so the
+    /// responses stream side by side.
     Generate {
-        /// Model slot.
-        slot: Slot,
+        /// Model slots, in order.
+        slots: Vec<Slot>,
         /// The user's prompt.
         prompt: String,
         /// Wrap the prompt in the model's chat template.
@@ -71,8 +79,20 @@ pub enum JobOutput {
     Tokens(TokenizeOutput),
     /// Logits.
     Forward(ForwardOutput),
-    /// A response.
-    Generated(GenerateOutput),
+    /// A slot was emptied.
+    Unloaded {
+        /// Which slot.
+        slot: Slot,
+    },
+    /// Slots A and B were exchanged; their new contents.
+    Swapped {
+        /// Slot A now.
+        a: Option<Box<ModelInfo>>,
+        /// Slot B now.
+        b: Option<Box<ModelInfo>>,
+    },
+    /// One response per requested slot, in the order requested.
+    Generated(Vec<GenerateOutput>),
 }
 
 /// `tunelens tokenize` output.
@@ -100,6 +120,8 @@ pub struct ForwardOutput {
 /// `tunelens generate` output.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GenerateOutput {
+    /// The slot whose model generated this.
+    pub slot: Slot,
     /// The user's prompt.
     pub prompt: String,
     /// Whether the chat template was applied.
@@ -123,12 +145,14 @@ pub struct GenerateOutput {
 impl GenerateOutput {
     /// Assembles the output from a generation.
     pub fn new(
+        slot: Slot,
         prompt: String,
         chat: bool,
         rendered_prompt: String,
         generation: Generation,
     ) -> Self {
         Self {
+            slot,
             prompt,
             chat,
             rendered_prompt,

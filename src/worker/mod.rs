@@ -1,8 +1,10 @@
 //! Jobs and their execution. The GUI will run [`runner::run_job`] on a worker thread; the CLI
 //! and the tests call it directly. Results are plain data (no tensors).
 
+pub mod handle;
 pub mod job;
 pub mod runner;
 
-pub use job::{Event, Job, JobOutput, Slot};
+pub use handle::{spawn, Busy, WorkerHandle};
+pub use job::{Event, Job, JobId, JobOutput, Slot};
 pub use runner::{run_job, WorkerCtx};

@@ -1,14 +1,13 @@
 //! [`run_job`]: executes one [`Job`] against the loaded models. Shared by the GUI worker thread
 //! and the CLI, so both run exactly the same code.
 
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::generate::generate;
+use crate::model::generate::{GenerateConfig, Generator};
 use crate::model::{self, LoadOptions, LoadedModel, NoHook};
 use crate::worker::job::{
     Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, Slot, TokenizeOutput,
@@ -95,42 +94,96 @@ pub fn run_job(
             let loaded = ctx.model(slot)?;
             Ok(JobOutput::Forward(forward_text(loaded, &text, top_k)?))
         }
+        Job::Unload { slot } => {
+            match slot {
+                Slot::A => ctx.a = None,
+                Slot::B => ctx.b = None,
+            }
+            Ok(JobOutput::Unloaded { slot })
+        }
+        Job::SwapSlots => {
+            std::mem::swap(&mut ctx.a, &mut ctx.b);
+            let info = |m: &Option<LoadedModel>| m.as_ref().map(|m| Box::new(m.info.clone()));
+            Ok(JobOutput::Swapped {
+                a: info(&ctx.a),
+                b: info(&ctx.b),
+            })
+        }
         Job::Generate {
-            slot,
+            slots,
             prompt,
             chat,
             cfg,
-        } => {
-            let cancel = ctx.cancel.clone();
-            let loaded = ctx.model(slot)?;
-            if prompt.trim().is_empty() {
-                return Err(Error::EmptyPrompt);
+        } => generate_lockstep(ctx, job_id, &slots, &prompt, chat, &cfg, emit),
+    }
+}
+
+/// Runs one generator per slot, one token each in turn, until all are done or the job is
+/// cancelled (partial responses are returned, marked cancelled).
+fn generate_lockstep(
+    ctx: &WorkerCtx,
+    job_id: JobId,
+    slots: &[Slot],
+    prompt: &str,
+    chat: bool,
+    cfg: &GenerateConfig,
+    emit: &mut dyn FnMut(Event),
+) -> Result<JobOutput> {
+    if prompt.trim().is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    if slots.is_empty() {
+        return Err(Error::invalid(
+            "model slot",
+            "no model slot to generate with",
+        ));
+    }
+    let mut runs = Vec::with_capacity(slots.len());
+    for &slot in slots {
+        let loaded = ctx.model(slot)?;
+        let (rendered, ids) = render_prompt(loaded, prompt, chat)?;
+        let generator = Generator::new(&loaded.model, &loaded.tokenizer, &ids, cfg, &mut NoHook)?;
+        runs.push((slot, rendered, generator));
+    }
+    let total = (cfg.max_new_tokens * runs.len()).max(1);
+    let mut produced = 0usize;
+    loop {
+        let mut progressed = false;
+        for (slot, _, generator) in &mut runs {
+            if ctx.cancel.load(Ordering::Relaxed) {
+                generator.cancel();
+                continue;
             }
-            let (rendered, ids) = render_prompt(loaded, &prompt, chat)?;
-            let generation = generate(
-                &loaded.model,
-                &loaded.tokenizer,
-                &ids,
-                &cfg,
-                &mut NoHook,
-                &mut |token| {
-                    emit(Event::Token {
-                        job_id,
-                        slot,
-                        token: token.clone(),
-                    });
-                    if cancel.load(Ordering::Relaxed) {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                },
-            )?;
-            Ok(JobOutput::Generated(GenerateOutput::new(
-                prompt, chat, rendered, generation,
-            )))
+            if let Some(token) = generator.step(&mut NoHook)? {
+                progressed = true;
+                produced += 1;
+                emit(Event::Token {
+                    job_id,
+                    slot: *slot,
+                    token,
+                });
+            }
+        }
+        emit(Event::Progress {
+            job_id,
+            frac: (produced as f32 / total as f32).min(1.0),
+            message: format!("generating ({produced} tokens)"),
+        });
+        if !progressed {
+            break;
         }
     }
+    let mut outputs = Vec::with_capacity(runs.len());
+    for (slot, rendered, generator) in runs {
+        outputs.push(GenerateOutput::new(
+            slot,
+            prompt.to_owned(),
+            chat,
+            rendered,
+            generator.finish()?,
+        ));
+    }
+    Ok(JobOutput::Generated(outputs))
 }
 
 /// The text fed to the model and its ids: the chat template applied (special tokens parsed, no
