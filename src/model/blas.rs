@@ -52,6 +52,54 @@ mod ffi {
         );
     }
 
+    /// `out (m×n) = alpha · a (m×k) · b`, with `b` stored `(k×n)` or, when `transpose_b`, `(n×k)`;
+    /// all row-major and contiguous.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm(
+        a: &[f32],
+        b: &[f32],
+        out: &mut [f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        transpose_b: bool,
+        alpha: f32,
+    ) -> candle_core::Result<()> {
+        if a.len() != m * k || b.len() != n * k || out.len() != m * n {
+            candle_core::bail!("blas: buffer sizes do not match {m}x{k} · {k}x{n}");
+        }
+        let (Ok(mi), Ok(ni), Ok(ki)) = (i32::try_from(m), i32::try_from(n), i32::try_from(k))
+        else {
+            candle_core::bail!("blas: dimensions exceed i32");
+        };
+        let (trans, ldb) = if transpose_b {
+            (TRANS, ki)
+        } else {
+            (NO_TRANS, ni)
+        };
+        // SAFETY: the slices hold exactly m×k, k×n and m×n elements (checked above), row-major
+        // with the leading dimensions passed, and `out` aliases neither input.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                NO_TRANS,
+                trans,
+                mi,
+                ni,
+                ki,
+                alpha,
+                a.as_ptr(),
+                ki,
+                b.as_ptr(),
+                ldb,
+                0.0,
+                out.as_mut_ptr(),
+                ni,
+            );
+        }
+        Ok(())
+    }
+
     /// `out (m×n) = x (m×k) · w (n×k)^T`, all row-major and contiguous.
     pub fn sgemm_xwt(
         x: &[f32],
@@ -114,6 +162,20 @@ mod ffi {
 
 #[cfg(not(feature = "openblas"))]
 mod ffi {
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm(
+        _a: &[f32],
+        _b: &[f32],
+        _out: &mut [f32],
+        _m: usize,
+        _n: usize,
+        _k: usize,
+        _t: bool,
+        _alpha: f32,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("blas: built without the openblas feature")
+    }
+
     pub fn sgemm_xwt(
         _x: &[f32],
         _w: &[f32],
@@ -195,6 +257,86 @@ impl CustomOp2 for BlasLinear {
     }
 }
 
+/// `alpha · a · b` (or `alpha · a · bᵀ` with `transpose_b`) over matching leading (batch) dims:
+/// `a` is `(.., m, k)`, `b` is `(.., k, n)` or `(.., n, k)`. For inference only (no backward).
+/// Returns `None` when BLAS does not apply (not CPU f32, or built without the feature).
+pub fn batched_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    transpose_b: bool,
+    alpha: f32,
+) -> Result<Option<Tensor>> {
+    if !BLAS_ENABLED || !a.device().is_cpu() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let a = a.contiguous()?;
+    let b = b.contiguous()?;
+    Ok(Some(a.apply_op2_no_bwd(
+        &b,
+        &BatchedMatmul { transpose_b, alpha },
+    )?))
+}
+
+struct BatchedMatmul {
+    transpose_b: bool,
+    alpha: f32,
+}
+
+impl CustomOp2 for BatchedMatmul {
+    fn name(&self) -> &'static str {
+        "blas-batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (Some((a_start, a_end)), Some((b_start, b_end))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("blas-batched-matmul: inputs must be contiguous")
+        };
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("blas-batched-matmul: f32 only")
+        };
+        let (a_dims, b_dims) = (l1.shape().dims(), l2.shape().dims());
+        let rank = a_dims.len();
+        if rank < 2 || b_dims.len() != rank || a_dims[..rank - 2] != b_dims[..rank - 2] {
+            candle_core::bail!("blas-batched-matmul: shapes {a_dims:?} and {b_dims:?} do not batch")
+        }
+        let (m, k) = (a_dims[rank - 2], a_dims[rank - 1]);
+        let (k_b, n) = if self.transpose_b {
+            (b_dims[rank - 1], b_dims[rank - 2])
+        } else {
+            (b_dims[rank - 2], b_dims[rank - 1])
+        };
+        if k != k_b {
+            candle_core::bail!("blas-batched-matmul: inner dimensions {k} and {k_b} differ")
+        }
+        let batch: usize = a_dims[..rank - 2].iter().product();
+        let (a, b) = (&a[a_start..a_end], &b[b_start..b_end]);
+        let mut out = vec![0f32; batch * m * n];
+        for i in 0..batch {
+            ffi::sgemm(
+                &a[i * m * k..(i + 1) * m * k],
+                &b[i * k * n..(i + 1) * k * n],
+                &mut out[i * m * n..(i + 1) * m * n],
+                m,
+                n,
+                k,
+                self.transpose_b,
+                self.alpha,
+            )?;
+        }
+        let mut dims = a_dims[..rank - 2].to_vec();
+        dims.extend([m, n]);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
@@ -236,6 +378,32 @@ mod tests {
             }
         }
         assert!(g_blas.get(&w).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn batched_matmul_matches_candle() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 24.0, &dev)?
+            .reshape((2, 3, 4))?
+            .affine(0.1, -1.0)?;
+        let b = Tensor::arange(0f32, 40.0, &dev)?
+            .reshape((2, 5, 4))?
+            .affine(0.05, 0.3)?;
+        let Some(ours) = batched_matmul(&a, &b, true, 0.5)? else {
+            return Ok(());
+        };
+        let reference = (a.matmul(&b.t()?)? * 0.5)?;
+        assert!((ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+        let bt = b.t()?.contiguous()?; // (2, 4, 5)
+        let ours = batched_matmul(&a, &bt, false, 1.0)?.unwrap();
+        assert!(
+            (ours - a.matmul(&bt)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                < 1e-5
+        );
         Ok(())
     }
 }

@@ -6,6 +6,7 @@ pub mod blas;
 pub mod chat;
 pub mod config;
 pub mod device;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod hooks;

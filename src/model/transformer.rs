@@ -12,7 +12,9 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::model::blas::batched_matmul;
 use crate::model::config::{rope_inv_freq, ModelConfig};
+use crate::model::fused::{causal_softmax, silu_mul};
 use crate::model::hooks::{Hook, HookPoint, NoHook};
 use crate::model::lora::{Linear, LinearMode};
 
@@ -175,6 +177,10 @@ struct PassCtx {
     sin: Tensor,
     /// Additive mask `(T, T_kv)`, or `None` for a single query token.
     mask: Option<Tensor>,
+    /// Absolute position of the first query token (tokens already in the KV cache).
+    offset: usize,
+    /// Sliding attention window, if any.
+    window: Option<usize>,
 }
 
 impl Transformer {
@@ -319,6 +325,8 @@ impl Transformer {
             cos: freqs.cos()?.to_dtype(dtype)?.contiguous()?,
             sin: freqs.sin()?.to_dtype(dtype)?.contiguous()?,
             mask: self.mask(seq_len, offset)?,
+            offset,
+            window: self.cfg.sliding_window,
         })
     }
 
@@ -408,9 +416,17 @@ impl DecoderLayer {
 
 impl Mlp {
     fn forward(&self, xs: &Tensor, mode: LinearMode) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(xs, mode)?.silu()?;
+        let gate = self.gate_proj.forward(xs, mode)?;
         let up = self.up_proj.forward(xs, mode)?;
-        self.down_proj.forward(&(gate * up)?, mode)
+        let fused = (!mode.differentiable)
+            .then(|| silu_mul(&gate, &up))
+            .transpose()?
+            .flatten();
+        let hidden = match fused {
+            Some(hidden) => hidden,
+            None => (gate.silu()? * up)?,
+        };
+        self.down_proj.forward(&hidden, mode)
     }
 }
 
@@ -477,23 +493,48 @@ impl Attention {
         // (b_sz, n_kv, n_rep * seq_len, head_dim)
         let q = q.reshape((b_sz, n_kv, n_rep * seq_len, head_dim))?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let fast = !pass.mode.differentiable;
+        // Inference: BLAS products (scale folded in) and a fused causal softmax. Differentiable
+        // passes, and devices or dtypes the kernels do not cover, use candle's ops.
+        let scores = match fast
+            .then(|| batched_matmul(&q, &k, true, scale as f32))
+            .transpose()?
+            .flatten()
+        {
+            Some(scores) => scores,
+            None => (q.matmul(&k.t()?)? * scale)?,
+        };
         // (b_sz, n_heads, seq_len, kv_len)
         let scores = scores.reshape((b_sz, n_heads, seq_len, kv_len))?;
-        let scores = match &pass.mask {
-            None => scores,
-            Some(mask) => scores.broadcast_add(mask)?,
-        };
-        let probs = if pass.mode.differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+        let fused = fast
+            .then(|| causal_softmax(&scores, pass.offset, pass.window))
+            .transpose()?
+            .flatten();
+        let probs = if let Some(probs) = fused {
+            probs
         } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            let scores = match &pass.mask {
+                None => scores,
+                Some(mask) => scores.broadcast_add(mask)?,
+            };
+            if fast {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            } else {
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            }
         };
         let probs = replace_if(hook, HookPoint::AttnPattern(layer_idx), probs)?;
+        // (b_sz, n_kv, n_rep * seq_len, kv_len)
+        let probs = probs.reshape((b_sz, n_kv, n_rep * seq_len, kv_len))?;
         // (b_sz, n_kv, n_rep * seq_len, head_dim)
-        let z = probs
-            .reshape((b_sz, n_kv, n_rep * seq_len, kv_len))?
-            .matmul(&v)?;
+        let z = match fast
+            .then(|| batched_matmul(&probs, &v, false, 1.0))
+            .transpose()?
+            .flatten()
+        {
+            Some(z) => z,
+            None => probs.matmul(&v)?,
+        };
         // (b_sz, seq_len, n_heads, head_dim)
         let z = z
             .reshape((b_sz, n_heads, seq_len, head_dim))?
