@@ -1,11 +1,13 @@
 //! tunelens: compare a base and an instruction-tuned language model.
 //!
-//! Layers (dependencies point one way): `cli` → `worker` → `analysis` → `model`.
+//! Layers (dependencies point one way): `ui`, `cli` → `worker` → `model`.
 //! `model` knows nothing of the UI, channels or the CLI.
 
 pub mod cli;
 pub mod error;
 pub mod model;
+pub mod samples;
+pub mod ui;
 pub mod worker;
 
 pub use error::{Error, Result};

@@ -1,4 +1,4 @@
-//! The `tunelens` binary: a subcommand runs headless; no subcommand will open the GUI.
+//! The `tunelens` binary: a subcommand runs headless; no subcommand opens the desktop app.
 
 use std::process::ExitCode;
 
@@ -11,8 +11,13 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let Some(command) = &cli.command else {
-        eprintln!("error: the desktop app is not part of this build yet; use a subcommand (tunelens --help)");
-        return ExitCode::from(2);
+        return match tunelens::ui::run_native(cli.model.clone(), cli.model_b.clone()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::from(2)
+            }
+        };
     };
     match cli::run(&cli, command) {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,4 +8,5 @@ mod cli;
 mod common;
 mod demo_model;
 mod model_core;
+mod ui;
 mod worker;

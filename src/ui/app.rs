@@ -1,0 +1,513 @@
+//! The eframe application: owns the persisted [`AppState`], the worker handle and what the
+//! worker reported. `logic` ingests events and input; `ui` only draws; panels push [`Action`]s
+//! that become jobs after the frame. Never touches a tensor.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+
+use crate::model::generate::StopReason;
+use crate::model::{ModelInfo, ModelSpec};
+use crate::samples::{self, SampleSet};
+use crate::ui::dialogs::{DialogKind, Dialogs};
+use crate::ui::panels;
+use crate::ui::state::{AppState, View};
+use crate::ui::theme;
+use crate::ui::widgets::status;
+use crate::worker::{self, Event, Job, JobId, JobOutput, Slot, WorkerHandle};
+
+/// What the user asked for this frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Load a model folder or `.gguf` file into a slot.
+    Open {
+        /// Target slot.
+        slot: Slot,
+        /// The path.
+        path: PathBuf,
+    },
+    /// Load a recent spec (`PATH` or `BASE+ADAPTER`) into a slot.
+    OpenSpec {
+        /// Target slot.
+        slot: Slot,
+        /// The spec.
+        spec: String,
+    },
+    /// Apply a PEFT adapter folder on top of the slot's base model.
+    AddAdapter {
+        /// Target slot.
+        slot: Slot,
+        /// Adapter folder.
+        path: PathBuf,
+    },
+    /// Show a native file dialog.
+    Dialog {
+        /// Target slot.
+        slot: Slot,
+        /// What to pick.
+        kind: DialogKind,
+    },
+    /// Empty a slot.
+    Unload(Slot),
+    /// Exchange slots A and B.
+    Swap,
+    /// Generate with every loaded model.
+    Generate,
+    /// Cancel the running job.
+    Stop,
+    /// Switch view.
+    Show(View),
+    /// Hide the last error.
+    DismissError,
+}
+
+/// What a slot shows.
+#[derive(Clone, Debug, Default)]
+pub struct SlotView {
+    /// The loaded model, if any.
+    pub info: Option<ModelInfo>,
+    /// A load into this slot is queued or running.
+    pub loading: bool,
+}
+
+/// One model's response in the Prompt view.
+#[derive(Clone, Debug, Default)]
+pub struct ResponseView {
+    /// Text so far.
+    pub text: String,
+    /// Tokens so far.
+    pub tokens: usize,
+    /// Set when the generation ended.
+    pub stop_reason: Option<StopReason>,
+    /// Decode speed of the finished generation.
+    pub tokens_per_sec: Option<f64>,
+    /// Prompt tokens fed to the model.
+    pub prompt_tokens: usize,
+}
+
+/// A submitted job, as the status area describes it.
+#[derive(Clone, Debug)]
+pub struct PendingJob {
+    /// Shown in the status area ("Loading model.gguf into slot A").
+    pub label: String,
+    /// When it was submitted.
+    pub submitted: Instant,
+    /// Last reported progress, 0..=1.
+    pub frac: Option<f32>,
+    /// Last progress message.
+    pub message: String,
+    /// The slot a load job fills, to clear its loading flag on failure.
+    pub loading_slot: Option<Slot>,
+}
+
+/// The application.
+pub struct TunelensApp {
+    /// Persisted state.
+    pub state: AppState,
+    /// Slots A and B.
+    pub slots: [SlotView; 2],
+    /// Responses of A and B.
+    pub responses: [ResponseView; 2],
+    /// Jobs submitted and not yet ended, in submission order.
+    pub pending: BTreeMap<JobId, PendingJob>,
+    /// The last error, in plain words.
+    pub last_error: Option<String>,
+    /// Built-in sample prompts.
+    pub samples: Vec<SampleSet>,
+    worker: WorkerHandle,
+    dialogs: Dialogs,
+    actions: Vec<Action>,
+    ctx: egui::Context,
+}
+
+/// Index of a slot in the per-slot arrays.
+pub fn slot_index(slot: Slot) -> usize {
+    match slot {
+        Slot::A => 0,
+        Slot::B => 1,
+    }
+}
+
+impl TunelensApp {
+    /// Creates the app, restoring persisted state, and queues the preloads.
+    pub fn new(
+        cc: &eframe::CreationContext<'_>,
+        preload_a: Option<String>,
+        preload_b: Option<String>,
+    ) -> std::io::Result<Self> {
+        theme::apply(&cc.egui_ctx);
+        let state: AppState = cc
+            .storage
+            .and_then(|storage| eframe::get_value(storage, eframe::APP_KEY))
+            .unwrap_or_default();
+        let ctx = cc.egui_ctx.clone();
+        let worker = worker::spawn({
+            let ctx = ctx.clone();
+            move || ctx.request_repaint()
+        })?;
+        let mut app = Self {
+            state,
+            slots: Default::default(),
+            responses: Default::default(),
+            pending: BTreeMap::new(),
+            last_error: None,
+            samples: samples::builtin(),
+            worker,
+            dialogs: Dialogs::default(),
+            actions: Vec::new(),
+            ctx,
+        };
+        for (slot, spec) in [(Slot::A, preload_a), (Slot::B, preload_b)] {
+            if let Some(spec) = spec {
+                app.actions.push(Action::OpenSpec { slot, spec });
+            }
+        }
+        app.apply_actions();
+        Ok(app)
+    }
+
+    /// Loads a model from `path` into `slot`: the code path of the file dialog, drag and drop
+    /// and the recent list.
+    pub fn open_path(&mut self, slot: Slot, path: &Path) {
+        self.actions.push(Action::Open {
+            slot,
+            path: path.to_path_buf(),
+        });
+        self.apply_actions();
+    }
+
+    /// Queues an action as a panel would (tests use this for dialogs they cannot click).
+    pub fn push_action(&mut self, action: Action) {
+        self.actions.push(action);
+        self.apply_actions();
+    }
+
+    /// Whether a generation is running.
+    pub fn is_generating(&self) -> bool {
+        self.pending
+            .values()
+            .any(|p| p.label.starts_with("Generating"))
+    }
+
+    fn submit(&mut self, job: Job, label: String, loading_slot: Option<Slot>) {
+        match self.worker.submit(job) {
+            Ok(job_id) => {
+                self.pending.insert(
+                    job_id,
+                    PendingJob {
+                        label,
+                        submitted: Instant::now(),
+                        frac: None,
+                        message: String::new(),
+                        loading_slot,
+                    },
+                );
+                if let Some(slot) = loading_slot {
+                    self.slots[slot_index(slot)].loading = true;
+                }
+            }
+            Err(worker::Busy) => {
+                self.last_error = Some(
+                    "Busy: too many jobs are queued; wait for the current one to finish".to_owned(),
+                );
+            }
+        }
+    }
+
+    fn load(&mut self, slot: Slot, spec: ModelSpec) {
+        let name = spec_name(&spec);
+        let job = Job::LoadModel {
+            slot,
+            spec,
+            device: self.state.device,
+            dtype: "f32".to_owned(),
+        };
+        self.submit(
+            job,
+            format!("Loading {name} into slot {slot:?}"),
+            Some(slot),
+        );
+    }
+
+    fn apply_actions(&mut self) {
+        for action in std::mem::take(&mut self.actions) {
+            match action {
+                Action::Open { slot, path } => self.load(
+                    slot,
+                    ModelSpec {
+                        base: path,
+                        adapter: None,
+                    },
+                ),
+                Action::OpenSpec { slot, spec } => self.load(slot, ModelSpec::parse(&spec)),
+                Action::AddAdapter { slot, path } => {
+                    let Some(info) = &self.slots[slot_index(slot)].info else {
+                        self.last_error = Some(format!(
+                            "Load a base model into slot {slot:?} before adding an adapter"
+                        ));
+                        continue;
+                    };
+                    let base = ModelSpec::parse(&info.source).base;
+                    self.load(
+                        slot,
+                        ModelSpec {
+                            base,
+                            adapter: Some(path),
+                        },
+                    );
+                }
+                Action::Dialog { slot, kind } => {
+                    let ctx = self.ctx.clone();
+                    if let Err(err) = self.dialogs.open(slot, kind, move || ctx.request_repaint()) {
+                        self.last_error = Some(format!("Cannot open a file dialog: {err}"));
+                    }
+                }
+                Action::Unload(slot) => self.submit(
+                    Job::Unload { slot },
+                    format!("Unloading slot {slot:?}"),
+                    None,
+                ),
+                Action::Swap => {
+                    self.submit(Job::SwapSlots, "Swapping slots A and B".to_owned(), None)
+                }
+                Action::Generate => self.generate(),
+                Action::Stop => self.worker.cancel(),
+                Action::Show(view) => self.state.view = view,
+                Action::DismissError => self.last_error = None,
+            }
+        }
+    }
+
+    fn generate(&mut self) {
+        let slots: Vec<Slot> = [Slot::A, Slot::B]
+            .into_iter()
+            .filter(|&s| self.slots[slot_index(s)].info.is_some())
+            .collect();
+        if slots.is_empty() {
+            self.last_error = Some("Load a model into slot A or B first".to_owned());
+            return;
+        }
+        if self.state.prompt.trim().is_empty() {
+            self.last_error = Some("The prompt is empty".to_owned());
+            return;
+        }
+        if self.is_generating() {
+            return;
+        }
+        for &slot in &slots {
+            self.responses[slot_index(slot)] = ResponseView::default();
+        }
+        let job = Job::Generate {
+            slots,
+            prompt: self.state.prompt.clone(),
+            chat: self.state.chat,
+            cfg: self.state.gen.to_config(),
+        };
+        self.submit(job, "Generating".to_owned(), None);
+    }
+
+    fn ingest(&mut self, event: Event) {
+        match event {
+            Event::Progress {
+                job_id,
+                frac,
+                message,
+            } => {
+                if let Some(p) = self.pending.get_mut(&job_id) {
+                    p.frac = Some(frac);
+                    p.message = message;
+                }
+            }
+            Event::Token { slot, token, .. } => {
+                let response = &mut self.responses[slot_index(slot)];
+                response.text.push_str(&token.text_delta);
+                response.tokens = token.index + 1;
+            }
+            Event::Finished { job_id, output } => {
+                self.pending.remove(&job_id);
+                self.finished(output);
+            }
+            Event::Failed { job_id, error } => {
+                let label = self.pending.remove(&job_id).map_or_else(String::new, |p| {
+                    if let Some(slot) = p.loading_slot {
+                        self.slots[slot_index(slot)].loading = false;
+                    }
+                    p.label
+                });
+                log::warn!("{label} failed: {error}");
+                self.last_error = Some(if label.is_empty() {
+                    error
+                } else {
+                    format!("{label} failed: {error}")
+                });
+            }
+        }
+    }
+
+    fn finished(&mut self, output: JobOutput) {
+        match output {
+            JobOutput::Loaded { slot, info } => {
+                self.state.remember(&info.source);
+                let view = &mut self.slots[slot_index(slot)];
+                view.info = Some(*info);
+                view.loading = false;
+            }
+            JobOutput::Unloaded { slot } => self.slots[slot_index(slot)] = SlotView::default(),
+            JobOutput::Swapped { a, b } => {
+                self.slots[0].info = a.map(|i| *i);
+                self.slots[1].info = b.map(|i| *i);
+                self.responses.swap(0, 1);
+            }
+            JobOutput::Generated(outputs) => {
+                for out in outputs {
+                    let response = &mut self.responses[slot_index(out.slot)];
+                    response.text = out.new_text;
+                    response.tokens = out.new_ids.len();
+                    response.stop_reason = Some(out.stop_reason);
+                    response.prompt_tokens = out.prompt_ids.len();
+                    response.tokens_per_sec = (out.decode_secs > 0.0)
+                        .then(|| out.new_ids.len().saturating_sub(1) as f64 / out.decode_secs);
+                }
+            }
+            JobOutput::Tokens(_) | JobOutput::Forward(_) => {}
+        }
+    }
+
+    fn handle_input(&mut self, ctx: &egui::Context) {
+        let (open, generate, stop, dropped) = ctx.input(|i| {
+            (
+                i.modifiers.command && i.key_pressed(egui::Key::O),
+                i.modifiers.command && i.key_pressed(egui::Key::Enter),
+                i.key_pressed(egui::Key::Escape),
+                i.raw
+                    .dropped_files
+                    .iter()
+                    .map(|f| f.path().to_path_buf())
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .collect::<Vec<_>>(),
+            )
+        });
+        if open {
+            let slot = self.first_free_slot();
+            self.actions.push(Action::Dialog {
+                slot,
+                kind: DialogKind::GgufFile,
+            });
+        }
+        if generate {
+            self.actions.push(Action::Generate);
+        }
+        if stop {
+            self.actions.push(Action::Stop);
+        }
+        for path in dropped {
+            self.dropped(path);
+        }
+    }
+
+    /// A dropped folder or file: an adapter goes onto slot B if loaded (else A); a model fills the
+    /// first empty slot (B when both are full).
+    fn dropped(&mut self, path: PathBuf) {
+        if path.join("adapter_config.json").exists() {
+            let slot = if self.slots[1].info.is_some() {
+                Slot::B
+            } else {
+                Slot::A
+            };
+            self.actions.push(Action::AddAdapter { slot, path });
+        } else {
+            let slot = self.first_free_slot();
+            self.actions.push(Action::Open { slot, path });
+        }
+    }
+
+    fn first_free_slot(&self) -> Slot {
+        if self.slots[0].info.is_none() && !self.slots[0].loading {
+            Slot::A
+        } else {
+            Slot::B
+        }
+    }
+}
+
+/// A short name for a spec: the file or folder name (with the adapter's).
+pub fn spec_name(spec: &ModelSpec) -> String {
+    let name = |p: &Path| {
+        p.file_name().map_or_else(
+            || p.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    };
+    match &spec.adapter {
+        None => name(&spec.base),
+        Some(adapter) => format!("{} + {}", name(&spec.base), name(adapter)),
+    }
+}
+
+impl eframe::App for TunelensApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        let events: Vec<Event> = self.worker.events().collect();
+        for event in events {
+            self.ingest(event);
+        }
+        while let Ok((slot, kind, picked)) = self.dialogs.rx.try_recv() {
+            if let Some(path) = picked {
+                self.actions.push(match kind {
+                    DialogKind::AdapterFolder => Action::AddAdapter { slot, path },
+                    DialogKind::ModelFolder | DialogKind::GgufFile => Action::Open { slot, path },
+                });
+            }
+        }
+        self.handle_input(ctx);
+        self.apply_actions();
+        if !self.pending.is_empty() {
+            // Keep frames coming while work runs (elapsed time, progress); events also wake us.
+            ctx.request_repaint_after(Duration::from_millis(100));
+        }
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let mut actions = Vec::new();
+        egui::Panel::bottom("status").show(ui, |ui| {
+            status::status_ui(ui, &self.pending, self.last_error.as_deref(), &mut actions);
+        });
+        egui::Panel::left("nav")
+            .exact_size(theme::NAV_WIDTH)
+            .show(ui, |ui| {
+                ui.add_space(theme::SECTION_GAP);
+                ui.heading("tunelens");
+                ui.add_space(theme::SECTION_GAP);
+                for view in View::ALL {
+                    if ui
+                        .selectable_label(self.state.view == view, view.label())
+                        .clicked()
+                    {
+                        actions.push(Action::Show(view));
+                    }
+                }
+            });
+        let generating = self.is_generating();
+        egui::CentralPanel::default_margins().show(ui, |ui| match self.state.view {
+            View::Models => {
+                panels::models::models_ui(ui, &self.slots, &self.state.recent, &mut actions)
+            }
+            View::Prompt => panels::prompt::prompt_ui(
+                ui,
+                &mut self.state,
+                &self.samples,
+                &self.slots,
+                &self.responses,
+                generating,
+                &mut actions,
+            ),
+        });
+        self.actions.extend(actions);
+        self.apply_actions();
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, eframe::APP_KEY, &self.state);
+    }
+}

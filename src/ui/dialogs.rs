@@ -1,0 +1,69 @@
+//! Native file dialogs (rfd), run on a named thread so the UI never blocks; the chosen path comes
+//! back over a channel and goes through the same code as a typed or dropped path.
+
+use std::path::PathBuf;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::worker::Slot;
+
+/// What a dialog picks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DialogKind {
+    /// A Hugging Face model folder.
+    ModelFolder,
+    /// A `.gguf` file.
+    GgufFile,
+    /// A PEFT adapter folder.
+    AdapterFolder,
+}
+
+/// A finished dialog: the slot it was for, what it picked, and the path (None if cancelled).
+pub type DialogResult = (Slot, DialogKind, Option<PathBuf>);
+
+/// Opens dialogs off the UI thread.
+pub struct Dialogs {
+    tx: Sender<DialogResult>,
+    /// Finished dialogs.
+    pub rx: Receiver<DialogResult>,
+}
+
+impl Default for Dialogs {
+    fn default() -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Self { tx, rx }
+    }
+}
+
+impl Dialogs {
+    /// Shows a dialog; `wake` is called when it closes (to repaint the UI).
+    pub fn open(
+        &self,
+        slot: Slot,
+        kind: DialogKind,
+        wake: impl Fn() + Send + 'static,
+    ) -> std::io::Result<()> {
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("file_dialog".to_owned())
+            .spawn(move || {
+                let dialog = rfd::FileDialog::new();
+                let picked = match kind {
+                    DialogKind::ModelFolder => dialog
+                        .set_title("Open a Hugging Face model folder")
+                        .pick_folder(),
+                    DialogKind::AdapterFolder => dialog
+                        .set_title("Open a PEFT LoRA adapter folder")
+                        .pick_folder(),
+                    DialogKind::GgufFile => dialog
+                        .set_title("Open a GGUF model")
+                        .add_filter("GGUF", &["gguf"])
+                        .pick_file(),
+                };
+                // The UI may have closed; nothing to do then.
+                let _ = tx.send((slot, kind, picked));
+                wake();
+            })?;
+        Ok(())
+    }
+}

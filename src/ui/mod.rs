@@ -1,0 +1,29 @@
+//! The desktop app (eframe/egui). Sees plain data only (`ModelInfo`, job outputs); never a
+//! tensor. Model work runs on the worker thread.
+
+pub mod app;
+pub mod dialogs;
+pub mod panels;
+pub mod state;
+pub mod theme;
+pub mod widgets;
+
+pub use app::TunelensApp;
+
+/// Opens the main window; `model` / `model_b` are loaded into slots A and B at start.
+pub fn run_native(model: Option<String>, model_b: Option<String>) -> anyhow::Result<()> {
+    let options = eframe::NativeOptions {
+        viewport: eframe::egui::ViewportBuilder::default()
+            .with_title("tunelens")
+            .with_inner_size([1280.0, 820.0])
+            .with_min_inner_size([720.0, 480.0])
+            .with_drag_and_drop(true),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "tunelens",
+        options,
+        Box::new(move |cc| Ok(Box::new(TunelensApp::new(cc, model, model_b)?))),
+    )
+    .map_err(|err| anyhow::anyhow!("cannot open the window: {err}"))
+}

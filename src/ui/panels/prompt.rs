@@ -1,0 +1,169 @@
+//! Prompt view: the prompt editor with the sample picker, chat-template toggle and generation
+//! settings; Generate / Stop; A's and B's responses streaming side by side.
+
+use std::fmt::Write as _;
+
+use eframe::egui;
+
+use crate::model::generate::StopReason;
+use crate::samples::SampleSet;
+use crate::ui::app::{slot_index, Action, ResponseView, SlotView};
+use crate::ui::state::AppState;
+use crate::ui::theme;
+use crate::worker::Slot;
+
+/// Draws the Prompt view.
+#[allow(clippy::too_many_arguments)]
+pub fn prompt_ui(
+    ui: &mut egui::Ui,
+    state: &mut AppState,
+    samples: &[SampleSet],
+    slots: &[SlotView; 2],
+    responses: &[ResponseView; 2],
+    generating: bool,
+    actions: &mut Vec<Action>,
+) {
+    ui.heading("Prompt");
+    ui.horizontal(|ui| {
+        ui.label("Examples");
+        for set in samples {
+            egui::ComboBox::from_id_salt(("samples", set.name))
+                .selected_text(set.name.replace('_', " "))
+                .width(110.0)
+                .show_ui(ui, |ui| {
+                    for prompt in &set.prompts {
+                        let first_line = prompt.lines().next().unwrap_or_default();
+                        let short: String = first_line.chars().take(70).collect();
+                        if ui
+                            .selectable_label(false, short)
+                            .on_hover_text(prompt)
+                            .clicked()
+                        {
+                            state.prompt.clone_from(prompt);
+                        }
+                    }
+                })
+                .response
+                .on_hover_text(&set.description);
+        }
+    });
+    let label = ui.label("Prompt");
+    ui.add(
+        egui::TextEdit::multiline(&mut state.prompt)
+            .desired_rows(4)
+            .desired_width(f32::INFINITY)
+            .hint_text("Type an instruction, or pick one from Examples"),
+    )
+    .labelled_by(label.id);
+    ui.horizontal_wrapped(|ui| {
+        ui.checkbox(&mut state.chat, "Chat template")
+            .on_hover_text("Wrap the prompt in each model's own chat template");
+        ui.separator();
+        let label = ui.label("Max new tokens");
+        ui.add(egui::DragValue::new(&mut state.gen.max_new_tokens).range(1..=4096))
+            .labelled_by(label.id);
+        ui.separator();
+        ui.radio_value(&mut state.gen.sample, false, "Greedy");
+        ui.radio_value(&mut state.gen.sample, true, "Sample");
+        ui.add_enabled_ui(state.gen.sample, |ui| {
+            let label = ui.label("Temperature");
+            ui.add(
+                egui::DragValue::new(&mut state.gen.temperature)
+                    .range(0.05..=5.0)
+                    .speed(0.01),
+            )
+            .labelled_by(label.id);
+            let label = ui.label("Top-p");
+            ui.add(
+                egui::DragValue::new(&mut state.gen.top_p)
+                    .range(0.01..=1.0)
+                    .speed(0.01),
+            )
+            .labelled_by(label.id);
+            let label = ui.label("Seed");
+            ui.add(egui::DragValue::new(&mut state.gen.seed))
+                .labelled_by(label.id);
+        });
+    });
+    ui.horizontal(|ui| {
+        let any_loaded = slots.iter().any(|s| s.info.is_some());
+        if ui
+            .add_enabled(any_loaded && !generating, egui::Button::new("Generate"))
+            .on_hover_text("Generate with every loaded model (Ctrl+Enter)")
+            .on_disabled_hover_text("Load a model first, or wait for the running generation")
+            .clicked()
+        {
+            actions.push(Action::Generate);
+        }
+        if ui
+            .add_enabled(generating, egui::Button::new("Stop"))
+            .on_hover_text("Stop generating (Esc)")
+            .clicked()
+        {
+            actions.push(Action::Stop);
+        }
+    });
+    ui.add_space(theme::SECTION_GAP);
+    ui.columns(2, |columns| {
+        for (column, slot) in columns.iter_mut().zip([Slot::A, Slot::B]) {
+            response_ui(
+                column,
+                slot,
+                &slots[slot_index(slot)],
+                &responses[slot_index(slot)],
+                generating,
+            );
+        }
+    });
+}
+
+fn response_ui(
+    ui: &mut egui::Ui,
+    slot: Slot,
+    view: &SlotView,
+    response: &ResponseView,
+    generating: bool,
+) {
+    egui::Frame::group(ui.style()).show(ui, |ui| {
+        ui.set_min_width(ui.available_width());
+        let name = view.info.as_ref().map_or("empty", |i| {
+            i.source.rsplit('/').next().unwrap_or(&i.source)
+        });
+        ui.label(
+            egui::RichText::new(format!("{slot:?} · {name}"))
+                .strong()
+                .color(theme::slot_color(slot)),
+        );
+        egui::ScrollArea::vertical()
+            .id_salt(("response", slot_index(slot)))
+            .max_height(ui.available_height().max(120.0) - 30.0)
+            .stick_to_bottom(true)
+            .show(ui, |ui| {
+                if response.text.is_empty() && view.info.is_some() {
+                    let hint = if generating {
+                        "…"
+                    } else {
+                        "The response appears here"
+                    };
+                    ui.label(egui::RichText::new(hint).color(theme::MUTED));
+                } else {
+                    ui.label(&response.text);
+                }
+            });
+        let mut footer = format!("{} tokens", response.tokens);
+        if let Some(reason) = response.stop_reason {
+            let reason = match reason {
+                StopReason::Eos => "end of sequence",
+                StopReason::StopString => "stop string",
+                StopReason::MaxTokens => "max tokens",
+                StopReason::ContextFull => "context full",
+                StopReason::Cancelled => "stopped",
+            };
+            let _ = write!(footer, " · {reason}");
+        }
+        if let Some(tps) = response.tokens_per_sec {
+            let _ = write!(footer, " · {tps:.1} tokens/s");
+        }
+        ui.label(egui::RichText::new(footer).color(theme::MUTED));
+    });
+}

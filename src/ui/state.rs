@@ -1,0 +1,152 @@
+//! What the app remembers between runs (eframe persistence): recent models, the prompt, the
+//! generation settings, the selected view.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::generate::{GenerateConfig, Sampling};
+use crate::model::DeviceChoice;
+
+/// Most recent model paths kept.
+pub const MAX_RECENT: usize = 10;
+
+/// The views of the navigation column; views not built yet are absent, not placeholders.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum View {
+    /// Slots A and B.
+    #[default]
+    Models,
+    /// Prompt editor and side-by-side responses.
+    Prompt,
+}
+
+impl View {
+    /// Every view, in navigation order.
+    pub const ALL: [View; 2] = [View::Models, View::Prompt];
+
+    /// The label shown in the navigation.
+    pub fn label(self) -> &'static str {
+        match self {
+            View::Models => "Models",
+            View::Prompt => "Prompt",
+        }
+    }
+}
+
+/// Generation settings as the form edits them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenSettings {
+    /// Upper bound on new tokens.
+    pub max_new_tokens: usize,
+    /// Sample instead of greedy decoding.
+    pub sample: bool,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Nucleus threshold.
+    pub top_p: f64,
+    /// Sampling seed.
+    pub seed: u64,
+}
+
+impl Default for GenSettings {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            sample: false,
+            temperature: 0.7,
+            top_p: 0.9,
+            seed: 0,
+        }
+    }
+}
+
+impl GenSettings {
+    /// The generation config these settings describe.
+    pub fn to_config(&self) -> GenerateConfig {
+        GenerateConfig {
+            max_new_tokens: self.max_new_tokens,
+            sampling: if self.sample {
+                Sampling::Sample {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    seed: self.seed,
+                }
+            } else {
+                Sampling::Greedy
+            },
+            ..GenerateConfig::default()
+        }
+    }
+}
+
+/// Persisted UI state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AppState {
+    /// Recently loaded model specs, newest first.
+    pub recent: Vec<String>,
+    /// The prompt being edited.
+    pub prompt: String,
+    /// Apply the chat template.
+    pub chat: bool,
+    /// Generation settings.
+    pub gen: GenSettings,
+    /// The selected view.
+    pub view: View,
+    /// Where models are loaded.
+    pub device: DeviceChoice,
+}
+
+impl Default for AppState {
+    fn default() -> Self {
+        Self {
+            recent: Vec::new(),
+            prompt: "Give me three tips for staying focused while studying.".to_owned(),
+            chat: true,
+            gen: GenSettings::default(),
+            view: View::default(),
+            device: DeviceChoice::Cpu,
+        }
+    }
+}
+
+impl AppState {
+    /// Moves `spec` to the front of the recent list.
+    pub fn remember(&mut self, spec: &str) {
+        self.recent.retain(|r| r != spec);
+        self.recent.insert(0, spec.to_owned());
+        self.recent.truncate(MAX_RECENT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_tolerates_missing_fields() {
+        let mut state = AppState::default();
+        state.remember("a.gguf");
+        state.remember("b");
+        state.remember("a.gguf");
+        assert_eq!(state.recent, vec!["a.gguf".to_owned(), "b".to_owned()]);
+        state.gen.sample = true;
+        state.view = View::Prompt;
+        let text = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde_json::from_str::<AppState>(&text).unwrap(), state);
+        // State saved by an older version (fewer fields) still loads.
+        let old: AppState = serde_json::from_str(r#"{"prompt": "hi"}"#).unwrap();
+        assert_eq!(old.prompt, "hi");
+        assert_eq!(old.gen, GenSettings::default());
+    }
+
+    #[test]
+    fn recent_list_is_bounded() {
+        let mut state = AppState::default();
+        for i in 0..25 {
+            state.remember(&format!("model-{i}"));
+        }
+        assert_eq!(state.recent.len(), MAX_RECENT);
+        assert_eq!(state.recent[0], "model-24");
+    }
+}

@@ -1,0 +1,3 @@
+//! Reusable widgets over plain data.
+
+pub mod status;
