@@ -6,7 +6,8 @@ use std::time::Duration;
 use tunelens::model::generate::GenerateConfig;
 use tunelens::model::tiny::{tiny_config, write_tiny_hf_folder};
 use tunelens::model::{DeviceChoice, ModelSpec};
-use tunelens::worker::{spawn, Event, Job, JobId, JobOutput, Slot, WorkerHandle};
+use tunelens::worker::runner::run_job;
+use tunelens::worker::{spawn, spawn_with, Event, Job, JobId, JobOutput, Slot, WorkerHandle};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -158,4 +159,39 @@ fn failures_are_events_in_plain_words() {
         .expect("queued");
     let error = wait_for(&worker, job_id).1.expect_err("empty slot");
     assert!(error.contains("slot B has no model"), "{error}");
+}
+
+#[test]
+fn a_panicking_job_is_contained_and_the_worker_keeps_serving() {
+    // A runner that panics on one kind of job and runs the rest normally.
+    let mut worker = spawn_with(
+        || {},
+        Box::new(|ctx, job_id, job, emit| match job {
+            Job::Tokenize { ref text, .. } if text == "boom" => panic!("simulated crash in a job"),
+            job => run_job(ctx, job_id, job, emit),
+        }),
+    )
+    .expect("worker starts");
+    let job_id = worker
+        .submit(Job::Tokenize {
+            slot: Slot::A,
+            text: "boom".to_owned(),
+        })
+        .expect("queued");
+    let error = wait_for(&worker, job_id)
+        .1
+        .expect_err("the panic becomes a failure");
+    assert!(
+        error.contains("internal error") && error.contains("simulated crash"),
+        "{error}"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_tiny_hf_folder(dir.path(), &tiny_config(), 3).expect("tiny folder");
+    let job_id = worker
+        .submit(load_job(&dir.path().display().to_string(), Slot::A))
+        .expect("queued");
+    assert!(matches!(
+        wait_for(&worker, job_id).1,
+        Ok(JobOutput::Loaded { .. })
+    ));
 }

@@ -270,7 +270,7 @@ impl TunelensApp {
                     None,
                 ),
                 Action::Swap => {
-                    self.submit(Job::SwapSlots, "Swapping slots A and B".to_owned(), None)
+                    self.submit(Job::SwapSlots, "Swapping slots A and B".to_owned(), None);
                 }
                 Action::Generate => self.generate(),
                 Action::Stop => self.worker.cancel(),
@@ -491,7 +491,7 @@ impl eframe::App for TunelensApp {
         let generating = self.is_generating();
         egui::CentralPanel::default_margins().show(ui, |ui| match self.state.view {
             View::Models => {
-                panels::models::models_ui(ui, &self.slots, &self.state.recent, &mut actions)
+                panels::models::models_ui(ui, &self.slots, &self.state.recent, &mut actions);
             }
             View::Prompt => panels::prompt::prompt_ui(
                 ui,

@@ -56,9 +56,26 @@ impl WorkerHandle {
     }
 }
 
+/// Runs one job: [`run_job`] in the app; tests substitute their own.
+pub type JobRunner = dyn FnMut(
+        &mut WorkerCtx,
+        JobId,
+        Job,
+        &mut dyn FnMut(Event),
+    ) -> crate::error::Result<crate::worker::JobOutput>
+    + Send;
+
 /// Starts the worker thread; `wake_ui` is called after each event is sent (e.g. to request a
 /// repaint).
 pub fn spawn(wake_ui: impl Fn() + Send + 'static) -> std::io::Result<WorkerHandle> {
+    spawn_with(wake_ui, Box::new(run_job))
+}
+
+/// Starts the worker thread with a custom job runner.
+pub fn spawn_with(
+    wake_ui: impl Fn() + Send + 'static,
+    mut runner: Box<JobRunner>,
+) -> std::io::Result<WorkerHandle> {
     let (job_tx, job_rx) = crossbeam_channel::bounded(16);
     let (event_tx, event_rx) = crossbeam_channel::bounded(256);
     let cancel = Arc::new(AtomicBool::new(false));
@@ -66,7 +83,7 @@ pub fn spawn(wake_ui: impl Fn() + Send + 'static) -> std::io::Result<WorkerHandl
         .name("model_worker".to_owned())
         .spawn({
             let cancel = cancel.clone();
-            move || run(&job_rx, &event_tx, &cancel, &wake_ui)
+            move || run(&job_rx, &event_tx, &cancel, &wake_ui, runner.as_mut())
         })?;
     Ok(WorkerHandle {
         job_tx,
@@ -89,6 +106,7 @@ fn run(
     event_tx: &Sender<Event>,
     cancel: &Arc<AtomicBool>,
     wake_ui: &dyn Fn(),
+    runner: &mut JobRunner,
 ) {
     let mut ctx = WorkerCtx {
         cancel: cancel.clone(),
@@ -109,7 +127,7 @@ fn run(
             }
         };
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_job(&mut ctx, job_id, job, &mut emit)
+            runner(&mut ctx, job_id, job, &mut emit)
         }));
         let event = match result {
             Ok(Ok(output)) => Event::Finished { job_id, output },

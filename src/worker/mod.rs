@@ -5,6 +5,6 @@ pub mod handle;
 pub mod job;
 pub mod runner;
 
-pub use handle::{spawn, Busy, WorkerHandle};
+pub use handle::{spawn, spawn_with, Busy, JobRunner, WorkerHandle};
 pub use job::{Event, Job, JobId, JobOutput, Slot};
 pub use runner::{run_job, WorkerCtx};

@@ -126,30 +126,28 @@ fn response_ui(
 ) {
     egui::Frame::group(ui.style()).show(ui, |ui| {
         ui.set_min_width(ui.available_width());
-        let name = view.info.as_ref().map_or("empty", |i| {
-            i.source.rsplit('/').next().unwrap_or(&i.source)
-        });
+        // Fill the rest of the window: responses can be long.
+        ui.set_min_height((ui.available_height() - 12.0).max(120.0));
+        let Some(info) = &view.info else {
+            ui.label(
+                egui::RichText::new(format!("{slot:?} · empty"))
+                    .strong()
+                    .color(theme::slot_color(slot)),
+            );
+            ui.label(
+                egui::RichText::new(format!(
+                    "Load a model into slot {slot:?} (Models view) to compare it here"
+                ))
+                .color(theme::MUTED),
+            );
+            return;
+        };
+        let name = info.source.rsplit('/').next().unwrap_or(&info.source);
         ui.label(
             egui::RichText::new(format!("{slot:?} · {name}"))
                 .strong()
                 .color(theme::slot_color(slot)),
         );
-        egui::ScrollArea::vertical()
-            .id_salt(("response", slot_index(slot)))
-            .max_height(ui.available_height().max(120.0) - 30.0)
-            .stick_to_bottom(true)
-            .show(ui, |ui| {
-                if response.text.is_empty() && view.info.is_some() {
-                    let hint = if generating {
-                        "…"
-                    } else {
-                        "The response appears here"
-                    };
-                    ui.label(egui::RichText::new(hint).color(theme::MUTED));
-                } else {
-                    ui.label(&response.text);
-                }
-            });
         let mut footer = format!("{} tokens", response.tokens);
         if let Some(reason) = response.stop_reason {
             let reason = match reason {
@@ -165,5 +163,22 @@ fn response_ui(
             let _ = write!(footer, " · {tps:.1} tokens/s");
         }
         ui.label(egui::RichText::new(footer).color(theme::MUTED));
+        ui.separator();
+        egui::ScrollArea::vertical()
+            .id_salt(("response", slot_index(slot)))
+            .auto_shrink([false, false])
+            .stick_to_bottom(true)
+            .show(ui, |ui| {
+                if response.text.is_empty() {
+                    let hint = if generating {
+                        "…"
+                    } else {
+                        "The response appears here"
+                    };
+                    ui.label(egui::RichText::new(hint).color(theme::MUTED));
+                } else {
+                    ui.label(&response.text);
+                }
+            });
     });
 }
