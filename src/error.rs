@@ -103,3 +103,14 @@ impl Error {
         }
     }
 }
+
+/// A serde_json error's message without its "at line L column C" suffix, which means nothing to
+/// a user reading about a config file (the message already names the field).
+pub(crate) fn json_message(err: &serde_json::Error) -> String {
+    let message = err.to_string();
+    message
+        .split(" at line")
+        .next()
+        .unwrap_or(&message)
+        .to_owned()
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::Device;
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::{json_message, Error, Result};
 use crate::model::info::AdapterInfo;
 use crate::model::load::first_line;
 use crate::model::lora::{Linear, LoraAdapter};
@@ -76,13 +76,10 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
         )
     })?;
     let cfg: PeftConfig = serde_json::from_str(&text).map_err(|err| {
-        let message = err.to_string();
-        let message = message
-            .split(" at line")
-            .next()
-            .unwrap_or(&message)
-            .to_owned();
-        Error::bad_file(&config_path, format!("adapter_config.json: {message}"))
+        Error::bad_file(
+            &config_path,
+            format!("adapter_config.json: {}", json_message(&err)),
+        )
     })?;
     if cfg.fan_in_fan_out || cfg.use_dora {
         return Err(Error::bad_file(

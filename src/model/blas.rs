@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::error::Result;
+use crate::model::fused::contiguous_f32;
 
 #[cfg(feature = "openblas")]
 #[allow(unsafe_code)]
@@ -227,21 +228,15 @@ impl CustomOp2 for BlasLinear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (Some((x_start, x_end)), Some((w_start, w_end))) =
-            (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("blas-linear: inputs must be contiguous")
-        };
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("blas-linear: f32 only")
-        };
+        let x = contiguous_f32(s1, l1, "blas-linear")?;
+        let w = contiguous_f32(s2, l2, "blas-linear")?;
         let (m, k) = l1.shape().dims2()?;
         let (n, k_w) = l2.shape().dims2()?;
         if k != k_w {
             candle_core::bail!("blas-linear: input has {k} features, weight expects {k_w}")
         }
         let mut out = vec![0f32; m * n];
-        ffi::sgemm_xwt(&x[x_start..x_end], &w[w_start..w_end], &mut out, m, n, k)?;
+        ffi::sgemm_xwt(x, w, &mut out, m, n, k)?;
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
@@ -294,14 +289,8 @@ impl CustomOp2 for BatchedMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (Some((a_start, a_end)), Some((b_start, b_end))) =
-            (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("blas-batched-matmul: inputs must be contiguous")
-        };
-        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
-            candle_core::bail!("blas-batched-matmul: f32 only")
-        };
+        let a = contiguous_f32(s1, l1, "blas-batched-matmul")?;
+        let b = contiguous_f32(s2, l2, "blas-batched-matmul")?;
         let (a_dims, b_dims) = (l1.shape().dims(), l2.shape().dims());
         let rank = a_dims.len();
         if rank < 2 || b_dims.len() != rank || a_dims[..rank - 2] != b_dims[..rank - 2] {
@@ -317,7 +306,6 @@ impl CustomOp2 for BatchedMatmul {
             candle_core::bail!("blas-batched-matmul: inner dimensions {k} and {k_b} differ")
         }
         let batch: usize = a_dims[..rank - 2].iter().product();
-        let (a, b) = (&a[a_start..a_end], &b[b_start..b_end]);
         let mut out = vec![0f32; batch * m * n];
         for i in 0..batch {
             ffi::sgemm(

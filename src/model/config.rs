@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::{json_message, Error, Result};
 
 /// The decoder families tunelens runs. They share one forward; they differ in biases and defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
@@ -154,16 +154,9 @@ struct HfConfig {
 impl ModelConfig {
     /// Parses a Hugging Face `config.json`; `path` is only used in error messages.
     pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(text).map_err(|err| {
-            // serde names the missing field ("missing field `hidden_size`"); keep that, drop the position.
-            let message = err.to_string();
-            let message = message
-                .split(" at line")
-                .next()
-                .unwrap_or(&message)
-                .to_owned();
-            Error::bad_file(path, format!("config.json: {message}"))
-        })?;
+        // serde names the missing field ("missing field `hidden_size`").
+        let raw: HfConfig = serde_json::from_str(text)
+            .map_err(|err| Error::bad_file(path, format!("config.json: {}", json_message(&err))))?;
         let arch_name = raw
             .architectures
             .as_ref()

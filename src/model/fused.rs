@@ -15,6 +15,21 @@ const PAR_MIN_ELEMS: usize = 16_384;
 /// Elements per parallel task of [`silu_mul`].
 const CHUNK: usize = 8192;
 
+/// The f32 elements of a contiguous CPU storage, or an error naming the custom op `op`.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous")
+    };
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 only")
+    };
+    Ok(&data[start..end])
+}
+
 /// Softmax over the last axis of `scores` `(.., T, T_kv)` with causal masking for queries at
 /// absolute positions `offset..offset+T` (and an optional sliding window); masked entries are 0.
 /// Returns `None` when the kernel does not apply (not CPU f32).
@@ -80,15 +95,9 @@ impl CustomOp1 for CausalSoftmax {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("causal-softmax: input must be contiguous")
-        };
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("causal-softmax: f32 only")
-        };
+        let src = contiguous_f32(storage, layout, "causal-softmax")?;
         let dims = layout.shape().dims();
         let row_len = dims[dims.len() - 1];
-        let src = &data[start..end];
         let mut out = vec![0f32; src.len()];
         if row_len > 0 {
             if src.len() >= PAR_MIN_ELEMS {
@@ -135,14 +144,8 @@ impl CustomOp2 for SiluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (Some((g0, g1)), Some((u0, u1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("silu-mul: inputs must be contiguous")
-        };
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else {
-            candle_core::bail!("silu-mul: f32 only")
-        };
-        let (g, u) = (&g[g0..g1], &u[u0..u1]);
+        let g = contiguous_f32(s1, l1, "silu-mul")?;
+        let u = contiguous_f32(s2, l2, "silu-mul")?;
         let mut out = vec![0f32; g.len()];
         let kernel = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
