@@ -25,7 +25,9 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".to_owned());
     let mut harness = Harness::builder()
         .with_size(eframe::egui::vec2(1280.0, 820.0))
-        .build_eframe(|cc| TunelensApp::new(cc, None, None).expect("app starts"));
+        .build_eframe(|cc| {
+            TunelensApp::new(cc, tunelens::ui::StartOptions::default()).expect("app starts")
+        });
     harness
         .state_mut()
         .open_path(Slot::A, std::path::Path::new(&model));

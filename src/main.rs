@@ -11,7 +11,12 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let Some(command) = &cli.command else {
-        return match tunelens::ui::run_native(cli.model.clone(), cli.model_b.clone()) {
+        let start = tunelens::ui::StartOptions {
+            model: cli.model.clone(),
+            model_b: cli.model_b.clone(),
+            device: Some(cli.device),
+        };
+        return match tunelens::ui::run_native(start) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("error: {err:#}");

@@ -16,7 +16,9 @@ use crate::common::demo_model_path;
 fn harness() -> Harness<'static, TunelensApp> {
     Harness::builder()
         .with_size(eframe::egui::vec2(1280.0, 820.0))
-        .build_eframe(|cc| TunelensApp::new(cc, None, None).expect("app starts"))
+        .build_eframe(|cc| {
+            TunelensApp::new(cc, tunelens::ui::StartOptions::default()).expect("app starts")
+        })
 }
 
 /// Steps frames (the worker runs on its own thread) until `cond` holds.
@@ -148,4 +150,80 @@ fn two_loads_then_swap_and_generate_both_side_by_side() {
     for response in &harness.state().responses {
         assert!(response.tokens > 0);
     }
+}
+
+/// A file dropped on the window, as the windowing integration would hand it to egui.
+#[derive(Debug)]
+struct Dropped(std::path::PathBuf);
+
+impl eframe::egui::DroppedFile for Dropped {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|err| err.to_string())
+    }
+}
+
+fn drop_on_window(harness: &mut Harness<'_, TunelensApp>, path: &std::path::Path) {
+    harness
+        .input_mut()
+        .dropped_files
+        .push(std::sync::Arc::new(Dropped(path.to_path_buf())));
+    harness.step();
+}
+
+#[test]
+fn dropped_models_fill_empty_slots_and_adapters_stack_on_top() {
+    let a = tiny_folder(4, false);
+    let b = tiny_folder(5, true);
+    let mut harness = harness();
+    drop_on_window(&mut harness, a.path());
+    step_until(&mut harness, "the dropped model in A", |app| {
+        app.slots[0].info.is_some()
+    });
+    drop_on_window(&mut harness, b.path());
+    step_until(&mut harness, "the dropped model in B", |app| {
+        app.slots[1].info.is_some()
+    });
+    assert!(harness.state().slots[1]
+        .info
+        .as_ref()
+        .is_some_and(|i| i.tied_embeddings));
+    // A PEFT adapter folder goes onto slot B's model.
+    let adapter = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        adapter.path().join("adapter_config.json"),
+        r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}"#,
+    )
+    .expect("config");
+    let mut tensors = std::collections::HashMap::new();
+    for layer in 0..3 {
+        let p = format!("base_model.model.model.layers.{layer}.self_attn.q_proj");
+        let dev = candle_core::Device::Cpu;
+        tensors.insert(
+            format!("{p}.lora_A.weight"),
+            candle_core::Tensor::ones((2, 16), candle_core::DType::F32, &dev).expect("A"),
+        );
+        tensors.insert(
+            format!("{p}.lora_B.weight"),
+            candle_core::Tensor::zeros((16, 2), candle_core::DType::F32, &dev).expect("B"),
+        );
+    }
+    candle_core::safetensors::save(&tensors, adapter.path().join("adapter_model.safetensors"))
+        .expect("save");
+    drop_on_window(&mut harness, adapter.path());
+    step_until(&mut harness, "the adapter on B", |app| {
+        app.slots[1]
+            .info
+            .as_ref()
+            .is_some_and(|i| i.adapter.is_some())
+    });
+    let info = harness.state().slots[1].info.clone().expect("B loaded");
+    assert!(
+        info.tied_embeddings,
+        "the adapter was applied on B's own base model"
+    );
+    harness.get_by_label_contains("r 2 alpha 4 on q_proj");
 }

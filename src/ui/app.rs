@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use eframe::egui;
 
 use crate::model::generate::StopReason;
-use crate::model::{ModelInfo, ModelSpec};
+use crate::model::{DeviceChoice, ModelInfo, ModelSpec};
 use crate::samples::{self, SampleSet};
 use crate::ui::dialogs::{DialogKind, Dialogs};
 use crate::ui::panels;
@@ -61,6 +61,17 @@ pub enum Action {
     Show(View),
     /// Hide the last error.
     DismissError,
+}
+
+/// How the app starts: models to preload and the compute device (from the command line).
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// Loaded into slot A at start.
+    pub model: Option<String>,
+    /// Loaded into slot B at start.
+    pub model_b: Option<String>,
+    /// Where models are loaded (`None` keeps the saved choice).
+    pub device: Option<DeviceChoice>,
 }
 
 /// What a slot shows.
@@ -132,16 +143,15 @@ pub fn slot_index(slot: Slot) -> usize {
 
 impl TunelensApp {
     /// Creates the app, restoring persisted state, and queues the preloads.
-    pub fn new(
-        cc: &eframe::CreationContext<'_>,
-        preload_a: Option<String>,
-        preload_b: Option<String>,
-    ) -> std::io::Result<Self> {
+    pub fn new(cc: &eframe::CreationContext<'_>, start: StartOptions) -> std::io::Result<Self> {
         theme::apply(&cc.egui_ctx);
-        let state: AppState = cc
+        let mut state: AppState = cc
             .storage
             .and_then(|storage| eframe::get_value(storage, eframe::APP_KEY))
             .unwrap_or_default();
+        if let Some(device) = start.device {
+            state.device = device;
+        }
         let ctx = cc.egui_ctx.clone();
         let worker = worker::spawn({
             let ctx = ctx.clone();
@@ -159,7 +169,7 @@ impl TunelensApp {
             actions: Vec::new(),
             ctx,
         };
-        for (slot, spec) in [(Slot::A, preload_a), (Slot::B, preload_b)] {
+        for (slot, spec) in [(Slot::A, start.model), (Slot::B, start.model_b)] {
             if let Some(spec) = spec {
                 app.actions.push(Action::OpenSpec { slot, spec });
             }

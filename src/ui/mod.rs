@@ -8,10 +8,10 @@ pub mod state;
 pub mod theme;
 pub mod widgets;
 
-pub use app::TunelensApp;
+pub use app::{StartOptions, TunelensApp};
 
-/// Opens the main window; `model` / `model_b` are loaded into slots A and B at start.
-pub fn run_native(model: Option<String>, model_b: Option<String>) -> anyhow::Result<()> {
+/// Opens the main window.
+pub fn run_native(start: StartOptions) -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
         viewport: eframe::egui::ViewportBuilder::default()
             .with_title("tunelens")
@@ -23,7 +23,7 @@ pub fn run_native(model: Option<String>, model_b: Option<String>) -> anyhow::Res
     eframe::run_native(
         "tunelens",
         options,
-        Box::new(move |cc| Ok(Box::new(TunelensApp::new(cc, model, model_b)?))),
+        Box::new(move |cc| Ok(Box::new(TunelensApp::new(cc, start)?))),
     )
     .map_err(|err| anyhow::anyhow!("cannot open the window: {err}"))
 }

@@ -193,7 +193,7 @@ pub fn render_prompt(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<(
         let Some(template) = &loaded.chat_template else {
             return Err(Error::invalid(
                 "chat",
-                "this model has no chat template; run without --chat",
+                "this model has no chat template; generate without it (drop --chat, or untick Chat template)",
             ));
         };
         let rendered = template.render_user(prompt)?;
