@@ -109,8 +109,19 @@ pub struct PendingJob {
     pub frac: Option<f32>,
     /// Last progress message.
     pub message: String,
-    /// The slot a load job fills, to clear its loading flag on failure.
-    pub loading_slot: Option<Slot>,
+    /// What kind of job it is.
+    pub kind: PendingKind,
+}
+
+/// The kinds of job the app submits, as far as the UI cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PendingKind {
+    /// Loading a model into a slot (its loading flag is cleared when the job ends).
+    Load(Slot),
+    /// Generating responses.
+    Generate,
+    /// Unload, swap.
+    Other,
 }
 
 /// The application.
@@ -198,10 +209,10 @@ impl TunelensApp {
     pub fn is_generating(&self) -> bool {
         self.pending
             .values()
-            .any(|p| p.label.starts_with("Generating"))
+            .any(|p| p.kind == PendingKind::Generate)
     }
 
-    fn submit(&mut self, job: Job, label: String, loading_slot: Option<Slot>) {
+    fn submit(&mut self, job: Job, label: String, kind: PendingKind) {
         match self.worker.submit(job) {
             Ok(job_id) => {
                 self.pending.insert(
@@ -211,10 +222,10 @@ impl TunelensApp {
                         submitted: Instant::now(),
                         frac: None,
                         message: String::new(),
-                        loading_slot,
+                        kind,
                     },
                 );
-                if let Some(slot) = loading_slot {
+                if let PendingKind::Load(slot) = kind {
                     self.slots[slot_index(slot)].loading = true;
                 }
             }
@@ -237,7 +248,7 @@ impl TunelensApp {
         self.submit(
             job,
             format!("Loading {name} into slot {slot:?}"),
-            Some(slot),
+            PendingKind::Load(slot),
         );
     }
 
@@ -277,10 +288,14 @@ impl TunelensApp {
                 Action::Unload(slot) => self.submit(
                     Job::Unload { slot },
                     format!("Unloading slot {slot:?}"),
-                    None,
+                    PendingKind::Other,
                 ),
                 Action::Swap => {
-                    self.submit(Job::SwapSlots, "Swapping slots A and B".to_owned(), None);
+                    self.submit(
+                        Job::SwapSlots,
+                        "Swapping slots A and B".to_owned(),
+                        PendingKind::Other,
+                    );
                 }
                 Action::Generate => self.generate(),
                 Action::Stop => self.worker.cancel(),
@@ -315,7 +330,7 @@ impl TunelensApp {
             chat: self.state.chat,
             cfg: self.state.gen.to_config(),
         };
-        self.submit(job, "Generating".to_owned(), None);
+        self.submit(job, "Generating".to_owned(), PendingKind::Generate);
     }
 
     fn ingest(&mut self, event: Event) {
@@ -341,7 +356,7 @@ impl TunelensApp {
             }
             Event::Failed { job_id, error } => {
                 let label = self.pending.remove(&job_id).map_or_else(String::new, |p| {
-                    if let Some(slot) = p.loading_slot {
+                    if let PendingKind::Load(slot) = p.kind {
                         self.slots[slot_index(slot)].loading = false;
                     }
                     p.label
