@@ -195,3 +195,40 @@ fn a_panicking_job_is_contained_and_the_worker_keeps_serving() {
         Ok(JobOutput::Loaded { .. })
     ));
 }
+
+#[test]
+fn a_load_reports_progress_and_can_be_cancelled() {
+    let demo = crate::common::demo_model_path().display().to_string();
+    let mut worker = spawn(|| {}).expect("worker starts");
+    // A full load: progress rises to near 1 before the result.
+    let job_id = worker.submit(load_job(&demo, Slot::A)).expect("queued");
+    let (events, result) = wait_for(&worker, job_id);
+    assert!(matches!(result, Ok(JobOutput::Loaded { .. })), "{result:?}");
+    let fracs: Vec<f32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress { frac, .. } => Some(*frac),
+            _ => None,
+        })
+        .collect();
+    assert!(!fracs.is_empty());
+    assert!(fracs.windows(2).all(|w| w[0] <= w[1]), "{fracs:?}");
+    // A cancelled load into B: the job ends as cancelled and B stays empty.
+    let job_id = worker.submit(load_job(&demo, Slot::B)).expect("queued");
+    match worker.recv_timeout(WAIT) {
+        Some(Event::Progress { .. }) => {}
+        other => panic!("expected progress first, got {other:?}"),
+    }
+    worker.cancel();
+    let error = wait_for(&worker, job_id).1.expect_err("cancelled");
+    assert_eq!(error, "cancelled");
+    let job_id = worker
+        .submit(Job::Tokenize {
+            slot: Slot::B,
+            text: "x".to_owned(),
+        })
+        .expect("queued");
+    assert!(wait_for(&worker, job_id)
+        .1
+        .is_err_and(|e| e.contains("slot B has no model")));
+}

@@ -17,11 +17,13 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::model::config::{Architecture, ModelConfig, RopeScaling};
 use crate::model::info::ModelInfo;
-use crate::model::load::{build_transformer, first_line, LoadOptions, LoadedModel, TensorMap};
+use crate::model::load::{
+    build_transformer, first_line, report, LoadOptions, LoadedModel, Progress, TensorMap,
+};
 use crate::model::tokenizer::{GgufVocab, Tokenizer};
 
 /// Loads a `.gguf` file.
-pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Result<LoadedModel> {
     let file =
         File::open(path).map_err(|err| Error::bad_file(path, format!("cannot open ({err})")))?;
     let file_len = file.metadata()?.len();
@@ -57,7 +59,10 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     // Dequantize tensor by tensor, renaming to Hugging Face names (sorted for determinism).
     let names: BTreeSet<&String> = content.tensor_infos.keys().collect();
     let mut tensors = BTreeMap::new();
-    for name in names {
+    let total = names.len().max(1);
+    for (done, name) in names.into_iter().enumerate() {
+        // Dequantization is most of a GGUF load: 90% of the bar.
+        report(progress, 0.9 * done as f32 / total as f32)?;
         let Some(hf_name) = hf_name(name) else {
             if name.as_str() == "rope_freqs.weight" {
                 return Err(Error::bad_file(
@@ -89,7 +94,9 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         tensors,
         path: path.to_path_buf(),
     };
-    let model = build_transformer(cfg, &mut source, opts)?;
+    let model = build_transformer(cfg, &mut source, opts, &mut |frac| {
+        progress(0.9 + 0.1 * frac)
+    })?;
     let tokenizer = Tokenizer::from_gguf_vocab(&vocab, path)?;
     let chat_template = meta
         .optional_string("tokenizer.chat_template")

@@ -4,6 +4,7 @@
 //! model type, and every failure names the file (and tensor or field) at fault.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -86,23 +87,43 @@ impl std::fmt::Display for ModelSpec {
     }
 }
 
+/// Reports the fraction of a load done (0..=1); return `ControlFlow::Break` to cancel it.
+pub type Progress<'a> = &'a mut dyn FnMut(f32) -> ControlFlow<()>;
+
+/// Tells `progress` how far the load is, turning a cancel request into [`Error::Cancelled`].
+pub(crate) fn report(progress: Progress<'_>, frac: f32) -> Result<()> {
+    match progress(frac.clamp(0.0, 1.0)) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(Error::Cancelled),
+    }
+}
+
 /// Loads a model from a spec.
 pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LoadedModel> {
+    load_with_progress(spec, opts, &mut |_| ControlFlow::Continue(()))
+}
+
+/// Loads a model from a spec, reporting progress (and stopping when `progress` says so).
+pub fn load_with_progress(
+    spec: &ModelSpec,
+    opts: &LoadOptions,
+    progress: Progress<'_>,
+) -> Result<LoadedModel> {
     let started = Instant::now();
     let base = &spec.base;
     if !base.exists() {
         return Err(Error::NotFound { path: base.clone() });
     }
     let mut loaded = if base.is_dir() {
-        load_hf_folder(base, opts)?
+        load_hf_folder(base, opts, progress)?
     } else if base
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        gguf::load_gguf(base, opts)?
+        gguf::load_gguf(base, opts, progress)?
     } else if base.file_name().is_some_and(|n| n == "config.json") {
         let folder = base.parent().unwrap_or(Path::new("."));
-        load_hf_folder(folder, opts)?
+        load_hf_folder(folder, opts, progress)?
     } else {
         return Err(Error::bad_file(
             base,
@@ -214,7 +235,11 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 /// Loads a Hugging Face model folder.
-pub fn load_hf_folder(folder: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+pub fn load_hf_folder(
+    folder: &Path,
+    opts: &LoadOptions,
+    progress: Progress<'_>,
+) -> Result<LoadedModel> {
     let config_path = folder.join("config.json");
     let cfg = ModelConfig::from_hf_json(&read_text(&config_path)?, &config_path)?;
     let index_path = folder.join("model.safetensors.index.json");
@@ -237,7 +262,7 @@ pub fn load_hf_folder(folder: &Path, opts: &LoadOptions) -> Result<LoadedModel> 
         .next()
         .and_then(|n| source.files.get(n).ok())
         .map(|view| format!("{:?}", view.dtype()).to_lowercase());
-    let model = build_transformer(cfg.clone(), &mut source, opts)?;
+    let model = build_transformer(cfg.clone(), &mut source, opts, progress)?;
     let tokenizer_path = folder.join("tokenizer.json");
     if !tokenizer_path.exists() {
         return Err(Error::bad_file(
@@ -348,6 +373,7 @@ pub fn build_transformer(
     cfg: ModelConfig,
     src: &mut dyn TensorSource,
     opts: &LoadOptions,
+    progress: Progress<'_>,
 ) -> Result<Transformer> {
     let d = cfg.hidden_size;
     let q_dim = cfg.num_attention_heads * cfg.head_dim;
@@ -357,6 +383,7 @@ pub fn build_transformer(
     let embed_tokens = required(src, "model.embed_tokens.weight", &[cfg.vocab_size, d], opts)?;
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
+        report(progress, i as f32 / cfg.num_hidden_layers as f32)?;
         let p = format!("model.layers.{i}");
         let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = required(src, &format!("{p}.{name}.weight"), &[out, inp], opts)?;

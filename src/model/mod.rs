@@ -22,6 +22,6 @@ pub use config::{Architecture, ModelConfig};
 pub use device::{configure_cpu_threads, device, DeviceChoice};
 pub use hooks::{Edit, EditOp, Editor, Hook, HookPoint, NoHook, Positions, Recorder};
 pub use info::{AdapterInfo, ModelInfo};
-pub use load::{load, LoadOptions, LoadedModel, ModelSpec};
+pub use load::{load, load_with_progress, LoadOptions, LoadedModel, ModelSpec};
 pub use tokenizer::Tokenizer;
 pub use transformer::{ForwardOptions, Input, KvCache, LogitsAt, Transformer};

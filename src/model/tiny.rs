@@ -252,7 +252,9 @@ pub fn tiny_model_with(cfg: &ModelConfig, seed: u64, opts: &LoadOptions) -> Resu
         tensors: tiny_weights(cfg, seed)?,
         path: format!("tiny-model-seed-{seed}").into(),
     };
-    let model = build_transformer(cfg.clone(), &mut source, opts)?;
+    let model = build_transformer(cfg.clone(), &mut source, opts, &mut |_| {
+        std::ops::ControlFlow::Continue(())
+    })?;
     let tokenizer = Tokenizer::new(
         tiny_tokenizer()?,
         Some(("<s>".to_owned(), 1)),

@@ -361,12 +361,17 @@ impl TunelensApp {
                     }
                     p.label
                 });
-                log::warn!("{label} failed: {error}");
-                self.last_error = Some(if label.is_empty() {
-                    error
+                if error == crate::Error::Cancelled.to_string() {
+                    // The user asked for it: not an error.
+                    log::info!("{label}: cancelled");
                 } else {
-                    format!("{label} failed: {error}")
-                });
+                    log::warn!("{label} failed: {error}");
+                    self.last_error = Some(if label.is_empty() {
+                        error
+                    } else {
+                        format!("{label} failed: {error}")
+                    });
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! [`run_job`]: executes one [`Job`] against the loaded models. Shared by the GUI worker thread
 //! and the CLI, so both run exactly the same code.
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -73,7 +74,19 @@ pub fn run_job(
                 device: model::device(device)?,
                 dtype: parse_dtype(&dtype)?,
             };
-            let loaded = model::load(&spec, &opts)?;
+            let cancel = ctx.cancel.clone();
+            let loaded = model::load_with_progress(&spec, &opts, &mut |frac| {
+                emit(Event::Progress {
+                    job_id,
+                    frac,
+                    message: String::new(),
+                });
+                if cancel.load(Ordering::Relaxed) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })?;
             let info = Box::new(loaded.info.clone());
             match slot {
                 Slot::A => ctx.a = Some(loaded),
