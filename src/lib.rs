@@ -3,6 +3,7 @@
 //! Layers (dependencies point one way): `ui`, `cli` → `worker` → `model`.
 //! `model` knows nothing of the UI, channels or the CLI.
 
+pub mod analysis;
 pub mod cli;
 pub mod error;
 pub mod model;

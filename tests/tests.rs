@@ -4,6 +4,7 @@
 // Exact float equality is intended where the tests assert bit-identical results.
 #![allow(clippy::unwrap_used, clippy::float_cmp)]
 
+mod analysis;
 mod cli;
 mod common;
 mod demo_model;

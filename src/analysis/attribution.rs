@@ -1,0 +1,307 @@
+//! Gradient × input attribution of prompt tokens to response tokens, quantised importance and
+//! "importance density" (Wu et al., arXiv 2310.00492; METHODS.md §1, following the released
+//! code `JacksonWuxs/Interpret_Instruction_Tuning_LLMs`, `generator.py::input_explain` and
+//! `utils.py::compute_density`).
+//!
+//! The objective is the *probability* (not log-probability) of each response token, the
+//! attribution is gradient × input summed over the hidden dimension, normalised per output token,
+//! quantised to `L` levels, thresholded at `b`, and condensed into a density per prompt token.
+//!
+//! This version runs one backward pass per response token through one shared forward. Batching
+//! several output tokens per backward (issue 4's speed work) is not done yet.
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Tensor, Var, D};
+
+use crate::analysis::types::{Attribution, Matrix};
+use crate::error::{Error, Result};
+use crate::model::hooks::NoHook;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::transformer::{ForwardOptions, Input, LogitsAt, Transformer};
+
+/// Settings of §1 (defaults from `input_explain(L=10, b=7, p=4, eps=1e-7)` and
+/// `compute_density(eps=7, p=4)`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttributionConfig {
+    /// Quantisation levels `L`.
+    pub levels: u32,
+    /// Sparsification threshold `b`: only levels above it count for the density.
+    pub threshold: u32,
+    /// The `p` of the `L1 / Lp` density.
+    pub p: f64,
+    /// Epsilon of the per-output normalisation.
+    pub norm_eps: f32,
+    /// Epsilon of the density.
+    pub density_eps: f64,
+    /// Apply attached LoRA adapters.
+    pub use_lora: bool,
+}
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        Self {
+            levels: 10,
+            threshold: 7,
+            p: 4.0,
+            norm_eps: 1e-7,
+            density_eps: 1e-9,
+            use_lora: true,
+        }
+    }
+}
+
+/// Step 7: `Q[i,j] = ceil(L · max(A,0)[i,j] / (max_i max(A,0)[i,j] + eps))`, per output column.
+pub fn quantize(raw: &Matrix, levels: u32, eps: f32) -> Matrix {
+    let mut q = Matrix::zeros(raw.rows, raw.cols);
+    for j in 0..raw.cols {
+        let col_max = (0..raw.rows)
+            .map(|i| raw.get(i, j).max(0.0))
+            .fold(0.0f32, f32::max);
+        for i in 0..raw.rows {
+            let normalised = raw.get(i, j).max(0.0) / (col_max + eps);
+            q.set(i, j, (levels as f32 * normalised).ceil());
+        }
+    }
+    q
+}
+
+/// Steps 8–9: levels `≤ threshold` are dropped, then `D_i = ‖Q_b[i,:]‖₁ / (‖Q_b[i,:]‖_p + eps)`,
+/// normalised to `D̂ = D / (max D + eps)`.
+pub fn density(quantized: &Matrix, threshold: u32, p: f64, eps: f64) -> Vec<f32> {
+    let raw_density: Vec<f64> = (0..quantized.rows)
+        .map(|i| {
+            let kept: Vec<f64> = quantized
+                .row(i)
+                .iter()
+                .map(|&v| {
+                    if v > threshold as f32 {
+                        f64::from(v)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let l1: f64 = kept.iter().map(|v| v.abs()).sum();
+            let lp = kept
+                .iter()
+                .map(|v| v.abs().powf(p))
+                .sum::<f64>()
+                .powf(1.0 / p);
+            l1 / (lp + eps)
+        })
+        .collect();
+    let max = raw_density.iter().copied().fold(0.0f64, f64::max);
+    raw_density
+        .iter()
+        .map(|d| (d / (max + eps)) as f32)
+        .collect()
+}
+
+/// Step 11: `s = Σ_i D̂_i m_i / log2(2 + Σ_i m_i)`.
+pub fn instruction_score(density: &[f32], mask: &[bool]) -> f32 {
+    let marked = mask.iter().filter(|&&m| m).count();
+    let total: f64 = density
+        .iter()
+        .zip(mask)
+        .filter(|(_, &m)| m)
+        .map(|(&d, _)| f64::from(d))
+        .sum();
+    (total / (2.0 + marked as f64).log2()) as f32
+}
+
+/// Tokenizes as §1 step 1: `tp = tok(strip(P))`, `ts = tok(strip(P) + " " + strip(R))`, both
+/// without BOS; the response tokens are `ts[|tp|..]`.
+pub fn split_tokens(
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    response: &str,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let prompt = prompt.trim();
+    let response = response.trim();
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let tp = tokenizer.encode(prompt, false)?;
+    let ts = tokenizer.encode(&format!("{prompt} {response}"), false)?;
+    let tr = tokenizer.encode(response, false)?;
+    if ts.len() < tp.len() || ts.len() > tp.len() + tr.len() + 1 {
+        return Err(Error::invalid(
+            "response",
+            format!(
+                "joint tokenization has {} tokens, prompt {} and response {} (METHODS.md §1 step 1)",
+                ts.len(),
+                tp.len(),
+                tr.len()
+            ),
+        ));
+    }
+    Ok((tp.clone(), ts[tp.len()..].to_vec()))
+}
+
+/// Attributes each response token of `response` to the prompt tokens (METHODS.md §1), with an
+/// optional instruction mask over the prompt tokens. `progress` gets the fraction of response
+/// tokens done; `Break` cancels.
+pub fn attribute(
+    model: &Transformer,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    response: &str,
+    mask: Option<&[bool]>,
+    cfg: &AttributionConfig,
+    progress: &mut dyn FnMut(f32) -> ControlFlow<()>,
+) -> Result<Attribution> {
+    let (input_ids, output_ids) = split_tokens(tokenizer, prompt, response)?;
+    let (n_in, n_out) = (input_ids.len(), output_ids.len());
+    if let Some(mask) = mask {
+        if mask.len() != n_in {
+            return Err(Error::invalid(
+                "instruction mask",
+                format!("{} entries for {n_in} prompt tokens", mask.len()),
+            ));
+        }
+    }
+    let bos = tokenizer
+        .bos
+        .as_ref()
+        .map(|(_, id)| *id)
+        .or(model.config().bos_token_id)
+        .ok_or_else(|| {
+            Error::invalid("tokenizer", "the model has no BOS token, which §1 prepends")
+        })?;
+    let mut ids = Vec::with_capacity(1 + n_in + n_out);
+    ids.push(bos);
+    ids.extend(&input_ids);
+    ids.extend(&output_ids);
+
+    let mut raw = Matrix::zeros(n_in, n_out);
+    if n_out > 0 {
+        let id_tensor = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
+        // Step 2: the embeddings, detached, as a gradient leaf in f32 (f64 models, used for
+        // finite-difference checks, stay in f64).
+        let dtype = if model.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let embeds = model.embed(&id_tensor)?.to_dtype(dtype)?.detach();
+        let x = Var::from_tensor(&embeds)?;
+        let opts = ForwardOptions {
+            differentiable: true,
+            logits: LogitsAt::All,
+            use_lora: cfg.use_lora,
+        };
+        let logits = model.run(Input::Embeds(x.as_tensor()), &opts, None, &mut NoHook)?;
+        // Steps 3–4: probabilities at the positions that predict the response tokens.
+        let probs =
+            candle_nn::ops::softmax(&logits.squeeze(0)?.narrow(0, n_in, n_out)?, D::Minus1)?;
+        let prompt_embeds = embeds.squeeze(0)?.narrow(0, 1, n_in)?; // (n_in, d)
+        for (j, &target) in output_ids.iter().enumerate() {
+            if progress(j as f32 / n_out as f32).is_break() {
+                return Err(Error::Cancelled);
+            }
+            let objective = probs.get(j)?.get(target as usize)?;
+            let grads = objective.backward()?;
+            let Some(grad) = grads.get(&x) else {
+                return Err(Error::invalid(
+                    "attribution",
+                    "no gradient reached the input embeddings",
+                ));
+            };
+            // Steps 5–6: gradient × input over the hidden dimension, prompt rows only.
+            let column: Vec<f32> = (grad.squeeze(0)?.narrow(0, 1, n_in)? * &prompt_embeds)?
+                .sum(D::Minus1)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            for (i, value) in column.into_iter().enumerate() {
+                raw.set(i, j, value);
+            }
+        }
+    }
+    let quantized = quantize(&raw, cfg.levels, cfg.norm_eps);
+    let density = density(&quantized, cfg.threshold, cfg.p, cfg.density_eps);
+    let instruction_score = mask.map(|m| {
+        if n_out == 0 {
+            0.0
+        } else {
+            instruction_score(&density, m)
+        }
+    });
+    Ok(Attribution {
+        input_tokens: tokenizer.tokens(&input_ids),
+        output_tokens: tokenizer.tokens(&output_ids),
+        input_ids,
+        output_ids,
+        raw,
+        quantized,
+        density,
+        instruction_mask: mask.map(<[bool]>::to_vec),
+        instruction_score,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(rows: &[&[f32]]) -> Matrix {
+        Matrix {
+            rows: rows.len(),
+            cols: rows[0].len(),
+            data: rows.iter().flat_map(|r| r.iter().copied()).collect(),
+        }
+    }
+
+    /// METHODS.md §1.5 worked example.
+    #[test]
+    fn worked_example() {
+        let raw = matrix(&[
+            &[0.02, -0.01, 0.30],
+            &[0.10, 0.05, 0.31],
+            &[0.09, 0.06, 0.0],
+            &[0.01, 0.06, 0.29],
+        ]);
+        let q = quantize(&raw, 10, 1e-7);
+        assert_eq!(
+            q.data,
+            vec![2., 0., 10., 10., 9., 10., 9., 10., 0., 1., 10., 10.]
+        );
+        let d_hat = density(&q, 7, 4.0, 1e-9);
+        let expected = [0.4402f32, 1.0, 0.7373, 0.7403];
+        for (got, want) in d_hat.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-4, "{d_hat:?}");
+        }
+        let s = instruction_score(&d_hat, &[true, true, false, false]);
+        assert!((s - 0.7201).abs() < 1e-4, "{s}");
+    }
+
+    #[test]
+    fn columns_peak_at_nine_or_ten_or_are_zero() {
+        // Entries well above the 1e-7 eps (METHODS.md §1.6: tiny gradients can peak at 9 or lower).
+        let raw = matrix(&[&[0.5, -1.0, 2e-3], &[0.2, -2.0, 0.0], &[0.45, -0.1, 0.0]]);
+        let q = quantize(&raw, 10, 1e-7);
+        for j in 0..q.cols {
+            let col_max = (0..q.rows).map(|i| q.get(i, j)).fold(0.0f32, f32::max);
+            assert!(col_max == 0.0 || col_max >= 9.0, "column {j}: {col_max}");
+        }
+        assert!(
+            (0..3).all(|i| q.get(i, 1) == 0.0),
+            "no positive entry gives a zero column"
+        );
+    }
+
+    #[test]
+    fn zero_rows_have_zero_density_and_scaling_a_column_changes_nothing() {
+        let raw = matrix(&[&[0.3, 0.1], &[-0.2, -0.1], &[0.25, 0.12]]);
+        let d = density(&quantize(&raw, 10, 1e-7), 7, 4.0, 1e-9);
+        assert!(d[1].abs() < f32::EPSILON, "an all-zero row has density 0");
+        let mut scaled = raw.clone();
+        for i in 0..3 {
+            scaled.set(i, 1, raw.get(i, 1) * 37.0);
+        }
+        let d_scaled = density(&quantize(&scaled, 10, 1e-7), 7, 4.0, 1e-9);
+        for (a, b) in d.iter().zip(&d_scaled) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+}

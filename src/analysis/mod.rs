@@ -1,0 +1,5 @@
+//! The analyses of METHODS.md, one pure function per method, returning plain serialisable data
+//! (`types`). No file I/O, channels, threads, GUI code or printing here.
+
+pub mod attribution;
+pub mod types;
