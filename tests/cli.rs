@@ -204,3 +204,67 @@ fn cuda_without_the_feature_is_a_clear_error() {
         "--features cuda",
     );
 }
+
+#[test]
+fn attribute_prints_matrices_density_and_score() -> anyhow::Result<()> {
+    let (_dir, path) = tiny_folder(10);
+    let run = run_cli(&[
+        "attribute",
+        "--model",
+        &path,
+        "--prompt",
+        "summarize the text in one sentence",
+        "--response",
+        "the cat sat on the mat",
+        "--instruction",
+        "summarize the text",
+        "--json",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out: serde_json::Value = serde_json::from_str(&run.stdout)?;
+    let n_in = out["input_ids"].as_array().map_or(0, Vec::len);
+    let n_out = out["output_ids"].as_array().map_or(0, Vec::len);
+    assert_eq!((n_in, n_out), (6, 6));
+    assert_eq!(out["raw"].as_array().map(Vec::len), Some(n_in));
+    assert_eq!(out["quantized"][0].as_array().map(Vec::len), Some(n_out));
+    assert_eq!(out["density"].as_array().map(Vec::len), Some(n_in));
+    assert_eq!(
+        out["instruction_mask"],
+        serde_json::json!([true, true, true, false, false, false])
+    );
+    assert!(out["instruction_score"]
+        .as_f64()
+        .is_some_and(|s| (0.0..=3.0).contains(&s)));
+    // Without a response, the model's own greedy response is explained.
+    let run = run_cli(&[
+        "attribute",
+        "--model",
+        &path,
+        "--prompt",
+        "write a poem",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out: serde_json::Value = serde_json::from_str(&run.stdout)?;
+    assert!(out["instruction_score"].is_null());
+    Ok(())
+}
+
+#[test]
+fn attribute_rejects_a_span_not_in_the_prompt() {
+    let (_dir, path) = tiny_folder(11);
+    let run = run_cli(&[
+        "attribute",
+        "--model",
+        &path,
+        "--prompt",
+        "write a poem",
+        "--response",
+        "the sea",
+        "--instruction",
+        "translate",
+    ]);
+    assert_one_line_error(&run, "\"translate\"");
+}

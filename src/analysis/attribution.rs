@@ -139,6 +139,54 @@ pub fn split_tokens(
     Ok((tp.clone(), ts[tp.len()..].to_vec()))
 }
 
+/// The instruction mask of §1 step 10 for annotated `spans` of the prompt: each span's tokens
+/// are found as the first exact sub-sequence of `prompt_ids`, after stripping leading/trailing
+/// whitespace and newline tokens.
+///
+/// Deviation from the SentencePiece reference: byte-level BPE vocabularies mark a word start
+/// with a leading space rather than `▁`, so a span is tried as `" " + span` first and then as
+/// written; a span found neither way is an error naming it (the reference asserts).
+pub fn instruction_mask(
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    spans: &[String],
+) -> Result<Vec<bool>> {
+    let mut mask = vec![false; prompt_ids.len()];
+    for span in spans {
+        let span = span.trim();
+        if span.is_empty() {
+            continue;
+        }
+        let mut found = false;
+        for variant in [format!(" {span}"), span.to_owned()] {
+            let ids = tokenizer.encode(&variant, false)?;
+            let tokens = tokenizer.tokens(&ids);
+            let is_space =
+                |t: &String| matches!(t.as_str(), "▁" | "Ġ" | "Ċ" | "<0x0A>" | "▁\"" | "Ġ\"");
+            let start = tokens.iter().take_while(|t| is_space(t)).count();
+            let end = tokens.len() - tokens.iter().rev().take_while(|t| is_space(t)).count();
+            let needle = &ids[start..end.max(start)];
+            if needle.is_empty() {
+                continue;
+            }
+            if let Some(pos) = prompt_ids.windows(needle.len()).position(|w| w == needle) {
+                mask[pos..pos + needle.len()]
+                    .iter_mut()
+                    .for_each(|m| *m = true);
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            return Err(Error::invalid(
+                "instruction span",
+                format!("{span:?} does not occur in the prompt's tokens"),
+            ));
+        }
+    }
+    Ok(mask)
+}
+
 /// Attributes each response token of `response` to the prompt tokens (METHODS.md §1), with an
 /// optional instruction mask over the prompt tokens. `progress` gets the fraction of response
 /// tokens done; `Break` cancels.

@@ -70,6 +70,27 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         top_k: usize,
     },
+    /// Gradient x input attribution of a response to its prompt (METHODS.md §1): the raw and
+    /// quantised matrices, importance density and, with --instruction, the instruction score.
+    Attribute {
+        #[command(flatten)]
+        model: ModelArg,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// The response to explain; without it the model's own greedy response is used.
+        #[arg(long)]
+        response: Option<String>,
+        /// Wrap the prompt in the chat template (the method uses the raw prompt).
+        #[arg(long)]
+        chat: bool,
+        /// An instruction span of the prompt (repeatable); gives the mask and the score.
+        #[arg(long = "instruction")]
+        instructions: Vec<String>,
+        /// New tokens when the response is generated.
+        #[arg(long, default_value_t = 200)]
+        max_new_tokens: usize,
+    },
     /// Generate a response (greedy unless --temperature is given).
     Generate {
         #[command(flatten)]
@@ -105,6 +126,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Info { model }
         | Command::Tokenize { model, .. }
         | Command::Forward { model, .. }
+        | Command::Attribute { model, .. }
         | Command::Generate { model, .. } => &model.model,
     };
     let spec = ModelSpec::parse(model_arg);
@@ -130,6 +152,21 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
             slot: Slot::A,
             text: text.clone(),
             top_k: *top_k,
+        }),
+        Command::Attribute {
+            prompt,
+            response,
+            chat,
+            instructions,
+            max_new_tokens,
+            ..
+        } => Some(Job::Attribute {
+            slot: Slot::A,
+            prompt: prompt.clone(),
+            response: response.clone(),
+            chat: *chat,
+            instructions: instructions.clone(),
+            max_new_tokens: *max_new_tokens,
         }),
         Command::Generate {
             prompt,
@@ -192,6 +229,10 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                 [one] => serde_json::to_string_pretty(one)?,
                 many => serde_json::to_string_pretty(many)?,
             },
+            JobOutput::Attributed {
+                response,
+                attribution,
+            } => serde_json::to_string(&attribution_json(response, attribution))?,
             JobOutput::Unloaded { .. } | JobOutput::Swapped { .. } => String::new(),
         };
         writeln!(out, "{value}")?;
@@ -253,6 +294,25 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                 writeln!(out, "{pos}\t{token}\t{}", tops.join(" "))?;
             }
         }
+        JobOutput::Attributed {
+            response,
+            attribution,
+        } => {
+            writeln!(out, "response: {response}")?;
+            writeln!(out, "token\tdensity\tinstruction")?;
+            for (i, token) in attribution.input_tokens.iter().enumerate() {
+                let marked = attribution.instruction_mask.as_ref().is_some_and(|m| m[i]);
+                writeln!(
+                    out,
+                    "{token}\t{:.4}\t{}",
+                    attribution.density[i],
+                    if marked { "*" } else { "" }
+                )?;
+            }
+            if let Some(score) = attribution.instruction_score {
+                writeln!(out, "instruction score: {score:.4}")?;
+            }
+        }
         JobOutput::Unloaded { .. } | JobOutput::Swapped { .. } => {}
         JobOutput::Generated(outputs) => {
             // The text was streamed already; finish the line and summarise.
@@ -276,4 +336,23 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The JSON form of an attribution: matrices as nested arrays, rows = prompt tokens.
+fn attribution_json(response: &str, a: &crate::analysis::types::Attribution) -> serde_json::Value {
+    let rows = |m: &crate::analysis::types::Matrix| -> Vec<Vec<f32>> {
+        (0..m.rows).map(|i| m.row(i).to_vec()).collect()
+    };
+    serde_json::json!({
+        "response": response,
+        "input_ids": a.input_ids,
+        "input_tokens": a.input_tokens,
+        "output_ids": a.output_ids,
+        "output_tokens": a.output_tokens,
+        "raw": rows(&a.raw),
+        "quantized": rows(&a.quantized),
+        "density": a.density,
+        "instruction_mask": a.instruction_mask,
+        "instruction_score": a.instruction_score,
+    })
 }

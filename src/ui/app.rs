@@ -401,7 +401,8 @@ impl TunelensApp {
                         .then(|| out.new_ids.len().saturating_sub(1) as f64 / out.decode_secs);
                 }
             }
-            JobOutput::Tokens(_) | JobOutput::Forward(_) => {}
+            // The attribution view is not built yet (issue 4); the CLI shows these.
+            JobOutput::Tokens(_) | JobOutput::Forward(_) | JobOutput::Attributed { .. } => {}
         }
     }
 

@@ -28,6 +28,21 @@ pub enum Job {
         /// Weight dtype: `f32`, `f16` or `bf16`.
         dtype: String,
     },
+    /// Gradient attribution of a response to its prompt (METHODS.md §1).
+    Attribute {
+        /// Model slot.
+        slot: Slot,
+        /// The prompt.
+        prompt: String,
+        /// The response; `None` generates it greedily with the same model.
+        response: Option<String>,
+        /// Apply the chat template to the prompt (the method itself uses the raw prompt).
+        chat: bool,
+        /// Annotated instruction spans of the prompt, for the mask and the score.
+        instructions: Vec<String>,
+        /// New tokens when the response is generated.
+        max_new_tokens: usize,
+    },
     /// Empty a slot.
     Unload {
         /// The slot.
@@ -79,6 +94,13 @@ pub enum JobOutput {
     Tokens(TokenizeOutput),
     /// Logits.
     Forward(ForwardOutput),
+    /// An attribution, with the response it explains.
+    Attributed {
+        /// The (given or generated) response.
+        response: String,
+        /// The result.
+        attribution: Box<crate::analysis::types::Attribution>,
+    },
     /// A slot was emptied.
     Unloaded {
         /// Which slot.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
+use crate::analysis::attribution::{self, AttributionConfig};
 use crate::error::{Error, Result};
 use crate::model::generate::{GenerateConfig, Generator};
 use crate::model::{self, LoadOptions, LoadedModel, NoHook};
@@ -107,6 +108,57 @@ pub fn run_job(
             let loaded = ctx.model(slot)?;
             Ok(JobOutput::Forward(forward_text(loaded, &text, top_k)?))
         }
+        Job::Attribute {
+            slot,
+            prompt,
+            response,
+            chat,
+            instructions,
+            max_new_tokens,
+        } => {
+            let cancel = ctx.cancel.clone();
+            let loaded = ctx.model(slot)?;
+            let (rendered, ids) = render_prompt(loaded, &prompt, chat)?;
+            let response = if let Some(response) = response {
+                response
+            } else {
+                greedy_response(loaded, &ids, max_new_tokens, &cancel)?
+            };
+            let prompt_ids = attribution::split_tokens(&loaded.tokenizer, &rendered, &response)?.0;
+            let mask = if instructions.is_empty() {
+                None
+            } else {
+                Some(attribution::instruction_mask(
+                    &loaded.tokenizer,
+                    &prompt_ids,
+                    &instructions,
+                )?)
+            };
+            let result = attribution::attribute(
+                &loaded.model,
+                &loaded.tokenizer,
+                &rendered,
+                &response,
+                mask.as_deref(),
+                &AttributionConfig::default(),
+                &mut |frac| {
+                    emit(Event::Progress {
+                        job_id,
+                        frac,
+                        message: "attributing".to_owned(),
+                    });
+                    if cancel.load(Ordering::Relaxed) {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+            )?;
+            Ok(JobOutput::Attributed {
+                response,
+                attribution: Box::new(result),
+            })
+        }
         Job::Unload { slot } => {
             match slot {
                 Slot::A => ctx.a = None,
@@ -197,6 +249,32 @@ fn generate_lockstep(
         ));
     }
     Ok(JobOutput::Generated(outputs))
+}
+
+/// The model's own greedy response to `prompt_ids` (§1.1: no sampling, EOS ends it).
+fn greedy_response(
+    loaded: &LoadedModel,
+    prompt_ids: &[u32],
+    max_new_tokens: usize,
+    cancel: &AtomicBool,
+) -> Result<String> {
+    let cfg = GenerateConfig {
+        max_new_tokens,
+        ..GenerateConfig::default()
+    };
+    let mut generator = Generator::new(
+        &loaded.model,
+        &loaded.tokenizer,
+        prompt_ids,
+        &cfg,
+        &mut NoHook,
+    )?;
+    while generator.step(&mut NoHook)?.is_some() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+    }
+    Ok(generator.finish()?.text)
 }
 
 /// The text fed to the model and its ids: the chat template applied (special tokens parsed, no
