@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use candle_core::Tensor;
 use serde_json::{json, Value};
+use tunelens::analysis::attribution::{attribute, AttributionConfig};
 use tunelens::model::generate::{generate, GenerateConfig};
 use tunelens::model::{load, LoadOptions, ModelSpec, NoHook};
 
@@ -140,6 +141,34 @@ fn main() -> anyhow::Result<()> {
                    "text": last.text}),
         );
     }
+    // (c) attribution: the 64-token prompt and the peer's 16-token response; one forward and one
+    // backward per response token (METHODS.md §1), as the peer's fastest PyTorch variant.
+    let medium: String = serde_json::from_value(prompts["medium"]["text"].clone())?;
+    let response: String = serde_json::from_value(prompts["attribution_response"]["text"].clone())?;
+    let attribution_cfg = AttributionConfig::default();
+    let run_attribution = || -> anyhow::Result<(usize, usize)> {
+        let a = attribute(
+            model,
+            &loaded.tokenizer,
+            &medium,
+            &response,
+            None,
+            &attribution_cfg,
+            &mut |_| ControlFlow::Continue(()),
+        )?;
+        Ok((a.input_ids.len(), a.output_ids.len()))
+    };
+    run_attribution()?;
+    let mut attribution_times = Vec::new();
+    let mut shape = (0, 0);
+    for _ in 0..reps.min(3) {
+        let started = Instant::now();
+        shape = run_attribution()?;
+        attribution_times.push(started.elapsed().as_secs_f64());
+    }
+    let attribution = json!({"prompt_tokens": shape.0, "response_tokens": shape.1,
+                             "median_s": median(attribution_times.clone()), "all_s": attribution_times});
+
     let report = json!({
         "tool": "tunelens",
         "version": env!("CARGO_PKG_VERSION"),
@@ -150,6 +179,7 @@ fn main() -> anyhow::Result<()> {
         "load_s": load_secs,
         "a_forward_latency": forward,
         "b_generation": generation,
+        "c_attribution": attribution,
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);

@@ -236,13 +236,13 @@ pub fn attribute(
         let x = Var::from_tensor(&embeds)?;
         let opts = ForwardOptions {
             differentiable: true,
-            logits: LogitsAt::All,
+            // Only positions n_in.. predict response tokens.
+            logits: LogitsAt::From(n_in),
             use_lora: cfg.use_lora,
         };
         let logits = model.run(Input::Embeds(x.as_tensor()), &opts, None, &mut NoHook)?;
         // Steps 3–4: probabilities at the positions that predict the response tokens.
-        let probs =
-            candle_nn::ops::softmax(&logits.squeeze(0)?.narrow(0, n_in, n_out)?, D::Minus1)?;
+        let probs = candle_nn::ops::softmax(&logits.squeeze(0)?.narrow(0, 0, n_out)?, D::Minus1)?;
         let prompt_embeds = embeds.squeeze(0)?.narrow(0, 1, n_in)?; // (n_in, d)
         for (j, &target) in output_ids.iter().enumerate() {
             if progress(j as f32 / n_out as f32).is_break() {

@@ -247,8 +247,13 @@ impl CustomOp2 for BlasLinear {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // The weight is frozen: only the input gets a gradient, `g W`.
-        Ok((Some(grad_res.matmul(&self.weight)?), None))
+        // The weight is frozen: only the input gets a gradient, `g W` (through BLAS too).
+        let grad = match batched_matmul(grad_res, &self.weight, false, 1.0) {
+            Ok(Some(grad)) => grad,
+            Ok(None) => grad_res.matmul(&self.weight)?,
+            Err(err) => candle_core::bail!("blas-linear backward: {err}"),
+        };
+        Ok((Some(grad), None))
     }
 }
 

@@ -25,6 +25,9 @@ pub enum LogitsAt {
     All,
     /// The last position only, `(b, 1, V)`.
     Last,
+    /// Positions `start..` of this call, `(b, T - start, V)` (e.g. only the response positions
+    /// an attribution needs).
+    From(usize),
     /// None: the forward returns the final-norm hidden states `(b, T, d)`.
     None,
 }
@@ -300,8 +303,18 @@ impl Transformer {
         if let Some(cache) = cache {
             cache.len = offset + seq_len;
         }
-        if opts.logits == LogitsAt::Last && seq_len > 1 {
-            xs = xs.narrow(1, seq_len - 1, 1)?;
+        match opts.logits {
+            LogitsAt::Last if seq_len > 1 => xs = xs.narrow(1, seq_len - 1, 1)?,
+            LogitsAt::From(start) if start > 0 => {
+                if start >= seq_len {
+                    return Err(Error::invalid(
+                        "logits",
+                        format!("start {start} is past the {seq_len} positions"),
+                    ));
+                }
+                xs = xs.narrow(1, start, seq_len - start)?;
+            }
+            _ => {}
         }
         let xs = self.norm.forward(&xs, opts.differentiable)?;
         let xs = replace_if(hook, HookPoint::FinalNorm, xs)?;
