@@ -11,6 +11,13 @@ fn tiny_folder(seed: u64) -> (tempfile::TempDir, String) {
     (dir, path)
 }
 
+/// Rewrites the folder's `config.json` through `edit`.
+fn edit_config(dir: &tempfile::TempDir, edit: impl FnOnce(String) -> String) {
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, edit(text)).expect("write");
+}
+
 #[test]
 fn info_tokenize_forward_generate_print_json() -> anyhow::Result<()> {
     let (_dir, path) = tiny_folder(1);
@@ -96,14 +103,14 @@ fn missing_path_is_one_line() {
 #[test]
 fn missing_config_field_names_the_field_and_file() {
     let (dir, path) = tiny_folder(3);
-    let config = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&config).expect("config");
-    let mut value: serde_json::Value = serde_json::from_str(&text).expect("json");
-    value
-        .as_object_mut()
-        .expect("object")
-        .remove("num_attention_heads");
-    std::fs::write(&config, value.to_string()).expect("write");
+    edit_config(&dir, |text| {
+        let mut value: serde_json::Value = serde_json::from_str(&text).expect("json");
+        value
+            .as_object_mut()
+            .expect("object")
+            .remove("num_attention_heads");
+        value.to_string()
+    });
     let run = run_cli(&["info", "--model", &path]);
     assert_one_line_error(&run, "num_attention_heads");
     assert!(run.stderr.contains("config.json"), "{}", run.stderr);
@@ -112,12 +119,10 @@ fn missing_config_field_names_the_field_and_file() {
 #[test]
 fn unsupported_architecture_is_named() {
     let (dir, path) = tiny_folder(4);
-    let config = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&config)
-        .expect("config")
-        .replace("LlamaForCausalLM", "BertForMaskedLM")
-        .replace("\"llama\"", "\"bert\"");
-    std::fs::write(&config, text).expect("write");
+    edit_config(&dir, |text| {
+        text.replace("LlamaForCausalLM", "BertForMaskedLM")
+            .replace("\"llama\"", "\"bert\"")
+    });
     assert_one_line_error(&run_cli(&["info", "--model", &path]), "BertForMaskedLM");
 }
 
@@ -142,11 +147,9 @@ fn corrupt_and_truncated_safetensors_are_named() {
 #[test]
 fn mismatched_checkpoint_names_the_tensor() {
     let (dir, path) = tiny_folder(7);
-    let config = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&config)
-        .expect("config")
-        .replace("\"intermediate_size\":32", "\"intermediate_size\":48");
-    std::fs::write(&config, text).expect("write");
+    edit_config(&dir, |text| {
+        text.replace("\"intermediate_size\":32", "\"intermediate_size\":48")
+    });
     let run = run_cli(&["info", "--model", &path]);
     assert_one_line_error(&run, "mlp.gate_proj.weight");
     assert!(run.stderr.contains("mismatched"), "{}", run.stderr);

@@ -212,6 +212,16 @@ pub fn blas_linear(x2: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
     )?))
 }
 
+/// The input gradient of `x W^T` for a frozen `W`: `g W` (through BLAS on CPU f32). Shared by
+/// every frozen-linear op's backward; the weight itself never gets a gradient.
+pub(crate) fn frozen_input_grad(grad: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    match batched_matmul(grad, weight, false, 1.0) {
+        Ok(Some(input_grad)) => Ok(input_grad),
+        Ok(None) => grad.matmul(weight),
+        Err(err) => candle_core::bail!("frozen-linear backward: {err}"),
+    }
+}
+
 struct BlasLinear {
     weight: Tensor,
 }
@@ -247,13 +257,7 @@ impl CustomOp2 for BlasLinear {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // The weight is frozen: only the input gets a gradient, `g W` (through BLAS too).
-        let grad = match batched_matmul(grad_res, &self.weight, false, 1.0) {
-            Ok(Some(grad)) => grad,
-            Ok(None) => grad_res.matmul(&self.weight)?,
-            Err(err) => candle_core::bail!("blas-linear backward: {err}"),
-        };
-        Ok((Some(grad), None))
+        Ok((Some(frozen_input_grad(grad_res, &self.weight)?), None))
     }
 }
 

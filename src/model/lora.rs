@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::blas::blas_linear;
+use crate::model::blas::{blas_linear, frozen_input_grad};
 
 /// A LoRA adapter `ΔW = scale · B A`.
 #[derive(Clone, Debug)]
@@ -182,7 +182,7 @@ impl CustomOp2 for FrozenLinear {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_res.matmul(&self.weight)?), None))
+        Ok((Some(frozen_input_grad(grad_res, &self.weight)?), None))
     }
 }
 
