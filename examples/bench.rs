@@ -65,11 +65,14 @@ fn main() -> anyhow::Result<()> {
     let mut model_path = PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let mut prompts_path = PathBuf::from("bench/prompts.json");
     let mut reps = 5usize;
+    let mut attribution_only = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--model" => model_path = args.next().context("--model PATH")?.into(),
             "--prompts" => prompts_path = args.next().context("--prompts FILE")?.into(),
             "--reps" => reps = args.next().context("--reps N")?.parse()?,
+            // Only the attribution phase (for quick checks while tuning it).
+            "--attribution-only" => attribution_only = true,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -86,7 +89,12 @@ fn main() -> anyhow::Result<()> {
 
     let mut forward = serde_json::Map::new();
     let mut generation = serde_json::Map::new();
-    for name in ["short", "medium", "long"] {
+    let phases: &[&str] = if attribution_only {
+        &[]
+    } else {
+        &["short", "medium", "long"]
+    };
+    for &name in phases {
         let ids: Vec<u32> = serde_json::from_value(prompts[name]["ids"].clone())?;
         let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
         let times = timed(FORWARD_WARMUP, reps, || {

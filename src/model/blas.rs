@@ -101,6 +101,48 @@ mod ffi {
         Ok(())
     }
 
+    /// `c = alpha · op(a) · op(b) + beta · c` on row-major views (bounds checked by the caller,
+    /// [`super::gemm_views`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm_views(
+        alpha: f32,
+        a: &[f32],
+        av: super::MatView,
+        b: &[f32],
+        bv: super::MatView,
+        beta: f32,
+        c: &mut [f32],
+        cv: super::MatView,
+    ) -> candle_core::Result<()> {
+        let k = if av.transposed { av.rows } else { av.cols };
+        let dims = [cv.rows, cv.cols, k, av.ld, bv.ld, cv.ld].map(i32::try_from);
+        let [Ok(m), Ok(n), Ok(k), Ok(lda), Ok(ldb), Ok(ldc)] = dims else {
+            candle_core::bail!("blas: dimensions exceed i32");
+        };
+        let flag = |t: bool| if t { TRANS } else { NO_TRANS };
+        // SAFETY: `super::gemm_views` checked that each view lies inside its slice with the
+        // given leading dimension and that the shapes agree; `c` is a distinct &mut slice.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                flag(av.transposed),
+                flag(bv.transposed),
+                m,
+                n,
+                k,
+                alpha,
+                a.as_ptr().add(av.offset),
+                lda,
+                b.as_ptr().add(bv.offset),
+                ldb,
+                beta,
+                c.as_mut_ptr().add(cv.offset),
+                ldc,
+            );
+        }
+        Ok(())
+    }
+
     /// `out (m×n) = x (m×k) · w (n×k)^T`, all row-major and contiguous.
     pub fn sgemm_xwt(
         x: &[f32],
@@ -164,6 +206,20 @@ mod ffi {
 #[cfg(not(feature = "openblas"))]
 mod ffi {
     #[allow(clippy::too_many_arguments)]
+    pub fn sgemm_views(
+        _alpha: f32,
+        _a: &[f32],
+        _av: super::MatView,
+        _b: &[f32],
+        _bv: super::MatView,
+        _beta: f32,
+        _c: &mut [f32],
+        _cv: super::MatView,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("blas: built without the openblas feature")
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn sgemm(
         _a: &[f32],
         _b: &[f32],
@@ -187,6 +243,92 @@ mod ffi {
     ) -> candle_core::Result<()> {
         candle_core::bail!("blas-linear: built without the openblas feature")
     }
+}
+
+/// A matrix inside a row-major buffer: `rows × cols` elements from `offset`, rows `ld` apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatView {
+    /// Index of element `(0, 0)`.
+    pub offset: usize,
+    /// Rows as stored.
+    pub rows: usize,
+    /// Columns as stored.
+    pub cols: usize,
+    /// Distance between rows (the leading dimension), `≥ cols`.
+    pub ld: usize,
+    /// Use the stored matrix transposed in a product.
+    pub transposed: bool,
+}
+
+impl MatView {
+    /// A view of `rows × cols` from `offset` with row stride `ld`.
+    pub fn new(offset: usize, rows: usize, cols: usize, ld: usize) -> Self {
+        Self {
+            offset,
+            rows,
+            cols,
+            ld,
+            transposed: false,
+        }
+    }
+
+    /// The same view, used transposed.
+    #[must_use]
+    pub fn t(self) -> Self {
+        Self {
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+
+    fn fits(self, len: usize) -> bool {
+        self.cols <= self.ld
+            && self.ld > 0
+            && (self.rows == 0
+                || self.cols == 0
+                || self.offset + (self.rows - 1) * self.ld + self.cols <= len)
+    }
+}
+
+/// `c = alpha · op(a) · op(b) + beta · c` on strided views of row-major buffers, where `op`
+/// transposes views marked [`MatView::t`]. BLAS only: errors in builds without it.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_views(
+    alpha: f32,
+    a: &[f32],
+    av: MatView,
+    b: &[f32],
+    bv: MatView,
+    beta: f32,
+    c: &mut [f32],
+    cv: MatView,
+) -> Result<()> {
+    let (m, k) = if av.transposed {
+        (av.cols, av.rows)
+    } else {
+        (av.rows, av.cols)
+    };
+    let (k_b, n) = if bv.transposed {
+        (bv.cols, bv.rows)
+    } else {
+        (bv.rows, bv.cols)
+    };
+    if k != k_b || cv.rows != m || cv.cols != n || cv.transposed {
+        return Err(crate::error::Error::invalid(
+            "matrix product",
+            format!("{m}x{k} · {k_b}x{n} into {}x{}", cv.rows, cv.cols),
+        ));
+    }
+    if !(av.fits(a.len()) && bv.fits(b.len()) && cv.fits(c.len())) {
+        return Err(crate::error::Error::invalid(
+            "matrix product",
+            "a view reaches outside its buffer",
+        ));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    Ok(ffi::sgemm_views(alpha, a, av, b, bv, beta, c, cv)?)
 }
 
 /// Whether this build routes CPU f32 products through BLAS.
@@ -375,6 +517,46 @@ mod tests {
             }
         }
         assert!(g_blas.get(&w).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn strided_views_multiply_and_refuse_out_of_bounds() -> anyhow::Result<()> {
+        // a: the 2x3 block at column 1 of a 2x5 buffer; b: 2x3 stored, used transposed.
+        let a = [9f32, 1.0, 2.0, 3.0, 9.0, 9.0, 4.0, 5.0, 6.0, 9.0];
+        let b = [1f32, 0.0, -1.0, 2.0, 1.0, 0.0];
+        let mut c = [1f32; 4];
+        let result = gemm_views(
+            2.0,
+            &a,
+            MatView::new(1, 2, 3, 5),
+            &b,
+            MatView::new(0, 2, 3, 3).t(),
+            1.0,
+            &mut c,
+            MatView::new(0, 2, 2, 2),
+        );
+        if !BLAS_ENABLED {
+            assert!(result.is_err());
+            return Ok(());
+        }
+        result?;
+        // [1 2 3; 4 5 6] · [1 2; 0 1; -1 0] = [-2 4; -2 13]; 2·that + 1
+        assert!(c
+            .iter()
+            .zip([-3.0, 9.0, -3.0, 27.0])
+            .all(|(x, y)| (x - y).abs() < 1e-6));
+        let past_end = gemm_views(
+            1.0,
+            &a,
+            MatView::new(6, 2, 3, 5),
+            &b,
+            MatView::new(0, 2, 3, 3).t(),
+            0.0,
+            &mut c,
+            MatView::new(0, 2, 2, 2),
+        );
+        assert!(past_end.is_err());
         Ok(())
     }
 

@@ -16,6 +16,7 @@ pub mod lora;
 pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;
+pub mod vjp;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};

@@ -17,6 +17,7 @@ use crate::model::config::{rope_inv_freq, ModelConfig};
 use crate::model::fused::{causal_softmax, silu_mul};
 use crate::model::hooks::{Hook, HookPoint, NoHook};
 use crate::model::lora::{Linear, LinearMode};
+use crate::model::vjp::{LayerTape, Tape};
 
 /// Which positions get logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,8 +250,36 @@ impl Transformer {
         &self,
         input: Input<'_>,
         opts: &ForwardOptions,
+        cache: Option<&mut KvCache>,
+        hook: &mut dyn Hook,
+    ) -> Result<Tensor> {
+        self.run_inner(input, opts, cache, hook, None)
+    }
+
+    /// A fast (non-differentiable) forward of one sequence that also records the activations
+    /// [`Transformer::input_vjp`] needs; returns the final-norm hidden states `(1, T, d)`.
+    pub fn run_taped(&self, input: Input<'_>, use_lora: bool) -> Result<(Tensor, Tape)> {
+        let opts = ForwardOptions {
+            differentiable: false,
+            logits: LogitsAt::None,
+            use_lora,
+        };
+        let mut tape = Tape::default();
+        let hidden = self.run_inner(input, &opts, None, &mut NoHook, Some(&mut tape))?;
+        if hidden.dim(0)? != 1 {
+            return Err(Error::invalid("taped forward", "expects one sequence"));
+        }
+        tape.use_lora = use_lora;
+        Ok((hidden, tape))
+    }
+
+    fn run_inner(
+        &self,
+        input: Input<'_>,
+        opts: &ForwardOptions,
         mut cache: Option<&mut KvCache>,
         hook: &mut dyn Hook,
+        mut tape: Option<&mut Tape>,
     ) -> Result<Tensor> {
         let offset = cache.as_ref().map_or(0, |c| c.len);
         hook.set_position_offset(offset);
@@ -298,7 +327,28 @@ impl Transformer {
                 Some(c) => Some(&mut c.layers[layer_idx]),
                 None => None,
             };
-            xs = layer.forward(layer_idx, &xs, &self.cfg, &pass, layer_cache, hook, *opts)?;
+            let layer_tape = match tape.as_deref_mut() {
+                Some(t) => {
+                    t.layers.push(LayerTape::default());
+                    t.layers.last_mut()
+                }
+                None => None,
+            };
+            xs = layer.forward(
+                layer_idx,
+                &xs,
+                &self.cfg,
+                &pass,
+                layer_cache,
+                hook,
+                *opts,
+                layer_tape,
+            )?;
+        }
+        if let Some(tape) = tape {
+            tape.x_final = Some(xs.clone());
+            tape.cos = Some(pass.cos.clone());
+            tape.sin = Some(pass.sin.clone());
         }
         if let Some(cache) = cache {
             cache.len = offset + seq_len;
@@ -408,29 +458,51 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         hook: &mut dyn Hook,
         opts: ForwardOptions,
+        mut tape: Option<&mut LayerTape>,
     ) -> Result<Tensor> {
         let residual = replace_if(hook, HookPoint::ResidPre(layer_idx), xs.clone())?;
+        if let Some(tape) = tape.as_deref_mut() {
+            tape.x_in = Some(residual.clone());
+        }
         let normed = self
             .input_layernorm
             .forward(&residual, opts.differentiable)?;
-        let attn = self
-            .self_attn
-            .forward(layer_idx, &normed, cfg, pass, cache, hook)?;
+        let attn = self.self_attn.forward(
+            layer_idx,
+            &normed,
+            cfg,
+            pass,
+            cache,
+            hook,
+            tape.as_deref_mut(),
+        )?;
         let attn = replace_if(hook, HookPoint::AttnOut(layer_idx), attn)?;
         let xs = replace_if(hook, HookPoint::ResidMid(layer_idx), (residual + attn)?)?;
         let normed = self
             .post_attention_layernorm
             .forward(&xs, opts.differentiable)?;
-        let mlp = self.mlp.forward(&normed, pass.mode)?;
+        if let Some(tape) = tape.as_deref_mut() {
+            tape.x_mid = Some(xs.clone());
+        }
+        let mlp = self.mlp.forward(&normed, pass.mode, tape)?;
         let mlp = replace_if(hook, HookPoint::MlpOut(layer_idx), mlp)?;
         replace_if(hook, HookPoint::ResidPost(layer_idx), (xs + mlp)?)
     }
 }
 
 impl Mlp {
-    fn forward(&self, xs: &Tensor, mode: LinearMode) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        mode: LinearMode,
+        tape: Option<&mut LayerTape>,
+    ) -> Result<Tensor> {
         let gate = self.gate_proj.forward(xs, mode)?;
         let up = self.up_proj.forward(xs, mode)?;
+        if let Some(tape) = tape {
+            tape.gate = Some(gate.clone());
+            tape.up = Some(up.clone());
+        }
         let fused = (!mode.differentiable)
             .then(|| silu_mul(&gate, &up))
             .transpose()?
@@ -444,6 +516,7 @@ impl Mlp {
 }
 
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         layer_idx: usize,
@@ -452,6 +525,7 @@ impl Attention {
         pass: &PassCtx,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         hook: &mut dyn Hook,
+        mut tape: Option<&mut LayerTape>,
     ) -> Result<Tensor> {
         let (b_sz, seq_len, _) = xs.dims3()?;
         let n_heads = cfg.num_attention_heads;
@@ -486,6 +560,11 @@ impl Attention {
                 candle_nn::rotary_emb::rope(&k, &pass.cos, &pass.sin)?,
             )
         };
+        if let Some(tape) = tape.as_deref_mut() {
+            tape.q = Some(q.clone());
+            tape.k = Some(k.clone());
+            tape.v = Some(v.clone());
+        }
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -537,6 +616,9 @@ impl Attention {
             }
         };
         let probs = replace_if(hook, HookPoint::AttnPattern(layer_idx), probs)?;
+        if let Some(tape) = tape {
+            tape.probs = Some(probs.clone());
+        }
         // (b_sz, n_kv, n_rep * seq_len, kv_len)
         let probs = probs.reshape((b_sz, n_kv, n_rep * seq_len, kv_len))?;
         // (b_sz, n_kv, n_rep * seq_len, head_dim)

@@ -1,0 +1,592 @@
+//! Batched vector–Jacobian products of the frozen decoder with respect to its input embeddings:
+//! one taped forward, then one hand-written backward that carries `k` cotangents at once.
+//!
+//! Why not candle's autograd: a gradient for each of `k` objectives (e.g. the probability of each
+//! response token, METHODS.md §1) costs `k` backward passes there, each a chain of small,
+//! single-threaded element-wise ops and `T × d` products. Here the `k` cotangents ride along a
+//! leading batch axis, so every weight product is one `(k·T) × d` GEMM, the weights never get a
+//! gradient, the forward is shared (its activations are the [`Tape`]), and each batch stops at the
+//! last position any of its cotangents touches (causality: outputs at positions `< T'` depend
+//! only on inputs at positions `< T'`).
+//!
+//! The backward mirrors [`crate::model::transformer`] step by step (RMSNorm, rotate-half RoPE,
+//! grouped-query softmax attention, SwiGLU, LoRA). Tests compare it with candle's autograd on
+//! the differentiable path of the same forward.
+
+use candle_core::{CpuStorage, DType, Storage, Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::model::blas::{batched_matmul, frozen_input_grad, gemm_views, MatView, BLAS_ENABLED};
+use crate::model::fused::contiguous_f32;
+use crate::model::lora::Linear;
+use crate::model::transformer::{DecoderLayer, RmsNorm, Transformer};
+
+/// Activations of one decoder layer, recorded by [`Transformer::run_taped`].
+#[derive(Clone, Debug, Default)]
+pub struct LayerTape {
+    /// Residual stream entering the layer, `(1, T, d)`.
+    pub(crate) x_in: Option<Tensor>,
+    /// Queries after RoPE, `(1, n_heads, T, head_dim)`.
+    pub(crate) q: Option<Tensor>,
+    /// Keys after RoPE, `(1, n_kv, T, head_dim)`.
+    pub(crate) k: Option<Tensor>,
+    /// Values, `(1, n_kv, T, head_dim)`.
+    pub(crate) v: Option<Tensor>,
+    /// Attention probabilities, `(1, n_heads, T, T)`.
+    pub(crate) probs: Option<Tensor>,
+    /// Residual stream after attention, `(1, T, d)`.
+    pub(crate) x_mid: Option<Tensor>,
+    /// Gate projection before SiLU, `(1, T, intermediate)`.
+    pub(crate) gate: Option<Tensor>,
+    /// Up projection, `(1, T, intermediate)`.
+    pub(crate) up: Option<Tensor>,
+}
+
+/// Everything [`Transformer::input_vjp`] needs from one forward.
+#[derive(Clone, Debug, Default)]
+pub struct Tape {
+    pub(crate) layers: Vec<LayerTape>,
+    /// Residual stream before the final norm, `(1, T, d)`.
+    pub(crate) x_final: Option<Tensor>,
+    /// RoPE tables of the pass, `(T, head_dim / 2)`.
+    pub(crate) cos: Option<Tensor>,
+    pub(crate) sin: Option<Tensor>,
+    /// Whether the forward applied LoRA adapters (the backward must match).
+    pub(crate) use_lora: bool,
+}
+
+impl Tape {
+    /// Positions recorded.
+    pub fn seq_len(&self) -> usize {
+        self.x_final
+            .as_ref()
+            .and_then(|x| x.dim(1).ok())
+            .unwrap_or(0)
+    }
+}
+
+fn taped<'a>(slot: Option<&'a Tensor>, what: &str) -> Result<&'a Tensor> {
+    slot.ok_or_else(|| {
+        Error::invalid(
+            "tape",
+            format!("the forward recorded no {what} (not a taped forward)"),
+        )
+    })
+}
+
+/// First `len` positions of a taped `(1, .., T, ..)` tensor along `dim`.
+fn first(t: &Tensor, dim: usize, len: usize) -> Result<Tensor> {
+    Ok(t.narrow(dim, 0, len)?)
+}
+
+impl Transformer {
+    /// Gradients with respect to the input embeddings for `k` cotangents on the final-norm
+    /// hidden states: `cot` is `(k, T', d)` over positions `0..T'` of the taped sequence
+    /// (`T' ≤ T`); the result is `(k, T', d)`, row `b` being `cot[b]ᵀ ∂h/∂x`.
+    pub fn input_vjp(&self, tape: &Tape, cot: &Tensor) -> Result<Tensor> {
+        let (k_sz, t_len, hidden) = cot.dims3()?;
+        let cfg = self.config();
+        if hidden != cfg.hidden_size || t_len == 0 || t_len > tape.seq_len() {
+            return Err(Error::invalid(
+                "cotangent",
+                format!(
+                    "shape {:?} does not fit a taped sequence of {} positions and hidden size {}",
+                    cot.dims(),
+                    tape.seq_len(),
+                    cfg.hidden_size
+                ),
+            ));
+        }
+        if tape.layers.len() != self.layers.len() {
+            return Err(Error::invalid(
+                "tape",
+                format!(
+                    "{} layers recorded, the model has {}",
+                    tape.layers.len(),
+                    self.layers.len()
+                ),
+            ));
+        }
+        let use_lora = tape.use_lora;
+        let cos = first(taped(tape.cos.as_ref(), "RoPE table")?, 0, t_len)?.contiguous()?;
+        let sin = first(taped(tape.sin.as_ref(), "RoPE table")?, 0, t_len)?.contiguous()?;
+        let neg_sin = sin.neg()?;
+        let x_final = first(taped(tape.x_final.as_ref(), "final residual")?, 1, t_len)?;
+        let mut grad = rms_norm_vjp(&self.norm, &x_final, cot)?;
+        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+            // MLP: h = x_mid + down(silu(gate(n)) ⊙ up(n)), n = norm2(x_mid).
+            let gate = first(taped(lt.gate.as_ref(), "gate projection")?, 1, t_len)?;
+            let up = first(taped(lt.up.as_ref(), "up projection")?, 1, t_len)?;
+            let d_hidden = linear_vjp(&layer.mlp.down_proj, &grad, use_lora)?;
+            let (d_gate, d_up) = swiglu_vjp(&gate, &up, &d_hidden)?;
+            let d_normed = (linear_vjp(&layer.mlp.gate_proj, &d_gate, use_lora)?
+                + linear_vjp(&layer.mlp.up_proj, &d_up, use_lora)?)?;
+            let x_mid = first(taped(lt.x_mid.as_ref(), "mid residual")?, 1, t_len)?;
+            grad = rms_norm_vjp_add(&layer.post_attention_layernorm, &x_mid, &d_normed, &grad)?;
+
+            // Attention: x_mid = x_in + o(attn(norm1(x_in))).
+            let d_normed = self.attention_vjp(layer, lt, &grad, &cos, &neg_sin, use_lora)?;
+            let x_in = first(taped(lt.x_in.as_ref(), "layer input")?, 1, t_len)?;
+            grad = rms_norm_vjp_add(&layer.input_layernorm, &x_in, &d_normed, &grad)?;
+            debug_assert_eq!(grad.dims(), &[k_sz, t_len, hidden]);
+        }
+        Ok(grad)
+    }
+
+    /// The attention block's VJP from its output gradient `(k, T', d)` to the gradient on its
+    /// (normed) input `(k, T', d)`.
+    fn attention_vjp(
+        &self,
+        layer: &DecoderLayer,
+        lt: &LayerTape,
+        d_out: &Tensor,
+        cos: &Tensor,
+        neg_sin: &Tensor,
+        use_lora: bool,
+    ) -> Result<Tensor> {
+        let cfg = self.config();
+        let (k_sz, t_len, _) = d_out.dims3()?;
+        let n_heads = cfg.num_attention_heads;
+        let n_kv = cfg.num_key_value_heads;
+        let head_dim = cfg.head_dim;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let attn = &layer.self_attn;
+
+        // (k, T', n_heads · head_dim)
+        let d_z = linear_vjp(&attn.o_proj, d_out, use_lora)?;
+        let dims = AttnDims {
+            k_sz,
+            t_len,
+            n_heads,
+            n_kv,
+            head_dim,
+            scale,
+        };
+        let (d_q, d_k, d_v) = match attention_core_blas(lt, &d_z, cos, neg_sin, dims)? {
+            Some(grads) => grads,
+            None => attention_core(lt, &d_z, cos, neg_sin, dims)?,
+        };
+        let d_in = (linear_vjp(&attn.q_proj, &d_q, use_lora)?
+            + linear_vjp(&attn.k_proj, &d_k, use_lora)?)?;
+        Ok((d_in + linear_vjp(&attn.v_proj, &d_v, use_lora)?)?)
+    }
+}
+
+/// Shapes of one attention backward.
+#[derive(Clone, Copy, Debug)]
+struct AttnDims {
+    k_sz: usize,
+    t_len: usize,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+/// From `dz` `(k, T', n_heads · hd)` (the gradient on the heads' concatenated outputs) to the
+/// gradients on the projections `q` `(k, T', n_heads · hd)`, `k` and `v` `(k, T', n_kv · hd)`,
+/// RoPE undone; candle ops, any device and dtype.
+fn attention_core(
+    lt: &LayerTape,
+    d_z: &Tensor,
+    cos: &Tensor,
+    neg_sin: &Tensor,
+    dims: AttnDims,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let AttnDims {
+        k_sz,
+        t_len,
+        n_heads,
+        n_kv,
+        head_dim,
+        scale,
+    } = dims;
+    let n_rep = n_heads / n_kv;
+    // (k, T', n_heads, head_dim)
+    let d_z = d_z.reshape((k_sz, t_len, n_heads, head_dim))?;
+    // The k cotangents are stacked into the rows of per-head products, so each product is
+    // one matmul per head over k·T' rows, and the taped activations are never copied k times.
+    // (n_heads, k·T', head_dim)
+    let d_z_rows =
+        d_z.permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((n_heads, k_sz * t_len, head_dim))?;
+    // (n_heads, T', k·head_dim)
+    let d_z_cols =
+        d_z.permute((2, 1, 0, 3))?
+            .contiguous()?
+            .reshape((n_heads, t_len, k_sz * head_dim))?;
+    let repeat_kv = |t: &Tensor| -> Result<Tensor> {
+        // (1, n_kv, T', hd) -> (n_heads, T', hd), head h reading kv head h / n_rep.
+        Ok(t.squeeze(0)?
+            .unsqueeze(1)?
+            .broadcast_as((n_kv, n_rep, t_len, head_dim))?
+            .reshape((n_heads, t_len, head_dim))?)
+    };
+    // (n_heads, T', T')
+    let probs = taped(lt.probs.as_ref(), "attention pattern")?
+        .squeeze(0)?
+        .narrow(1, 0, t_len)?
+        .narrow(2, 0, t_len)?
+        .contiguous()?;
+    let q = first(taped(lt.q.as_ref(), "queries")?, 2, t_len)?
+        .squeeze(0)?
+        .contiguous()?;
+    let k = repeat_kv(&first(taped(lt.k.as_ref(), "keys")?, 2, t_len)?)?;
+    let v = repeat_kv(&first(taped(lt.v.as_ref(), "values")?, 2, t_len)?)?;
+
+    // z = P v  →  dP = dz vᵀ; (n_heads, k, T', T')
+    let d_probs = bmm(&d_z_rows, &v.contiguous()?, true)?.reshape((n_heads, k_sz, t_len, t_len))?;
+    // P = softmax(S)  →  dS = P ⊙ (dP − Σ_j dP ⊙ P)
+    let p4 = probs.unsqueeze(1)?; // (n_heads, 1, T', T')
+    let row_dot = d_probs.broadcast_mul(&p4)?.sum_keepdim(D::Minus1)?;
+    let d_scores = d_probs.broadcast_sub(&row_dot)?.broadcast_mul(&p4)?;
+    // S = scale · q kᵀ  →  dq = scale · dS k; (n_heads, k, T', hd)
+    let d_q = (bmm(
+        &d_scores.reshape((n_heads, k_sz * t_len, t_len))?,
+        &k.contiguous()?,
+        false,
+    )? * scale)?
+        .reshape((n_heads, k_sz, t_len, head_dim))?;
+    // dk = scale · dSᵀ q, with rows (key position, cotangent); (n_heads, T', k, hd)
+    let d_k = (bmm(
+        &d_scores
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .reshape((n_heads, t_len * k_sz, t_len))?,
+        &q,
+        false,
+    )? * scale)?
+        .reshape((n_heads, t_len, k_sz, head_dim))?;
+    // dv = Pᵀ dz; (n_heads, T', k, hd)
+    let d_v = bmm(&probs.t()?.contiguous()?, &d_z_cols, false)?
+        .reshape((n_heads, t_len, k_sz, head_dim))?;
+    // Query heads sharing a kv head add their key and value gradients; (n_kv, T', k, hd)
+    let sum_groups = |t: Tensor| -> Result<Tensor> {
+        Ok(t.reshape((n_kv, n_rep, t_len, k_sz, head_dim))?.sum(1)?)
+    };
+    let (d_k, d_v) = (sum_groups(d_k)?, sum_groups(d_v)?);
+    // RoPE is a rotation per position; its transpose rotates by −θ.
+    let d_q = candle_nn::rotary_emb::rope(&d_q.contiguous()?, cos, neg_sin)?;
+    let d_k = candle_nn::rotary_emb::rope_thd(&d_k.contiguous()?, cos, neg_sin)?;
+    // -> (k, T', heads · hd)
+    let d_q =
+        d_q.permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((k_sz, t_len, n_heads * head_dim))?;
+    let kv_flat = |t: Tensor| -> Result<Tensor> {
+        Ok(t.permute((2, 1, 0, 3))?
+            .contiguous()?
+            .reshape((k_sz, t_len, n_kv * head_dim))?)
+    };
+    let (d_k, d_v) = (kv_flat(d_k)?, kv_flat(d_v)?);
+    Ok((d_q, d_k, d_v))
+}
+
+/// The f32 elements of a contiguous CPU tensor, or `None` on other devices and dtypes.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<Option<R>> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    if !matches!(cpu, CpuStorage::F32(_)) {
+        return Ok(None);
+    }
+    let data = contiguous_f32(cpu, layout, "attention backward")?;
+    f(data).map(Some)
+}
+
+/// [`attention_core`] on CPU f32 through strided BLAS products on the taped buffers, without
+/// the copies and strided element-wise passes candle needs for the same layouts (which took
+/// ~70% of the attention backward). `None` where BLAS does not apply.
+fn attention_core_blas(
+    lt: &LayerTape,
+    d_z: &Tensor,
+    cos: &Tensor,
+    neg_sin: &Tensor,
+    dims: AttnDims,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !BLAS_ENABLED || !d_z.device().is_cpu() || d_z.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let AttnDims {
+        k_sz,
+        t_len,
+        n_heads,
+        n_kv,
+        head_dim: hd,
+        scale,
+    } = dims;
+    let n_rep = n_heads / n_kv;
+    let probs_t = taped(lt.probs.as_ref(), "attention pattern")?;
+    let t_full = probs_t.dim(D::Minus1)?;
+    let rows = k_sz * t_len;
+    let mut d_q = vec![0f32; rows * n_heads * hd];
+    let mut d_k = vec![0f32; rows * n_kv * hd];
+    let mut d_v = vec![0f32; rows * n_kv * hd];
+    let mut d_s = vec![0f32; rows * t_len];
+    let scale = scale as f32;
+    let done = with_cpu_f32(probs_t, |p| {
+        with_cpu_f32(taped(lt.q.as_ref(), "queries")?, |q| {
+            with_cpu_f32(taped(lt.k.as_ref(), "keys")?, |k| {
+                with_cpu_f32(taped(lt.v.as_ref(), "values")?, |v| {
+                    with_cpu_f32(d_z, |dz| {
+                        let view = MatView::new;
+                        for h in 0..n_heads {
+                            let g = h / n_rep;
+                            let dz_h = view(h * hd, rows, hd, n_heads * hd);
+                            let k_g = view(g * t_full * hd, t_len, hd, hd);
+                            // z = P v  →  dP = dz vᵀ for all k cotangents at once; (k·T', T')
+                            gemm_views(
+                                1.0,
+                                dz,
+                                dz_h,
+                                v,
+                                k_g.t(),
+                                0.0,
+                                &mut d_s,
+                                view(0, rows, t_len, t_len),
+                            )?;
+                            // dS = P ⊙ (dP − Σ_j dP ⊙ P); keys after the query have P = 0.
+                            for (r, d_row) in d_s.chunks_exact_mut(t_len).enumerate() {
+                                let query = r % t_len;
+                                let p_at = (h * t_full + query) * t_full;
+                                let p_row = &p[p_at..=p_at + query];
+                                let dot: f32 =
+                                    p_row.iter().zip(d_row.iter()).map(|(a, b)| a * b).sum();
+                                for (d, &pv) in d_row.iter_mut().zip(p_row) {
+                                    *d = pv * (*d - dot);
+                                }
+                                d_row[query + 1..].fill(0.0);
+                            }
+                            // dq = scale · dS k
+                            gemm_views(
+                                scale,
+                                &d_s,
+                                view(0, rows, t_len, t_len),
+                                k,
+                                k_g,
+                                0.0,
+                                &mut d_q,
+                                view(h * hd, rows, hd, n_heads * hd),
+                            )?;
+                            for b in 0..k_sz {
+                                let out =
+                                    view(b * t_len * n_kv * hd + g * hd, t_len, hd, n_kv * hd);
+                                // dk += scale · dSᵀ q (the heads of a group add up)
+                                gemm_views(
+                                    scale,
+                                    &d_s,
+                                    view(b * t_len * t_len, t_len, t_len, t_len).t(),
+                                    q,
+                                    view(h * t_full * hd, t_len, hd, hd),
+                                    1.0,
+                                    &mut d_k,
+                                    out,
+                                )?;
+                                // dv += Pᵀ dz
+                                gemm_views(
+                                    1.0,
+                                    p,
+                                    view(h * t_full * t_full, t_len, t_len, t_full).t(),
+                                    dz,
+                                    view(
+                                        b * t_len * n_heads * hd + h * hd,
+                                        t_len,
+                                        hd,
+                                        n_heads * hd,
+                                    ),
+                                    1.0,
+                                    &mut d_v,
+                                    out,
+                                )?;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+            })
+        })
+    })?;
+    if done.flatten().flatten().flatten().flatten().is_none() {
+        return Ok(None);
+    }
+    // RoPE is a rotation per position; its transpose rotates by −θ.
+    let (Some(cos), Some(neg_sin)) = (
+        with_cpu_f32(cos, |c| Ok(c.to_vec()))?,
+        with_cpu_f32(neg_sin, |s| Ok(s.to_vec()))?,
+    ) else {
+        return Ok(None);
+    };
+    rotate_rows(&mut d_q, t_len, n_heads, hd, &cos, &neg_sin);
+    rotate_rows(&mut d_k, t_len, n_kv, hd, &cos, &neg_sin);
+    let device = d_z.device();
+    Ok(Some((
+        Tensor::from_vec(d_q, (k_sz, t_len, n_heads * hd), device)?,
+        Tensor::from_vec(d_k, (k_sz, t_len, n_kv * hd), device)?,
+        Tensor::from_vec(d_v, (k_sz, t_len, n_kv * hd), device)?,
+    )))
+}
+
+/// Rotate-half RoPE with tables `(T', hd/2)` applied in place to rows `(k·T', heads · hd)`:
+/// `(x₁, x₂) → (x₁ cos − x₂ sin, x₂ cos + x₁ sin)`.
+fn rotate_rows(buf: &mut [f32], t_len: usize, heads: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    for (r, row) in buf.chunks_exact_mut(heads * hd).enumerate() {
+        let t = r % t_len;
+        let (c, s) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
+        for head in row.chunks_exact_mut(hd) {
+            let (x1, x2) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+/// Batched `a b` (or `a bᵀ`), through BLAS on CPU f32 (candle's matmul reached ~30 GFLOP/s on
+/// these per-head shapes).
+fn bmm(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
+    if let Some(product) = batched_matmul(a, b, transpose_b, 1.0)? {
+        return Ok(product);
+    }
+    Ok(if transpose_b {
+        a.matmul(&b.t()?)?
+    } else {
+        a.matmul(b)?
+    })
+}
+
+/// `y = x W^T (+ b) (+ s · x Aᵀ Bᵀ)` → `dx = dy W (+ s · dy B A)`, for `dy` of shape `(k, T, out)`.
+fn linear_vjp(linear: &Linear, d_out: &Tensor, use_lora: bool) -> Result<Tensor> {
+    let (k_sz, t_len, out) = d_out.dims3()?;
+    let d2 = d_out.reshape((k_sz * t_len, out))?.contiguous()?;
+    let mut d_in = frozen_input_grad(&d2, &linear.weight)?;
+    if use_lora {
+        if let Some(lora) = &linear.lora {
+            let delta = d2.matmul(&lora.b)?.matmul(&lora.a)?;
+            d_in = (d_in + (delta * lora.scale)?)?;
+        }
+    }
+    Ok(d_in.reshape((k_sz, t_len, linear.in_features()))?)
+}
+
+/// `h = silu(g) ⊙ u` → `(dg, du) = (dh ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))), dh ⊙ silu(g))`, for the
+/// taped `g`, `u` `(1, T', I)` and `dh` `(k, T', I)`. One fused pass on CPU f32 (candle's
+/// chain of broadcast ops took ~8% of the backward); candle ops elsewhere.
+fn swiglu_vjp(gate: &Tensor, up: &Tensor, d_hidden: &Tensor) -> Result<(Tensor, Tensor)> {
+    let fused = with_cpu_f32(gate, |g| {
+        with_cpu_f32(up, |u| {
+            with_cpu_f32(d_hidden, |dh| {
+                let plane = g.len();
+                let mut d_gate = vec![0f32; dh.len()];
+                let mut d_up = vec![0f32; dh.len()];
+                // Per (t, i): dh-independent factors once, then each cotangent.
+                let factors: Vec<(f32, f32)> = g
+                    .iter()
+                    .zip(u)
+                    .map(|(&g, &u)| {
+                        let sig = 1.0 / (1.0 + (-g).exp());
+                        (u * sig * (1.0 + g * (1.0 - sig)), g * sig)
+                    })
+                    .collect();
+                for ((dh_b, dg_b), du_b) in dh
+                    .chunks_exact(plane)
+                    .zip(d_gate.chunks_exact_mut(plane))
+                    .zip(d_up.chunks_exact_mut(plane))
+                {
+                    for (((&dh, dg), du), &(a, silu)) in
+                        dh_b.iter().zip(dg_b).zip(du_b).zip(&factors)
+                    {
+                        *dg = dh * a;
+                        *du = dh * silu;
+                    }
+                }
+                let shape = d_hidden.dims().to_vec();
+                let device = d_hidden.device();
+                Ok((
+                    Tensor::from_vec(d_gate, shape.clone(), device)?,
+                    Tensor::from_vec(d_up, shape, device)?,
+                ))
+            })
+        })
+    })?;
+    if let Some(Some(Some(grads))) = fused {
+        return Ok(grads);
+    }
+    let sig = candle_nn::ops::sigmoid(&gate.contiguous()?)?;
+    let silu = (gate * &sig)?;
+    // d silu / d gate = σ(g) (1 + g (1 − σ(g)))
+    let dsilu = (&sig * ((gate * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
+    let up_dsilu = (up * dsilu)?;
+    Ok((
+        d_hidden.broadcast_mul(&up_dsilu)?,
+        d_hidden.broadcast_mul(&silu)?,
+    ))
+}
+
+/// `acc + rms_norm_vjp(norm, x, d_out)`, fused into one pass on CPU f32.
+fn rms_norm_vjp_add(norm: &RmsNorm, x: &Tensor, d_out: &Tensor, acc: &Tensor) -> Result<Tensor> {
+    let fused = with_cpu_f32(x, |xs| {
+        with_cpu_f32(&norm.weight, |w| {
+            with_cpu_f32(d_out, |dy| {
+                with_cpu_f32(acc, |acc_data| {
+                    let hidden = w.len();
+                    let plane = xs.len();
+                    let eps = norm.eps as f32;
+                    let inv_rms: Vec<f32> = xs
+                        .chunks_exact(hidden)
+                        .map(|row| {
+                            let mean = row.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
+                            1.0 / (mean + eps).sqrt()
+                        })
+                        .collect();
+                    let mut out = acc_data.to_vec();
+                    for (dy_b, out_b) in dy.chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
+                        for (((dy_r, out_r), x_r), &r) in dy_b
+                            .chunks_exact(hidden)
+                            .zip(out_b.chunks_exact_mut(hidden))
+                            .zip(xs.chunks_exact(hidden))
+                            .zip(&inv_rms)
+                        {
+                            let dot: f32 = dy_r
+                                .iter()
+                                .zip(w)
+                                .zip(x_r)
+                                .map(|((d, w), x)| d * w * x)
+                                .sum();
+                            let coeff = r * r * r * dot / hidden as f32;
+                            for (((o, d), w), x) in out_r.iter_mut().zip(dy_r).zip(w).zip(x_r) {
+                                *o += r * d * w - x * coeff;
+                            }
+                        }
+                    }
+                    Ok(Tensor::from_vec(out, acc.dims(), acc.device())?)
+                })
+            })
+        })
+    })?;
+    if let Some(Some(Some(Some(sum)))) = fused {
+        return Ok(sum);
+    }
+    Ok((acc + rms_norm_vjp(norm, x, d_out)?)?)
+}
+
+/// `y = g ⊙ x r`, `r = (mean(x²) + eps)^(-1/2)` → `dx = r (dy ⊙ g) − x r³ Σ(dy ⊙ g ⊙ x) / d`;
+/// `x` is the taped `(1, T, d)`, `d_out` is `(k, T, d)`.
+fn rms_norm_vjp(norm: &RmsNorm, x: &Tensor, d_out: &Tensor) -> Result<Tensor> {
+    let hidden = x.dim(D::Minus1)?;
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + norm.eps)?
+        .sqrt()?
+        .recip()?; // (1, T, 1)
+    let gy = d_out.broadcast_mul(&norm.weight)?; // (k, T, d)
+    let dot = gy.broadcast_mul(x)?.sum_keepdim(D::Minus1)?; // (k, T, 1)
+    let coeff = dot.broadcast_mul(&(r.powf(3.0)? / hidden as f64)?)?; // (k, T, 1)
+    Ok((gy.broadcast_mul(&r)? - x.broadcast_mul(&coeff)?)?)
+}
