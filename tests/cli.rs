@@ -251,7 +251,128 @@ fn attribute_prints_matrices_density_and_score() -> anyhow::Result<()> {
     ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let out: serde_json::Value = serde_json::from_str(&run.stdout)?;
-    assert!(out["instruction_score"].is_null());
+    // "write" is an instruction verb (METHODS.md §3.5): its sentence is marked automatically.
+    assert_eq!(
+        out["instruction_mask"],
+        serde_json::json!([true, true, true])
+    );
+    assert!(out["instruction_score"].as_f64().is_some());
+    assert!(out["response"].as_str().is_some_and(|r| !r.is_empty()));
+    let run = run_cli(&[
+        "attribute",
+        "--model",
+        &path,
+        "--prompt",
+        "write a poem",
+        "--response",
+        "the sea",
+        "--no-instructions",
+        "--json",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out: serde_json::Value = serde_json::from_str(&run.stdout)?;
+    assert!(out["instruction_score"].is_null() && out["instruction_mask"].is_null());
+    Ok(())
+}
+
+#[test]
+fn attribute_two_models_side_by_side_writes_figures_and_data() -> anyhow::Result<()> {
+    let (_a, path_a) = tiny_folder(12);
+    let (_b, path_b) = tiny_folder(13);
+    let out_dir = tempfile::tempdir()?;
+    let run = run_cli(&[
+        "attribute",
+        "--model",
+        &path_a,
+        "--model-b",
+        &path_b,
+        "--prompt",
+        "summarize the text in one sentence",
+        "--max-new-tokens",
+        "5",
+        "--out",
+        &out_dir.path().display().to_string(),
+        "--json",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out: serde_json::Value = serde_json::from_str(&run.stdout)?;
+    let results = out.as_array().expect("one result per model");
+    assert_eq!(results.len(), 2);
+    assert_eq!(
+        (results[0]["slot"].as_str(), results[1]["slot"].as_str()),
+        (Some("A"), Some("B"))
+    );
+    // Each model explains its own greedy response; different seeds give different weights.
+    assert_ne!(results[0]["raw"], results[1]["raw"]);
+    let mut names: Vec<String> = std::fs::read_dir(out_dir.path())?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    assert_eq!(names.len(), 5, "{names:?}");
+    for ext in [".svg", ".png", ".csv", "_density.csv", ".json"] {
+        let name = names
+            .iter()
+            .find(|n| n.ends_with(ext))
+            .expect("file written");
+        assert!(name.starts_with("attribution_"), "{name}");
+        assert!(
+            std::fs::metadata(out_dir.path().join(name))?.len() > 100,
+            "{name}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn attribute_batch_writes_one_line_per_prompt_and_names_bad_lines() -> anyhow::Result<()> {
+    let (dir, path) = tiny_folder(14);
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        concat!(
+            "{\"prompt\": \"write a poem\", \"response\": \"the sea\", \"id\": \"p1\"}\n",
+            "\n",
+            "\"summarize the text\"\n",
+            "{\"prompt\": \"tell me\", \"colour\": 3}\n",
+            "not json\n",
+        ),
+    )?;
+    let run = run_cli(&[
+        "attribute",
+        "--model",
+        &path,
+        "--prompts",
+        &prompts.display().to_string(),
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let lines: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 4, "{}", run.stdout);
+    assert_eq!(lines[0]["id"], "p1");
+    assert_eq!(lines[0]["line"], 1);
+    assert!(lines[0]["instruction_score"][0].as_f64().is_some());
+    assert_eq!(lines[1]["line"], 3);
+    assert!(lines[1]["results"][0]["response"].as_str().is_some());
+    assert!(lines[2]["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("colour")));
+    assert_eq!(lines[3]["line"], 5);
+    assert!(
+        run.stderr.contains("prompts.jsonl:5: not JSON"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("4/4 prompts"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("2 of 4 prompts failed"),
+        "{}",
+        run.stderr
+    );
     Ok(())
 }
 

@@ -60,4 +60,21 @@ pub struct Attribution {
     pub instruction_mask: Option<Vec<bool>>,
     /// Instruction score `s`, when a mask was given.
     pub instruction_score: Option<f32>,
+    /// Prompt words: decoded text and the prompt tokens each covers.
+    #[serde(default)]
+    pub input_words: Vec<WordSpan>,
+    /// Response words.
+    #[serde(default)]
+    pub output_words: Vec<WordSpan>,
+}
+
+/// A word made of tokens `start..end`, with its decoded text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WordSpan {
+    /// Decoded text, trimmed.
+    pub text: String,
+    /// First token.
+    pub start: usize,
+    /// One past the last token.
+    pub end: usize,
 }

@@ -11,6 +11,8 @@ use crate::model::{DeviceChoice, ModelSpec};
 use crate::worker::job::{Job, JobOutput, Slot};
 use crate::worker::runner::{run_job, WorkerCtx};
 
+mod attribute;
+
 /// Compare a base and an instruction-tuned language model.
 #[derive(Debug, Parser)]
 #[command(name = "tunelens", version, about)]
@@ -72,25 +74,7 @@ pub enum Command {
     },
     /// Gradient x input attribution of a response to its prompt (METHODS.md §1): the raw and
     /// quantised matrices, importance density and, with --instruction, the instruction score.
-    Attribute {
-        #[command(flatten)]
-        model: ModelArg,
-        /// The prompt.
-        #[arg(long)]
-        prompt: String,
-        /// The response to explain; without it the model's own greedy response is used.
-        #[arg(long)]
-        response: Option<String>,
-        /// Wrap the prompt in the chat template (the method uses the raw prompt).
-        #[arg(long)]
-        chat: bool,
-        /// An instruction span of the prompt (repeatable); gives the mask and the score.
-        #[arg(long = "instruction")]
-        instructions: Vec<String>,
-        /// New tokens when the response is generated.
-        #[arg(long, default_value_t = 200)]
-        max_new_tokens: usize,
-    },
+    Attribute(AttributeArgs),
     /// Generate a response (greedy unless --temperature is given).
     Generate {
         #[command(flatten)]
@@ -119,15 +103,56 @@ pub enum Command {
     },
 }
 
+/// `tunelens attribute`.
+#[derive(Debug, Args)]
+pub struct AttributeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// A second model (slot B), attributed beside the first for a side-by-side figure.
+    #[arg(long = "model-b")]
+    model_b: Option<String>,
+    /// The prompt.
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// Batch mode: a JSONL file, one prompt per line, either a JSON string or an object
+    /// `{"prompt": .., "response"?: .., "instructions"?: [..], "id"?: ..}`; one JSON result per
+    /// line goes to stdout, progress to stderr.
+    #[arg(long)]
+    prompts: Option<std::path::PathBuf>,
+    /// The response to explain, pinned for both models; without it each model explains its own
+    /// greedy response.
+    #[arg(long)]
+    response: Option<String>,
+    /// Wrap the prompt in the chat template (the method uses the raw prompt).
+    #[arg(long)]
+    chat: bool,
+    /// An instruction span of the prompt (repeatable); replaces the automatic instruction
+    /// sentences (those with an instruction verb, METHODS.md §3.5).
+    #[arg(long = "instruction")]
+    instructions: Vec<String>,
+    /// No instruction words at all (no mask, no score).
+    #[arg(long, conflicts_with = "instructions")]
+    no_instructions: bool,
+    /// New tokens when the response is generated.
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    /// Write the figure (SVG, PNG) and the data (CSV, JSON) into this folder.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
 /// Runs a subcommand, printing to stdout.
 pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     let mut ctx = WorkerCtx::default();
+    if let Command::Attribute(args) = command {
+        return attribute::run(cli, &mut ctx, args);
+    }
     let model_arg = match command {
         Command::Info { model }
         | Command::Tokenize { model, .. }
         | Command::Forward { model, .. }
-        | Command::Attribute { model, .. }
         | Command::Generate { model, .. } => &model.model,
+        Command::Attribute(args) => &args.model.model,
     };
     let spec = ModelSpec::parse(model_arg);
     let loaded = run_job(
@@ -143,7 +168,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot load model {spec}"))?;
     let job = match command {
-        Command::Info { .. } => None,
+        Command::Info { .. } | Command::Attribute(_) => None,
         Command::Tokenize { text, .. } => Some(Job::Tokenize {
             slot: Slot::A,
             text: text.clone(),
@@ -152,21 +177,6 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
             slot: Slot::A,
             text: text.clone(),
             top_k: *top_k,
-        }),
-        Command::Attribute {
-            prompt,
-            response,
-            chat,
-            instructions,
-            max_new_tokens,
-            ..
-        } => Some(Job::Attribute {
-            slot: Slot::A,
-            prompt: prompt.clone(),
-            response: response.clone(),
-            chat: *chat,
-            instructions: instructions.clone(),
-            max_new_tokens: *max_new_tokens,
         }),
         Command::Generate {
             prompt,
@@ -229,10 +239,10 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                 [one] => serde_json::to_string_pretty(one)?,
                 many => serde_json::to_string_pretty(many)?,
             },
-            JobOutput::Attributed {
-                response,
-                attribution,
-            } => serde_json::to_string(&attribution_json(response, attribution))?,
+            JobOutput::Attributed(results) => {
+                let values: Vec<_> = results.iter().map(attribute::result_json).collect();
+                serde_json::to_string(&values)?
+            }
             JobOutput::Unloaded { .. } | JobOutput::Swapped { .. } => String::new(),
         };
         writeln!(out, "{value}")?;
@@ -294,23 +304,9 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                 writeln!(out, "{pos}\t{token}\t{}", tops.join(" "))?;
             }
         }
-        JobOutput::Attributed {
-            response,
-            attribution,
-        } => {
-            writeln!(out, "response: {response}")?;
-            writeln!(out, "token\tdensity\tinstruction")?;
-            for (i, token) in attribution.input_tokens.iter().enumerate() {
-                let marked = attribution.instruction_mask.as_ref().is_some_and(|m| m[i]);
-                writeln!(
-                    out,
-                    "{token}\t{:.4}\t{}",
-                    attribution.density[i],
-                    if marked { "*" } else { "" }
-                )?;
-            }
-            if let Some(score) = attribution.instruction_score {
-                writeln!(out, "instruction score: {score:.4}")?;
+        JobOutput::Attributed(results) => {
+            for result in results {
+                attribute::print_text(&mut out, result)?;
             }
         }
         JobOutput::Unloaded { .. } | JobOutput::Swapped { .. } => {}
@@ -336,23 +332,4 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The JSON form of an attribution: matrices as nested arrays, rows = prompt tokens.
-fn attribution_json(response: &str, a: &crate::analysis::types::Attribution) -> serde_json::Value {
-    let rows = |m: &crate::analysis::types::Matrix| -> Vec<Vec<f32>> {
-        (0..m.rows).map(|i| m.row(i).to_vec()).collect()
-    };
-    serde_json::json!({
-        "response": response,
-        "input_ids": a.input_ids,
-        "input_tokens": a.input_tokens,
-        "output_ids": a.output_ids,
-        "output_tokens": a.output_tokens,
-        "raw": rows(&a.raw),
-        "quantized": rows(&a.quantized),
-        "density": a.density,
-        "instruction_mask": a.instruction_mask,
-        "instruction_score": a.instruction_score,
-    })
 }

@@ -68,6 +68,20 @@ pub struct AdapterInfo {
 }
 
 impl ModelInfo {
+    /// A short name for titles and file names: the last path component of the source (its
+    /// file stem for files), `+ adapter` when an adapter is attached.
+    pub fn display_name(&self) -> String {
+        let name = |spec: &str| -> String {
+            let trimmed = spec.trim_end_matches(['/', '\\']);
+            let last = trimmed.rsplit(['/', '\\']).next().unwrap_or(trimmed);
+            last.strip_suffix(".gguf").unwrap_or(last).to_owned()
+        };
+        match self.source.split_once('+') {
+            Some((base, adapter)) => format!("{}+{}", name(base), name(adapter)),
+            None => name(&self.source),
+        }
+    }
+
     /// Summarises `model`.
     pub fn describe(
         model: &Transformer,

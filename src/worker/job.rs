@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::attribution::Instructions;
+use crate::analysis::types::Attribution;
 use crate::model::generate::{GenerateConfig, GeneratedToken, Generation};
 use crate::model::{DeviceChoice, ModelInfo, ModelSpec};
 
@@ -30,16 +32,17 @@ pub enum Job {
     },
     /// Gradient attribution of a response to its prompt (METHODS.md §1).
     Attribute {
-        /// Model slot.
-        slot: Slot,
+        /// Model slots, each attributed in turn (A and B side by side).
+        slots: Vec<Slot>,
         /// The prompt.
         prompt: String,
-        /// The response; `None` generates it greedily with the same model.
+        /// The response, pinned for every slot; `None` lets each model explain its own greedy
+        /// response.
         response: Option<String>,
         /// Apply the chat template to the prompt (the method itself uses the raw prompt).
         chat: bool,
-        /// Annotated instruction spans of the prompt, for the mask and the score.
-        instructions: Vec<String>,
+        /// Instruction words of the prompt, for the mask and the score.
+        instructions: Instructions,
         /// New tokens when the response is generated.
         max_new_tokens: usize,
     },
@@ -80,6 +83,19 @@ pub enum Job {
     },
 }
 
+/// The attribution of one model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotAttribution {
+    /// Which slot.
+    pub slot: Slot,
+    /// The model's display name.
+    pub model: String,
+    /// The (given or generated) response.
+    pub response: String,
+    /// The result at token level.
+    pub attribution: Attribution,
+}
+
 /// The result of a finished job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum JobOutput {
@@ -94,13 +110,8 @@ pub enum JobOutput {
     Tokens(TokenizeOutput),
     /// Logits.
     Forward(ForwardOutput),
-    /// An attribution, with the response it explains.
-    Attributed {
-        /// The (given or generated) response.
-        response: String,
-        /// The result.
-        attribution: Box<crate::analysis::types::Attribution>,
-    },
+    /// One attribution per requested slot, in request order.
+    Attributed(Vec<SlotAttribution>),
     /// A slot was emptied.
     Unloaded {
         /// Which slot.

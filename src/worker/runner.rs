@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::model::generate::{GenerateConfig, Generator};
 use crate::model::{self, LoadOptions, LoadedModel, NoHook};
 use crate::worker::job::{
-    Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, Slot, TokenizeOutput,
+    Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, Slot, SlotAttribution,
+    TokenizeOutput,
 };
 
 /// State owned by whoever runs jobs: the loaded models and the cancel flag.
@@ -109,7 +110,7 @@ pub fn run_job(
             Ok(JobOutput::Forward(forward_text(loaded, &text, top_k)?))
         }
         Job::Attribute {
-            slot,
+            slots,
             prompt,
             response,
             chat,
@@ -117,47 +118,52 @@ pub fn run_job(
             max_new_tokens,
         } => {
             let cancel = ctx.cancel.clone();
-            let loaded = ctx.model(slot)?;
-            let (rendered, ids) = render_prompt(loaded, &prompt, chat)?;
-            let response = if let Some(response) = response {
-                response
-            } else {
-                greedy_response(loaded, &ids, max_new_tokens, &cancel)?
-            };
-            let prompt_ids = attribution::split_tokens(&loaded.tokenizer, &rendered, &response)?.0;
-            let mask = if instructions.is_empty() {
-                None
-            } else {
-                Some(attribution::instruction_mask(
+            let n_slots = slots.len().max(1) as f32;
+            let mut results = Vec::with_capacity(slots.len());
+            for (n, &slot) in slots.iter().enumerate() {
+                let loaded = ctx.model(slot)?;
+                let (rendered, ids) = render_prompt(loaded, &prompt, chat)?;
+                let response = match &response {
+                    Some(response) => response.clone(),
+                    None => greedy_response(loaded, &ids, max_new_tokens, &cancel)?,
+                };
+                let prompt_ids =
+                    attribution::split_tokens(&loaded.tokenizer, &rendered, &response)?.0;
+                let mask = attribution::resolve_instructions(
                     &loaded.tokenizer,
+                    &prompt,
                     &prompt_ids,
                     &instructions,
-                )?)
-            };
-            let result = attribution::attribute(
-                &loaded.model,
-                &loaded.tokenizer,
-                &rendered,
-                &response,
-                mask.as_deref(),
-                &AttributionConfig::default(),
-                &mut |frac| {
-                    emit(Event::Progress {
-                        job_id,
-                        frac,
-                        message: "attributing".to_owned(),
-                    });
-                    if cancel.load(Ordering::Relaxed) {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                },
-            )?;
-            Ok(JobOutput::Attributed {
-                response,
-                attribution: Box::new(result),
-            })
+                )?;
+                let message = format!("attributing {slot:?}");
+                let result = attribution::attribute(
+                    &loaded.model,
+                    &loaded.tokenizer,
+                    &rendered,
+                    &response,
+                    mask.as_deref(),
+                    &AttributionConfig::default(),
+                    &mut |frac| {
+                        emit(Event::Progress {
+                            job_id,
+                            frac: (n as f32 + frac) / n_slots,
+                            message: message.clone(),
+                        });
+                        if cancel.load(Ordering::Relaxed) {
+                            ControlFlow::Break(())
+                        } else {
+                            ControlFlow::Continue(())
+                        }
+                    },
+                )?;
+                results.push(SlotAttribution {
+                    slot,
+                    model: loaded.info.display_name(),
+                    response,
+                    attribution: result,
+                });
+            }
+            Ok(JobOutput::Attributed(results))
         }
         Job::Unload { slot } => {
             match slot {
