@@ -227,3 +227,82 @@ fn dropped_models_fill_empty_slots_and_adapters_stack_on_top() {
     );
     harness.get_by_label_contains("r 2 alpha 4 on q_proj");
 }
+
+#[test]
+fn attribution_view_shows_heatmaps_scores_and_exports() {
+    let a = tiny_folder(6, false);
+    let b = tiny_folder(7, true);
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    harness.state_mut().open_path(Slot::B, b.path());
+    step_until(&mut harness, "both models", |app| {
+        app.slots.iter().all(|s| s.info.is_some())
+    });
+    harness.get_by_label("Attribution").click();
+    harness.run();
+    harness.state_mut().state.prompt = "write a poem about the sea. keep it short".to_owned();
+    harness.state_mut().state.chat = false;
+    harness.state_mut().state.attribution.max_new_tokens = 6;
+    harness.run();
+    harness.get_by_label("Attribute").click();
+    step_until(&mut harness, "both attributions", |app| {
+        app.attribution.is_some()
+    });
+    let results = &harness
+        .state()
+        .attribution
+        .as_ref()
+        .expect("results")
+        .results;
+    assert_eq!(results.len(), 2);
+    // Each model explains its own response; "write" marks its sentence automatically.
+    for r in results {
+        assert!(!r.attribution.output_ids.is_empty());
+        assert!(r.attribution.instruction_score.is_some());
+    }
+    for slot in ["A", "B"] {
+        harness.get_by_label(&format!("Attribution heatmap {slot}"));
+        harness.get_by_label(&format!("Importance density {slot}"));
+        harness.get_by_label_contains(&format!("Instruction score {slot}: "));
+    }
+    // Clicking a density bar flips that word's mark and the score follows.
+    let before = results[0].attribution.instruction_mask.clone();
+    harness.get_by_label("Importance density A").scroll_to_me();
+    harness.run();
+    harness.get_by_label("Importance density A").click();
+    harness.run();
+    let after = &harness
+        .state()
+        .attribution
+        .as_ref()
+        .expect("results")
+        .results[0];
+    assert_ne!(after.attribution.instruction_mask, before);
+    // Token level is one click away.
+    harness.get_by_label("Tokens").click();
+    harness.run();
+    assert!(!harness.state().state.attribution.word_level);
+    // Export (the save dialog cannot be clicked; this is its code path).
+    let out = tempfile::tempdir().expect("temp dir");
+    harness
+        .state_mut()
+        .export_to(&out.path().join("figure.svg"));
+    step_until(&mut harness, "the export", |app| {
+        app.export_note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("Exported"))
+    });
+    for name in [
+        "figure.svg",
+        "figure.png",
+        "figure.csv",
+        "figure_density.csv",
+        "figure.json",
+    ] {
+        let len = std::fs::metadata(out.path().join(name)).map_or(0, |m| m.len());
+        assert!(len > 100, "{name}: {len} bytes");
+    }
+    let svg = std::fs::read_to_string(out.path().join("figure.svg")).expect("svg");
+    assert!(svg.contains("<svg") && !svg.contains("<text"));
+    harness.get_by_label_contains("Exported 5 files");
+}

@@ -8,14 +8,18 @@ use std::time::{Duration, Instant};
 
 use eframe::egui;
 
+use crate::analysis::attribution::{by_words, instruction_score, AttributionConfig, Instructions};
+use crate::analysis::types::Attribution;
+use crate::export;
 use crate::model::generate::StopReason;
 use crate::model::{DeviceChoice, ModelInfo, ModelSpec};
 use crate::samples::{self, SampleSet};
 use crate::ui::dialogs::{DialogKind, Dialogs};
 use crate::ui::panels;
-use crate::ui::state::{AppState, View};
+use crate::ui::state::{AppState, InstructionSource, View};
 use crate::ui::theme;
 use crate::ui::widgets::status;
+use crate::worker::job::SlotAttribution;
 use crate::worker::{self, Event, Job, JobId, JobOutput, Slot, WorkerHandle};
 
 /// What the user asked for this frame.
@@ -61,6 +65,94 @@ pub enum Action {
     Show(View),
     /// Hide the last error.
     DismissError,
+    /// Attribute the prompt with every loaded model.
+    Attribute,
+    /// Mark or unmark a prompt word (or token) of one attribution as an instruction word.
+    ToggleInstruction {
+        /// Index into the results (A, then B).
+        result: usize,
+        /// Row as shown (a word or a token, by the view's level).
+        row: usize,
+    },
+    /// Ask where to export the attribution.
+    ExportDialog,
+    /// Export the attribution as shown: `<stem>.svg` picks the folder and the file stem.
+    ExportTo(PathBuf),
+}
+
+/// The files an export wrote, or why it failed.
+pub type ExportOutcome = Result<Vec<PathBuf>, String>;
+
+/// The attributions of the last run, with display caches.
+#[derive(Clone, Debug)]
+pub struct AttributionResults {
+    /// The prompt they explain.
+    pub prompt: String,
+    /// Token-level results, one per model, with the user's instruction marks.
+    pub results: Vec<SlotAttribution>,
+    words: Vec<Attribution>,
+}
+
+impl AttributionResults {
+    /// Wraps finished results.
+    pub fn new(prompt: String, results: Vec<SlotAttribution>) -> Self {
+        let words = results
+            .iter()
+            .map(|r| by_words(&r.attribution, &AttributionConfig::default()))
+            .collect();
+        Self {
+            prompt,
+            results,
+            words,
+        }
+    }
+
+    /// Result `index` at word or token level.
+    pub fn shown(&self, index: usize, word_level: bool) -> &Attribution {
+        if word_level {
+            &self.words[index]
+        } else {
+            &self.results[index].attribution
+        }
+    }
+
+    /// Flips the instruction mark of shown row `row` (a whole word at word level) and updates
+    /// the score.
+    pub fn toggle(&mut self, index: usize, row: usize, word_level: bool) {
+        let Some(result) = self.results.get_mut(index) else {
+            return;
+        };
+        let a = &mut result.attribution;
+        let tokens = if word_level {
+            match self.words[index].input_words.get(row) {
+                Some(word) => word.start..word.end,
+                None => return,
+            }
+        } else {
+            row..row + 1
+        };
+        let mut mask = a
+            .instruction_mask
+            .clone()
+            .unwrap_or_else(|| vec![false; a.input_ids.len()]);
+        let Some(current) = mask.get(tokens.clone()) else {
+            return;
+        };
+        let marked = !current.iter().any(|&m| m);
+        mask[tokens].iter_mut().for_each(|m| *m = marked);
+        if mask.iter().any(|&m| m) {
+            a.instruction_score = Some(if a.output_ids.is_empty() {
+                0.0
+            } else {
+                instruction_score(&a.density, &mask)
+            });
+            a.instruction_mask = Some(mask);
+        } else {
+            a.instruction_mask = None;
+            a.instruction_score = None;
+        }
+        self.words[index] = by_words(a, &AttributionConfig::default());
+    }
 }
 
 /// How the app starts: models to preload and the compute device (from the command line).
@@ -120,6 +212,8 @@ pub enum PendingKind {
     Load(Slot),
     /// Generating responses.
     Generate,
+    /// Attributing.
+    Attribute,
     /// Unload, swap.
     Other,
 }
@@ -138,6 +232,14 @@ pub struct TunelensApp {
     pub last_error: Option<String>,
     /// Built-in sample prompts.
     pub samples: Vec<SampleSet>,
+    /// The last attribution run.
+    pub attribution: Option<AttributionResults>,
+    /// What the last export wrote (or why it failed).
+    pub export_note: Option<String>,
+    exports: (
+        crossbeam_channel::Sender<ExportOutcome>,
+        crossbeam_channel::Receiver<ExportOutcome>,
+    ),
     worker: WorkerHandle,
     dialogs: Dialogs,
     actions: Vec<Action>,
@@ -175,6 +277,9 @@ impl TunelensApp {
             pending: BTreeMap::new(),
             last_error: None,
             samples: samples::builtin(),
+            attribution: None,
+            export_note: None,
+            exports: crossbeam_channel::unbounded(),
             worker,
             dialogs: Dialogs::default(),
             actions: Vec::new(),
@@ -301,6 +406,21 @@ impl TunelensApp {
                 Action::Stop => self.worker.cancel(),
                 Action::Show(view) => self.state.view = view,
                 Action::DismissError => self.last_error = None,
+                Action::Attribute => self.attribute(),
+                Action::ToggleInstruction { result, row } => {
+                    let word_level = self.state.attribution.word_level;
+                    if let Some(results) = &mut self.attribution {
+                        results.toggle(result, row, word_level);
+                    }
+                }
+                Action::ExportDialog => {
+                    let ctx = self.ctx.clone();
+                    let name = format!("{}.svg", self.export_stem());
+                    if let Err(err) = self.dialogs.save(name, move || ctx.request_repaint()) {
+                        self.last_error = Some(format!("Cannot open a file dialog: {err}"));
+                    }
+                }
+                Action::ExportTo(path) => self.export_to(&path),
             }
         }
     }
@@ -331,6 +451,112 @@ impl TunelensApp {
             cfg: self.state.gen.to_config(),
         };
         self.submit(job, "Generating".to_owned(), PendingKind::Generate);
+    }
+
+    fn attribute(&mut self) {
+        let slots: Vec<Slot> = [Slot::A, Slot::B]
+            .into_iter()
+            .filter(|&s| self.slots[slot_index(s)].info.is_some())
+            .collect();
+        if slots.is_empty() {
+            self.last_error = Some("Load a model into slot A or B first".to_owned());
+            return;
+        }
+        if self.state.prompt.trim().is_empty() {
+            self.last_error = Some("The prompt is empty".to_owned());
+            return;
+        }
+        let settings = &self.state.attribution;
+        if settings.pin_response && settings.response.trim().is_empty() {
+            self.last_error = Some("The pinned response is empty".to_owned());
+            return;
+        }
+        if self
+            .pending
+            .values()
+            .any(|p| p.kind == PendingKind::Attribute)
+        {
+            return;
+        }
+        let instructions = match settings.instructions {
+            InstructionSource::Auto => Instructions::Auto,
+            InstructionSource::Off => Instructions::Spans(Vec::new()),
+            InstructionSource::Typed => Instructions::Spans(
+                settings
+                    .spans
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+        };
+        let job = Job::Attribute {
+            slots,
+            prompt: self.state.prompt.clone(),
+            response: settings
+                .pin_response
+                .then(|| settings.response.trim().to_owned()),
+            chat: self.state.chat,
+            instructions,
+            max_new_tokens: settings.max_new_tokens,
+        };
+        self.submit(job, "Attributing".to_owned(), PendingKind::Attribute);
+    }
+
+    /// The default export file stem: view, models and the first prompt words.
+    fn export_stem(&self) -> String {
+        let Some(results) = &self.attribution else {
+            return "attribution".to_owned();
+        };
+        let models: Vec<&str> = results.results.iter().map(|r| r.model.as_str()).collect();
+        export::default_file_stem("attribution", &models.join("_vs_"), &results.prompt)
+    }
+
+    /// Exports the attribution as shown (word or token level) next to `path`: its folder and
+    /// file stem name the five files. Runs on a named thread; the note reports the outcome.
+    pub fn export_to(&mut self, path: &Path) {
+        let Some(results) = &self.attribution else {
+            self.last_error = Some("Nothing to export: run an attribution first".to_owned());
+            return;
+        };
+        let word_level = self.state.attribution.word_level;
+        let items: Vec<(String, Attribution)> = results
+            .results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    format!("{:?}: {}", r.slot, r.model),
+                    results.shown(i, word_level).clone(),
+                )
+            })
+            .collect();
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let stem = path
+            .file_stem()
+            .map_or_else(|| self.export_stem(), |s| s.to_string_lossy().into_owned());
+        let tx = self.exports.0.clone();
+        let ctx = self.ctx.clone();
+        self.export_note = Some("Exporting…".to_owned());
+        let spawned = std::thread::Builder::new()
+            .name("export".to_owned())
+            .spawn(move || {
+                let refs: Vec<(String, &Attribution)> =
+                    items.iter().map(|(l, a)| (l.clone(), a)).collect();
+                let outcome =
+                    export::write_attribution(&dir, &stem, &refs).map_err(|err| err.to_string());
+                // The app may have closed; nothing to do then.
+                let _ = tx.send(outcome);
+                ctx.request_repaint();
+            });
+        if let Err(err) = spawned {
+            self.export_note = None;
+            self.last_error = Some(format!("Cannot start the export: {err}"));
+        }
     }
 
     fn ingest(&mut self, event: Event) {
@@ -401,8 +627,13 @@ impl TunelensApp {
                         .then(|| out.new_ids.len().saturating_sub(1) as f64 / out.decode_secs);
                 }
             }
-            // The attribution view is not built yet (issue 4); the CLI shows these.
-            JobOutput::Tokens(_) | JobOutput::Forward(_) | JobOutput::Attributed { .. } => {}
+            JobOutput::Attributed(results) => {
+                self.attribution =
+                    Some(AttributionResults::new(self.state.prompt.clone(), results));
+                self.export_note = None;
+            }
+            // The CLI shows these.
+            JobOutput::Tokens(_) | JobOutput::Forward(_) => {}
         }
     }
 
@@ -488,7 +719,23 @@ impl eframe::App for TunelensApp {
                 self.actions.push(match kind {
                     DialogKind::AdapterFolder => Action::AddAdapter { slot, path },
                     DialogKind::ModelFolder | DialogKind::GgufFile => Action::Open { slot, path },
+                    DialogKind::ExportFile => Action::ExportTo(path),
                 });
+            }
+        }
+        while let Ok(outcome) = self.exports.1.try_recv() {
+            match outcome {
+                Ok(paths) => {
+                    let dir = paths
+                        .first()
+                        .and_then(|p| p.parent())
+                        .map_or_else(String::new, |d| d.display().to_string());
+                    self.export_note = Some(format!("Exported {} files to {dir}", paths.len()));
+                }
+                Err(err) => {
+                    self.export_note = None;
+                    self.last_error = Some(format!("Export failed: {err}"));
+                }
             }
         }
         self.handle_input(ctx);
@@ -531,6 +778,17 @@ impl eframe::App for TunelensApp {
                 &self.slots,
                 &self.responses,
                 generating,
+                &mut actions,
+            ),
+            View::Attribution => panels::attribution::attribution_ui(
+                ui,
+                &mut self.state,
+                &self.slots,
+                self.attribution.as_ref(),
+                self.pending
+                    .values()
+                    .find(|p| p.kind == PendingKind::Attribute),
+                self.export_note.as_deref(),
                 &mut actions,
             ),
         });

@@ -16,6 +16,8 @@ pub enum DialogKind {
     GgufFile,
     /// A PEFT adapter folder.
     AdapterFolder,
+    /// Where to export a figure and its data.
+    ExportFile,
 }
 
 /// A finished dialog: the slot it was for, what it picked, and the path (None if cancelled).
@@ -43,6 +45,25 @@ impl Dialogs {
         kind: DialogKind,
         wake: impl Fn() + Send + 'static,
     ) -> std::io::Result<()> {
+        self.show(slot, kind, String::new(), wake)
+    }
+
+    /// Shows a save dialog for an export, proposing `default_name`.
+    pub fn save(
+        &self,
+        default_name: String,
+        wake: impl Fn() + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.show(Slot::A, DialogKind::ExportFile, default_name, wake)
+    }
+
+    fn show(
+        &self,
+        slot: Slot,
+        kind: DialogKind,
+        default_name: String,
+        wake: impl Fn() + Send + 'static,
+    ) -> std::io::Result<()> {
         let tx = self.tx.clone();
         std::thread::Builder::new()
             .name("file_dialog".to_owned())
@@ -59,6 +80,11 @@ impl Dialogs {
                         .set_title("Open a GGUF model")
                         .add_filter("GGUF", &["gguf"])
                         .pick_file(),
+                    DialogKind::ExportFile => dialog
+                        .set_title("Export the figure and data")
+                        .set_file_name(default_name.as_str())
+                        .add_filter("SVG figure (PNG, CSV and JSON beside it)", &["svg"])
+                        .save_file(),
                 };
                 // The UI may have closed; nothing to do then.
                 let _ = tx.send((slot, kind, picked));

@@ -17,17 +17,20 @@ pub enum View {
     Models,
     /// Prompt editor and side-by-side responses.
     Prompt,
+    /// Gradient attribution heatmaps and importance density (METHODS.md §1).
+    Attribution,
 }
 
 impl View {
     /// Every view, in navigation order.
-    pub const ALL: [View; 2] = [View::Models, View::Prompt];
+    pub const ALL: [View; 3] = [View::Models, View::Prompt, View::Attribution];
 
     /// The label shown in the navigation.
     pub fn label(self) -> &'static str {
         match self {
             View::Models => "Models",
             View::Prompt => "Prompt",
+            View::Attribution => "Attribution",
         }
     }
 }
@@ -79,6 +82,49 @@ impl GenSettings {
     }
 }
 
+/// Which instruction words the attribution marks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstructionSource {
+    /// Sentences with an instruction verb.
+    #[default]
+    Auto,
+    /// The spans typed by the user (one per line).
+    Typed,
+    /// None (no score).
+    Off,
+}
+
+/// Attribution view settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AttributionSettings {
+    /// Explain one response for both models instead of each model's own.
+    pub pin_response: bool,
+    /// The pinned response.
+    pub response: String,
+    /// Where instruction words come from.
+    pub instructions: InstructionSource,
+    /// Typed instruction spans, one per line.
+    pub spans: String,
+    /// Show words (sub-tokens summed) instead of tokens.
+    pub word_level: bool,
+    /// New tokens when a response is generated.
+    pub max_new_tokens: usize,
+}
+
+impl Default for AttributionSettings {
+    fn default() -> Self {
+        Self {
+            pin_response: false,
+            response: String::new(),
+            instructions: InstructionSource::Auto,
+            spans: String::new(),
+            word_level: true,
+            max_new_tokens: 48,
+        }
+    }
+}
+
 /// Persisted UI state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -95,6 +141,8 @@ pub struct AppState {
     pub view: View,
     /// Where models are loaded.
     pub device: DeviceChoice,
+    /// Attribution view settings.
+    pub attribution: AttributionSettings,
 }
 
 impl Default for AppState {
@@ -106,6 +154,7 @@ impl Default for AppState {
             gen: GenSettings::default(),
             view: View::default(),
             device: DeviceChoice::Cpu,
+            attribution: AttributionSettings::default(),
         }
     }
 }

@@ -15,6 +15,41 @@ pub const NAV_WIDTH: f32 = 150.0;
 /// Space between sections.
 pub const SECTION_GAP: f32 = 12.0;
 
+/// Bars of ordinary prompt words.
+pub const BAR: Color32 = Color32::from_rgb(128, 142, 160);
+/// Bars and labels of instruction words.
+pub const INSTRUCTION: Color32 = Color32::from_rgb(213, 94, 0);
+/// Outline of the hovered heatmap cell.
+pub const HOVER_OUTLINE: Color32 = Color32::from_rgb(255, 255, 255);
+/// Row-label width of heatmaps.
+pub const HEATMAP_LABEL_WIDTH: f32 = 96.0;
+
+/// Viridis, sampled at 9 points (matplotlib's map; perceptually uniform, colour-blind safe).
+const VIRIDIS: [(u8, u8, u8); 9] = [
+    (68, 1, 84),
+    (71, 44, 122),
+    (59, 81, 139),
+    (44, 113, 142),
+    (33, 144, 141),
+    (39, 173, 129),
+    (92, 200, 99),
+    (170, 220, 50),
+    (253, 231, 37),
+];
+
+/// The heatmap colour of `t` in `0..=1` (viridis; NaN is grey).
+pub fn level_color(t: f32) -> Color32 {
+    if t.is_nan() {
+        return MUTED;
+    }
+    let x = t.clamp(0.0, 1.0) * (VIRIDIS.len() - 1) as f32;
+    let i = (x.floor() as usize).min(VIRIDIS.len() - 2);
+    let f = x - i as f32;
+    let (a, b) = (VIRIDIS[i], VIRIDIS[i + 1]);
+    let mix = |p: u8, q: u8| (f32::from(p) + (f32::from(q) - f32::from(p)) * f).round() as u8;
+    Color32::from_rgb(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
 /// The accent colour of a slot.
 pub fn slot_color(slot: crate::worker::Slot) -> Color32 {
     match slot {

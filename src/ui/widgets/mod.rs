@@ -1,3 +1,4 @@
 //! Reusable widgets over plain data.
 
+pub mod heatmap;
 pub mod status;

@@ -1,0 +1,217 @@
+//! Attribution view (METHODS.md §1): for the shared prompt, each loaded model's gradient × input
+//! heatmap (prompt words × response words), its importance density with instruction words
+//! highlighted (click a bar to mark or unmark one) and its instruction score, A beside B.
+
+use eframe::egui;
+
+use crate::analysis::types::Attribution;
+use crate::ui::app::{Action, AttributionResults, PendingJob, SlotView};
+use crate::ui::state::{AppState, InstructionSource};
+use crate::ui::theme;
+use crate::ui::widgets::heatmap::{bars_ui, heatmap_ui, BarsData, HeatmapData};
+
+/// Draws the Attribution view.
+pub fn attribution_ui(
+    ui: &mut egui::Ui,
+    state: &mut AppState,
+    slots: &[SlotView; 2],
+    results: Option<&AttributionResults>,
+    running: Option<&PendingJob>,
+    export_note: Option<&str>,
+    actions: &mut Vec<Action>,
+) {
+    ui.heading("Attribution");
+    ui.label(
+        egui::RichText::new(
+            "Gradient × input of each response token's probability on the prompt tokens \
+             (Wu et al. 2023): which prompt words the response depends on",
+        )
+        .color(theme::MUTED),
+    );
+    let label = ui.label("Prompt");
+    ui.add(
+        egui::TextEdit::multiline(&mut state.prompt)
+            .desired_rows(2)
+            .desired_width(f32::INFINITY),
+    )
+    .labelled_by(label.id);
+    let settings = &mut state.attribution;
+    ui.horizontal_wrapped(|ui| {
+        ui.checkbox(&mut state.chat, "Chat template");
+        ui.separator();
+        ui.label("Response");
+        ui.radio_value(&mut settings.pin_response, false, "Each model's own");
+        ui.radio_value(&mut settings.pin_response, true, "Pinned for both");
+        ui.add_enabled_ui(!settings.pin_response, |ui| {
+            let label = ui.label("Max new tokens");
+            ui.add(egui::DragValue::new(&mut settings.max_new_tokens).range(1..=1024))
+                .labelled_by(label.id);
+        });
+    });
+    if settings.pin_response {
+        let label = ui.label("Pinned response");
+        ui.add(
+            egui::TextEdit::multiline(&mut settings.response)
+                .desired_rows(2)
+                .desired_width(f32::INFINITY)
+                .hint_text("The response both models are explained on"),
+        )
+        .labelled_by(label.id);
+    }
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Instruction words");
+        ui.radio_value(
+            &mut settings.instructions,
+            InstructionSource::Auto,
+            "Sentences with an instruction verb",
+        )
+        .on_hover_text("METHODS.md §3.5's verb lists, each extended to its sentence");
+        ui.radio_value(
+            &mut settings.instructions,
+            InstructionSource::Typed,
+            "Typed",
+        );
+        ui.radio_value(&mut settings.instructions, InstructionSource::Off, "None");
+    });
+    if settings.instructions == InstructionSource::Typed {
+        let label = ui.label("Instruction spans (one per line)");
+        ui.add(
+            egui::TextEdit::multiline(&mut settings.spans)
+                .desired_rows(2)
+                .desired_width(f32::INFINITY),
+        )
+        .labelled_by(label.id);
+    }
+    ui.horizontal(|ui| {
+        let any_loaded = slots.iter().any(|s| s.info.is_some());
+        if ui
+            .add_enabled(
+                any_loaded && running.is_none(),
+                egui::Button::new("Attribute"),
+            )
+            .on_hover_text("Attribute with every loaded model")
+            .on_disabled_hover_text("Load a model first, or wait for the running job")
+            .clicked()
+        {
+            actions.push(Action::Attribute);
+        }
+        if let Some(job) = running {
+            ui.add(
+                egui::ProgressBar::new(job.frac.unwrap_or(0.0))
+                    .desired_width(180.0)
+                    .show_percentage(),
+            );
+            if ui.button("Cancel").clicked() {
+                actions.push(Action::Stop);
+            }
+        }
+        ui.separator();
+        ui.selectable_value(&mut settings.word_level, true, "Words");
+        ui.selectable_value(&mut settings.word_level, false, "Tokens");
+        ui.separator();
+        if ui
+            .add_enabled(results.is_some(), egui::Button::new("Export…"))
+            .on_hover_text("Save the figure (SVG, PNG) and the data (CSV, JSON)")
+            .clicked()
+        {
+            actions.push(Action::ExportDialog);
+        }
+        if let Some(note) = export_note {
+            ui.label(egui::RichText::new(note).color(theme::MUTED));
+        }
+    });
+    ui.add_space(theme::SECTION_GAP);
+    let Some(results) = results else {
+        ui.label(
+            egui::RichText::new("Results appear here: one column per loaded model")
+                .color(theme::MUTED),
+        );
+        return;
+    };
+    let word_level = settings.word_level;
+    egui::ScrollArea::vertical()
+        .id_salt("attribution_results")
+        .auto_shrink([false, false])
+        .show(ui, |ui| {
+            let n = results.results.len().max(1);
+            ui.columns(n, |columns| {
+                for (index, column) in columns.iter_mut().enumerate() {
+                    let Some(result) = results.results.get(index) else {
+                        continue;
+                    };
+                    let shown = results.shown(index, word_level);
+                    let slot = result.slot;
+                    column.label(
+                        egui::RichText::new(format!("{slot:?} · {}", result.model))
+                            .strong()
+                            .color(theme::slot_color(slot)),
+                    );
+                    result_ui(
+                        column,
+                        index,
+                        &format!("{slot:?}"),
+                        &result.response,
+                        shown,
+                        actions,
+                    );
+                }
+            });
+        });
+}
+
+fn result_ui(
+    ui: &mut egui::Ui,
+    index: usize,
+    slot: &str,
+    response: &str,
+    a: &Attribution,
+    actions: &mut Vec<Action>,
+) {
+    let score = a
+        .instruction_score
+        .map_or_else(|| "no instruction words".to_owned(), |s| format!("{s:.3}"));
+    ui.label(egui::RichText::new(format!("Instruction score {slot}: {score}")).strong())
+        .on_hover_text("Σ density over instruction words / log2(2 + their count) (§1 step 11)");
+    egui::CollapsingHeader::new(format!("Response ({} tokens)", a.output_ids.len()))
+        .id_salt(("response", index))
+        .show(ui, |ui| {
+            ui.label(response);
+        });
+    let max_value = a
+        .quantized
+        .data
+        .iter()
+        .copied()
+        .fold(0.0f32, f32::max)
+        .max(1.0);
+    heatmap_ui(
+        ui,
+        &HeatmapData {
+            name: &format!("Attribution heatmap {slot}"),
+            rows: &a.input_tokens,
+            cols: &a.output_tokens,
+            values: &a.quantized,
+            max_value,
+            detail: Some(&a.raw),
+            legend: "level",
+        },
+    );
+    ui.add_space(theme::SECTION_GAP);
+    ui.label("Importance density (click a bar to mark an instruction word)");
+    let marks = a
+        .instruction_mask
+        .clone()
+        .unwrap_or_else(|| vec![false; a.density.len()]);
+    let (_, clicked) = bars_ui(
+        ui,
+        &BarsData {
+            name: &format!("Importance density {slot}"),
+            labels: &a.input_tokens,
+            values: &a.density,
+            highlighted: &marks,
+        },
+    );
+    if let Some(row) = clicked {
+        actions.push(Action::ToggleInstruction { result: index, row });
+    }
+}
