@@ -78,3 +78,56 @@ pub struct WordSpan {
     /// One past the last token.
     pub end: usize,
 }
+
+/// The bytes GPT-2's byte-level BPE spells as other characters (`bytes_to_unicode`): every byte
+/// outside `!..=~`, `¡..=¬` and `®..=ÿ`, in order, is written as `U+0100 + n`.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let code = u32::from(c);
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    if code < 256 && printable(code) {
+        return u8::try_from(code).ok();
+    }
+    let n = code.checked_sub(256)?;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .and_then(|b| u8::try_from(b).ok())
+}
+
+/// A vocabulary string as a reader should see it: byte-level BPE (`Ġthe`, `Ċ`, `Ã©`) decoded to
+/// its text, SentencePiece's `▁` shown as a space, `<0x0A>` as a newline. Strings that are
+/// neither (special tokens) are returned as they are.
+pub fn display_token(token: &str) -> String {
+    if token == "<0x0A>" {
+        return "\n".to_owned();
+    }
+    if token.contains('▁') {
+        return token.replace('▁', " ");
+    }
+    if token.starts_with('<') && token.ends_with('>') {
+        return token.to_owned();
+    }
+    let bytes: Option<Vec<u8>> = token.chars().map(byte_level_byte).collect();
+    match bytes.map(String::from_utf8) {
+        Some(Ok(text)) => text,
+        _ => token.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_display_as_text() {
+        assert_eq!(display_token("Ġthe"), " the");
+        assert_eq!(display_token("Ċ"), "\n");
+        assert_eq!(display_token("ĠcafÃ©"), " café");
+        assert_eq!(display_token("▁the"), " the");
+        assert_eq!(display_token("<0x0A>"), "\n");
+        assert_eq!(display_token("<|im_start|>"), "<|im_start|>");
+        assert_eq!(display_token("plain"), "plain");
+        // Not valid byte-level UTF-8: left alone.
+        assert_eq!(display_token("Ã"), "Ã");
+    }
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 use super::{AttributeArgs, Cli};
-use crate::analysis::attribution::Instructions;
+use crate::analysis::attribution::{by_words, AttributionConfig, Instructions};
 use crate::analysis::types::Matrix;
 use crate::export;
 use crate::model::ModelSpec;
@@ -66,12 +66,15 @@ pub(super) fn run(cli: &Cli, ctx: &mut WorkerCtx, args: &AttributeArgs) -> anyho
     };
     let Some(file) = &args.prompts else {
         let prompt = args.prompt.clone().unwrap_or_default();
-        let results = attributed(run_job(
-            ctx,
-            1,
-            job(&prompt, args.response.clone(), instructions),
-            &mut |_| {},
-        )?)?;
+        let results = attributed(
+            run_job(
+                ctx,
+                1,
+                job(&prompt, args.response.clone(), instructions),
+                &mut |_| {},
+            )?,
+            args.words,
+        )?;
         if let Some(dir) = &args.out {
             for path in write_files(dir, &prompt, &results, None)? {
                 eprintln!("wrote {}", path.display());
@@ -110,12 +113,15 @@ pub(super) fn run(cli: &Cli, ctx: &mut WorkerCtx, args: &AttributeArgs) -> anyho
                 None => instructions.clone(),
             };
             let response = sample.response.clone().or_else(|| args.response.clone());
-            let results = attributed(run_job(
-                ctx,
-                1,
-                job(&sample.prompt, response, instructions),
-                &mut |_| {},
-            )?)?;
+            let results = attributed(
+                run_job(
+                    ctx,
+                    1,
+                    job(&sample.prompt, response, instructions),
+                    &mut |_| {},
+                )?,
+                args.words,
+            )?;
             if let Some(dir) = &args.out {
                 write_files(dir, &sample.prompt, &results, Some(line_no))?;
             }
@@ -153,11 +159,16 @@ pub(super) fn run(cli: &Cli, ctx: &mut WorkerCtx, args: &AttributeArgs) -> anyho
     Ok(())
 }
 
-fn attributed(output: JobOutput) -> anyhow::Result<Vec<SlotAttribution>> {
-    match output {
-        JobOutput::Attributed(results) => Ok(results),
-        other => anyhow::bail!("unexpected job output {other:?}"),
+fn attributed(output: JobOutput, words: bool) -> anyhow::Result<Vec<SlotAttribution>> {
+    let JobOutput::Attributed(mut results) = output else {
+        anyhow::bail!("unexpected job output {output:?}");
+    };
+    if words {
+        for r in &mut results {
+            r.attribution = by_words(&r.attribution, &AttributionConfig::default());
+        }
     }
+    Ok(results)
 }
 
 /// A batch line: a JSON object (see [`Sample`]) or a bare JSON string.

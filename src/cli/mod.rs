@@ -139,6 +139,9 @@ pub struct AttributeArgs {
     /// Write the figure (SVG, PNG) and the data (CSV, JSON) into this folder.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Word level: sum each word's sub-tokens (output, figures and data).
+    #[arg(long)]
+    words: bool,
 }
 
 /// Runs a subcommand, printing to stdout.

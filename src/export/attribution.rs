@@ -9,7 +9,7 @@ use super::data::{
 };
 use super::figure::{BarChart, ColorScale, Figure, Heatmap};
 use super::{attribution_json, render_png, render_svg, write_bytes};
-use crate::analysis::types::Attribution;
+use crate::analysis::types::{display_token, Attribution};
 
 /// The figure for one attribution: a heatmap of the quantised attribution (rows = prompt
 /// tokens, columns = response tokens) above a bar chart of the importance density, with
@@ -36,10 +36,16 @@ pub fn attribution_figures(a: &Attribution, label: &str) -> Figure {
     } else {
         "attribution level".to_owned()
     };
+    let shown = |tokens: &[String]| -> Vec<String> {
+        tokens
+            .iter()
+            .map(|t| display_token(t).trim().to_owned())
+            .collect()
+    };
     let heatmap = Heatmap {
         title: titled("attribution"),
-        row_labels: a.input_tokens.clone(),
-        col_labels: a.output_tokens.clone(),
+        row_labels: shown(&a.input_tokens),
+        col_labels: shown(&a.output_tokens),
         values: a.quantized.clone(),
         value_label,
         scale: ColorScale::Sequential,
@@ -55,7 +61,7 @@ pub fn attribution_figures(a: &Attribution, label: &str) -> Figure {
     let highlighted = a.instruction_mask.clone().unwrap_or_default();
     let bars = BarChart {
         title: density_title,
-        labels: a.input_tokens.clone(),
+        labels: shown(&a.input_tokens),
         values: a.density.clone(),
         highlight_label: if highlighted.iter().any(|&h| h) {
             "instruction word".to_owned()

@@ -326,6 +326,10 @@ fn attention_core_blas(
     let mut d_k = vec![0f32; rows * n_kv * hd];
     let mut d_v = vec![0f32; rows * n_kv * hd];
     let mut d_s = vec![0f32; rows * t_len];
+    // Regrouped copies for the key and value products.
+    let mut d_s_t = vec![0f32; rows * t_len];
+    let mut dz_t = vec![0f32; rows * hd];
+    let mut dv_t = vec![0f32; rows * hd];
     let scale = scale as f32;
     let done = with_cpu_f32(probs_t, |p| {
         with_cpu_f32(taped(lt.q.as_ref(), "queries")?, |q| {
@@ -371,36 +375,54 @@ fn attention_core_blas(
                                 &mut d_q,
                                 view(h * hd, rows, hd, n_heads * hd),
                             )?;
+                            // dk += scale · dS_bᵀ q for every cotangent b in one product: dS is
+                            // regrouped as (query, b, key) so its transpose has rows (b, key),
+                            // exactly the rows of d_k (the heads of a group add up).
+                            for (b, block) in d_s.chunks_exact(t_len * t_len).enumerate() {
+                                for (query, row) in block.chunks_exact(t_len).enumerate() {
+                                    let at = query * rows + b * t_len;
+                                    d_s_t[at..at + t_len].copy_from_slice(row);
+                                }
+                            }
+                            gemm_views(
+                                scale,
+                                &d_s_t,
+                                view(0, t_len, rows, rows).t(),
+                                q,
+                                view(h * t_full * hd, t_len, hd, hd),
+                                1.0,
+                                &mut d_k,
+                                view(g * hd, rows, hd, n_kv * hd),
+                            )?;
+                            // dv += Pᵀ dz_b for every b in one product: dz regrouped as
+                            // (query, b·hd), the result (key, b·hd) added into d_v.
                             for b in 0..k_sz {
-                                let out =
-                                    view(b * t_len * n_kv * hd + g * hd, t_len, hd, n_kv * hd);
-                                // dk += scale · dSᵀ q (the heads of a group add up)
-                                gemm_views(
-                                    scale,
-                                    &d_s,
-                                    view(b * t_len * t_len, t_len, t_len, t_len).t(),
-                                    q,
-                                    view(h * t_full * hd, t_len, hd, hd),
-                                    1.0,
-                                    &mut d_k,
-                                    out,
-                                )?;
-                                // dv += Pᵀ dz
-                                gemm_views(
-                                    1.0,
-                                    p,
-                                    view(h * t_full * t_full, t_len, t_len, t_full).t(),
-                                    dz,
-                                    view(
-                                        b * t_len * n_heads * hd + h * hd,
-                                        t_len,
-                                        hd,
-                                        n_heads * hd,
-                                    ),
-                                    1.0,
-                                    &mut d_v,
-                                    out,
-                                )?;
+                                for query in 0..t_len {
+                                    let from = (b * t_len + query) * n_heads * hd + h * hd;
+                                    let at = query * k_sz * hd + b * hd;
+                                    dz_t[at..at + hd].copy_from_slice(&dz[from..from + hd]);
+                                }
+                            }
+                            gemm_views(
+                                1.0,
+                                p,
+                                view(h * t_full * t_full, t_len, t_len, t_full).t(),
+                                &dz_t,
+                                view(0, t_len, k_sz * hd, k_sz * hd),
+                                0.0,
+                                &mut dv_t,
+                                view(0, t_len, k_sz * hd, k_sz * hd),
+                            )?;
+                            for b in 0..k_sz {
+                                for key in 0..t_len {
+                                    let from = key * k_sz * hd + b * hd;
+                                    let at = (b * t_len + key) * n_kv * hd + g * hd;
+                                    for (out, &add) in
+                                        d_v[at..at + hd].iter_mut().zip(&dv_t[from..from + hd])
+                                    {
+                                        *out += add;
+                                    }
+                                }
                             }
                         }
                         Ok(())

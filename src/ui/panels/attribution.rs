@@ -4,7 +4,7 @@
 
 use eframe::egui;
 
-use crate::analysis::types::Attribution;
+use crate::analysis::types::{display_token, Attribution};
 use crate::ui::app::{Action, AttributionResults, PendingJob, SlotView};
 use crate::ui::state::{AppState, InstructionSource};
 use crate::ui::theme;
@@ -152,6 +152,7 @@ pub fn attribution_ui(
                         &format!("{slot:?}"),
                         &result.response,
                         shown,
+                        word_level,
                         actions,
                     );
                 }
@@ -165,8 +166,18 @@ fn result_ui(
     slot: &str,
     response: &str,
     a: &Attribution,
+    word_level: bool,
     actions: &mut Vec<Action>,
 ) {
+    // Words are decoded text already; tokens are vocabulary strings (`Ġthe`).
+    let readable = |tokens: &[String]| -> Vec<String> {
+        if word_level {
+            tokens.to_vec()
+        } else {
+            tokens.iter().map(|t| display_token(t)).collect()
+        }
+    };
+    let (rows, cols) = (readable(&a.input_tokens), readable(&a.output_tokens));
     let score = a
         .instruction_score
         .map_or_else(|| "no instruction words".to_owned(), |s| format!("{s:.3}"));
@@ -188,8 +199,8 @@ fn result_ui(
         ui,
         &HeatmapData {
             name: &format!("Attribution heatmap {slot}"),
-            rows: &a.input_tokens,
-            cols: &a.output_tokens,
+            rows: &rows,
+            cols: &cols,
             values: &a.quantized,
             max_value,
             detail: Some(&a.raw),
@@ -206,7 +217,7 @@ fn result_ui(
         ui,
         &BarsData {
             name: &format!("Importance density {slot}"),
-            labels: &a.input_tokens,
+            labels: &rows,
             values: &a.density,
             highlighted: &marks,
         },
