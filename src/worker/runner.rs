@@ -125,7 +125,14 @@ pub fn run_job(
                 let (rendered, ids) = render_prompt(loaded, &prompt, chat)?;
                 let response = match &response {
                     Some(response) => response.clone(),
-                    None => greedy_response(loaded, &ids, max_new_tokens, &cancel)?,
+                    None => {
+                        emit(Event::Progress {
+                            job_id,
+                            frac: n as f32 / n_slots,
+                            message: format!("generating {slot:?}'s response"),
+                        });
+                        greedy_response(loaded, &ids, max_new_tokens, &cancel)?
+                    }
                 };
                 let prompt_ids =
                     attribution::split_tokens(&loaded.tokenizer, &rendered, &response)?.0;
