@@ -123,16 +123,15 @@ pub fn run_job(
             for (n, &slot) in slots.iter().enumerate() {
                 let loaded = ctx.model(slot)?;
                 let (rendered, ids) = render_prompt(loaded, &prompt, chat)?;
-                let response = match &response {
-                    Some(response) => response.clone(),
-                    None => {
-                        emit(Event::Progress {
-                            job_id,
-                            frac: n as f32 / n_slots,
-                            message: format!("generating {slot:?}'s response"),
-                        });
-                        greedy_response(loaded, &ids, max_new_tokens, &cancel)?
-                    }
+                let response = if let Some(response) = &response {
+                    response.clone()
+                } else {
+                    emit(Event::Progress {
+                        job_id,
+                        frac: n as f32 / n_slots,
+                        message: format!("generating {slot:?}'s response"),
+                    });
+                    greedy_response(loaded, &ids, max_new_tokens, &cancel)?
                 };
                 let prompt_ids =
                     attribution::split_tokens(&loaded.tokenizer, &rendered, &response)?.0;
