@@ -123,6 +123,20 @@ pub fn instruction_score(density: &[f32], mask: &[bool]) -> f32 {
     (total / (2.0 + marked as f64).log2()) as f32
 }
 
+/// Sets the instruction mask (a mask with no marked token counts as none) and the score of
+/// §1 step 11 that follows from it: `None` without instruction words, 0 for an empty response.
+pub fn set_instruction_mask(a: &mut Attribution, mask: Option<Vec<bool>>) {
+    let mask = mask.filter(|m| m.iter().any(|&x| x));
+    a.instruction_score = mask.as_ref().map(|m| {
+        if a.output_ids.is_empty() {
+            0.0
+        } else {
+            instruction_score(&a.density, m)
+        }
+    });
+    a.instruction_mask = mask;
+}
+
 /// Tokenizes as §1 step 1: `tp = tok(strip(P))`, `ts = tok(strip(P) + " " + strip(R))`, both
 /// without BOS; the response tokens are `ts[|tp|..]`.
 pub fn split_tokens(
@@ -245,14 +259,7 @@ pub fn attribute(
     };
     let quantized = quantize(&raw, cfg.levels, cfg.norm_eps);
     let density = density(&quantized, cfg.threshold, cfg.p, cfg.density_eps);
-    let instruction_score = mask.map(|m| {
-        if n_out == 0 {
-            0.0
-        } else {
-            instruction_score(&density, m)
-        }
-    });
-    Ok(Attribution {
+    let mut result = Attribution {
         input_tokens: tokenizer.tokens(&input_ids),
         output_tokens: tokenizer.tokens(&output_ids),
         input_words: words(tokenizer, &input_ids)?,
@@ -262,9 +269,11 @@ pub fn attribute(
         raw,
         quantized,
         density,
-        instruction_mask: mask.map(<[bool]>::to_vec),
-        instruction_score,
-    })
+        instruction_mask: None,
+        instruction_score: None,
+    };
+    set_instruction_mask(&mut result, mask.map(<[bool]>::to_vec));
+    Ok(result)
 }
 
 /// Where the instruction words of a prompt come from.
@@ -461,15 +470,8 @@ pub fn by_words(a: &Attribution, cfg: &AttributionConfig) -> Attribution {
             .map(|w| m.get(w.start..w.end).is_some_and(|s| s.iter().any(|&x| x)))
             .collect::<Vec<bool>>()
     });
-    let instruction_score = mask.as_ref().map(|m| {
-        if outs.is_empty() {
-            0.0
-        } else {
-            instruction_score(&density, m)
-        }
-    });
     let texts = |ws: &[WordSpan]| ws.iter().map(|w| w.text.clone()).collect::<Vec<_>>();
-    Attribution {
+    let mut words = Attribution {
         input_ids: a.input_ids.clone(),
         input_tokens: texts(&ins),
         output_ids: a.output_ids.clone(),
@@ -477,11 +479,13 @@ pub fn by_words(a: &Attribution, cfg: &AttributionConfig) -> Attribution {
         raw,
         quantized,
         density,
-        instruction_mask: mask,
-        instruction_score,
+        instruction_mask: None,
+        instruction_score: None,
         input_words: ins,
         output_words: outs,
-    }
+    };
+    set_instruction_mask(&mut words, mask);
+    words
 }
 
 /// `A_raw` with candle's autograd: one forward on the differentiable path, one backward per

@@ -79,19 +79,19 @@ pub struct WordSpan {
     pub end: usize,
 }
 
-/// The bytes GPT-2's byte-level BPE spells as other characters (`bytes_to_unicode`): every byte
-/// outside `!..=~`, `¡..=¬` and `®..=ÿ`, in order, is written as `U+0100 + n`.
+/// The byte GPT-2's byte-level BPE spells as `c` (`bytes_to_unicode`): bytes in `!..=~`,
+/// `¡..=¬` and `®..=ÿ` stand for themselves; the other 68 (`0..=32`, `127..=160`, `173`), in
+/// order, are written as `U+0100 + n`.
 fn byte_level_byte(c: char) -> Option<u8> {
     let code = u32::from(c);
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-    if code < 256 && printable(code) {
-        return u8::try_from(code).ok();
-    }
-    let n = code.checked_sub(256)?;
-    (0u32..256)
-        .filter(|&b| !printable(b))
-        .nth(n as usize)
-        .and_then(|b| u8::try_from(b).ok())
+    let byte = match code {
+        33..=126 | 161..=172 | 174..=255 => code,
+        256..=288 => code - 256,
+        289..=322 => code - 289 + 127,
+        323 => 173,
+        _ => return None,
+    };
+    u8::try_from(byte).ok()
 }
 
 /// A vocabulary string as a reader should see it: byte-level BPE (`Ġthe`, `Ċ`, `Ã©`) decoded to

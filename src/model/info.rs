@@ -120,3 +120,20 @@ impl ModelInfo {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn display_names_are_short() {
+        let tiny = crate::model::tiny::tiny_model(
+            1,
+            &crate::model::tiny::tiny_options(candle_core::DType::F32),
+        )
+        .expect("tiny model");
+        let mut info = tiny.info;
+        info.source = "models/SmolLM2-135M-Instruct.Q4_1.gguf".to_owned();
+        assert_eq!(info.display_name(), "SmolLM2-135M-Instruct.Q4_1");
+        info.source = "/ckpt/llama-7b/+/ckpt/vicuna-lora".to_owned();
+        assert_eq!(info.display_name(), "llama-7b+vicuna-lora");
+    }
+}

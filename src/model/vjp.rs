@@ -13,7 +13,7 @@
 //! grouped-query softmax attention, SwiGLU, LoRA). Tests compare it with candle's autograd on
 //! the differentiable path of the same forward.
 
-use candle_core::{CpuStorage, DType, Storage, Tensor, D};
+use candle_core::{DType, Layout, Storage, StorageRef, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::model::blas::{batched_matmul, frozen_input_grad, gemm_views, MatView, BLAS_ENABLED};
@@ -283,18 +283,33 @@ fn attention_core(
     Ok((d_q, d_k, d_v))
 }
 
-/// The f32 elements of a contiguous CPU tensor, or `None` on other devices and dtypes.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<Option<R>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Ok(None);
-    };
-    if !matches!(cpu, CpuStorage::F32(_)) {
+/// The tensors made contiguous, or `None` when any is not a CPU f32 tensor (the fused kernels
+/// then give way to candle ops).
+fn cpu_f32_contiguous(tensors: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
+    if tensors
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
+    {
         return Ok(None);
     }
-    let data = contiguous_f32(cpu, layout, "attention backward")?;
-    f(data).map(Some)
+    let owned: candle_core::Result<Vec<Tensor>> = tensors.iter().map(|t| t.contiguous()).collect();
+    Ok(Some(owned?))
+}
+
+/// The f32 elements behind the storage guards of contiguous CPU f32 tensors.
+fn f32_data<'g>(guards: &'g [(StorageRef<'_>, &Layout)]) -> Result<Vec<&'g [f32]>> {
+    guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cpu(cpu) => Ok(contiguous_f32(cpu, layout, "fused backward")?),
+            _ => Err(Error::invalid("fused backward", "expects CPU tensors")),
+        })
+        .collect()
+}
+
+/// Shape invariant of the fused kernels: `f32_data` returns one slice per tensor.
+fn wrong_arity() -> Error {
+    Error::invalid("fused backward", "tensor count mismatch")
 }
 
 /// [`attention_core`] on CPU f32 through strided BLAS products on the taped buffers, without
@@ -307,7 +322,7 @@ fn attention_core_blas(
     neg_sin: &Tensor,
     dims: AttnDims,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    if !BLAS_ENABLED || !d_z.device().is_cpu() || d_z.dtype() != DType::F32 {
+    if !BLAS_ENABLED {
         return Ok(None);
     }
     let AttnDims {
@@ -319,8 +334,25 @@ fn attention_core_blas(
         scale,
     } = dims;
     let n_rep = n_heads / n_kv;
-    let probs_t = taped(lt.probs.as_ref(), "attention pattern")?;
-    let t_full = probs_t.dim(D::Minus1)?;
+    let probs = taped(lt.probs.as_ref(), "attention pattern")?;
+    let t_full = probs.dim(D::Minus1)?;
+    let tensors = [
+        probs,
+        taped(lt.q.as_ref(), "queries")?,
+        taped(lt.k.as_ref(), "keys")?,
+        taped(lt.v.as_ref(), "values")?,
+        d_z,
+        cos,
+        neg_sin,
+    ];
+    let Some(owned) = cpu_f32_contiguous(&tensors)? else {
+        return Ok(None);
+    };
+    let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
+    let data = f32_data(&guards)?;
+    let &[p, q, k, v, dz, cos, neg_sin] = data.as_slice() else {
+        return Err(wrong_arity());
+    };
     let rows = k_sz * t_len;
     let mut d_q = vec![0f32; rows * n_heads * hd];
     let mut d_k = vec![0f32; rows * n_kv * hd];
@@ -331,118 +363,95 @@ fn attention_core_blas(
     let mut dz_t = vec![0f32; rows * hd];
     let mut dv_t = vec![0f32; rows * hd];
     let scale = scale as f32;
-    let done = with_cpu_f32(probs_t, |p| {
-        with_cpu_f32(taped(lt.q.as_ref(), "queries")?, |q| {
-            with_cpu_f32(taped(lt.k.as_ref(), "keys")?, |k| {
-                with_cpu_f32(taped(lt.v.as_ref(), "values")?, |v| {
-                    with_cpu_f32(d_z, |dz| {
-                        let view = MatView::new;
-                        for h in 0..n_heads {
-                            let g = h / n_rep;
-                            let dz_h = view(h * hd, rows, hd, n_heads * hd);
-                            let k_g = view(g * t_full * hd, t_len, hd, hd);
-                            // z = P v  →  dP = dz vᵀ for all k cotangents at once; (k·T', T')
-                            gemm_views(
-                                1.0,
-                                dz,
-                                dz_h,
-                                v,
-                                k_g.t(),
-                                0.0,
-                                &mut d_s,
-                                view(0, rows, t_len, t_len),
-                            )?;
-                            // dS = P ⊙ (dP − Σ_j dP ⊙ P); keys after the query have P = 0.
-                            for (r, d_row) in d_s.chunks_exact_mut(t_len).enumerate() {
-                                let query = r % t_len;
-                                let p_at = (h * t_full + query) * t_full;
-                                let p_row = &p[p_at..=p_at + query];
-                                let dot: f32 =
-                                    p_row.iter().zip(d_row.iter()).map(|(a, b)| a * b).sum();
-                                for (d, &pv) in d_row.iter_mut().zip(p_row) {
-                                    *d = pv * (*d - dot);
-                                }
-                                d_row[query + 1..].fill(0.0);
-                            }
-                            // dq = scale · dS k
-                            gemm_views(
-                                scale,
-                                &d_s,
-                                view(0, rows, t_len, t_len),
-                                k,
-                                k_g,
-                                0.0,
-                                &mut d_q,
-                                view(h * hd, rows, hd, n_heads * hd),
-                            )?;
-                            // dk += scale · dS_bᵀ q for every cotangent b in one product: dS is
-                            // regrouped as (query, b, key) so its transpose has rows (b, key),
-                            // exactly the rows of d_k (the heads of a group add up).
-                            for (b, block) in d_s.chunks_exact(t_len * t_len).enumerate() {
-                                for (query, row) in block.chunks_exact(t_len).enumerate() {
-                                    let at = query * rows + b * t_len;
-                                    d_s_t[at..at + t_len].copy_from_slice(row);
-                                }
-                            }
-                            gemm_views(
-                                scale,
-                                &d_s_t,
-                                view(0, t_len, rows, rows).t(),
-                                q,
-                                view(h * t_full * hd, t_len, hd, hd),
-                                1.0,
-                                &mut d_k,
-                                view(g * hd, rows, hd, n_kv * hd),
-                            )?;
-                            // dv += Pᵀ dz_b for every b in one product: dz regrouped as
-                            // (query, b·hd), the result (key, b·hd) added into d_v.
-                            for b in 0..k_sz {
-                                for query in 0..t_len {
-                                    let from = (b * t_len + query) * n_heads * hd + h * hd;
-                                    let at = query * k_sz * hd + b * hd;
-                                    dz_t[at..at + hd].copy_from_slice(&dz[from..from + hd]);
-                                }
-                            }
-                            gemm_views(
-                                1.0,
-                                p,
-                                view(h * t_full * t_full, t_len, t_len, t_full).t(),
-                                &dz_t,
-                                view(0, t_len, k_sz * hd, k_sz * hd),
-                                0.0,
-                                &mut dv_t,
-                                view(0, t_len, k_sz * hd, k_sz * hd),
-                            )?;
-                            for b in 0..k_sz {
-                                for key in 0..t_len {
-                                    let from = key * k_sz * hd + b * hd;
-                                    let at = (b * t_len + key) * n_kv * hd + g * hd;
-                                    for (out, &add) in
-                                        d_v[at..at + hd].iter_mut().zip(&dv_t[from..from + hd])
-                                    {
-                                        *out += add;
-                                    }
-                                }
-                            }
-                        }
-                        Ok(())
-                    })
-                })
-            })
-        })
-    })?;
-    if done.flatten().flatten().flatten().flatten().is_none() {
-        return Ok(None);
+    let view = MatView::new;
+    for h in 0..n_heads {
+        let g = h / n_rep;
+        let dz_h = view(h * hd, rows, hd, n_heads * hd);
+        let kv_g = view(g * t_full * hd, t_len, hd, hd);
+        // z = P v  →  dP = dz vᵀ for all k cotangents at once; (k·T', T')
+        gemm_views(
+            1.0,
+            dz,
+            dz_h,
+            v,
+            kv_g.t(),
+            0.0,
+            &mut d_s,
+            view(0, rows, t_len, t_len),
+        )?;
+        // dS = P ⊙ (dP − Σ_j dP ⊙ P); keys after the query have P = 0.
+        for (r, d_row) in d_s.chunks_exact_mut(t_len).enumerate() {
+            let query = r % t_len;
+            let p_at = (h * t_full + query) * t_full;
+            let p_row = &p[p_at..=p_at + query];
+            let dot: f32 = p_row.iter().zip(d_row.iter()).map(|(a, b)| a * b).sum();
+            for (d, &pv) in d_row.iter_mut().zip(p_row) {
+                *d = pv * (*d - dot);
+            }
+            d_row[query + 1..].fill(0.0);
+        }
+        // dq = scale · dS k
+        gemm_views(
+            scale,
+            &d_s,
+            view(0, rows, t_len, t_len),
+            k,
+            kv_g,
+            0.0,
+            &mut d_q,
+            view(h * hd, rows, hd, n_heads * hd),
+        )?;
+        // dk += scale · dS_bᵀ q for every cotangent b in one product: dS is
+        // regrouped as (query, b, key) so its transpose has rows (b, key),
+        // exactly the rows of d_k (the heads of a group add up).
+        for (b, block) in d_s.chunks_exact(t_len * t_len).enumerate() {
+            for (query, row) in block.chunks_exact(t_len).enumerate() {
+                let at = query * rows + b * t_len;
+                d_s_t[at..at + t_len].copy_from_slice(row);
+            }
+        }
+        gemm_views(
+            scale,
+            &d_s_t,
+            view(0, t_len, rows, rows).t(),
+            q,
+            view(h * t_full * hd, t_len, hd, hd),
+            1.0,
+            &mut d_k,
+            view(g * hd, rows, hd, n_kv * hd),
+        )?;
+        // dv += Pᵀ dz_b for every b in one product: dz regrouped as
+        // (query, b·hd), the result (key, b·hd) added into d_v.
+        for b in 0..k_sz {
+            for query in 0..t_len {
+                let from = (b * t_len + query) * n_heads * hd + h * hd;
+                let at = query * k_sz * hd + b * hd;
+                dz_t[at..at + hd].copy_from_slice(&dz[from..from + hd]);
+            }
+        }
+        gemm_views(
+            1.0,
+            p,
+            view(h * t_full * t_full, t_len, t_len, t_full).t(),
+            &dz_t,
+            view(0, t_len, k_sz * hd, k_sz * hd),
+            0.0,
+            &mut dv_t,
+            view(0, t_len, k_sz * hd, k_sz * hd),
+        )?;
+        for b in 0..k_sz {
+            for key in 0..t_len {
+                let from = key * k_sz * hd + b * hd;
+                let at = (b * t_len + key) * n_kv * hd + g * hd;
+                for (out, &add) in d_v[at..at + hd].iter_mut().zip(&dv_t[from..from + hd]) {
+                    *out += add;
+                }
+            }
+        }
     }
     // RoPE is a rotation per position; its transpose rotates by −θ.
-    let (Some(cos), Some(neg_sin)) = (
-        with_cpu_f32(cos, |c| Ok(c.to_vec()))?,
-        with_cpu_f32(neg_sin, |s| Ok(s.to_vec()))?,
-    ) else {
-        return Ok(None);
-    };
-    rotate_rows(&mut d_q, t_len, n_heads, hd, &cos, &neg_sin);
-    rotate_rows(&mut d_k, t_len, n_kv, hd, &cos, &neg_sin);
+    rotate_rows(&mut d_q, t_len, n_heads, hd, cos, neg_sin);
+    rotate_rows(&mut d_k, t_len, n_kv, hd, cos, neg_sin);
     let device = d_z.device();
     Ok(Some((
         Tensor::from_vec(d_q, (k_sz, t_len, n_heads * hd), device)?,
@@ -503,44 +512,40 @@ fn linear_vjp(linear: &Linear, d_out: &Tensor, use_lora: bool) -> Result<Tensor>
 /// taped `g`, `u` `(1, T', I)` and `dh` `(k, T', I)`. One fused pass on CPU f32 (candle's
 /// chain of broadcast ops took ~8% of the backward); candle ops elsewhere.
 fn swiglu_vjp(gate: &Tensor, up: &Tensor, d_hidden: &Tensor) -> Result<(Tensor, Tensor)> {
-    let fused = with_cpu_f32(gate, |g| {
-        with_cpu_f32(up, |u| {
-            with_cpu_f32(d_hidden, |dh| {
-                let plane = g.len();
-                let mut d_gate = vec![0f32; dh.len()];
-                let mut d_up = vec![0f32; dh.len()];
-                // Per (t, i): dh-independent factors once, then each cotangent.
-                let factors: Vec<(f32, f32)> = g
-                    .iter()
-                    .zip(u)
-                    .map(|(&g, &u)| {
-                        let sig = 1.0 / (1.0 + (-g).exp());
-                        (u * sig * (1.0 + g * (1.0 - sig)), g * sig)
-                    })
-                    .collect();
-                for ((dh_b, dg_b), du_b) in dh
-                    .chunks_exact(plane)
-                    .zip(d_gate.chunks_exact_mut(plane))
-                    .zip(d_up.chunks_exact_mut(plane))
-                {
-                    for (((&dh, dg), du), &(a, silu)) in
-                        dh_b.iter().zip(dg_b).zip(du_b).zip(&factors)
-                    {
-                        *dg = dh * a;
-                        *du = dh * silu;
-                    }
-                }
-                let shape = d_hidden.dims().to_vec();
-                let device = d_hidden.device();
-                Ok((
-                    Tensor::from_vec(d_gate, shape.clone(), device)?,
-                    Tensor::from_vec(d_up, shape, device)?,
-                ))
+    if let Some(owned) = cpu_f32_contiguous(&[gate, up, d_hidden])? {
+        let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
+        let data = f32_data(&guards)?;
+        let &[g, u, dh] = data.as_slice() else {
+            return Err(wrong_arity());
+        };
+        let plane = g.len();
+        let mut d_gate = vec![0f32; dh.len()];
+        let mut d_up = vec![0f32; dh.len()];
+        // Per (t, i): dh-independent factors once, then each cotangent.
+        let factors: Vec<(f32, f32)> = g
+            .iter()
+            .zip(u)
+            .map(|(&g, &u)| {
+                let sig = 1.0 / (1.0 + (-g).exp());
+                (u * sig * (1.0 + g * (1.0 - sig)), g * sig)
             })
-        })
-    })?;
-    if let Some(Some(Some(grads))) = fused {
-        return Ok(grads);
+            .collect();
+        for ((dh_b, dg_b), du_b) in dh
+            .chunks_exact(plane)
+            .zip(d_gate.chunks_exact_mut(plane))
+            .zip(d_up.chunks_exact_mut(plane))
+        {
+            for (((&dh, dg), du), &(a, silu)) in dh_b.iter().zip(dg_b).zip(du_b).zip(&factors) {
+                *dg = dh * a;
+                *du = dh * silu;
+            }
+        }
+        let shape = d_hidden.dims().to_vec();
+        let device = d_hidden.device();
+        return Ok((
+            Tensor::from_vec(d_gate, shape.clone(), device)?,
+            Tensor::from_vec(d_up, shape, device)?,
+        ));
     }
     let sig = candle_nn::ops::sigmoid(&gate.contiguous()?)?;
     let silu = (gate * &sig)?;
@@ -555,47 +560,43 @@ fn swiglu_vjp(gate: &Tensor, up: &Tensor, d_hidden: &Tensor) -> Result<(Tensor, 
 
 /// `acc + rms_norm_vjp(norm, x, d_out)`, fused into one pass on CPU f32.
 fn rms_norm_vjp_add(norm: &RmsNorm, x: &Tensor, d_out: &Tensor, acc: &Tensor) -> Result<Tensor> {
-    let fused = with_cpu_f32(x, |xs| {
-        with_cpu_f32(&norm.weight, |w| {
-            with_cpu_f32(d_out, |dy| {
-                with_cpu_f32(acc, |acc_data| {
-                    let hidden = w.len();
-                    let plane = xs.len();
-                    let eps = norm.eps as f32;
-                    let inv_rms: Vec<f32> = xs
-                        .chunks_exact(hidden)
-                        .map(|row| {
-                            let mean = row.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
-                            1.0 / (mean + eps).sqrt()
-                        })
-                        .collect();
-                    let mut out = acc_data.to_vec();
-                    for (dy_b, out_b) in dy.chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
-                        for (((dy_r, out_r), x_r), &r) in dy_b
-                            .chunks_exact(hidden)
-                            .zip(out_b.chunks_exact_mut(hidden))
-                            .zip(xs.chunks_exact(hidden))
-                            .zip(&inv_rms)
-                        {
-                            let dot: f32 = dy_r
-                                .iter()
-                                .zip(w)
-                                .zip(x_r)
-                                .map(|((d, w), x)| d * w * x)
-                                .sum();
-                            let coeff = r * r * r * dot / hidden as f32;
-                            for (((o, d), w), x) in out_r.iter_mut().zip(dy_r).zip(w).zip(x_r) {
-                                *o += r * d * w - x * coeff;
-                            }
-                        }
-                    }
-                    Ok(Tensor::from_vec(out, acc.dims(), acc.device())?)
-                })
+    if let Some(owned) = cpu_f32_contiguous(&[x, &norm.weight, d_out, acc])? {
+        let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
+        let data = f32_data(&guards)?;
+        let &[xs, w, dy, acc_data] = data.as_slice() else {
+            return Err(wrong_arity());
+        };
+        let hidden = w.len();
+        let plane = xs.len();
+        let eps = norm.eps as f32;
+        let inv_rms: Vec<f32> = xs
+            .chunks_exact(hidden)
+            .map(|row| {
+                let mean = row.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
+                1.0 / (mean + eps).sqrt()
             })
-        })
-    })?;
-    if let Some(Some(Some(Some(sum)))) = fused {
-        return Ok(sum);
+            .collect();
+        let mut out = acc_data.to_vec();
+        for (dy_b, out_b) in dy.chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
+            for (((dy_r, out_r), x_r), &r) in dy_b
+                .chunks_exact(hidden)
+                .zip(out_b.chunks_exact_mut(hidden))
+                .zip(xs.chunks_exact(hidden))
+                .zip(&inv_rms)
+            {
+                let dot: f32 = dy_r
+                    .iter()
+                    .zip(w)
+                    .zip(x_r)
+                    .map(|((d, w), x)| d * w * x)
+                    .sum();
+                let coeff = r * r * r * dot / hidden as f32;
+                for (((o, d), w), x) in out_r.iter_mut().zip(dy_r).zip(w).zip(x_r) {
+                    *o += r * d * w - x * coeff;
+                }
+            }
+        }
+        return Ok(Tensor::from_vec(out, acc.dims(), acc.device())?);
     }
     Ok((acc + rms_norm_vjp(norm, x, d_out)?)?)
 }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use eframe::egui;
 
-use crate::analysis::attribution::{by_words, instruction_score, AttributionConfig, Instructions};
+use crate::analysis::attribution::{
+    by_words, set_instruction_mask, AttributionConfig, Instructions,
+};
 use crate::analysis::types::Attribution;
 use crate::export;
 use crate::model::generate::StopReason;
@@ -140,17 +142,7 @@ impl AttributionResults {
         };
         let marked = !current.iter().any(|&m| m);
         mask[tokens].iter_mut().for_each(|m| *m = marked);
-        if mask.iter().any(|&m| m) {
-            a.instruction_score = Some(if a.output_ids.is_empty() {
-                0.0
-            } else {
-                instruction_score(&a.density, &mask)
-            });
-            a.instruction_mask = Some(mask);
-        } else {
-            a.instruction_mask = None;
-            a.instruction_score = None;
-        }
+        set_instruction_mask(a, Some(mask));
         self.words[index] = by_words(a, &AttributionConfig::default());
     }
 }
@@ -425,19 +417,27 @@ impl TunelensApp {
         }
     }
 
-    fn generate(&mut self) {
+    /// The loaded slots, when there is one and a prompt to run; otherwise says why.
+    fn runnable_slots(&mut self) -> Option<Vec<Slot>> {
         let slots: Vec<Slot> = [Slot::A, Slot::B]
             .into_iter()
             .filter(|&s| self.slots[slot_index(s)].info.is_some())
             .collect();
         if slots.is_empty() {
             self.last_error = Some("Load a model into slot A or B first".to_owned());
-            return;
+            return None;
         }
         if self.state.prompt.trim().is_empty() {
             self.last_error = Some("The prompt is empty".to_owned());
-            return;
+            return None;
         }
+        Some(slots)
+    }
+
+    fn generate(&mut self) {
+        let Some(slots) = self.runnable_slots() else {
+            return;
+        };
         if self.is_generating() {
             return;
         }
@@ -454,18 +454,9 @@ impl TunelensApp {
     }
 
     fn attribute(&mut self) {
-        let slots: Vec<Slot> = [Slot::A, Slot::B]
-            .into_iter()
-            .filter(|&s| self.slots[slot_index(s)].info.is_some())
-            .collect();
-        if slots.is_empty() {
-            self.last_error = Some("Load a model into slot A or B first".to_owned());
+        let Some(slots) = self.runnable_slots() else {
             return;
-        }
-        if self.state.prompt.trim().is_empty() {
-            self.last_error = Some("The prompt is empty".to_owned());
-            return;
-        }
+        };
         let settings = &self.state.attribution;
         if settings.pin_response && settings.response.trim().is_empty() {
             self.last_error = Some("The pinned response is empty".to_owned());

@@ -142,9 +142,8 @@ fn response_ui(
             );
             return;
         };
-        let name = info.source.rsplit('/').next().unwrap_or(&info.source);
         ui.label(
-            egui::RichText::new(format!("{slot:?} · {name}"))
+            egui::RichText::new(format!("{slot:?} · {}", info.display_name()))
                 .strong()
                 .color(theme::slot_color(slot)),
         );

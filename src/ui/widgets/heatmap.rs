@@ -43,22 +43,35 @@ fn short(label: &str) -> String {
     }
 }
 
+/// Width of the widest label as drawn (shortened) in `font`.
+fn widest_label(ui: &egui::Ui, labels: &[String], font: &FontId) -> f32 {
+    let color = ui.visuals().text_color();
+    labels
+        .iter()
+        .map(|label| ui.fonts_mut(|f| f.layout_no_wrap(short(label), font.clone(), color).size().x))
+        .fold(0.0f32, f32::max)
+}
+
+/// A label reading upwards, centred on `x`, its end at `top` (below an axis).
+fn upward_label(
+    painter: &egui::Painter,
+    x: f32,
+    top: f32,
+    text: String,
+    font: FontId,
+    color: egui::Color32,
+) {
+    let galley = painter.layout_no_wrap(text, font, color);
+    let pos = Pos2::new(x - galley.size().y / 2.0, top + galley.size().x);
+    painter.add(egui::epaint::TextShape::new(pos, galley, color).with_angle(-FRAC_PI_2));
+}
+
 /// Draws the heatmap; hover shows the row, column and value.
 pub fn heatmap_ui(ui: &mut egui::Ui, data: &HeatmapData<'_>) -> egui::Response {
     let (n_rows, n_cols) = (data.values.rows, data.values.cols);
     let font = FontId::proportional(FONT_SIZE);
     let text_color = ui.visuals().text_color();
-    let col_label_len = data
-        .cols
-        .iter()
-        .map(|c| {
-            ui.fonts_mut(|f| {
-                f.layout_no_wrap(short(c), font.clone(), text_color)
-                    .size()
-                    .x
-            })
-        })
-        .fold(0.0f32, f32::max);
+    let col_label_len = widest_label(ui, data.cols, &font);
     let grid_width = (ui.available_width() - theme::HEATMAP_LABEL_WIDTH - LEGEND_WIDTH).max(40.0);
     let cell_w = (grid_width / n_cols.max(1) as f32).clamp(6.0, 30.0);
     let cell_h = if n_rows > 48 { 9.0 } else { 15.0 };
@@ -107,10 +120,8 @@ pub fn heatmap_ui(ui: &mut egui::Ui, data: &HeatmapData<'_>) -> egui::Response {
     let col_step = ((FONT_SIZE + 1.0) / cell_w).ceil().max(1.0) as usize;
     let bottom = origin.y + n_rows as f32 * cell_h + 4.0;
     for (j, label) in data.cols.iter().enumerate().step_by(col_step) {
-        let galley = painter.layout_no_wrap(short(label), font.clone(), text_color);
-        let x = origin.x + (j as f32 + 0.5) * cell_w - galley.size().y / 2.0;
-        let pos = Pos2::new(x, bottom + galley.size().x);
-        painter.add(egui::epaint::TextShape::new(pos, galley, text_color).with_angle(-FRAC_PI_2));
+        let x = origin.x + (j as f32 + 0.5) * cell_w;
+        upward_label(&painter, x, bottom, short(label), font.clone(), text_color);
     }
     // Colour scale: a vertical gradient with its end values and caption.
     let bar = Rect::from_min_size(
@@ -193,17 +204,7 @@ pub fn bars_ui(ui: &mut egui::Ui, data: &BarsData<'_>) -> (egui::Response, Optio
     let n = data.values.len();
     let font = FontId::proportional(FONT_SIZE);
     let text_color = ui.visuals().text_color();
-    let label_len = data
-        .labels
-        .iter()
-        .map(|c| {
-            ui.fonts_mut(|f| {
-                f.layout_no_wrap(short(c), font.clone(), text_color)
-                    .size()
-                    .x
-            })
-        })
-        .fold(0.0f32, f32::max);
+    let label_len = widest_label(ui, data.labels, &font);
     let axis_w = 30.0;
     let bar_w = ((ui.available_width() - axis_w) / n.max(1) as f32).clamp(4.0, 30.0);
     let plot_h = 110.0;
@@ -248,11 +249,15 @@ pub fn bars_ui(ui: &mut egui::Ui, data: &BarsData<'_>) -> (egui::Response, Optio
             } else {
                 text_color
             };
-            let galley = painter.layout_no_wrap(label, font.clone(), label_color);
-            let x = origin.x + (i as f32 + 0.5) * bar_w - galley.size().y / 2.0;
-            let pos = Pos2::new(x, origin.y + 4.0 + galley.size().x);
-            painter
-                .add(egui::epaint::TextShape::new(pos, galley, label_color).with_angle(-FRAC_PI_2));
+            let x = origin.x + (i as f32 + 0.5) * bar_w;
+            upward_label(
+                &painter,
+                x,
+                origin.y + 4.0,
+                label,
+                font.clone(),
+                label_color,
+            );
         }
     }
     let bar_at = |p: Pos2| -> Option<usize> {
