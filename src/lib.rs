@@ -4,12 +4,14 @@
 //! `model` knows nothing of the UI, channels or the CLI.
 
 pub mod analysis;
+pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod export;
 pub mod model;
 pub mod samples;
 pub mod ui;
+pub mod wordfiles;
 pub mod worker;
 
 pub use error::{Error, Result};

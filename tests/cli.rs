@@ -392,3 +392,230 @@ fn attribute_rejects_a_span_not_in_the_prompt() {
     ]);
     assert_one_line_error(&run, "\"translate\"");
 }
+
+/// The tiny vocabulary's words as a `word<TAB>freq` list.
+fn tiny_word_list(dir: &std::path::Path) -> String {
+    let words = [
+        "the",
+        "cat",
+        "dog",
+        "sat",
+        "mat",
+        "write",
+        "poem",
+        "sea",
+        "summarize",
+        "text",
+        "translate",
+        "french",
+        "list",
+        "three",
+        "study",
+        "warm",
+        "cold",
+        "red",
+        "blue",
+        "green",
+        "big",
+        "small",
+        "answer",
+        "question",
+        "paris",
+        "france",
+        "capital",
+        "city",
+        "river",
+        "tree",
+        "house",
+        "run",
+        "jump",
+        "read",
+        "book",
+    ];
+    let mut text = String::new();
+    for (i, w) in words.iter().enumerate() {
+        text.push_str(w);
+        text.push('\t');
+        text.push_str(&(100 - i).to_string());
+        text.push('\n');
+    }
+    let path = dir.join("words.tsv");
+    std::fs::write(&path, text).expect("word list written");
+    path.display().to_string()
+}
+
+#[test]
+fn concepts_stream_tsv_and_compare_two_models() -> anyhow::Result<()> {
+    let (dir_a, a) = tiny_folder(1);
+    let (_dir_b, b) = tiny_folder(2);
+    let words = tiny_word_list(dir_a.path());
+    let cache = tempfile::tempdir()?;
+    let out = tempfile::tempdir()?;
+    let run = |extra: &[&str]| {
+        let mut args = vec!["concepts", "--model", &a, "--words", &words, "--top-k", "5"];
+        args.extend_from_slice(extra);
+        let mut cmd = crate::common::tunelens();
+        cmd.args(&args).env("TUNELENS_CACHE_DIR", cache.path());
+        cmd.output().expect("runs")
+    };
+    let single = run(&[]);
+    assert!(
+        single.status.success(),
+        "{}",
+        String::from_utf8_lossy(&single.stderr)
+    );
+    let stdout = String::from_utf8(single.stdout)?;
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some("Model\tSize\tLayer\tModule\tHead\tRank\tScore\tTopK")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
+    // 3 layers × d = 16 components.
+    assert_eq!(rows.len(), 3 * 16);
+    assert!(rows
+        .iter()
+        .all(|r| r.len() == 8 && r[3] == "FFN" && r[4] == "0"));
+    assert_eq!(rows[0][7].split("|||").count(), 5);
+    let ratio_sum: f64 = rows
+        .iter()
+        .filter(|r| r[2] == "0")
+        .map(|r| r[6].parse::<f64>().unwrap())
+        .sum();
+    assert!((ratio_sum - 1.0).abs() < 1e-3, "{ratio_sum}");
+    // Second run: from the cache, same rows.
+    let again = run(&[]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("(cached)"));
+    assert_eq!(String::from_utf8(again.stdout)?, stdout);
+
+    let pair = run(&["--model-b", &b, "--out", &out.path().display().to_string()]);
+    assert!(
+        pair.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pair.stderr)
+    );
+    let names: Vec<String> = std::fs::read_dir(out.path())?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("concepts_") && n.to_lowercase().ends_with(".tsv"))
+            .count(),
+        3,
+        "{names:?}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("concepts.json"))?)?;
+    assert_eq!(json["models"].as_array().map(Vec::len), Some(2));
+    assert_eq!(json["alignment"].as_array().map(Vec::len), Some(3));
+    assert!(json["alignment_note"]
+        .as_str()
+        .unwrap_or("")
+        .contains("extension"));
+    Ok(())
+}
+
+#[test]
+fn heads_stream_tsv_and_change_rates() -> anyhow::Result<()> {
+    let (dir_a, a) = tiny_folder(1);
+    let (_dir_b, b) = tiny_folder(2);
+    let words = tiny_word_list(dir_a.path());
+    let mut cmd = crate::common::tunelens();
+    cmd.args([
+        "heads",
+        "--model",
+        &a,
+        "--model-b",
+        &b,
+        "--words",
+        &words,
+        "--top-k",
+        "6",
+        "--threshold-words",
+        "20",
+        "--group-size",
+        "2",
+        "--no-cache",
+    ]);
+    let run = cmd.output()?;
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8(run.stdout)?;
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect())
+        .collect();
+    // 2 models × 3 layers × 4 heads × head_dim 4.
+    assert_eq!(rows.len(), 2 * 3 * 4 * 4);
+    assert!(rows.iter().all(|r| r.len() == 9 && r[3] == "QK"));
+    let stderr = String::from_utf8(run.stderr)?;
+    assert!(stderr.contains("own input embeddings"), "{stderr}");
+    assert!(stderr.contains("InstructionMean"), "{stderr}");
+
+    let mut cmd = crate::common::tunelens();
+    cmd.args([
+        "heads",
+        "--model",
+        &a,
+        "--words",
+        &words,
+        "--top-k",
+        "6",
+        "--no-cache",
+        "--json",
+    ]);
+    let json_run = cmd.output()?;
+    assert!(json_run.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&json_run.stdout)?;
+    assert_eq!(
+        json["models"][0]["layers"].as_array().map(Vec::len),
+        Some(3)
+    );
+    Ok(())
+}
+
+#[test]
+fn weight_views_name_bad_word_files() -> anyhow::Result<()> {
+    let (dir, a) = tiny_folder(1);
+    let bad = dir.path().join("bad.tsv");
+    std::fs::write(&bad, "cat\t1\ndog\tmany\n")?;
+    let run = run_cli(&[
+        "concepts",
+        "--model",
+        &a,
+        "--words",
+        &bad.display().to_string(),
+        "--no-cache",
+    ]);
+    assert_one_line_error(&run, "bad.tsv");
+    assert!(run.stderr.contains("line 2"), "{}", run.stderr);
+    let words = tiny_word_list(dir.path());
+    let vectors = dir.path().join("vectors.txt");
+    std::fs::write(&vectors, "cat 0.1 0.2\ndog 0.3 oops\n")?;
+    let run = run_cli(&[
+        "heads",
+        "--model",
+        &a,
+        "--words",
+        &words,
+        "--vectors",
+        &vectors.display().to_string(),
+        "--no-cache",
+    ]);
+    assert_one_line_error(&run, "vectors.txt");
+    let run = run_cli(&[
+        "heads",
+        "--model",
+        &a,
+        "--words",
+        "/no/such/words.tsv",
+        "--no-cache",
+    ]);
+    assert_one_line_error(&run, "words.tsv");
+    Ok(())
+}

@@ -122,3 +122,53 @@ fn demo_model_info() {
     assert!(info.has_chat_template);
     assert!(info.source_dtype.contains("Q4_1"));
 }
+
+#[test]
+fn concepts_and_head_pairs_cover_every_layer() {
+    use tunelens::analysis::{ffn_concepts, head_pairs};
+    let m = demo();
+    // A shorter list keeps this debug-build test quick; the benchmark runs the full lists.
+    let words = tunelens::wordfiles::WordSource::Builtin
+        .load()
+        .expect("built-in list")
+        .truncated(4000);
+    let cfg = ffn_concepts::ConceptsConfig {
+        top_k: 10,
+        max_rank: 20,
+    };
+    let concepts = ffn_concepts::ffn_concepts(&m.model, &m.tokenizer, &words, &cfg, &mut |_, _| {
+        ControlFlow::Continue(())
+    })
+    .expect("concepts");
+    assert_eq!(concepts.layers.len(), 30);
+    for layer in &concepts.layers {
+        assert_eq!(layer.ratios.len(), 576);
+        assert!((layer.ratios.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert_eq!(layer.components.len(), 20);
+        assert!(layer.components.iter().all(|c| c.words.len() == 10));
+    }
+    let hcfg = head_pairs::HeadsConfig {
+        top_k: 30,
+        ..head_pairs::HeadsConfig::default()
+    };
+    let space =
+        head_pairs::model_semantic_space(&m.model, &m.tokenizer, &words, &hcfg).expect("space");
+    let pairs = head_pairs::head_pairs(
+        &m.model,
+        &m.tokenizer,
+        &words,
+        &space,
+        &hcfg,
+        &mut |_, _| ControlFlow::Continue(()),
+    )
+    .expect("head pairs");
+    assert_eq!(pairs.layers.len(), 30);
+    assert!(pairs.layers.iter().all(|l| l.dims.len() == 9 * 64));
+    let total: usize = pairs
+        .layers
+        .iter()
+        .flat_map(|l| &l.dims)
+        .map(|d| d.pairs.len())
+        .sum();
+    assert!(total > 0, "some pairs survive the filters");
+}

@@ -2,4 +2,9 @@
 //! (`types`). No file I/O, channels, threads, GUI code or printing here.
 
 pub mod attribution;
+pub mod change_rate;
+pub mod ffn_concepts;
+pub mod head_pairs;
+pub mod stats;
 pub mod types;
+pub mod words;

@@ -12,6 +12,9 @@ use crate::worker::job::{Job, JobOutput, Slot};
 use crate::worker::runner::{run_job, WorkerCtx};
 
 mod attribute;
+mod weights;
+
+pub use weights::{ConceptsArgs, HeadsArgs};
 
 /// Compare a base and an instruction-tuned language model.
 #[derive(Debug, Parser)]
@@ -75,6 +78,13 @@ pub enum Command {
     /// Gradient x input attribution of a response to its prompt (METHODS.md §1): the raw and
     /// quantised matrices, importance density and, with --instruction, the instruction score.
     Attribute(AttributeArgs),
+    /// PCA concepts of the feed-forward layers (METHODS.md §2): per layer, the principal
+    /// directions of the down_proj value vectors and their top words. TSV rows stream to stdout;
+    /// with --model-b, B's components are aligned to A's (§2.3, an extension).
+    Concepts(ConceptsArgs),
+    /// Word pairs of the attention heads' QK circuits (METHODS.md §3). TSV rows stream to
+    /// stdout; with --model-b, the instruction-verb change rate from A to B (§3.5).
+    Heads(HeadsArgs),
     /// Generate a response (greedy unless --temperature is given).
     Generate {
         #[command(flatten)]
@@ -147,8 +157,11 @@ pub struct AttributeArgs {
 /// Runs a subcommand, printing to stdout.
 pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     let mut ctx = WorkerCtx::default();
-    if let Command::Attribute(args) = command {
-        return attribute::run(cli, &mut ctx, args);
+    match command {
+        Command::Attribute(args) => return attribute::run(cli, &mut ctx, args),
+        Command::Concepts(args) => return weights::run_concepts(cli, args),
+        Command::Heads(args) => return weights::run_heads(cli, args),
+        _ => {}
     }
     let model_arg = match command {
         Command::Info { model }
@@ -156,6 +169,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         | Command::Forward { model, .. }
         | Command::Generate { model, .. } => &model.model,
         Command::Attribute(args) => &args.model.model,
+        Command::Concepts(_) | Command::Heads(_) => return Ok(()),
     };
     let spec = ModelSpec::parse(model_arg);
     let loaded = run_job(
@@ -171,7 +185,9 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot load model {spec}"))?;
     let job = match command {
-        Command::Info { .. } | Command::Attribute(_) => None,
+        Command::Info { .. } | Command::Attribute(_) | Command::Concepts(_) | Command::Heads(_) => {
+            None
+        }
         Command::Tokenize { text, .. } => Some(Job::Tokenize {
             slot: Slot::A,
             text: text.clone(),
@@ -246,7 +262,10 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                 let values: Vec<_> = results.iter().map(attribute::result_json).collect();
                 serde_json::to_string(&values)?
             }
-            JobOutput::Unloaded { .. } | JobOutput::Swapped { .. } => String::new(),
+            JobOutput::Concepts(_)
+            | JobOutput::Heads(_)
+            | JobOutput::Unloaded { .. }
+            | JobOutput::Swapped { .. } => String::new(),
         };
         writeln!(out, "{value}")?;
         return Ok(());
@@ -312,7 +331,10 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                 attribute::print_text(&mut out, result)?;
             }
         }
-        JobOutput::Unloaded { .. } | JobOutput::Swapped { .. } => {}
+        JobOutput::Concepts(_)
+        | JobOutput::Heads(_)
+        | JobOutput::Unloaded { .. }
+        | JobOutput::Swapped { .. } => {}
         JobOutput::Generated(outputs) => {
             // The text was streamed already; finish the line and summarise.
             writeln!(out)?;

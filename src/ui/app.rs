@@ -623,8 +623,11 @@ impl TunelensApp {
                     Some(AttributionResults::new(self.state.prompt.clone(), results));
                 self.export_note = None;
             }
-            // The CLI shows these.
-            JobOutput::Tokens(_) | JobOutput::Forward(_) => {}
+            // The CLI shows these; the weight-space views are not wired yet.
+            JobOutput::Tokens(_)
+            | JobOutput::Forward(_)
+            | JobOutput::Concepts(_)
+            | JobOutput::Heads(_) => {}
         }
     }
 

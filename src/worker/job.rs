@@ -1,6 +1,13 @@
 //! The messages between the front ends and the model worker, and the plain-data results.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
+
+use crate::analysis::ffn_concepts::ConceptsConfig;
+use crate::analysis::head_pairs::HeadsConfig;
+use crate::wordfiles::WordSource;
+use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 
 use crate::analysis::attribution::Instructions;
 use crate::analysis::types::Attribution;
@@ -45,6 +52,29 @@ pub enum Job {
         instructions: Instructions,
         /// New tokens when the response is generated.
         max_new_tokens: usize,
+    },
+    /// FFN PCA concepts (METHODS.md §2) of each slot's model, B aligned to A.
+    Concepts {
+        /// Model slots (A, then B).
+        slots: Vec<Slot>,
+        /// The word list.
+        words: WordSource,
+        /// Settings.
+        config: ConceptsConfig,
+    },
+    /// Attention-head word pairs (METHODS.md §3) of each slot's model, with the §3.5 change
+    /// rates from A to B.
+    Heads {
+        /// Model slots (A, then B).
+        slots: Vec<Slot>,
+        /// The word list.
+        words: WordSource,
+        /// A GloVe-format word-vector table; `None` uses each model's input embeddings.
+        vectors: Option<PathBuf>,
+        /// Settings.
+        config: HeadsConfig,
+        /// Layers per group of the change-rate analysis.
+        group_size: usize,
     },
     /// Empty a slot.
     Unload {
@@ -112,6 +142,10 @@ pub enum JobOutput {
     Forward(ForwardOutput),
     /// One attribution per requested slot, in request order.
     Attributed(Vec<SlotAttribution>),
+    /// FFN concepts.
+    Concepts(Box<ConceptsOutput>),
+    /// Head word pairs.
+    Heads(Box<HeadsOutput>),
     /// A slot was emptied.
     Unloaded {
         /// Which slot.

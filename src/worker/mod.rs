@@ -4,6 +4,7 @@
 pub mod handle;
 pub mod job;
 pub mod runner;
+pub mod weights;
 
 pub use handle::{spawn, spawn_with, Busy, JobRunner, WorkerHandle};
 pub use job::{Event, Job, JobId, JobOutput, Slot};

@@ -15,6 +15,7 @@ use crate::worker::job::{
     Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, Slot, SlotAttribution,
     TokenizeOutput,
 };
+use crate::worker::weights::{self, CachePolicy};
 
 /// State owned by whoever runs jobs: the loaded models and the cancel flag.
 #[derive(Debug, Default)]
@@ -171,6 +172,50 @@ pub fn run_job(
             }
             Ok(JobOutput::Attributed(results))
         }
+        Job::Concepts {
+            slots,
+            words,
+            config,
+        } => {
+            let cancel = ctx.cancel.clone();
+            let models = slots
+                .iter()
+                .map(|&slot| Ok((slot, ctx.model(slot)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let output = weights::run_concepts(
+                &models,
+                &words,
+                &config,
+                &CachePolicy::User,
+                &mut |frac, message| progress_or_cancel(emit, job_id, &cancel, frac, message),
+                &mut |_, _| Ok(()),
+            )?;
+            Ok(JobOutput::Concepts(Box::new(output)))
+        }
+        Job::Heads {
+            slots,
+            words,
+            vectors,
+            config,
+            group_size,
+        } => {
+            let cancel = ctx.cancel.clone();
+            let models = slots
+                .iter()
+                .map(|&slot| Ok((slot, ctx.model(slot)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let output = weights::run_heads(
+                &models,
+                &words,
+                vectors.as_deref(),
+                &config,
+                group_size,
+                &CachePolicy::User,
+                &mut |frac, message| progress_or_cancel(emit, job_id, &cancel, frac, message),
+                &mut |_, _| Ok(()),
+            )?;
+            Ok(JobOutput::Heads(Box::new(output)))
+        }
         Job::Unload { slot } => {
             match slot {
                 Slot::A => ctx.a = None,
@@ -192,6 +237,26 @@ pub fn run_job(
             chat,
             cfg,
         } => generate_lockstep(ctx, job_id, &slots, &prompt, chat, &cfg, emit),
+    }
+}
+
+/// Reports progress; a pending cancel request breaks.
+fn progress_or_cancel(
+    emit: &mut dyn FnMut(Event),
+    job_id: JobId,
+    cancel: &AtomicBool,
+    frac: f32,
+    message: String,
+) -> ControlFlow<()> {
+    emit(Event::Progress {
+        job_id,
+        frac,
+        message,
+    });
+    if cancel.load(Ordering::Relaxed) {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
     }
 }
 
