@@ -619,3 +619,122 @@ fn weight_views_name_bad_word_files() -> anyhow::Result<()> {
     assert_one_line_error(&run, "words.tsv");
     Ok(())
 }
+
+#[test]
+fn consistency_runs_every_measure_on_small_files() -> anyhow::Result<()> {
+    let (dir, a) = tiny_folder(1);
+    let (_dir_b, b) = tiny_folder(2);
+    let pairs = dir.path().join("pairs.tsv");
+    std::fs::write(
+        &pairs,
+        "sentence1\tsentence2\tlabel\nthe cat sat on the mat\ta cat sat on the mat\t1\n\
+         the dog is big\tthe dog is not small\t1\nthe sea is warm\tthe sea is cold\t0\n\
+         read a book\twrite a poem\t0\n",
+    )?;
+    let facts = dir.path().join("facts.json");
+    std::fs::write(
+        &facts,
+        serde_json::json!({
+            "instructions": ["answer in one word", "say the answer"],
+            "relations": [{
+                "relation": "capital",
+                "templates": ["the capital of [X] is", "[X] has the capital city", "what is the capital of [X] ? it is"],
+                "facts": [
+                    {"subject": "france", "object": "paris", "aliases": []},
+                    {"subject": "the house", "object": "city", "aliases": []}
+                ]
+            }]
+        })
+        .to_string(),
+    )?;
+    let subjects = dir.path().join("subjects.json");
+    std::fs::write(
+        &subjects,
+        r#"{"france": "france is a big country and paris is its capital city"}"#,
+    )?;
+    let out = tempfile::tempdir()?;
+    let mut cmd = crate::common::tunelens();
+    cmd.args([
+        "consistency",
+        "--model",
+        &a,
+        "--model-b",
+        &b,
+        "--pairs",
+        &pairs.display().to_string(),
+        "--facts",
+        &facts.display().to_string(),
+        "--subjects",
+        &subjects.display().to_string(),
+        "--out",
+        &out.path().display().to_string(),
+    ]);
+    let run = cmd.output()?;
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = String::from_utf8(run.stdout)?;
+    assert!(text.contains("RD B-A"), "{text}");
+    assert!(text.contains("macro average"), "{text}");
+    assert!(text.contains("paraphrased instructions"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        out.path().join("consistency.json"),
+    )?)?;
+    let results = json["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2);
+    assert_eq!(
+        results[0]["representations"]["layers"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    assert_eq!(json["rd_difference"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        results[0]["predictions"]["relations"][0]["facts"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(
+        results[0]["spread"]["accuracies"].as_array().map(Vec::len),
+        Some(2)
+    );
+    for name in [
+        "consistency_by_layer.csv",
+        "consistency_distances.csv",
+        "consistency_relations.csv",
+        "consistency_recall.csv",
+    ] {
+        assert!(
+            std::fs::metadata(out.path().join(name))?.len() > 20,
+            "{name}"
+        );
+    }
+
+    // Bad data files are named with their line, before any model work.
+    std::fs::write(&pairs, "a\tb\t1\nc\td\tyes\n")?;
+    let run = run_cli(&[
+        "consistency",
+        "--model",
+        &a,
+        "--pairs",
+        &pairs.display().to_string(),
+    ]);
+    assert_one_line_error(&run, "pairs.tsv");
+    assert!(run.stderr.contains("line 2"), "{}", run.stderr);
+    std::fs::write(
+        &facts,
+        r#"{"relations": [{"relation": "r", "templates": ["[X] is [Y]"], "facts": []}]}"#,
+    )?;
+    let run = run_cli(&[
+        "consistency",
+        "--model",
+        &a,
+        "--facts",
+        &facts.display().to_string(),
+    ]);
+    assert_one_line_error(&run, "facts.json");
+    Ok(())
+}

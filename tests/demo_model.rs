@@ -172,3 +172,65 @@ fn concepts_and_head_pairs_cover_every_layer() {
         .sum();
     assert!(total > 0, "some pairs survive the filters");
 }
+
+#[test]
+fn consistency_measures_run_on_the_demo_model() {
+    use tunelens::analysis::consistency::{self, Pooling};
+    use tunelens::analysis::prediction::{self, FactSet, PredictionMode};
+    use tunelens::worker::consistency::{DEFAULT_FACTS, DEFAULT_PAIRS};
+    let m = demo();
+    let pairs = consistency::parse_pairs(DEFAULT_PAIRS).expect("shipped pairs");
+    let pairs: Vec<_> = pairs.into_iter().take(24).collect();
+    let (sentences, _) = consistency::unique_sentences(&pairs);
+    let go = |_: f32| ControlFlow::Continue(());
+    let one = consistency::representations(
+        &m.model,
+        &m.tokenizer,
+        &sentences,
+        Pooling::Mean,
+        1,
+        &mut go.clone(),
+    )
+    .expect("unbatched");
+    let many = consistency::representations(
+        &m.model,
+        &m.tokenizer,
+        &sentences,
+        Pooling::Mean,
+        16,
+        &mut go.clone(),
+    )
+    .expect("batched");
+    let max = one
+        .data
+        .iter()
+        .zip(&many.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = one.data.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    assert!(
+        max <= 1e-5 * scale.max(1.0),
+        "batched vs unbatched: {max} (scale {scale})"
+    );
+
+    let mut facts: FactSet = serde_json::from_str(DEFAULT_FACTS).expect("shipped facts");
+    facts.relations.truncate(2);
+    for r in &mut facts.relations {
+        r.facts.truncate(4);
+    }
+    let result = prediction::prediction_consistency(
+        &m.model,
+        &m.tokenizer,
+        &facts,
+        PredictionMode::Candidates,
+        None,
+        &mut go.clone(),
+    )
+    .expect("predictions");
+    assert_eq!(result.relations.len(), 2);
+    assert!((0.0..=1.0).contains(&result.macro_avg.consistency));
+    assert!(
+        result.macro_avg.accuracy > 0.0,
+        "the demo model knows some capitals: {result:?}"
+    );
+}

@@ -299,8 +299,8 @@ pub fn head_dims(
         .to_vec1::<f32>()?;
 
     let dims = order
-        .iter()
-        .zip(&tops)
+        .par_iter()
+        .zip(tops.par_iter())
         .enumerate()
         .map(|(r, (&c, (tq, tk)))| {
             let s = &sims[r * k * k..(r + 1) * k * k];

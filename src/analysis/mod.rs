@@ -3,8 +3,11 @@
 
 pub mod attribution;
 pub mod change_rate;
+pub mod consistency;
 pub mod ffn_concepts;
 pub mod head_pairs;
+pub mod prediction;
+pub mod recall;
 pub mod stats;
 pub mod types;
 pub mod words;

@@ -12,8 +12,10 @@ use crate::worker::job::{Job, JobOutput, Slot};
 use crate::worker::runner::{run_job, WorkerCtx};
 
 mod attribute;
+mod consistency;
 mod weights;
 
+pub use consistency::ConsistencyArgs;
 pub use weights::{ConceptsArgs, HeadsArgs};
 
 /// Compare a base and an instruction-tuned language model.
@@ -85,6 +87,10 @@ pub enum Command {
     /// Word pairs of the attention heads' QK circuits (METHODS.md §3). TSV rows stream to
     /// stdout; with --model-b, the instruction-verb change rate from A to B (§3.5).
     Heads(HeadsArgs),
+    /// Consistency (METHODS.md §7-§9): paraphrase representation distances and their relative
+    /// difference per layer, prediction consistency of factual probes, accuracy spread across
+    /// paraphrased instructions, attribute and extraction rates by layer.
+    Consistency(ConsistencyArgs),
     /// Generate a response (greedy unless --temperature is given).
     Generate {
         #[command(flatten)]
@@ -161,6 +167,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Attribute(args) => return attribute::run(cli, &mut ctx, args),
         Command::Concepts(args) => return weights::run_concepts(cli, args),
         Command::Heads(args) => return weights::run_heads(cli, args),
+        Command::Consistency(args) => return consistency::run(cli, args),
         _ => {}
     }
     let model_arg = match command {
@@ -169,7 +176,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         | Command::Forward { model, .. }
         | Command::Generate { model, .. } => &model.model,
         Command::Attribute(args) => &args.model.model,
-        Command::Concepts(_) | Command::Heads(_) => return Ok(()),
+        Command::Concepts(_) | Command::Heads(_) | Command::Consistency(_) => return Ok(()),
     };
     let spec = ModelSpec::parse(model_arg);
     let loaded = run_job(
@@ -185,9 +192,11 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot load model {spec}"))?;
     let job = match command {
-        Command::Info { .. } | Command::Attribute(_) | Command::Concepts(_) | Command::Heads(_) => {
-            None
-        }
+        Command::Info { .. }
+        | Command::Attribute(_)
+        | Command::Concepts(_)
+        | Command::Heads(_)
+        | Command::Consistency(_) => None,
         Command::Tokenize { text, .. } => Some(Job::Tokenize {
             slot: Slot::A,
             text: text.clone(),
@@ -264,6 +273,7 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             }
             JobOutput::Concepts(_)
             | JobOutput::Heads(_)
+            | JobOutput::Consistency(_)
             | JobOutput::Unloaded { .. }
             | JobOutput::Swapped { .. } => String::new(),
         };
@@ -333,6 +343,7 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
         }
         JobOutput::Concepts(_)
         | JobOutput::Heads(_)
+        | JobOutput::Consistency(_)
         | JobOutput::Unloaded { .. }
         | JobOutput::Swapped { .. } => {}
         JobOutput::Generated(outputs) => {

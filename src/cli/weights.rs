@@ -178,7 +178,7 @@ impl Sinks {
 }
 
 /// `[=====>    ] 40% message` on stderr, redrawn in place on a terminal.
-fn progress_line(frac: f32, message: &str) -> ControlFlow<()> {
+pub(super) fn progress_line(frac: f32, message: &str) -> ControlFlow<()> {
     const WIDTH: usize = 30;
     let filled = ((frac.clamp(0.0, 1.0) * WIDTH as f32) as usize).min(WIDTH);
     let line = format!(

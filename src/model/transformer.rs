@@ -85,6 +85,39 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The cache of a one-sequence prefix repeated for a batch of `n` continuations (e.g. the
+    /// candidate answers to one query, scored in one pass after the shared prefix ran once).
+    pub fn repeat_batch(&self, n: usize) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                layer
+                    .as_ref()
+                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                        let rep = |t: &Tensor| -> Result<Tensor> {
+                            let dims = t.dims();
+                            if dims.first() != Some(&1) {
+                                return Err(crate::error::Error::invalid(
+                                    "KV cache",
+                                    "only a one-sequence cache can be repeated",
+                                ));
+                            }
+                            let mut shape = dims.to_vec();
+                            shape[0] = n;
+                            Ok(t.broadcast_as(shape)?.contiguous()?)
+                        };
+                        Ok((rep(k)?, rep(v)?))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len: self.len,
+        })
+    }
 }
 
 /// RMSNorm with gain: `x / sqrt(mean(x²) + eps) ⊙ g`, computed in f32 as in transformers.

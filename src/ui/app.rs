@@ -627,7 +627,8 @@ impl TunelensApp {
             JobOutput::Tokens(_)
             | JobOutput::Forward(_)
             | JobOutput::Concepts(_)
-            | JobOutput::Heads(_) => {}
+            | JobOutput::Heads(_)
+            | JobOutput::Consistency(_) => {}
         }
     }
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::ffn_concepts::ConceptsConfig;
 use crate::analysis::head_pairs::HeadsConfig;
 use crate::wordfiles::WordSource;
+use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings};
 use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 
 use crate::analysis::attribution::Instructions;
@@ -75,6 +76,13 @@ pub enum Job {
         config: HeadsConfig,
         /// Layers per group of the change-rate analysis.
         group_size: usize,
+    },
+    /// Consistency measures (METHODS.md §7–§9) of each slot's model.
+    Consistency {
+        /// Model slots (A, then B).
+        slots: Vec<Slot>,
+        /// Data files, measures and settings.
+        settings: ConsistencySettings,
     },
     /// Empty a slot.
     Unload {
@@ -146,6 +154,8 @@ pub enum JobOutput {
     Concepts(Box<ConceptsOutput>),
     /// Head word pairs.
     Heads(Box<HeadsOutput>),
+    /// Consistency measures.
+    Consistency(Box<ConsistencyOutput>),
     /// A slot was emptied.
     Unloaded {
         /// Which slot.

@@ -1,6 +1,7 @@
 //! Jobs and their execution. The GUI will run [`runner::run_job`] on a worker thread; the CLI
 //! and the tests call it directly. Results are plain data (no tensors).
 
+pub mod consistency;
 pub mod handle;
 pub mod job;
 pub mod runner;

@@ -11,6 +11,7 @@ use crate::analysis::attribution::{self, AttributionConfig};
 use crate::error::{Error, Result};
 use crate::model::generate::{GenerateConfig, Generator};
 use crate::model::{self, LoadOptions, LoadedModel, NoHook};
+use crate::worker::consistency;
 use crate::worker::job::{
     Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, Slot, SlotAttribution,
     TokenizeOutput,
@@ -215,6 +216,17 @@ pub fn run_job(
                 &mut |_, _| Ok(()),
             )?;
             Ok(JobOutput::Heads(Box::new(output)))
+        }
+        Job::Consistency { slots, settings } => {
+            let cancel = ctx.cancel.clone();
+            let models = slots
+                .iter()
+                .map(|&slot| Ok((slot, ctx.model(slot)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let output = consistency::run_consistency(&models, &settings, &mut |frac, message| {
+                progress_or_cancel(emit, job_id, &cancel, frac, message)
+            })?;
+            Ok(JobOutput::Consistency(Box::new(output)))
         }
         Job::Unload { slot } => {
             match slot {

@@ -1,0 +1,524 @@
+//! Prediction consistency on paraphrased factual probes (METHODS.md §8): per relation, how often
+//! the answers to the templates of one fact agree (consistency), are right (accuracy), and agree
+//! while right (acc-consistency), macro-averaged over relations; and the spread of accuracy across
+//! paraphrased task instructions (§8.4).
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ops::log_softmax;
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::stats::{self, Summary};
+use crate::error::{Error, Result};
+use crate::model::generate::{generate, GenerateConfig};
+use crate::model::{ForwardOptions, Input, KvCache, LogitsAt, NoHook, Tokenizer, Transformer};
+
+/// One fact: subject, gold object, other accepted surface forms.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fact {
+    /// The subject `[X]`.
+    pub subject: String,
+    /// The object `[Y]`.
+    pub object: String,
+    /// Other correct answers.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+/// A relation: templates ending where the object would follow, and its facts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relation {
+    /// Short id.
+    pub relation: String,
+    /// What it is.
+    #[serde(default)]
+    pub description: String,
+    /// Query prefixes with `[X]`; the object follows the text directly.
+    pub templates: Vec<String>,
+    /// Facts.
+    pub facts: Vec<Fact>,
+}
+
+/// A probe file (`sample_prompts/facts.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FactSet {
+    /// Paraphrased task instructions for §8.4.
+    #[serde(default)]
+    pub instructions: Vec<String>,
+    /// Relations.
+    pub relations: Vec<Relation>,
+}
+
+impl FactSet {
+    /// Checks the §8.1 rules: `[X]` once per template, no `[Y]` (templates stop before the
+    /// object), at least one fact. Errors name the relation and template.
+    pub fn validate(&self) -> Result<()> {
+        if self.relations.is_empty() {
+            return Err(Error::invalid("facts", "no relations"));
+        }
+        for r in &self.relations {
+            for t in &r.templates {
+                if t.matches("[X]").count() != 1 || t.contains("[Y]") {
+                    return Err(Error::invalid(
+                        format!("relation `{}` template", r.relation),
+                        format!("`{t}` must contain [X] once and stop where [Y] would start"),
+                    ));
+                }
+            }
+            if r.facts.is_empty() {
+                return Err(Error::invalid(
+                    format!("relation `{}`", r.relation),
+                    "no facts",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The query of a template for a subject: `[X]` replaced, right-stripped.
+pub fn query(template: &str, subject: &str) -> String {
+    template.replace("[X]", subject).trim_end().to_owned()
+}
+
+/// SQuAD-style normalisation (§8.2 a): lower-case, punctuation removed, the articles a/an/the
+/// dropped, whitespace collapsed.
+pub fn normalize(text: &str) -> String {
+    let lower = text.to_lowercase();
+    let no_punct: String = lower
+        .chars()
+        .filter(|c| !c.is_ascii_punctuation())
+        .collect();
+    no_punct
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// §8.2 (a): correct when the normalised prediction starts with a normalised gold answer.
+pub fn is_correct(pred: &str, golds: &[&str]) -> bool {
+    let p = normalize(pred);
+    golds.iter().any(|g| {
+        let g = normalize(g);
+        !g.is_empty() && p.starts_with(&g)
+    })
+}
+
+/// §8.2 (a): the comparison key of a generated answer: cut at the first newline or ".", then
+/// normalised.
+pub fn answer_key(pred: &str) -> String {
+    let cut = pred.find(['\n', '.']).map_or(pred, |at| &pred[..at]);
+    normalize(cut)
+}
+
+/// §8.3 metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Agreeing template pairs / all pairs.
+    pub consistency: f64,
+    /// Correct predictions / templates.
+    pub accuracy: f64,
+    /// Pairs that agree and are correct / all pairs.
+    pub acc_consistency: f64,
+}
+
+/// §8.3 for one tuple's predictions (keys) and their correctness; `None` with fewer than two.
+pub fn tuple_metrics(keys: &[String], correct: &[bool]) -> Option<Metrics> {
+    let n = keys.len();
+    if n < 2 || correct.len() != n {
+        return None;
+    }
+    let pairs = (n * (n - 1) / 2) as f64;
+    let (mut agree, mut agree_correct) = (0usize, 0usize);
+    for i in 0..n {
+        for j in i + 1..n {
+            if keys[i] == keys[j] {
+                agree += 1;
+                if correct[i] {
+                    agree_correct += 1;
+                }
+            }
+        }
+    }
+    Some(Metrics {
+        consistency: agree as f64 / pairs,
+        accuracy: correct.iter().filter(|&&c| c).count() as f64 / n as f64,
+        acc_consistency: agree_correct as f64 / pairs,
+    })
+}
+
+/// How answers are predicted (§8.2); recorded with every result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PredictionMode {
+    /// (b) the relation's object with the highest summed log-probability.
+    Candidates,
+    /// (a) greedy generation of up to this many tokens.
+    Generative {
+        /// Token budget (the reference uses 50).
+        max_new_tokens: usize,
+    },
+}
+
+/// One answered query.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    /// Template index.
+    pub template: usize,
+    /// The prediction (candidate text or generated text).
+    pub prediction: String,
+    /// Its comparison key.
+    pub key: String,
+    /// Whether it is right.
+    pub correct: bool,
+}
+
+/// The answers and metrics of one fact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FactResult {
+    /// Subject.
+    pub subject: String,
+    /// Gold object.
+    pub object: String,
+    /// One answer per template.
+    pub answers: Vec<Answer>,
+    /// §8.3 metrics.
+    pub metrics: Metrics,
+}
+
+/// One relation's results.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelationResult {
+    /// Relation id.
+    pub relation: String,
+    /// Tuple metrics averaged over the facts.
+    pub metrics: Metrics,
+    /// Per fact.
+    pub facts: Vec<FactResult>,
+}
+
+/// §8 for one model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PredictionResult {
+    /// Mode used.
+    pub mode: PredictionMode,
+    /// Instruction prefixed to every query, if any.
+    pub instruction: Option<String>,
+    /// Per relation (those with at least two templates).
+    pub relations: Vec<RelationResult>,
+    /// Macro average over relations.
+    pub macro_avg: Metrics,
+    /// Standard deviation across relations.
+    pub macro_std: Metrics,
+}
+
+/// Log-probabilities of each candidate continuation (token ids) after `prefix`, summed over the
+/// candidate's tokens: the prefix runs once, its KV cache is repeated for every candidate.
+pub fn candidate_logprobs(
+    model: &Transformer,
+    prefix: &[u32],
+    candidates: &[Vec<u32>],
+) -> Result<Vec<f64>> {
+    if prefix.is_empty() || candidates.iter().any(Vec::is_empty) {
+        return Err(Error::invalid(
+            "candidate scoring",
+            "empty prefix or candidate",
+        ));
+    }
+    let device = model.device();
+    let mut cache = KvCache::new();
+    let last = ForwardOptions {
+        differentiable: false,
+        logits: LogitsAt::Last,
+        use_lora: true,
+    };
+    let input = Tensor::new(prefix, device)?.unsqueeze(0)?;
+    let first = model.run(Input::Ids(&input), &last, Some(&mut cache), &mut NoHook)?;
+    let first = log_softmax(&first.squeeze(0)?.squeeze(0)?.to_dtype(DType::F32)?, 0)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?;
+    let mut scores: Vec<f64> = candidates
+        .iter()
+        .map(|c| f64::from(first[c[0] as usize]))
+        .collect();
+    let longer: Vec<usize> = (0..candidates.len())
+        .filter(|&i| candidates[i].len() > 1)
+        .collect();
+    if longer.is_empty() {
+        return Ok(scores);
+    }
+    // Every candidate but its last token, right-padded (causal: padding is never attended to).
+    let width = longer
+        .iter()
+        .map(|&i| candidates[i].len() - 1)
+        .max()
+        .unwrap_or(1);
+    let mut ids = Vec::with_capacity(longer.len() * width);
+    for &i in &longer {
+        let c = &candidates[i];
+        ids.extend_from_slice(&c[..c.len() - 1]);
+        ids.extend(std::iter::repeat_n(c[0], width - (c.len() - 1)));
+    }
+    let input = Tensor::from_vec(ids, (longer.len(), width), device)?;
+    let mut batch_cache = cache.repeat_batch(longer.len())?;
+    let all = ForwardOptions {
+        logits: LogitsAt::All,
+        ..last
+    };
+    let logits = model.run(
+        Input::Ids(&input),
+        &all,
+        Some(&mut batch_cache),
+        &mut NoHook,
+    )?;
+    let logp = log_softmax(&logits.to_dtype(DType::F32)?, 2)?.to_device(&Device::Cpu)?;
+    let vocab = logp.dim(2)?;
+    let logp = logp.flatten_all()?.to_vec1::<f32>()?;
+    for (row, &i) in longer.iter().enumerate() {
+        let c = &candidates[i];
+        for (t, &id) in c.iter().enumerate().skip(1) {
+            let at = (row * width + (t - 1)) * vocab + id as usize;
+            scores[i] += f64::from(logp[at]);
+        }
+    }
+    Ok(scores)
+}
+
+fn mean_metrics(ms: &[Metrics]) -> (Metrics, Metrics) {
+    let col = |f: fn(&Metrics) -> f64| ms.iter().map(f).collect::<Vec<_>>();
+    let s = |v: Vec<f64>| -> Summary { stats::summarize(&v) };
+    let (c, a, ac) = (
+        s(col(|m| m.consistency)),
+        s(col(|m| m.accuracy)),
+        s(col(|m| m.acc_consistency)),
+    );
+    (
+        Metrics {
+            consistency: c.mean,
+            accuracy: a.mean,
+            acc_consistency: ac.mean,
+        },
+        Metrics {
+            consistency: c.std,
+            accuracy: a.std,
+            acc_consistency: ac.std,
+        },
+    )
+}
+
+/// §8 for one model: every template of every fact answered in `mode`, with `instruction` (if
+/// any) on the line before each query. `progress` gets the fraction done; breaking cancels.
+pub fn prediction_consistency(
+    model: &Transformer,
+    tokenizer: &Tokenizer,
+    facts: &FactSet,
+    mode: PredictionMode,
+    instruction: Option<&str>,
+    progress: &mut dyn FnMut(f32) -> ControlFlow<()>,
+) -> Result<PredictionResult> {
+    facts.validate()?;
+    let total: usize = facts
+        .relations
+        .iter()
+        .filter(|r| r.templates.len() >= 2)
+        .map(|r| r.templates.len() * r.facts.len())
+        .sum();
+    let mut done = 0usize;
+    let mut relations = Vec::new();
+    for rel in facts.relations.iter().filter(|r| r.templates.len() >= 2) {
+        let mut objects: Vec<&str> = Vec::new();
+        for f in &rel.facts {
+            if !objects.contains(&f.object.as_str()) {
+                objects.push(&f.object);
+            }
+        }
+        let candidate_ids = objects
+            .iter()
+            .map(|o| tokenizer.encode(&format!(" {o}"), false))
+            .collect::<Result<Vec<_>>>()?;
+        let mut fact_results = Vec::with_capacity(rel.facts.len());
+        for fact in &rel.facts {
+            let golds: Vec<&str> = std::iter::once(fact.object.as_str())
+                .chain(fact.aliases.iter().map(String::as_str))
+                .collect();
+            let mut answers = Vec::with_capacity(rel.templates.len());
+            for (t, template) in rel.templates.iter().enumerate() {
+                let q = query(template, &fact.subject);
+                let text = match instruction {
+                    Some(ins) => format!("{ins}\n{q}"),
+                    None => q,
+                };
+                let prefix = tokenizer.encode(&text, true)?;
+                let answer = match mode {
+                    PredictionMode::Candidates => {
+                        let scores = candidate_logprobs(model, &prefix, &candidate_ids)?;
+                        let best = scores
+                            .iter()
+                            .enumerate()
+                            .max_by(|a, b| a.1.total_cmp(b.1))
+                            .map_or(0, |(i, _)| i);
+                        let pred = objects[best].to_owned();
+                        Answer {
+                            template: t,
+                            correct: golds.contains(&pred.as_str()),
+                            key: pred.clone(),
+                            prediction: pred,
+                        }
+                    }
+                    PredictionMode::Generative { max_new_tokens } => {
+                        let cfg = GenerateConfig {
+                            max_new_tokens,
+                            stop_strings: vec!["\n".to_owned()],
+                            ..GenerateConfig::default()
+                        };
+                        let g =
+                            generate(model, tokenizer, &prefix, &cfg, &mut NoHook, &mut |_| {
+                                ControlFlow::Continue(())
+                            })?;
+                        let pred = g.text.trim().trim_end_matches('.').trim().to_owned();
+                        Answer {
+                            template: t,
+                            correct: is_correct(&pred, &golds),
+                            key: answer_key(&pred),
+                            prediction: pred,
+                        }
+                    }
+                };
+                answers.push(answer);
+                done += 1;
+                if progress(done as f32 / total.max(1) as f32).is_break() {
+                    return Err(Error::Cancelled);
+                }
+            }
+            let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
+            let correct: Vec<bool> = answers.iter().map(|a| a.correct).collect();
+            let metrics = tuple_metrics(&keys, &correct).unwrap_or_default();
+            fact_results.push(FactResult {
+                subject: fact.subject.clone(),
+                object: fact.object.clone(),
+                answers,
+                metrics,
+            });
+        }
+        let per_fact: Vec<Metrics> = fact_results.iter().map(|f| f.metrics).collect();
+        relations.push(RelationResult {
+            relation: rel.relation.clone(),
+            metrics: mean_metrics(&per_fact).0,
+            facts: fact_results,
+        });
+    }
+    let per_relation: Vec<Metrics> = relations.iter().map(|r| r.metrics).collect();
+    let (macro_avg, macro_std) = mean_metrics(&per_relation);
+    Ok(PredictionResult {
+        mode,
+        instruction: instruction.map(str::to_owned),
+        relations,
+        macro_avg,
+        macro_std,
+    })
+}
+
+/// §8.4: the macro accuracy under each paraphrased instruction, and its spread.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstructionSpread {
+    /// `(instruction, macro accuracy)` per instruction.
+    pub accuracies: Vec<(String, f64)>,
+    /// Mean, std (sample), count.
+    pub summary: Summary,
+    /// Lowest accuracy.
+    pub min: f64,
+    /// Highest accuracy.
+    pub max: f64,
+    /// `max − min`.
+    pub range: f64,
+}
+
+/// Summarises per-instruction accuracies.
+pub fn instruction_spread(accuracies: Vec<(String, f64)>) -> InstructionSpread {
+    let values: Vec<f64> = accuracies.iter().map(|a| a.1).collect();
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    InstructionSpread {
+        summary: stats::summarize(&values),
+        min,
+        max,
+        range: max - min,
+        accuracies,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tiny::{tiny_model, tiny_options};
+
+    /// METHODS.md §8.5.
+    #[test]
+    fn worked_example() {
+        let keys: Vec<String> = ["Paris", "Paris", "Lyon", "Paris"]
+            .map(String::from)
+            .to_vec();
+        let correct: Vec<bool> = keys.iter().map(|k| k == "Paris").collect();
+        let m = tuple_metrics(&keys, &correct).expect("4 templates");
+        assert!((m.consistency - 0.5).abs() < 1e-12);
+        assert!((m.accuracy - 0.75).abs() < 1e-12);
+        assert!((m.acc_consistency - 0.5).abs() < 1e-12);
+        let constant = vec!["x".to_owned(); 5];
+        let m = tuple_metrics(&constant, &[false; 5]).expect("5 templates");
+        assert!(
+            (m.consistency - 1.0).abs() < 1e-12,
+            "a constant predictor is consistent"
+        );
+        assert!(tuple_metrics(&constant[..1], &[true]).is_none());
+    }
+
+    #[test]
+    fn normalisation_and_prefix_match() {
+        assert_eq!(
+            normalize("  The Eiffel-Tower, in PARIS! "),
+            "eiffeltower in paris"
+        );
+        assert!(is_correct("Paris, the capital", &["paris"]));
+        assert!(is_correct("an apple a day", &["Apple"]));
+        assert!(!is_correct("Lyon", &["Paris", "City of Light"]));
+        assert_eq!(answer_key("Paris. It is big"), "paris");
+        assert_eq!(answer_key("the Seine\nriver"), "seine");
+    }
+
+    #[test]
+    fn candidate_scores_match_full_forwards() -> Result<()> {
+        let m = tiny_model(6, &tiny_options(DType::F32))?;
+        let prefix = [5u32, 7, 9];
+        let candidates = vec![vec![10u32], vec![11, 12], vec![13, 14, 15]];
+        let fast = candidate_logprobs(&m.model, &prefix, &candidates)?;
+        for (c, &score) in candidates.iter().zip(&fast) {
+            let ids: Vec<u32> = prefix.iter().chain(c).copied().collect();
+            let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let logits = m.model.forward(&input)?.squeeze(0)?;
+            let logp = log_softmax(&logits, 1)?.to_vec2::<f32>()?;
+            let reference: f64 = c
+                .iter()
+                .enumerate()
+                .map(|(t, &id)| f64::from(logp[prefix.len() - 1 + t][id as usize]))
+                .sum();
+            assert!((score - reference).abs() < 1e-4, "{score} vs {reference}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn validation_names_the_relation() {
+        let bad = FactSet {
+            instructions: vec![],
+            relations: vec![Relation {
+                relation: "capital".into(),
+                description: String::new(),
+                templates: vec!["The capital of [X] is [Y]".into()],
+                facts: vec![],
+            }],
+        };
+        let err = bad.validate().expect_err("has [Y]").to_string();
+        assert!(err.contains("capital"), "{err}");
+    }
+}

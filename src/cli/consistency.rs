@@ -1,0 +1,345 @@
+//! `tunelens consistency` (METHODS.md §7–§9): representation consistency of paraphrases,
+//! prediction consistency of factual probes, accuracy spread across instructions, and the
+//! attribute/extraction rates, for one model or A beside B.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::analysis::consistency::Pooling;
+use crate::analysis::prediction::PredictionMode;
+use crate::cli::{Cli, ModelArg};
+use crate::error::Error;
+use crate::model::ModelSpec;
+use crate::worker::consistency::{self, ConsistencyOutput, ConsistencySettings, Measures};
+use crate::worker::job::{Job, Slot};
+use crate::worker::runner::{run_job, WorkerCtx};
+
+/// `tunelens consistency`.
+#[derive(Debug, Args)]
+pub struct ConsistencyArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// A second model (slot B), compared with the first.
+    #[arg(long = "model-b")]
+    model_b: Option<String>,
+    /// Measures to run, comma-separated: repr (§7), pred (§8), spread (§8.4), recall (§9).
+    #[arg(long, default_value = "repr,pred,spread,recall", value_delimiter = ',')]
+    measure: Vec<String>,
+    /// Paraphrase pairs, TSV or JSONL with sentence1, sentence2, label (default: the shipped set).
+    #[arg(long)]
+    pairs: Option<PathBuf>,
+    /// Factual probes JSON (default: the shipped set; format in sample_prompts/README-consistency.md).
+    #[arg(long)]
+    facts: Option<PathBuf>,
+    /// Subject descriptions JSON, subject -> text (default: the shipped set).
+    #[arg(long)]
+    subjects: Option<PathBuf>,
+    /// Pooling of the token states: mean (non-special tokens) or last.
+    #[arg(long, default_value = "mean")]
+    pooling: String,
+    /// Greedy generation of up to N tokens instead of scoring the relation's objects (§8.2 a).
+    #[arg(long)]
+    generate: Option<usize>,
+    /// Facts per relation under each paraphrased instruction (§8.4).
+    #[arg(long, default_value_t = 5)]
+    spread_facts: usize,
+    /// Apply the final norm before the logit lens of the extraction rate.
+    #[arg(long)]
+    extraction_final_norm: bool,
+    /// Sentences per forward batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Write CSVs and a JSON of everything into this folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn settings(args: &ConsistencyArgs) -> anyhow::Result<ConsistencySettings> {
+    let mut measures = Measures {
+        representations: false,
+        predictions: false,
+        spread: false,
+        recall: false,
+    };
+    for m in &args.measure {
+        match m.trim() {
+            "repr" => measures.representations = true,
+            "pred" => measures.predictions = true,
+            "spread" => measures.spread = true,
+            "recall" => measures.recall = true,
+            other => {
+                return Err(Error::invalid(
+                    "--measure",
+                    format!("`{other}` (expected repr, pred, spread, recall)"),
+                )
+                .into())
+            }
+        }
+    }
+    let pooling = match args.pooling.as_str() {
+        "mean" => Pooling::Mean,
+        "last" => Pooling::Last,
+        other => {
+            return Err(
+                Error::invalid("--pooling", format!("`{other}` (expected mean or last)")).into(),
+            )
+        }
+    };
+    let mut s =
+        ConsistencySettings {
+            pairs: args.pairs.clone(),
+            facts: args.facts.clone(),
+            subjects: args.subjects.clone(),
+            measures,
+            pooling,
+            mode: args.generate.map_or(PredictionMode::Candidates, |n| {
+                PredictionMode::Generative { max_new_tokens: n }
+            }),
+            spread_facts: args.spread_facts,
+            batch_size: args.batch_size,
+            ..ConsistencySettings::default()
+        };
+    s.recall.extraction_final_norm = args.extraction_final_norm;
+    Ok(s)
+}
+
+/// Runs `tunelens consistency`.
+pub(super) fn run(cli: &Cli, args: &ConsistencyArgs) -> anyhow::Result<()> {
+    let settings = settings(args)?;
+    // Bad data files fail before any model is loaded.
+    consistency::ConsistencyData::load(&settings)?;
+    let mut ctx = WorkerCtx::default();
+    let mut slots = vec![(Slot::A, args.model.model.clone())];
+    if let Some(b) = &args.model_b {
+        slots.push((Slot::B, b.clone()));
+    }
+    for (slot, spec) in &slots {
+        let spec = ModelSpec::parse(spec);
+        run_job(
+            &mut ctx,
+            0,
+            Job::LoadModel {
+                slot: *slot,
+                spec: spec.clone(),
+                device: cli.device,
+                dtype: cli.dtype.clone(),
+            },
+            &mut |_| {},
+        )
+        .with_context(|| format!("cannot load model {spec}"))?;
+    }
+    let models = slots
+        .iter()
+        .map(|(slot, _)| Ok((*slot, ctx.model(*slot)?)))
+        .collect::<crate::Result<Vec<_>>>()?;
+    let output = consistency::run_consistency(&models, &settings, &mut |frac, message| {
+        super::weights::progress_line(frac, &message)
+    })?;
+    eprintln!();
+    if cli.json {
+        writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            serde_json::to_string(&output)?
+        )?;
+    } else {
+        write!(std::io::stdout().lock(), "{}", text_report(&output))?;
+    }
+    if let Some(dir) = &args.out {
+        for path in write_files(dir, &output)? {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn fmt(x: f64) -> String {
+    if x.is_nan() {
+        "nan".to_owned()
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+/// The readable report: RD by layer, relation table, spread, rates by layer.
+pub fn text_report(out: &ConsistencyOutput) -> String {
+    let mut s = String::new();
+    let names: Vec<&str> = out.results.iter().map(|r| r.model.as_str()).collect();
+    if out.results.iter().any(|r| r.representations.is_some()) {
+        let _ = writeln!(s, "# representation consistency (METHODS.md §7): mean cosine distance of paraphrase (P) and non-paraphrase (N) pairs, RD = (N - P) / N");
+        let _ = write!(s, "layer");
+        for n in &names {
+            let _ = write!(s, "\t{n} P\t{n} N\t{n} RD");
+        }
+        if out.rd_difference.is_some() {
+            let _ = write!(s, "\tRD B-A");
+        }
+        let _ = writeln!(s);
+        let layers = out
+            .results
+            .iter()
+            .filter_map(|r| r.representations.as_ref())
+            .map(|r| r.layers.len())
+            .max()
+            .unwrap_or(0);
+        for l in 0..layers {
+            let _ = write!(s, "{l}");
+            for r in &out.results {
+                if let Some(layer) = r.representations.as_ref().and_then(|x| x.layers.get(l)) {
+                    let _ = write!(
+                        s,
+                        "\t{}\t{}\t{}",
+                        fmt(layer.mean_para),
+                        fmt(layer.mean_non),
+                        fmt(layer.rd)
+                    );
+                }
+            }
+            if let Some(d) = out.rd_difference.as_ref().and_then(|d| d.get(l)) {
+                let _ = write!(s, "\t{}", fmt(*d));
+            }
+            let _ = writeln!(s);
+        }
+    }
+    for r in &out.results {
+        if let Some(p) = &r.predictions {
+            let _ = writeln!(
+                s,
+                "\n# prediction consistency (METHODS.md §8), {}, mode {:?}",
+                r.model, p.mode
+            );
+            let _ = writeln!(s, "relation\tconsistency\taccuracy\tacc-consistency");
+            for rel in &p.relations {
+                let _ = writeln!(
+                    s,
+                    "{}\t{}\t{}\t{}",
+                    rel.relation,
+                    fmt(rel.metrics.consistency),
+                    fmt(rel.metrics.accuracy),
+                    fmt(rel.metrics.acc_consistency)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "macro average\t{} ± {}\t{} ± {}\t{} ± {}",
+                fmt(p.macro_avg.consistency),
+                fmt(p.macro_std.consistency),
+                fmt(p.macro_avg.accuracy),
+                fmt(p.macro_std.accuracy),
+                fmt(p.macro_avg.acc_consistency),
+                fmt(p.macro_std.acc_consistency)
+            );
+        }
+        if let Some(sp) = &r.spread {
+            let _ = writeln!(
+                s,
+                "\n# accuracy across {} paraphrased instructions (METHODS.md §8.4), {}",
+                sp.accuracies.len(),
+                r.model
+            );
+            let _ = writeln!(
+                s,
+                "mean {} std {} min {} max {} range {}",
+                fmt(sp.summary.mean),
+                fmt(sp.summary.std),
+                fmt(sp.min),
+                fmt(sp.max),
+                fmt(sp.range)
+            );
+        }
+        if let Some(rc) = &r.recall {
+            let _ = writeln!(
+                s,
+                "\n# attribute and extraction rates (METHODS.md §9), {}: {} known-fact prompts, {} with descriptions",
+                r.model, rc.probes, rc.attribute_probes
+            );
+            let _ = writeln!(s, "layer\tattribute %\tER attn %\tER mlp %\tER out %");
+            for l in 0..rc.attribute_rate.len() {
+                let _ = writeln!(
+                    s,
+                    "{l}\t{:.1}\t{:.1}\t{:.1}\t{:.1}",
+                    rc.attribute_rate[l],
+                    rc.extraction_attn[l],
+                    rc.extraction_mlp[l],
+                    rc.extraction_out[l]
+                );
+            }
+        }
+    }
+    s
+}
+
+/// CSVs per measure and a JSON of everything.
+fn write_files(dir: &Path, out: &ConsistencyOutput) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::bad_file(dir, e))?;
+    let mut written = Vec::new();
+    let mut put = |name: &str, text: String| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| Error::bad_file(&path, e))?;
+        written.push(path);
+        Ok(())
+    };
+    put("consistency.json", serde_json::to_string(out)?)?;
+    let mut repr = String::from("model,layer,mean_para,mean_non,rd\n");
+    let mut dists = String::from("model,layer,pair_type,distance\n");
+    let mut rel = String::from("model,relation,consistency,accuracy,acc_consistency\n");
+    let mut rates = String::from("model,layer,attribute_rate,er_attn,er_mlp,er_out\n");
+    let mut spread = String::from("model,instruction,accuracy\n");
+    for r in &out.results {
+        let m = crate::export::csv_field(&r.model);
+        if let Some(x) = &r.representations {
+            for l in &x.layers {
+                let _ = writeln!(
+                    repr,
+                    "{m},{},{},{},{}",
+                    l.layer, l.mean_para, l.mean_non, l.rd
+                );
+                for d in &l.para {
+                    let _ = writeln!(dists, "{m},{},para,{d}", l.layer);
+                }
+                for d in &l.non {
+                    let _ = writeln!(dists, "{m},{},non,{d}", l.layer);
+                }
+            }
+        }
+        if let Some(p) = &r.predictions {
+            for x in &p.relations {
+                let _ = writeln!(
+                    rel,
+                    "{m},{},{},{},{}",
+                    crate::export::csv_field(&x.relation),
+                    x.metrics.consistency,
+                    x.metrics.accuracy,
+                    x.metrics.acc_consistency
+                );
+            }
+        }
+        if let Some(sp) = &r.spread {
+            for (ins, acc) in &sp.accuracies {
+                let _ = writeln!(spread, "{m},{},{acc}", crate::export::csv_field(ins));
+            }
+        }
+        if let Some(rc) = &r.recall {
+            for l in 0..rc.attribute_rate.len() {
+                let _ = writeln!(
+                    rates,
+                    "{m},{l},{},{},{},{}",
+                    rc.attribute_rate[l],
+                    rc.extraction_attn[l],
+                    rc.extraction_mlp[l],
+                    rc.extraction_out[l]
+                );
+            }
+        }
+    }
+    put("consistency_by_layer.csv", repr)?;
+    put("consistency_distances.csv", dists)?;
+    put("consistency_relations.csv", rel)?;
+    put("consistency_instructions.csv", spread)?;
+    put("consistency_recall.csv", rates)?;
+    Ok(written)
+}
