@@ -306,3 +306,147 @@ fn attribution_view_shows_heatmaps_scores_and_exports() {
     assert!(svg.contains("<svg") && !svg.contains("<text"));
     harness.get_by_label_contains("Exported 5 files");
 }
+
+/// A `word<TAB>freq` list of the tiny vocabulary's words.
+fn tiny_words(dir: &std::path::Path) -> std::path::PathBuf {
+    let words = [
+        "the",
+        "cat",
+        "dog",
+        "sat",
+        "mat",
+        "write",
+        "poem",
+        "sea",
+        "summarize",
+        "text",
+        "translate",
+        "french",
+        "list",
+        "three",
+        "study",
+        "warm",
+        "cold",
+        "red",
+        "blue",
+        "green",
+        "big",
+        "small",
+        "answer",
+        "question",
+        "paris",
+        "france",
+        "capital",
+        "city",
+        "river",
+        "tree",
+        "house",
+        "run",
+        "jump",
+        "read",
+        "book",
+    ];
+    let mut text = String::new();
+    for (i, w) in words.iter().enumerate() {
+        text.push_str(w);
+        text.push('\t');
+        text.push_str(&(100 - i).to_string());
+        text.push('\n');
+    }
+    let path = dir.join("words.tsv");
+    std::fs::write(&path, text).expect("word list");
+    path
+}
+
+#[test]
+fn concepts_heads_and_consistency_views_compute_show_and_export() {
+    let a = tiny_folder(11, false);
+    let b = tiny_folder(12, true);
+    let cache = tempfile::tempdir().expect("temp dir");
+    // The worker caches weight-space results in the user cache folder; keep this test's apart.
+    std::env::set_var("TUNELENS_CACHE_DIR", cache.path());
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    harness.state_mut().open_path(Slot::B, b.path());
+    step_until(&mut harness, "both models", |app| {
+        app.slots.iter().all(|s| s.info.is_some())
+    });
+    let words = tiny_words(a.path());
+
+    // Concepts: compute, pick a layer, see both tables and the alignment column.
+    harness.get_by_label("Concepts").click();
+    harness.run();
+    harness.state_mut().state.weights.words_file = Some(words.clone());
+    harness.get_by_label("Compute concepts").click();
+    step_until(&mut harness, "concepts", |app| app.concepts.is_some());
+    harness.state_mut().state.weights.layer = 2;
+    harness.run();
+    harness.get_by_label("Variance spectrum, layer 2");
+    assert!(
+        harness.query_all_by_label_contains("#1 ").count() >= 2,
+        "rank-1 rows of A and B"
+    );
+    harness.get_by_label_contains("§2.3 extension");
+
+    // Heads: compute, click a head in A's grid, see its pair table and the change rates.
+    harness.get_by_label("Heads").click();
+    harness.run();
+    harness.get_by_label("Compute head pairs").click();
+    step_until(&mut harness, "head pairs", |app| app.heads.is_some());
+    harness.get_by_label("Head pair counts A").scroll_to_me();
+    harness.run();
+    harness.get_by_label("Head pair counts A").click();
+    harness.run();
+    assert!(
+        harness.state().state.weights.head.is_some(),
+        "a head is selected"
+    );
+    assert!(harness.query_all_by_label_contains("rank 1 · dim").count() >= 1);
+    harness.get_by_label("instruction n");
+    harness.get_by_label("Change rate by layer group");
+    let out = tempfile::tempdir().expect("temp dir");
+    harness.state_mut().export_to(&out.path().join("heads.svg"));
+    step_until(&mut harness, "the heads export", |app| {
+        app.export_note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("Exported"))
+    });
+    for name in [
+        "heads.svg",
+        "heads.png",
+        "heads_pairs.csv",
+        "heads_change_rate.csv",
+        "heads.json",
+    ] {
+        let len = std::fs::metadata(out.path().join(name)).map_or(0, |m| m.len());
+        assert!(len > 50, "{name}: {len} bytes");
+    }
+
+    // Consistency on small files: histograms per model, RD by layer, relation table.
+    let pairs = a.path().join("pairs.tsv");
+    std::fs::write(
+        &pairs,
+        "the cat sat on the mat\ta cat sat on the mat\t1\nthe dog is big\tthe big dog\t1\n\
+         the sea is warm\tthe sea is cold\t0\nread a book\twrite a poem\t0\n",
+    )
+    .expect("pairs");
+    let facts = a.path().join("facts.json");
+    std::fs::write(
+        &facts,
+        r#"{"instructions": ["answer", "say it"], "relations": [{"relation": "capital",
+            "templates": ["the capital of [X] is", "[X] capital city is"],
+            "facts": [{"subject": "france", "object": "paris"}, {"subject": "the house", "object": "city"}]}]}"#,
+    )
+    .expect("facts");
+    harness.get_by_label("Consistency").click();
+    harness.run();
+    harness.state_mut().state.consistency.pairs_file = Some(pairs);
+    harness.state_mut().state.consistency.facts_file = Some(facts);
+    harness.get_by_label("Run consistency").click();
+    step_until(&mut harness, "consistency", |app| app.consistency.is_some());
+    harness.get_by_label("Distance histogram A");
+    harness.get_by_label("Distance histogram B");
+    harness.get_by_label("Relative difference by layer");
+    harness.get_by_label("macro average");
+    harness.get_by_label("Accuracy across instructions");
+}

@@ -11,6 +11,9 @@ use eframe::egui;
 use crate::analysis::attribution::{
     by_words, set_instruction_mask, AttributionConfig, Instructions,
 };
+use crate::analysis::consistency::Pooling;
+use crate::analysis::ffn_concepts::ConceptsConfig;
+use crate::analysis::head_pairs::HeadsConfig;
 use crate::analysis::types::Attribution;
 use crate::export;
 use crate::model::generate::StopReason;
@@ -21,7 +24,10 @@ use crate::ui::panels;
 use crate::ui::state::{AppState, InstructionSource, View};
 use crate::ui::theme;
 use crate::ui::widgets::status;
+use crate::wordfiles::WordSource;
+use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings, Measures};
 use crate::worker::job::SlotAttribution;
+use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 use crate::worker::{self, Event, Job, JobId, JobOutput, Slot, WorkerHandle};
 
 /// What the user asked for this frame.
@@ -80,6 +86,16 @@ pub enum Action {
     ExportDialog,
     /// Export the attribution as shown: `<stem>.svg` picks the folder and the file stem.
     ExportTo(PathBuf),
+    /// FFN concepts of every loaded model.
+    RunConcepts,
+    /// Head word pairs of every loaded model.
+    RunHeads,
+    /// Consistency measures of every loaded model.
+    RunConsistency,
+    /// Show a file dialog for a data file of the analysis views.
+    PickFile(DialogKind),
+    /// Use this data file (`None`: back to the default).
+    SetFile(DialogKind, Option<PathBuf>),
 }
 
 /// The files an export wrote, or why it failed.
@@ -206,6 +222,12 @@ pub enum PendingKind {
     Generate,
     /// Attributing.
     Attribute,
+    /// FFN concepts.
+    Concepts,
+    /// Head pairs.
+    Heads,
+    /// Consistency measures.
+    Consistency,
     /// Unload, swap.
     Other,
 }
@@ -226,6 +248,12 @@ pub struct TunelensApp {
     pub samples: Vec<SampleSet>,
     /// The last attribution run.
     pub attribution: Option<AttributionResults>,
+    /// The last FFN-concepts run.
+    pub concepts: Option<Box<ConceptsOutput>>,
+    /// The last head-pairs run.
+    pub heads: Option<Box<HeadsOutput>>,
+    /// The last consistency run.
+    pub consistency: Option<Box<ConsistencyOutput>>,
     /// What the last export wrote (or why it failed).
     pub export_note: Option<String>,
     exports: (
@@ -270,6 +298,9 @@ impl TunelensApp {
             last_error: None,
             samples: samples::builtin(),
             attribution: None,
+            concepts: None,
+            heads: None,
+            consistency: None,
             export_note: None,
             exports: crossbeam_channel::unbounded(),
             worker,
@@ -413,6 +444,28 @@ impl TunelensApp {
                     }
                 }
                 Action::ExportTo(path) => self.export_to(&path),
+                Action::RunConcepts => self.run_weights(PendingKind::Concepts),
+                Action::RunHeads => self.run_weights(PendingKind::Heads),
+                Action::RunConsistency => self.run_consistency(),
+                Action::PickFile(kind) => {
+                    let ctx = self.ctx.clone();
+                    if let Err(err) = self
+                        .dialogs
+                        .open(Slot::A, kind, move || ctx.request_repaint())
+                    {
+                        self.last_error = Some(format!("Cannot open a file dialog: {err}"));
+                    }
+                }
+                Action::SetFile(kind, path) => match kind {
+                    DialogKind::WordList => self.state.weights.words_file = path,
+                    DialogKind::WordVectors => self.state.weights.vectors_file = path,
+                    DialogKind::PairsFile => self.state.consistency.pairs_file = path,
+                    DialogKind::FactsFile => self.state.consistency.facts_file = path,
+                    DialogKind::ModelFolder
+                    | DialogKind::GgufFile
+                    | DialogKind::AdapterFolder
+                    | DialogKind::ExportFile => {}
+                },
             }
         }
     }
@@ -495,8 +548,122 @@ impl TunelensApp {
         self.submit(job, "Attributing".to_owned(), PendingKind::Attribute);
     }
 
+    /// The loaded slots, or an error saying none is.
+    fn loaded_slots(&mut self) -> Option<Vec<Slot>> {
+        let slots: Vec<Slot> = [Slot::A, Slot::B]
+            .into_iter()
+            .filter(|&s| self.slots[slot_index(s)].info.is_some())
+            .collect();
+        if slots.is_empty() {
+            self.last_error = Some("Load a model into slot A or B first".to_owned());
+            return None;
+        }
+        Some(slots)
+    }
+
+    fn run_weights(&mut self, kind: PendingKind) {
+        let Some(slots) = self.loaded_slots() else {
+            return;
+        };
+        if self.pending.values().any(|p| p.kind == kind) {
+            return;
+        }
+        let w = &self.state.weights;
+        let words = w
+            .words_file
+            .clone()
+            .map_or(WordSource::Builtin, WordSource::File);
+        let (job, label) = if kind == PendingKind::Concepts {
+            (
+                Job::Concepts {
+                    slots,
+                    words,
+                    config: ConceptsConfig {
+                        top_k: w.concepts_top_k,
+                        max_rank: w.concepts_ranks,
+                    },
+                },
+                "Computing FFN concepts",
+            )
+        } else {
+            (
+                Job::Heads {
+                    slots,
+                    words,
+                    vectors: w.vectors_file.clone(),
+                    config: HeadsConfig {
+                        top_k: w.heads_top_k,
+                        ..HeadsConfig::default()
+                    },
+                    group_size: w.group_size,
+                },
+                "Computing head word pairs",
+            )
+        };
+        self.submit(job, label.to_owned(), kind);
+    }
+
+    fn run_consistency(&mut self) {
+        let Some(slots) = self.loaded_slots() else {
+            return;
+        };
+        if self
+            .pending
+            .values()
+            .any(|p| p.kind == PendingKind::Consistency)
+        {
+            return;
+        }
+        let c = &self.state.consistency;
+        let settings = ConsistencySettings {
+            pairs: c.pairs_file.clone(),
+            facts: c.facts_file.clone(),
+            pooling: if c.last_token {
+                Pooling::Last
+            } else {
+                Pooling::Mean
+            },
+            measures: Measures {
+                spread: c.spread,
+                ..Measures::ALL
+            },
+            ..ConsistencySettings::default()
+        };
+        self.submit(
+            Job::Consistency { slots, settings },
+            "Running consistency measures".to_owned(),
+            PendingKind::Consistency,
+        );
+    }
+
     /// The default export file stem: view, models and the first prompt words.
     fn export_stem(&self) -> String {
+        let models = |names: Vec<&str>| names.join("_vs_");
+        match self.state.view {
+            View::Concepts => {
+                if let Some(out) = &self.concepts {
+                    let names = out.results.iter().map(|r| r.model.as_str()).collect();
+                    return export::default_file_stem(
+                        "concepts",
+                        &models(names),
+                        &format!("layer {}", self.state.weights.layer),
+                    );
+                }
+            }
+            View::Heads => {
+                if let Some(out) = &self.heads {
+                    let names = out.results.iter().map(|r| r.model.as_str()).collect();
+                    return export::default_file_stem("heads", &models(names), "");
+                }
+            }
+            View::Consistency => {
+                if let Some(out) = &self.consistency {
+                    let names = out.results.iter().map(|r| r.model.as_str()).collect();
+                    return export::default_file_stem("consistency", &models(names), "");
+                }
+            }
+            View::Models | View::Prompt | View::Attribution => {}
+        }
         let Some(results) = &self.attribution else {
             return "attribution".to_owned();
         };
@@ -507,6 +674,13 @@ impl TunelensApp {
     /// Exports the attribution as shown (word or token level) next to `path`: its folder and
     /// file stem name the five files. Runs on a named thread; the note reports the outcome.
     pub fn export_to(&mut self, path: &Path) {
+        if matches!(
+            self.state.view,
+            View::Concepts | View::Heads | View::Consistency
+        ) {
+            self.export_view(path);
+            return;
+        }
         let Some(results) = &self.attribution else {
             self.last_error = Some("Nothing to export: run an attribution first".to_owned());
             return;
@@ -541,6 +715,54 @@ impl TunelensApp {
                 let outcome =
                     export::write_attribution(&dir, &stem, &refs).map_err(|err| err.to_string());
                 // The app may have closed; nothing to do then.
+                let _ = tx.send(outcome);
+                ctx.request_repaint();
+            });
+        if let Err(err) = spawned {
+            self.export_note = None;
+            self.last_error = Some(format!("Cannot start the export: {err}"));
+        }
+    }
+
+    /// Exports the Concepts, Heads or Consistency view on a named thread.
+    fn export_view(&mut self, path: &Path) {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let stem = path
+            .file_stem()
+            .map_or_else(|| self.export_stem(), |s| s.to_string_lossy().into_owned());
+        let view = self.state.view;
+        let (wl, cl) = (self.state.weights.layer, self.state.consistency.layer);
+        let concepts = self.concepts.clone();
+        let heads = self.heads.clone();
+        let consistency = self.consistency.clone();
+        let ready = match view {
+            View::Concepts => concepts.is_some(),
+            View::Heads => heads.is_some(),
+            View::Consistency => consistency.is_some(),
+            View::Models | View::Prompt | View::Attribution => false,
+        };
+        if !ready {
+            self.last_error = Some("Nothing to export: run the analysis first".to_owned());
+            return;
+        }
+        let tx = self.exports.0.clone();
+        let ctx = self.ctx.clone();
+        self.export_note = Some("Exporting…".to_owned());
+        let spawned = std::thread::Builder::new()
+            .name("export".to_owned())
+            .spawn(move || {
+                let outcome = match (view, concepts, heads, consistency) {
+                    (View::Concepts, Some(c), _, _) => {
+                        export::views::write_concepts(&dir, &stem, &c, wl)
+                    }
+                    (View::Heads, _, Some(h), _) => export::views::write_heads(&dir, &stem, &h, wl),
+                    (_, _, _, Some(c)) => export::views::write_consistency(&dir, &stem, &c, cl),
+                    _ => Ok(Vec::new()),
+                }
+                .map_err(|err| err.to_string());
                 let _ = tx.send(outcome);
                 ctx.request_repaint();
             });
@@ -623,12 +845,21 @@ impl TunelensApp {
                     Some(AttributionResults::new(self.state.prompt.clone(), results));
                 self.export_note = None;
             }
-            // The CLI shows these; the weight-space views are not wired yet.
-            JobOutput::Tokens(_)
-            | JobOutput::Forward(_)
-            | JobOutput::Concepts(_)
-            | JobOutput::Heads(_)
-            | JobOutput::Consistency(_) => {}
+            // The CLI shows these.
+            JobOutput::Tokens(_) | JobOutput::Forward(_) => {}
+            JobOutput::Concepts(out) => {
+                self.concepts = Some(out);
+                self.export_note = None;
+            }
+            JobOutput::Heads(out) => {
+                self.heads = Some(out);
+                self.state.weights.head = None;
+                self.export_note = None;
+            }
+            JobOutput::Consistency(out) => {
+                self.consistency = Some(out);
+                self.export_note = None;
+            }
         }
     }
 
@@ -715,6 +946,10 @@ impl eframe::App for TunelensApp {
                     DialogKind::AdapterFolder => Action::AddAdapter { slot, path },
                     DialogKind::ModelFolder | DialogKind::GgufFile => Action::Open { slot, path },
                     DialogKind::ExportFile => Action::ExportTo(path),
+                    DialogKind::WordList
+                    | DialogKind::WordVectors
+                    | DialogKind::PairsFile
+                    | DialogKind::FactsFile => Action::SetFile(kind, Some(path)),
                 });
             }
         }
@@ -783,6 +1018,37 @@ impl eframe::App for TunelensApp {
                 self.pending
                     .values()
                     .find(|p| p.kind == PendingKind::Attribute),
+                self.export_note.as_deref(),
+                &mut actions,
+            ),
+            View::Concepts => panels::weights::concepts_ui(
+                ui,
+                &mut self.state.weights,
+                self.slots.iter().any(|s| s.info.is_some()),
+                self.concepts.as_deref(),
+                self.pending
+                    .values()
+                    .find(|p| p.kind == PendingKind::Concepts),
+                self.export_note.as_deref(),
+                &mut actions,
+            ),
+            View::Heads => panels::weights::heads_ui(
+                ui,
+                &mut self.state.weights,
+                self.slots.iter().any(|s| s.info.is_some()),
+                self.heads.as_deref(),
+                self.pending.values().find(|p| p.kind == PendingKind::Heads),
+                self.export_note.as_deref(),
+                &mut actions,
+            ),
+            View::Consistency => panels::consistency::consistency_ui(
+                ui,
+                &mut self.state.consistency,
+                self.slots.iter().any(|s| s.info.is_some()),
+                self.consistency.as_deref(),
+                self.pending
+                    .values()
+                    .find(|p| p.kind == PendingKind::Consistency),
                 self.export_note.as_deref(),
                 &mut actions,
             ),

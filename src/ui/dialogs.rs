@@ -18,6 +18,14 @@ pub enum DialogKind {
     AdapterFolder,
     /// Where to export a figure and its data.
     ExportFile,
+    /// A `word<TAB>freq` word list.
+    WordList,
+    /// A GloVe-format word-vector table.
+    WordVectors,
+    /// Paraphrase pairs (TSV or JSONL).
+    PairsFile,
+    /// Factual probes (JSON).
+    FactsFile,
 }
 
 /// A finished dialog: the slot it was for, what it picked, and the path (None if cancelled).
@@ -79,6 +87,19 @@ impl Dialogs {
                     DialogKind::GgufFile => dialog
                         .set_title("Open a GGUF model")
                         .add_filter("GGUF", &["gguf"])
+                        .pick_file(),
+                    DialogKind::WordList => dialog
+                        .set_title("Open a word list (word<TAB>frequency)")
+                        .pick_file(),
+                    DialogKind::WordVectors => dialog
+                        .set_title("Open word vectors (GloVe text format)")
+                        .pick_file(),
+                    DialogKind::PairsFile => dialog
+                        .set_title("Open paraphrase pairs (sentence1, sentence2, label)")
+                        .pick_file(),
+                    DialogKind::FactsFile => dialog
+                        .set_title("Open factual probes (JSON)")
+                        .add_filter("JSON", &["json"])
                         .pick_file(),
                     DialogKind::ExportFile => dialog
                         .set_title("Export the figure and data")

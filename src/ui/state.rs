@@ -19,11 +19,24 @@ pub enum View {
     Prompt,
     /// Gradient attribution heatmaps and importance density (METHODS.md §1).
     Attribution,
+    /// FFN PCA concepts (METHODS.md §2).
+    Concepts,
+    /// Attention-head word pairs and the instruction-verb change rate (METHODS.md §3).
+    Heads,
+    /// Paraphrase, prediction and factual-recall consistency (METHODS.md §7–§9).
+    Consistency,
 }
 
 impl View {
     /// Every view, in navigation order.
-    pub const ALL: [View; 3] = [View::Models, View::Prompt, View::Attribution];
+    pub const ALL: [View; 6] = [
+        View::Models,
+        View::Prompt,
+        View::Attribution,
+        View::Concepts,
+        View::Heads,
+        View::Consistency,
+    ];
 
     /// The label shown in the navigation.
     pub fn label(self) -> &'static str {
@@ -31,6 +44,9 @@ impl View {
             View::Models => "Models",
             View::Prompt => "Prompt",
             View::Attribution => "Attribution",
+            View::Concepts => "Concepts",
+            View::Heads => "Heads",
+            View::Consistency => "Consistency",
         }
     }
 }
@@ -143,8 +159,79 @@ pub struct AppState {
     pub device: DeviceChoice,
     /// Attribution view settings.
     pub attribution: AttributionSettings,
+    /// Concepts and Heads view settings.
+    pub weights: WeightSettings,
+    /// Consistency view settings.
+    pub consistency: ConsistencyUi,
 }
 
+/// Settings of the Concepts and Heads views.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WeightSettings {
+    /// A `word<TAB>freq` list; `None` = the built-in list.
+    pub words_file: Option<std::path::PathBuf>,
+    /// A GloVe-format table; `None` = the model's own input embeddings.
+    pub vectors_file: Option<std::path::PathBuf>,
+    /// Words per component.
+    pub concepts_top_k: usize,
+    /// Components per layer.
+    pub concepts_ranks: usize,
+    /// Words per head dimension and side.
+    pub heads_top_k: usize,
+    /// Layers per change-rate group.
+    pub group_size: usize,
+    /// Layer shown.
+    pub layer: usize,
+    /// Selected head: (result index, layer, head).
+    pub head: Option<(usize, usize, usize)>,
+    /// Filter of the pair table.
+    pub search: String,
+}
+
+impl Default for WeightSettings {
+    fn default() -> Self {
+        Self {
+            words_file: None,
+            vectors_file: None,
+            concepts_top_k: 50,
+            concepts_ranks: 300,
+            heads_top_k: 100,
+            group_size: 8,
+            layer: 0,
+            head: None,
+            search: String::new(),
+        }
+    }
+}
+
+/// Settings of the Consistency view.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConsistencyUi {
+    /// Paraphrase pairs file; `None` = shipped.
+    pub pairs_file: Option<std::path::PathBuf>,
+    /// Factual probes file; `None` = shipped.
+    pub facts_file: Option<std::path::PathBuf>,
+    /// Pool the last token instead of the mean.
+    pub last_token: bool,
+    /// Run §8.4 (slow: every instruction re-runs a subset).
+    pub spread: bool,
+    /// Layer of the histograms.
+    pub layer: usize,
+}
+
+impl Default for ConsistencyUi {
+    fn default() -> Self {
+        Self {
+            pairs_file: None,
+            facts_file: None,
+            last_token: false,
+            spread: true,
+            layer: 0,
+        }
+    }
+}
 impl Default for AppState {
     fn default() -> Self {
         Self {
@@ -155,6 +242,8 @@ impl Default for AppState {
             view: View::default(),
             device: DeviceChoice::Cpu,
             attribution: AttributionSettings::default(),
+            weights: WeightSettings::default(),
+            consistency: ConsistencyUi::default(),
         }
     }
 }

@@ -1,4 +1,5 @@
 //! Reusable widgets over plain data.
 
 pub mod heatmap;
+pub mod plot;
 pub mod status;

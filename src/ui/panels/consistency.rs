@@ -1,0 +1,324 @@
+//! Consistency view (METHODS.md §7–§9): per-layer histograms of paraphrase and non-paraphrase
+//! distances, the relative difference by layer for A and B, the relation table of prediction
+//! consistency, the accuracy spread across paraphrased instructions, and the attribute and
+//! extraction rates by layer.
+
+use eframe::egui;
+
+use crate::ui::app::{Action, PendingJob};
+use crate::ui::dialogs::DialogKind;
+use crate::ui::state::ConsistencyUi;
+use crate::ui::theme;
+use crate::ui::widgets::plot::{grouped_bars_ui, histogram_ui, line_plot_ui, Series};
+use crate::worker::consistency::ConsistencyOutput;
+
+fn file_row(
+    ui: &mut egui::Ui,
+    label: &str,
+    current: Option<&std::path::Path>,
+    default: &str,
+    kind: DialogKind,
+    actions: &mut Vec<Action>,
+) {
+    ui.horizontal(|ui| {
+        ui.label(label);
+        let shown = current
+            .and_then(|p| p.file_name())
+            .map_or_else(|| default.to_owned(), |n| n.to_string_lossy().into_owned());
+        ui.label(egui::RichText::new(shown).strong());
+        if ui.button("Open…").clicked() {
+            actions.push(Action::PickFile(kind));
+        }
+        if current.is_some() && ui.button("Default").clicked() {
+            actions.push(Action::SetFile(kind, None));
+        }
+    });
+}
+
+/// Draws the Consistency view.
+pub fn consistency_ui(
+    ui: &mut egui::Ui,
+    settings: &mut ConsistencyUi,
+    any_loaded: bool,
+    results: Option<&ConsistencyOutput>,
+    running: Option<&PendingJob>,
+    note: Option<&str>,
+    actions: &mut Vec<Action>,
+) {
+    ui.heading("Consistency");
+    ui.label(egui::RichText::new("Do paraphrases sit closer than non-paraphrases, and do factual answers agree across rewordings? (Fierro et al. 2024, METHODS.md §7–§9)").color(theme::MUTED));
+    file_row(
+        ui,
+        "Paraphrase pairs",
+        settings.pairs_file.as_deref(),
+        "shipped set (sample_prompts/paraphrases.tsv)",
+        DialogKind::PairsFile,
+        actions,
+    );
+    file_row(
+        ui,
+        "Factual probes",
+        settings.facts_file.as_deref(),
+        "shipped set (sample_prompts/facts.json)",
+        DialogKind::FactsFile,
+        actions,
+    );
+    ui.horizontal(|ui| {
+        ui.label("Pooling");
+        ui.selectable_value(&mut settings.last_token, false, "Mean of tokens");
+        ui.selectable_value(&mut settings.last_token, true, "Last token");
+        ui.separator();
+        ui.checkbox(
+            &mut settings.spread,
+            "Accuracy across instructions (§8.4, slower)",
+        );
+    });
+    ui.horizontal(|ui| {
+        if ui
+            .add_enabled(
+                any_loaded && running.is_none(),
+                egui::Button::new("Run consistency"),
+            )
+            .on_disabled_hover_text("Load a model first, or wait for the running job")
+            .clicked()
+        {
+            actions.push(Action::RunConsistency);
+        }
+        if let Some(job) = running {
+            ui.add(
+                egui::ProgressBar::new(job.frac.unwrap_or(0.0))
+                    .desired_width(180.0)
+                    .show_percentage(),
+            );
+            ui.label(egui::RichText::new(&job.message).color(theme::MUTED));
+            if ui.button("Cancel").clicked() {
+                actions.push(Action::Stop);
+            }
+        }
+        ui.separator();
+        if ui
+            .add_enabled(results.is_some(), egui::Button::new("Export…"))
+            .clicked()
+        {
+            actions.push(Action::ExportDialog);
+        }
+        if let Some(note) = note {
+            ui.label(egui::RichText::new(note).color(theme::MUTED));
+        }
+    });
+    ui.add_space(theme::SECTION_GAP);
+    let Some(out) = results else {
+        ui.label(
+            egui::RichText::new("Results appear here: one column per loaded model")
+                .color(theme::MUTED),
+        );
+        return;
+    };
+    egui::ScrollArea::vertical()
+        .id_salt("consistency_results")
+        .auto_shrink([false, false])
+        .show(ui, |ui| {
+            let layers = out
+                .results
+                .iter()
+                .filter_map(|r| r.representations.as_ref())
+                .map(|r| r.layers.len())
+                .max()
+                .unwrap_or(0);
+            if layers > 0 {
+                settings.layer = settings.layer.min(layers - 1);
+                ui.horizontal(|ui| {
+                    let l = ui.label("Layer");
+                    ui.add(egui::Slider::new(&mut settings.layer, 0..=layers - 1))
+                        .labelled_by(l.id);
+                });
+                let layer = settings.layer;
+                ui.columns(out.results.len().max(1), |columns| {
+                    for (column, r) in columns.iter_mut().zip(&out.results) {
+                        column.label(
+                            egui::RichText::new(format!("{:?} · {}", r.slot, r.model))
+                                .strong()
+                                .color(theme::slot_color(r.slot)),
+                        );
+                        let Some(l) = r.representations.as_ref().and_then(|x| x.layers.get(layer))
+                        else {
+                            continue;
+                        };
+                        column.label(format!(
+                            "P {:.4} · N {:.4} · RD {:.3}",
+                            l.mean_para, l.mean_non, l.rd
+                        ));
+                        histogram_ui(
+                            column,
+                            &format!("Distance histogram {:?}", r.slot),
+                            &[
+                                ("paraphrase", theme::SLOT_A, &l.para),
+                                ("non-paraphrase", theme::INSTRUCTION, &l.non),
+                            ],
+                            50,
+                            "cosine distance",
+                        );
+                    }
+                });
+                let series: Vec<Series<'_>> = out
+                    .results
+                    .iter()
+                    .filter_map(|r| {
+                        let rep = r.representations.as_ref()?;
+                        Some(Series {
+                            name: &r.model,
+                            color: theme::slot_color(r.slot),
+                            points: rep.layers.iter().map(|l| (l.layer as f64, l.rd)).collect(),
+                        })
+                    })
+                    .collect();
+                line_plot_ui(
+                    ui,
+                    "Relative difference by layer",
+                    &series,
+                    "layer",
+                    "RD = (N - P) / N",
+                    false,
+                );
+            }
+            let preds: Vec<_> = out
+                .results
+                .iter()
+                .filter_map(|r| r.predictions.as_ref().map(|p| (r, p)))
+                .collect();
+            if let Some((_, first)) = preds.first() {
+                ui.add_space(theme::SECTION_GAP);
+                ui.label(
+                    egui::RichText::new(format!("Prediction consistency (§8), {:?}", first.mode))
+                        .strong(),
+                );
+                egui::Grid::new("relations").striped(true).show(ui, |ui| {
+                    ui.label(egui::RichText::new("relation").strong());
+                    for (r, _) in &preds {
+                        ui.label(
+                            egui::RichText::new(format!(
+                                "{:?} consistency / accuracy / acc-cons.",
+                                r.slot
+                            ))
+                            .strong(),
+                        );
+                    }
+                    ui.end_row();
+                    for (k, rel) in first.relations.iter().enumerate() {
+                        ui.label(&rel.relation);
+                        for (_, p) in &preds {
+                            if let Some(x) = p.relations.get(k) {
+                                ui.label(format!(
+                                    "{:.3} / {:.3} / {:.3}",
+                                    x.metrics.consistency,
+                                    x.metrics.accuracy,
+                                    x.metrics.acc_consistency
+                                ));
+                            }
+                        }
+                        ui.end_row();
+                    }
+                    ui.label(egui::RichText::new("macro average").strong());
+                    for (_, p) in &preds {
+                        ui.label(
+                            egui::RichText::new(format!(
+                                "{:.3} / {:.3} / {:.3}",
+                                p.macro_avg.consistency,
+                                p.macro_avg.accuracy,
+                                p.macro_avg.acc_consistency
+                            ))
+                            .strong(),
+                        );
+                    }
+                    ui.end_row();
+                });
+            }
+            let spreads: Vec<_> = out
+                .results
+                .iter()
+                .filter_map(|r| r.spread.as_ref().map(|s| (r, s)))
+                .collect();
+            if !spreads.is_empty() {
+                ui.add_space(theme::SECTION_GAP);
+                ui.label(
+                    egui::RichText::new("Accuracy across paraphrased instructions (§8.4)").strong(),
+                );
+                for (r, s) in &spreads {
+                    ui.label(format!(
+                        "{:?}: mean {:.3} ± {:.3}, min {:.3}, max {:.3}, range {:.3}",
+                        r.slot, s.summary.mean, s.summary.std, s.min, s.max, s.range
+                    ));
+                }
+                let groups: Vec<String> = spreads
+                    .iter()
+                    .map(|(r, _)| format!("{:?}", r.slot))
+                    .collect();
+                let series = vec![(
+                    "mean accuracy (whisker: std)",
+                    theme::BAR,
+                    spreads
+                        .iter()
+                        .map(|(_, s)| (s.summary.mean, s.summary.std))
+                        .collect(),
+                )];
+                grouped_bars_ui(
+                    ui,
+                    "Accuracy across instructions",
+                    &groups,
+                    &series,
+                    "accuracy",
+                );
+            }
+            let recalls: Vec<_> = out
+                .results
+                .iter()
+                .filter_map(|r| r.recall.as_ref().map(|x| (r, x)))
+                .collect();
+            if !recalls.is_empty() {
+                ui.add_space(theme::SECTION_GAP);
+                ui.label(
+                    egui::RichText::new(
+                        "Attribute rate at the subject and extraction rates at the last token (§9)",
+                    )
+                    .strong(),
+                );
+                let mut series = Vec::new();
+                for (r, x) in &recalls {
+                    let pts = |v: &[f64]| {
+                        v.iter()
+                            .enumerate()
+                            .map(|(l, &y)| (l as f64, y))
+                            .collect::<Vec<_>>()
+                    };
+                    let c = theme::slot_color(r.slot);
+                    series.push(Series {
+                        name: "attribute rate",
+                        color: c,
+                        points: pts(&x.attribute_rate),
+                    });
+                    series.push(Series {
+                        name: "ER attention",
+                        color: c.gamma_multiply(0.6),
+                        points: pts(&x.extraction_attn),
+                    });
+                    series.push(Series {
+                        name: "ER MLP",
+                        color: c.gamma_multiply(0.35),
+                        points: pts(&x.extraction_mlp),
+                    });
+                    ui.label(format!(
+                        "{:?}: {} known-fact prompts, {} with descriptions",
+                        r.slot, x.probes, x.attribute_probes
+                    ));
+                }
+                line_plot_ui(
+                    ui,
+                    "Attribute and extraction rates",
+                    &series,
+                    "layer",
+                    "%",
+                    false,
+                );
+            }
+        });
+}

@@ -1,0 +1,392 @@
+//! The weight-space views: Concepts (METHODS.md §2, FFN PCA components as words, A beside B with
+//! B aligned to A) and Heads (§3, word pairs per head dimension; §3.5 change rates).
+
+use std::fmt::Write as _;
+
+use eframe::egui;
+
+use crate::analysis::types::Matrix;
+use crate::ui::app::{Action, PendingJob};
+use crate::ui::dialogs::DialogKind;
+use crate::ui::state::WeightSettings;
+use crate::ui::theme;
+use crate::ui::widgets::plot::{count_grid_ui, grouped_bars_ui, line_plot_ui, Series};
+use crate::worker::weights::{ConceptsOutput, HeadsOutput};
+
+const ROW_HEIGHT: f32 = 18.0;
+
+/// What the run row shows.
+struct RunRow<'a> {
+    label: &'a str,
+    can_run: bool,
+    has_results: bool,
+    running: Option<&'a PendingJob>,
+    note: Option<&'a str>,
+    run: Action,
+}
+
+/// Run button, progress and cancel, export.
+fn run_row(ui: &mut egui::Ui, row: RunRow<'_>, actions: &mut Vec<Action>) {
+    let RunRow {
+        label,
+        can_run,
+        has_results,
+        running,
+        note,
+        run,
+    } = row;
+    ui.horizontal(|ui| {
+        if ui
+            .add_enabled(can_run && running.is_none(), egui::Button::new(label))
+            .on_hover_text("Run on every loaded model (cached results show at once)")
+            .on_disabled_hover_text("Load a model first, or wait for the running job")
+            .clicked()
+        {
+            actions.push(run);
+        }
+        if let Some(job) = running {
+            ui.add(
+                egui::ProgressBar::new(job.frac.unwrap_or(0.0))
+                    .desired_width(180.0)
+                    .show_percentage(),
+            );
+            ui.label(egui::RichText::new(&job.message).color(theme::MUTED));
+            if ui.button("Cancel").clicked() {
+                actions.push(Action::Stop);
+            }
+        }
+        ui.separator();
+        if ui
+            .add_enabled(has_results, egui::Button::new("Export…"))
+            .on_hover_text("Save the figure (SVG, PNG) and the data (CSV, JSON)")
+            .clicked()
+        {
+            actions.push(Action::ExportDialog);
+        }
+        if let Some(note) = note {
+            ui.label(egui::RichText::new(note).color(theme::MUTED));
+        }
+    });
+}
+
+fn file_row(
+    ui: &mut egui::Ui,
+    label: &str,
+    current: Option<&std::path::Path>,
+    default: &str,
+    kind: DialogKind,
+    actions: &mut Vec<Action>,
+) {
+    ui.horizontal(|ui| {
+        ui.label(label);
+        let shown = current
+            .and_then(|p| p.file_name())
+            .map_or_else(|| default.to_owned(), |n| n.to_string_lossy().into_owned());
+        ui.label(egui::RichText::new(shown).strong());
+        if ui.button("Open…").clicked() {
+            actions.push(Action::PickFile(kind));
+        }
+        if current.is_some() && ui.button("Default").clicked() {
+            actions.push(Action::SetFile(kind, None));
+        }
+    });
+}
+
+fn layer_slider(ui: &mut egui::Ui, layer: &mut usize, layers: usize) {
+    if layers == 0 {
+        return;
+    }
+    *layer = (*layer).min(layers - 1);
+    ui.horizontal(|ui| {
+        let label = ui.label("Layer");
+        ui.add(egui::Slider::new(layer, 0..=layers - 1))
+            .labelled_by(label.id);
+    });
+}
+
+/// Draws the Concepts view.
+#[allow(clippy::too_many_arguments)]
+pub fn concepts_ui(
+    ui: &mut egui::Ui,
+    settings: &mut WeightSettings,
+    any_loaded: bool,
+    results: Option<&ConceptsOutput>,
+    running: Option<&PendingJob>,
+    note: Option<&str>,
+    actions: &mut Vec<Action>,
+) {
+    ui.heading("Concepts");
+    ui.label(egui::RichText::new("Principal components of each FFN layer's value vectors (down_proj), described by the words whose lm_head vectors align with them (Wu et al. 2023, METHODS.md §2)").color(theme::MUTED));
+    file_row(
+        ui,
+        "Word list",
+        settings.words_file.as_deref(),
+        "built-in English words",
+        DialogKind::WordList,
+        actions,
+    );
+    ui.horizontal(|ui| {
+        let l = ui.label("Words per component");
+        ui.add(egui::DragValue::new(&mut settings.concepts_top_k).range(1..=200))
+            .labelled_by(l.id);
+        let l = ui.label("Components");
+        ui.add(egui::DragValue::new(&mut settings.concepts_ranks).range(1..=4096))
+            .labelled_by(l.id);
+    });
+    run_row(
+        ui,
+        RunRow {
+            label: "Compute concepts",
+            can_run: any_loaded,
+            has_results: results.is_some(),
+            running,
+            note,
+            run: Action::RunConcepts,
+        },
+        actions,
+    );
+    ui.add_space(theme::SECTION_GAP);
+    let Some(out) = results else {
+        ui.label(
+            egui::RichText::new("Results appear here: one column per loaded model")
+                .color(theme::MUTED),
+        );
+        return;
+    };
+    let layers = out
+        .results
+        .iter()
+        .map(|r| r.concepts.layers.len())
+        .max()
+        .unwrap_or(0);
+    layer_slider(ui, &mut settings.layer, layers);
+    let layer = settings.layer;
+    let series: Vec<Series<'_>> = out
+        .results
+        .iter()
+        .filter_map(|r| {
+            let l = r.concepts.layers.get(layer)?;
+            Some(Series {
+                name: &r.model,
+                color: theme::slot_color(r.slot),
+                points: l
+                    .ratios
+                    .iter()
+                    .take(50)
+                    .enumerate()
+                    .map(|(i, &v)| ((i + 1) as f64, v * 100.0))
+                    .collect(),
+            })
+        })
+        .collect();
+    line_plot_ui(
+        ui,
+        &format!("Variance spectrum, layer {layer}"),
+        &series,
+        "component",
+        "variance % (log)",
+        true,
+    );
+    ui.label(egui::RichText::new(format!("Words from: {}", out.words)).color(theme::MUTED));
+    ui.columns(out.results.len().max(1), |columns| {
+        for (index, (column, r)) in columns.iter_mut().zip(&out.results).enumerate() {
+            column.label(
+                egui::RichText::new(format!(
+                    "{:?} · {}{}",
+                    r.slot,
+                    r.model,
+                    if r.cached { " (cached)" } else { "" }
+                ))
+                .strong()
+                .color(theme::slot_color(r.slot)),
+            );
+            let Some(l) = r.concepts.layers.get(layer) else {
+                continue;
+            };
+            let alignment = (index == 1)
+                .then(|| out.alignment.as_ref().and_then(|a| a.get(layer)))
+                .flatten();
+            if alignment.is_some() {
+                column.label(
+                    egui::RichText::new(
+                        "Best A match, |cos|, Jaccard: §2.3 extension, not in the original method",
+                    )
+                    .color(theme::MUTED),
+                );
+            }
+            egui::ScrollArea::vertical()
+                .id_salt(("concepts", index))
+                .max_height(420.0)
+                .show_rows(column, ROW_HEIGHT, l.components.len(), |ui, range| {
+                    for k in range {
+                        let c = &l.components[k];
+                        let words = r.concepts.component_words(c);
+                        let mut text = format!(
+                            "#{} {:.2}%  {}",
+                            c.rank,
+                            c.ratio * 100.0,
+                            words.iter().take(8).copied().collect::<Vec<_>>().join(", ")
+                        );
+                        if let Some(a) = alignment {
+                            if let (Some(best), Some(cos), Some(jac)) =
+                                (a.best_match.get(k), a.alignment.get(k), a.jaccard.get(k))
+                            {
+                                let _ = write!(text, "   [A#{best} {cos:.2} J{jac:.2}]");
+                            }
+                        }
+                        ui.label(text).on_hover_text(words.join(", "));
+                    }
+                });
+        }
+    });
+}
+
+/// Kept pairs per (layer, head) of one result.
+fn pair_counts(r: &crate::worker::weights::SlotHeads) -> Matrix {
+    let mut m = Matrix::zeros(r.pairs.layers.len(), r.pairs.heads);
+    for (li, l) in r.pairs.layers.iter().enumerate() {
+        for d in &l.dims {
+            if d.head < r.pairs.heads {
+                m.set(li, d.head, m.get(li, d.head) + d.pairs.len() as f32);
+            }
+        }
+    }
+    m
+}
+
+/// Draws the Heads view.
+#[allow(clippy::too_many_arguments)]
+pub fn heads_ui(
+    ui: &mut egui::Ui,
+    settings: &mut WeightSettings,
+    any_loaded: bool,
+    results: Option<&HeadsOutput>,
+    running: Option<&PendingJob>,
+    note: Option<&str>,
+    actions: &mut Vec<Action>,
+) {
+    ui.heading("Heads");
+    ui.label(egui::RichText::new("Word pairs of each attention head's QK circuit, per dimension (Wu et al. 2023, METHODS.md §3); with A and B, the instruction-verb change rate (§3.5)").color(theme::MUTED));
+    file_row(
+        ui,
+        "Word list",
+        settings.words_file.as_deref(),
+        "built-in English words",
+        DialogKind::WordList,
+        actions,
+    );
+    file_row(
+        ui,
+        "Word vectors",
+        settings.vectors_file.as_deref(),
+        "none: the model's own input embeddings (deviation from §3.1)",
+        DialogKind::WordVectors,
+        actions,
+    );
+    ui.horizontal(|ui| {
+        let l = ui.label("Words per dimension");
+        ui.add(egui::DragValue::new(&mut settings.heads_top_k).range(1..=1000))
+            .labelled_by(l.id);
+        let l = ui.label("Layers per group");
+        ui.add(egui::DragValue::new(&mut settings.group_size).range(1..=64))
+            .labelled_by(l.id);
+    });
+    run_row(
+        ui,
+        RunRow {
+            label: "Compute head pairs",
+            can_run: any_loaded,
+            has_results: results.is_some(),
+            running,
+            note,
+            run: Action::RunHeads,
+        },
+        actions,
+    );
+    ui.add_space(theme::SECTION_GAP);
+    let Some(out) = results else {
+        ui.label(
+            egui::RichText::new("Results appear here: one grid per loaded model; click a head")
+                .color(theme::MUTED),
+        );
+        return;
+    };
+    egui::ScrollArea::vertical().id_salt("heads_results").auto_shrink([false, false]).show(ui, |ui| {
+        if let Some(first) = out.results.first() {
+            ui.label(egui::RichText::new(first.pairs.source.label()).color(theme::MUTED));
+        }
+        ui.columns(out.results.len().max(1), |columns| {
+            for (index, (column, r)) in columns.iter_mut().zip(&out.results).enumerate() {
+                column.label(egui::RichText::new(format!("{:?} · {}{}", r.slot, r.model, if r.cached { " (cached)" } else { "" })).strong().color(theme::slot_color(r.slot)));
+                let selected = settings.head.filter(|h| h.0 == index).map(|h| (h.1, h.2));
+                let (_, clicked) = count_grid_ui(column, &format!("Head pair counts {:?}", r.slot), &pair_counts(r), "layer", "head", selected);
+                if let Some((layer, head)) = clicked {
+                    settings.head = Some((index, layer, head));
+                }
+            }
+        });
+        if let Some((index, layer, head)) = settings.head {
+            if let Some(r) = out.results.get(index) {
+                ui.add_space(theme::SECTION_GAP);
+                ui.label(egui::RichText::new(format!("{:?} · layer {layer}, head {head}", r.slot)).strong());
+                ui.horizontal(|ui| {
+                    let l = ui.label("Find word");
+                    ui.add(egui::TextEdit::singleline(&mut settings.search).desired_width(160.0)).labelled_by(l.id);
+                });
+                let needle = settings.search.trim().to_lowercase();
+                let rows: Vec<String> = r
+                    .pairs
+                    .layers
+                    .get(layer)
+                    .map(|l| {
+                        l.head(head)
+                            .map(|d| {
+                                let pairs: Vec<String> = d.pairs.iter().map(|p| r.pairs.pair_text(p)).collect();
+                                format!("rank {} · dim {} · energy {:.2} · {}", d.rank, d.dim, d.energy, if pairs.is_empty() { "no pairs".to_owned() } else { pairs.join(", ") })
+                            })
+                            .filter(|t| needle.is_empty() || t.to_lowercase().contains(&needle))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                egui::ScrollArea::vertical().id_salt("pair_table").max_height(300.0).show_rows(ui, ROW_HEIGHT, rows.len(), |ui, range| {
+                    for row in &rows[range] {
+                        ui.label(row);
+                    }
+                });
+            }
+        }
+        if let Some(change) = &out.change {
+            ui.add_space(theme::SECTION_GAP);
+            ui.label(egui::RichText::new("Change rate of instruction verbs vs general verbs, B relative to A (METHODS.md §3.5)").strong());
+            egui::Grid::new("change_rate").striped(true).show(ui, |ui| {
+                for h in ["layers", "instruction n", "mean ± std", "general n", "mean ± std", "Welch t", "df", "p"] {
+                    ui.label(egui::RichText::new(h).strong());
+                }
+                ui.end_row();
+                for g in change {
+                    ui.label(format!("{}-{}", g.first_layer, g.last_layer));
+                    ui.label(g.instruction.n.to_string());
+                    ui.label(format!("{:.3} ± {:.3}", g.instruction.mean, g.instruction.std));
+                    ui.label(g.general.n.to_string());
+                    ui.label(format!("{:.3} ± {:.3}", g.general.mean, g.general.std));
+                    if let Some(w) = &g.welch {
+                        ui.label(format!("{:.2}", w.t));
+                        ui.label(format!("{:.1}", w.df));
+                        ui.label(format!("{:.3}", w.p_two_sided));
+                    } else {
+                        ui.label("-");
+                        ui.label("-");
+                        ui.label("-");
+                    }
+                    ui.end_row();
+                }
+            });
+            let groups: Vec<String> = change.iter().map(|g| format!("L{}-{}", g.first_layer, g.last_layer)).collect();
+            let series = vec![
+                ("instruction verbs", theme::INSTRUCTION, change.iter().map(|g| (g.instruction.mean, g.instruction.std)).collect()),
+                ("general verbs", theme::BAR, change.iter().map(|g| (g.general.mean, g.general.std)).collect()),
+            ];
+            grouped_bars_ui(ui, "Change rate by layer group", &groups, &series, "mean change rate");
+        }
+    });
+}
