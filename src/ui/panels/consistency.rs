@@ -160,13 +160,13 @@ pub fn consistency_ui(
                         );
                     }
                 });
-                let series: Vec<Series<'_>> = out
+                let series: Vec<Series> = out
                     .results
                     .iter()
                     .filter_map(|r| {
                         let rep = r.representations.as_ref()?;
                         Some(Series {
-                            name: &r.model,
+                            name: format!("{:?}: {}", r.slot, r.model),
                             color: theme::slot_color(r.slot),
                             points: rep.layers.iter().map(|l| (l.layer as f64, l.rd)).collect(),
                         })
@@ -292,17 +292,17 @@ pub fn consistency_ui(
                     };
                     let c = theme::slot_color(r.slot);
                     series.push(Series {
-                        name: "attribute rate",
+                        name: format!("{:?} attribute rate", r.slot),
                         color: c,
                         points: pts(&x.attribute_rate),
                     });
                     series.push(Series {
-                        name: "ER attention",
+                        name: format!("{:?} ER attention", r.slot),
                         color: c.gamma_multiply(0.6),
                         points: pts(&x.extraction_attn),
                     });
                     series.push(Series {
-                        name: "ER MLP",
+                        name: format!("{:?} ER MLP", r.slot),
                         color: c.gamma_multiply(0.35),
                         points: pts(&x.extraction_mlp),
                     });

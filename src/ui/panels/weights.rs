@@ -161,13 +161,13 @@ pub fn concepts_ui(
         .unwrap_or(0);
     layer_slider(ui, &mut settings.layer, layers);
     let layer = settings.layer;
-    let series: Vec<Series<'_>> = out
+    let series: Vec<Series> = out
         .results
         .iter()
         .filter_map(|r| {
             let l = r.concepts.layers.get(layer)?;
             Some(Series {
-                name: &r.model,
+                name: format!("{:?}: {}", r.slot, r.model),
                 color: theme::slot_color(r.slot),
                 points: l
                     .ratios
@@ -234,11 +234,21 @@ pub fn concepts_ui(
                                 let _ = write!(text, "   [A#{best} {cos:.2} J{jac:.2}]");
                             }
                         }
-                        ui.label(text).on_hover_text(words.join(", "));
+                        ui.add(egui::Label::new(text).truncate())
+                            .on_hover_text(words.join(", "));
                     }
                 });
         }
     });
+}
+
+/// `mean ± std`, or "-" for no words (no head changed for any of them).
+fn mean_std(s: &crate::analysis::stats::Summary) -> String {
+    match (s.n, s.std.is_finite()) {
+        (0, _) => "-".to_owned(),
+        (_, false) => format!("{:.3}", s.mean),
+        _ => format!("{:.3} ± {:.3}", s.mean, s.std),
+    }
 }
 
 /// Kept pairs per (layer, head) of one result.
@@ -350,7 +360,7 @@ pub fn heads_ui(
                     .unwrap_or_default();
                 egui::ScrollArea::vertical().id_salt("pair_table").max_height(300.0).show_rows(ui, ROW_HEIGHT, rows.len(), |ui, range| {
                     for row in &rows[range] {
-                        ui.label(row);
+                        ui.add(egui::Label::new(row.as_str()).truncate());
                     }
                 });
             }
@@ -366,9 +376,9 @@ pub fn heads_ui(
                 for g in change {
                     ui.label(format!("{}-{}", g.first_layer, g.last_layer));
                     ui.label(g.instruction.n.to_string());
-                    ui.label(format!("{:.3} ± {:.3}", g.instruction.mean, g.instruction.std));
+                    ui.label(mean_std(&g.instruction));
                     ui.label(g.general.n.to_string());
-                    ui.label(format!("{:.3} ± {:.3}", g.general.mean, g.general.std));
+                    ui.label(mean_std(&g.general));
                     if let Some(w) = &g.welch {
                         ui.label(format!("{:.2}", w.t));
                         ui.label(format!("{:.1}", w.df));

@@ -14,9 +14,9 @@ const MARGIN_LEFT: f32 = 44.0;
 const MARGIN_BOTTOM: f32 = 22.0;
 
 /// One curve.
-pub struct Series<'a> {
+pub struct Series {
     /// Legend name.
-    pub name: &'a str,
+    pub name: String,
     /// Colour.
     pub color: Color32,
     /// `(x, y)` points; non-finite points are skipped.
@@ -113,13 +113,13 @@ fn legend(painter: &egui::Painter, plot: Rect, items: &[(&str, Color32)]) {
         let y = plot.top() + 16.0 + 14.0 * i as f32;
         painter.line_segment(
             [
-                Pos2::new(plot.right() - 150.0, y),
-                Pos2::new(plot.right() - 134.0, y),
+                Pos2::new(plot.right() - 270.0, y),
+                Pos2::new(plot.right() - 254.0, y),
             ],
             Stroke::new(2.5, *color),
         );
         painter.text(
-            Pos2::new(plot.right() - 130.0, y),
+            Pos2::new(plot.right() - 250.0, y),
             Align2::LEFT_CENTER,
             *name,
             font.clone(),
@@ -132,7 +132,7 @@ fn legend(painter: &egui::Painter, plot: Rect, items: &[(&str, Color32)]) {
 pub fn line_plot_ui(
     ui: &mut egui::Ui,
     name: &str,
-    series: &[Series<'_>],
+    series: &[Series],
     x_label: &str,
     y_label: &str,
     log_y: bool,
@@ -192,7 +192,7 @@ pub fn line_plot_ui(
         painter.add(egui::Shape::line(line, Stroke::new(1.8, s.color)));
     }
     axis_text(&painter, plot, (x0, x1), (y0, y1), x_label, y_label, log_y);
-    let items: Vec<(&str, Color32)> = series.iter().map(|s| (s.name, s.color)).collect();
+    let items: Vec<(&str, Color32)> = series.iter().map(|s| (s.name.as_str(), s.color)).collect();
     legend(&painter, plot, &items);
     if let Some(pos) = response.hover_pos() {
         let x = x0 + f64::from((pos.x - plot.left()) / plot.width()) * (x1 - x0);
