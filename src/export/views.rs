@@ -282,6 +282,23 @@ pub fn consistency_figure(out: &ConsistencyOutput, layer: usize) -> Figure {
     if !hists.is_empty() {
         rows.push(Figure::Row(hists));
     }
+    let spread: Vec<Figure> = out
+        .results
+        .iter()
+        .filter_map(|r| {
+            let s = r.spread.as_ref()?;
+            Some(Figure::Bar(BarChart {
+                title: format!("{:?}: accuracy per instruction (METHODS.md §8.4)", r.slot),
+                labels: (1..=s.accuracies.len())
+                    .map(|k| format!("instruction {k}"))
+                    .collect(),
+                values: s.accuracies.iter().map(|a| a.1 as f32).collect(),
+                x_label: "paraphrased instruction".to_owned(),
+                y_label: "accuracy".to_owned(),
+                ..BarChart::default()
+            }))
+        })
+        .collect();
     let mut lines = Vec::new();
     if !rd.is_empty() {
         lines.push(Figure::Line(LinePlot {
@@ -301,6 +318,9 @@ pub fn consistency_figure(out: &ConsistencyOutput, layer: usize) -> Figure {
     }
     if !lines.is_empty() {
         rows.push(Figure::Row(lines));
+    }
+    if !spread.is_empty() {
+        rows.push(Figure::Row(spread));
     }
     Figure::Column(rows)
 }

@@ -9,7 +9,7 @@ use crate::ui::app::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
 use crate::ui::state::ConsistencyUi;
 use crate::ui::theme;
-use crate::ui::widgets::plot::{grouped_bars_ui, histogram_ui, line_plot_ui, Series};
+use crate::ui::widgets::plot::{box_plot_ui, histogram_ui, line_plot_ui, Series};
 use crate::worker::consistency::ConsistencyOutput;
 
 fn file_row(
@@ -249,24 +249,21 @@ pub fn consistency_ui(
                         r.slot, s.summary.mean, s.summary.std, s.min, s.max, s.range
                     ));
                 }
-                let groups: Vec<String> = spreads
+                let groups: Vec<(String, egui::Color32, Vec<f64>)> = spreads
                     .iter()
-                    .map(|(r, _)| format!("{:?}", r.slot))
+                    .map(|(r, s)| {
+                        (
+                            format!("{:?}", r.slot),
+                            theme::slot_color(r.slot),
+                            s.accuracies.iter().map(|a| a.1).collect(),
+                        )
+                    })
                     .collect();
-                let series = vec![(
-                    "mean accuracy (whisker: std)",
-                    theme::BAR,
-                    spreads
-                        .iter()
-                        .map(|(_, s)| (s.summary.mean, s.summary.std))
-                        .collect(),
-                )];
-                grouped_bars_ui(
+                box_plot_ui(
                     ui,
                     "Accuracy across instructions",
                     &groups,
-                    &series,
-                    "accuracy",
+                    "accuracy per instruction",
                 );
             }
             let recalls: Vec<_> = out

@@ -422,3 +422,80 @@ pub fn grouped_bars_ui(
     legend(&painter, plot, &items);
     response
 }
+
+/// Box plots: per group, the minimum, quartiles, median and maximum of its values (linear
+/// interpolation between order statistics, as numpy's default percentile).
+pub fn box_plot_ui(
+    ui: &mut egui::Ui,
+    name: &str,
+    groups: &[(String, Color32, Vec<f64>)],
+    y_label: &str,
+) -> egui::Response {
+    let (response, painter, plot) = frame(ui, name, 170.0);
+    let finite: Vec<f64> = groups
+        .iter()
+        .flat_map(|g| g.2.iter().copied())
+        .filter(|v| v.is_finite())
+        .collect();
+    let (lo, hi) = finite
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    if !lo.is_finite() {
+        return response;
+    }
+    let pad = ((hi - lo) * 0.1).max(1e-3);
+    let (lo, hi) = (lo - pad, hi + pad);
+    let y = |v: f64| plot.bottom() - ((v - lo) / (hi - lo)) as f32 * plot.height();
+    let gw = plot.width() / groups.len().max(1) as f32;
+    for (g, (label, color, values)) in groups.iter().enumerate() {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            continue;
+        }
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            let at = p * (v.len() - 1) as f64;
+            let (i, frac) = (at.floor() as usize, at.fract());
+            v[i] + (v[(i + 1).min(v.len() - 1)] - v[i]) * frac
+        };
+        let cx = plot.left() + (g as f32 + 0.5) * gw;
+        let half = gw * 0.2;
+        let stroke = Stroke::new(1.5, *color);
+        painter.line_segment([Pos2::new(cx, y(q(0.0))), Pos2::new(cx, y(q(1.0)))], stroke);
+        painter.rect_filled(
+            Rect::from_min_max(
+                Pos2::new(cx - half, y(q(0.75))),
+                Pos2::new(cx + half, y(q(0.25))),
+            ),
+            0.0,
+            color.gamma_multiply(0.5),
+        );
+        painter.line_segment(
+            [
+                Pos2::new(cx - half, y(q(0.5))),
+                Pos2::new(cx + half, y(q(0.5))),
+            ],
+            Stroke::new(2.0, theme::HOVER_OUTLINE),
+        );
+        for p in [0.0, 1.0] {
+            painter.line_segment(
+                [
+                    Pos2::new(cx - half / 2.0, y(q(p))),
+                    Pos2::new(cx + half / 2.0, y(q(p))),
+                ],
+                stroke,
+            );
+        }
+        painter.text(
+            Pos2::new(cx, plot.bottom() + 2.0),
+            Align2::CENTER_TOP,
+            label,
+            FontId::proportional(FONT),
+            theme::MUTED,
+        );
+    }
+    axis_text(&painter, plot, (0.0, 0.0), (lo, hi), "", y_label, false);
+    response
+}
