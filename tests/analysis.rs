@@ -82,6 +82,7 @@ fn random_adapter(rng: &mut rand::rngs::StdRng, out: usize, inp: usize) -> LoraA
         a: Tensor::from_vec(values(2 * inp), (2, inp), &Device::Cpu).unwrap(),
         b: Tensor::from_vec(values(out * 2), (out, 2), &Device::Cpu).unwrap(),
         scale: 0.7,
+        dropout: None,
     }
 }
 

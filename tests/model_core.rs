@@ -384,6 +384,7 @@ fn lora_with_zero_b_equals_base_and_can_be_disabled() -> anyhow::Result<()> {
         a: a.clone(),
         b: Tensor::zeros((16, 2), DType::F32, &Device::Cpu)?,
         scale: 8.0,
+        dropout: None,
     })?;
     assert_eq!(max_abs_diff(&base, &m.model.forward(&ids)?), 0.0);
     m.model.layers[1].self_attn.q_proj.lora.as_mut().unwrap().b =
@@ -464,6 +465,7 @@ fn gradients_flow_to_lora_adapters_but_not_frozen_weights() -> anyhow::Result<()
         a: a.as_tensor().clone(),
         b: b.as_tensor().clone(),
         scale: 1.0,
+        dropout: None,
     })?;
     let opts = ForwardOptions {
         differentiable: true,

@@ -10,4 +10,5 @@ mod common;
 mod demo_model;
 mod model_core;
 mod ui;
+mod train;
 mod worker;

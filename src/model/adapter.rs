@@ -153,6 +153,7 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
                 a: a.to_dtype(dtype)?.to_device(&device)?,
                 b: b.to_dtype(dtype)?.to_device(&device)?,
                 scale,
+                dropout: None,
             })
             .map_err(|err| {
                 Error::bad_file(&weights_path, format!("layer {layer_idx} {module}: {err}"))

@@ -22,6 +22,54 @@ pub struct LoraAdapter {
     pub b: Tensor,
     /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
     pub scale: f64,
+    /// Dropout on the adapter's input during training (PEFT's `lora_dropout`).
+    pub dropout: Option<LoraDropout>,
+}
+
+/// Seed value that switches [`LoraDropout`] off.
+pub const DROPOUT_OFF: u64 = u64::MAX;
+
+/// Inverted dropout on the input of one adapter, `B A dropout(x)` as in PEFT. The mask is a
+/// pure function of the shared `seed` (set by the trainer before each forward, [`DROPOUT_OFF`]
+/// for evaluation) and the adapter's `id`, so a run is reproducible and can be resumed exactly.
+#[derive(Clone, Debug)]
+pub struct LoraDropout {
+    /// Drop probability.
+    pub p: f32,
+    /// Distinguishes the adapters of one model.
+    pub id: u64,
+    /// The current pass's seed, shared by all adapters of a trainer.
+    pub seed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LoraDropout {
+    /// `x ⊙ mask / (1 − p)` for the current seed, or `None` when dropout is off.
+    fn apply(&self, x2: &Tensor) -> Result<Option<Tensor>> {
+        let seed = self.seed.load(std::sync::atomic::Ordering::Relaxed);
+        if seed == DROPOUT_OFF || self.p <= 0.0 {
+            return Ok(None);
+        }
+        let mut state = seed ^ self.id.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..x2.elem_count())
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                #[allow(clippy::cast_precision_loss)]
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+                if u < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x2.shape(), x2.device())?.to_dtype(x2.dtype())?;
+        Ok(Some(x2.mul(&mask)?))
+    }
 }
 
 impl LoraAdapter {
@@ -109,7 +157,12 @@ impl Linear {
         }
         if mode.use_lora {
             if let Some(lora) = &self.lora {
-                let delta = x2.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
+                let dropped = match &lora.dropout {
+                    Some(dropout) => dropout.apply(&x2)?,
+                    None => None,
+                };
+                let x_in = dropped.as_ref().unwrap_or(&x2);
+                let delta = x_in.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
                 ys = (ys + (delta * lora.scale)?)?;
             }
         }
@@ -230,6 +283,7 @@ mod tests {
             a: Tensor::ones((2, 2), candle_core::DType::F32, &dev)?,
             b: Tensor::zeros((3, 2), candle_core::DType::F32, &dev)?,
             scale: 2.0,
+            dropout: None,
         })?;
         assert_eq!(
             lin.forward(&x, on)?.to_vec3::<f32>()?,
@@ -248,6 +302,7 @@ mod tests {
                 a: Tensor::ones((2, 5), candle_core::DType::F32, &dev)?,
                 b: Tensor::ones((3, 2), candle_core::DType::F32, &dev)?,
                 scale: 1.0,
+                dropout: None,
             })
             .is_err());
         Ok(())

@@ -214,6 +214,19 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with each token's byte span in `text`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|err| tok_err("encoding", err))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
     /// The vocabulary string of each id (`Ġhow`, `<0x0A>`, ...).
     pub fn tokens(&self, ids: &[u32]) -> Vec<String> {
         ids.iter()

@@ -408,6 +408,17 @@ impl Transformer {
         replace_if(hook, HookPoint::Logits, logits)
     }
 
+    /// Logits of final-norm hidden states `(.., d)` (as [`LogitsAt::None`] returns them).
+    pub fn lm_logits(&self, hidden: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
+        self.lm_head.forward(
+            hidden,
+            LinearMode {
+                differentiable: opts.differentiable,
+                use_lora: opts.use_lora,
+            },
+        )
+    }
+
     fn pass_ctx(&self, opts: ForwardOptions, offset: usize, seq_len: usize) -> Result<PassCtx> {
         let positions: Vec<f32> = (offset..offset + seq_len).map(|p| p as f32).collect();
         let positions = Tensor::from_vec(positions, (seq_len, 1), &self.device)?;

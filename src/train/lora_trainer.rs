@@ -1,0 +1,907 @@
+//! LoRA fine-tuning on a frozen base model (Hu et al., 2021; defaults of METHODS.md §5.3).
+//!
+//! The base weights are plain tensors: their products go through the frozen-linear ops of
+//! [`crate::model::lora`], whose backward computes only the input gradient, so a step never
+//! computes a gradient for a frozen weight. Only the adapters' `A` and `B` are `Var`s.
+//!
+//! The loss is a sum of named [`LossTerm`]s, each reported on its own curve. Today the only
+//! term is the causal-LM cross-entropy on response tokens; the instruction-vector terms of §5.2
+//! plug in beside it.
+//!
+//! Determinism: the order of examples, the dropout masks and the adapter initialisation are
+//! pure functions of the seed and the step, so a run resumed from a checkpoint continues
+//! exactly as the uninterrupted run would have.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::adapter::module_mut;
+use crate::model::hooks::NoHook;
+use crate::model::lora::{LoraAdapter, LoraDropout, DROPOUT_OFF};
+use crate::model::transformer::{ForwardOptions, Input, LogitsAt, Transformer};
+use crate::train::dataset::{shuffle, Example, SplitMix64};
+
+/// Modules a LoRA adapter can target.
+pub const TARGETABLE: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Adapter shape and placement.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraSettings {
+    /// Rank `r`.
+    pub rank: usize,
+    /// `alpha`; the update is scaled by `alpha / r`.
+    pub alpha: f64,
+    /// Dropout on the adapter input while training.
+    pub dropout: f32,
+    /// Target modules, e.g. `q_proj`, `v_proj`.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.1,
+            targets: vec!["q_proj".to_owned(), "v_proj".to_owned()],
+        }
+    }
+}
+
+/// Learning-rate schedule after warm-up (Hugging Face `get_scheduler` semantics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Schedule {
+    /// Constant.
+    #[default]
+    Constant,
+    /// Linear decay to 0 at the last step.
+    Linear,
+    /// Half-cosine decay to 0 at the last step.
+    Cosine,
+}
+
+impl Schedule {
+    /// Name for the CLI and settings files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Constant => "constant",
+            Self::Linear => "linear",
+            Self::Cosine => "cosine",
+        }
+    }
+
+    /// Parses [`Schedule::name`].
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "constant" => Some(Self::Constant),
+            "linear" => Some(Self::Linear),
+            "cosine" => Some(Self::Cosine),
+            _ => None,
+        }
+    }
+}
+
+/// Every training setting. Defaults follow METHODS.md §5.3 (r 8, alpha 16, dropout 0.1,
+/// `q_proj,v_proj`, AdamW, lr 1e-4, constant schedule, batch 4).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    /// Adapter settings.
+    pub lora: LoraSettings,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Schedule after warm-up.
+    pub schedule: Schedule,
+    /// Linear warm-up steps from 0.
+    pub warmup_steps: usize,
+    /// Optimizer steps in the run.
+    pub steps: usize,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Validation every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_every: usize,
+    /// Seed of initialisation, order and dropout.
+    pub seed: u64,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            lora: LoraSettings::default(),
+            learning_rate: 1e-4,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            steps: 200,
+            batch_size: 4,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            eval_every: 20,
+            save_every: 50,
+            seed: 42,
+        }
+    }
+}
+
+impl TrainSettings {
+    /// Checks ranges; the error names the setting.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("rank", self.lora.rank),
+            ("steps", self.steps),
+            ("batch size", self.batch_size),
+            ("gradient accumulation", self.grad_accum),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::invalid(name, "must be at least 1"));
+            }
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(Error::invalid("learning rate", "must be a positive number"));
+        }
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            return Err(Error::invalid("LoRA dropout", "must be in [0, 1)"));
+        }
+        if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
+            return Err(Error::invalid("LoRA alpha", "must be a positive number"));
+        }
+        if self.lora.targets.is_empty() {
+            return Err(Error::invalid("target modules", "name at least one module"));
+        }
+        for target in &self.lora.targets {
+            if !TARGETABLE.contains(&target.as_str()) {
+                return Err(Error::invalid(
+                    "target modules",
+                    format!("unknown module `{target}` (one of {})", TARGETABLE.join(", ")),
+                ));
+            }
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return Err(Error::invalid("max grad norm", "must be 0 or positive"));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::invalid("weight decay", "must be 0 or positive"));
+        }
+        Ok(())
+    }
+
+    /// The learning rate used by optimizer step `step` (0-based).
+    #[allow(clippy::cast_precision_loss)]
+    pub fn learning_rate_at(&self, step: usize) -> f64 {
+        let lr = self.learning_rate;
+        if step < self.warmup_steps {
+            return lr * step as f64 / self.warmup_steps.max(1) as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let done = (step - self.warmup_steps) as f64;
+        match self.schedule {
+            Schedule::Constant => lr,
+            Schedule::Linear => lr * ((span - done) / span).max(0.0),
+            Schedule::Cosine => {
+                lr * (0.5 * (1.0 + (std::f64::consts::PI * done / span).cos())).max(0.0)
+            }
+        }
+    }
+}
+
+/// One adapter's trainable tensors.
+#[derive(Clone, Debug)]
+pub struct AdapterParam {
+    /// Layer index.
+    pub layer: usize,
+    /// Module name (`q_proj`, ...).
+    pub module: String,
+    /// `A`, `(r, in)`.
+    pub a: Var,
+    /// `B`, `(out, r)`.
+    pub b: Var,
+}
+
+impl AdapterParam {
+    /// PEFT's tensor name prefix for this adapter.
+    pub fn peft_prefix(&self) -> String {
+        let block = if self.module.ends_with("_proj")
+            && matches!(self.module.as_str(), "gate_proj" | "up_proj" | "down_proj")
+        {
+            "mlp"
+        } else {
+            "self_attn"
+        };
+        format!(
+            "base_model.model.model.layers.{}.{block}.{}",
+            self.layer, self.module
+        )
+    }
+}
+
+/// AdamW moments of one tensor.
+#[derive(Clone, Debug)]
+pub struct Moments {
+    /// First moment.
+    pub m: Tensor,
+    /// Second moment.
+    pub v: Tensor,
+}
+
+/// AdamW hyper-parameters (PyTorch's defaults).
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPS: f64 = 1e-8;
+
+/// A micro-batch: right-padded ids and the flat indices of the positions that predict labels.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// `(b, T)` u32 ids.
+    pub ids: Tensor,
+    /// Flat indices `b·T + t` of positions `t` whose next token is a label.
+    pub positions: Tensor,
+    /// The label at each of those positions.
+    pub targets: Tensor,
+    /// Number of label tokens.
+    pub label_tokens: usize,
+    /// Number of non-padding tokens.
+    pub tokens: usize,
+}
+
+/// Builds a right-padded batch. Causal attention means padding after a sequence never affects
+/// its positions, so no attention mask is needed.
+pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
+    let max_len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    if max_len < 2 {
+        return Err(Error::invalid("batch", "examples need at least two tokens"));
+    }
+    let mut ids = Vec::with_capacity(examples.len() * max_len);
+    let mut positions = Vec::new();
+    let mut targets = Vec::new();
+    let mut tokens = 0;
+    for (row, example) in examples.iter().enumerate() {
+        ids.extend_from_slice(&example.ids);
+        ids.extend(std::iter::repeat_n(pad_id, max_len - example.ids.len()));
+        tokens += example.ids.len();
+        for t in 1..example.ids.len() {
+            if example.is_label[t] {
+                #[allow(clippy::cast_possible_truncation)]
+                positions.push((row * max_len + t - 1) as u32);
+                targets.push(example.ids[t]);
+            }
+        }
+    }
+    let label_tokens = targets.len();
+    if label_tokens == 0 {
+        return Err(Error::invalid("batch", "no label tokens"));
+    }
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (examples.len(), max_len), device)?,
+        positions: Tensor::from_vec(positions, label_tokens, device)?,
+        targets: Tensor::from_vec(targets, label_tokens, device)?,
+        label_tokens,
+        tokens,
+    })
+}
+
+/// What a loss term sees: the batch and the trainable model's outputs on it.
+pub struct LossContext<'a> {
+    /// The model (adapters enabled).
+    pub model: &'a Transformer,
+    /// The micro-batch.
+    pub batch: &'a Batch,
+    /// Final-norm hidden states `(b, T, d)`, on the autograd graph.
+    pub hidden: &'a Tensor,
+    /// Logits at the label positions `(n, V)`, on the autograd graph.
+    pub logits: &'a Tensor,
+}
+
+/// One named term of the training loss.
+pub trait LossTerm: Send {
+    /// Name on its curve (`ce`, `kl1`, ...).
+    fn name(&self) -> &str;
+    /// The term's value, a scalar on the autograd graph.
+    fn compute(&mut self, ctx: &LossContext<'_>) -> Result<Tensor>;
+}
+
+/// Mean cross-entropy over the label tokens.
+pub struct CrossEntropy;
+
+impl LossTerm for CrossEntropy {
+    fn name(&self) -> &str {
+        "ce"
+    }
+
+    fn compute(&mut self, ctx: &LossContext<'_>) -> Result<Tensor> {
+        cross_entropy(ctx.logits, &ctx.batch.targets)
+    }
+}
+
+/// Mean of `−log softmax(logits)[target]` over rows, computed in f32.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = if logits.dtype() == DType::F64 {
+        logits.clone()
+    } else {
+        logits.to_dtype(DType::F32)?
+    };
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
+    Ok(picked.mean_all()?.neg()?)
+}
+
+/// Loss terms and gradients of one optimizer step, before the update.
+#[derive(Clone, Debug)]
+pub struct Gradients {
+    /// Each loss term averaged over the micro-batches.
+    pub terms: Vec<(String, f64)>,
+    /// `(dA, dB)` per adapter, parallel to [`Trainer::params`].
+    pub grads: Vec<(Tensor, Tensor)>,
+    /// Tokens processed (no padding).
+    pub tokens: usize,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Optimizer steps completed (1 after the first).
+    pub step: usize,
+    /// The total loss.
+    pub loss: f64,
+    /// Each loss term, in order.
+    pub terms: Vec<(String, f64)>,
+    /// Learning rate used.
+    pub learning_rate: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens (prompt and response, no padding) per second.
+    pub tokens_per_s: f64,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+/// A validation result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// After this many optimizer steps.
+    pub step: usize,
+    /// Mean cross-entropy per validation label token.
+    pub loss: f64,
+}
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The loss or the gradient was NaN or infinite; parameters were not updated.
+    #[error("the loss became {what} at step {step}; parameters were left as they were after step {last_good}")]
+    NonFinite {
+        /// `NaN` or `infinite`.
+        what: &'static str,
+        /// The failing step (1-based).
+        step: usize,
+        /// The last completed step.
+        last_good: usize,
+    },
+    /// Any other failure.
+    #[error(transparent)]
+    Other(#[from] Error),
+}
+
+impl From<candle_core::Error> for StepError {
+    fn from(err: candle_core::Error) -> Self {
+        Self::Other(err.into())
+    }
+}
+
+/// A LoRA fine-tuning run in memory.
+pub struct Trainer {
+    model: Transformer,
+    settings: TrainSettings,
+    params: Vec<AdapterParam>,
+    moments: Vec<(Moments, Moments)>,
+    train: Vec<Example>,
+    validation: Vec<Example>,
+    pad_id: u32,
+    step: usize,
+    terms: Vec<Box<dyn LossTerm>>,
+    dropout_seed: Arc<AtomicU64>,
+}
+
+/// Mixes values into a seed.
+fn mix(seed: u64, values: &[u64]) -> u64 {
+    let mut rng = SplitMix64(seed);
+    let mut out = rng.next_u64();
+    for &v in values {
+        rng.0 ^= v.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        out ^= rng.next_u64().rotate_left(17);
+    }
+    out
+}
+
+fn module_index(module: &str) -> u64 {
+    TARGETABLE
+        .iter()
+        .position(|m| *m == module)
+        .map_or(99, |i| i as u64)
+}
+
+impl Trainer {
+    /// Attaches fresh adapters (PEFT's initialisation: `A` Kaiming-uniform with bound
+    /// `1/sqrt(in)`, `B = 0`, so the adapted model starts equal to the base) and prepares AdamW.
+    pub fn new(
+        mut model: Transformer,
+        settings: TrainSettings,
+        train: Vec<Example>,
+        validation: Vec<Example>,
+        pad_id: u32,
+    ) -> Result<Self> {
+        settings.validate()?;
+        if train.is_empty() {
+            return Err(Error::invalid("training data", "no training example"));
+        }
+        let device = model.device().clone();
+        let dtype = model.dtype();
+        let dropout_seed = Arc::new(AtomicU64::new(DROPOUT_OFF));
+        let rank = settings.lora.rank;
+        #[allow(clippy::cast_precision_loss)]
+        let scale = settings.lora.alpha / rank as f64;
+        let mut params = Vec::new();
+        for layer in 0..model.layers.len() {
+            for module in &settings.lora.targets {
+                let Some(linear) = module_mut(&mut model, layer, module) else {
+                    return Err(Error::invalid(
+                        "target modules",
+                        format!("layer {layer} has no `{module}`"),
+                    ));
+                };
+                let (out_dim, in_dim) = (linear.out_features(), linear.in_features());
+                let mut rng = SplitMix64(mix(
+                    settings.seed,
+                    &[layer as u64, module_index(module), 0xA],
+                ));
+                #[allow(clippy::cast_precision_loss)]
+                let bound = 1.0 / (in_dim as f32).sqrt();
+                let a_values: Vec<f32> = (0..rank * in_dim)
+                    .map(|_| (rng.next_f32() * 2.0 - 1.0) * bound)
+                    .collect();
+                let a = Var::from_tensor(
+                    &Tensor::from_vec(a_values, (rank, in_dim), &device)?.to_dtype(dtype)?,
+                )?;
+                let b = Var::from_tensor(&Tensor::zeros((out_dim, rank), dtype, &device)?)?;
+                let id = (layer as u64) << 8 | module_index(module);
+                linear.attach(LoraAdapter {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                    scale,
+                    dropout: (settings.lora.dropout > 0.0).then(|| LoraDropout {
+                        p: settings.lora.dropout,
+                        id,
+                        seed: dropout_seed.clone(),
+                    }),
+                })?;
+                params.push(AdapterParam {
+                    layer,
+                    module: module.clone(),
+                    a,
+                    b,
+                });
+            }
+        }
+        let moments = params
+            .iter()
+            .map(|p| -> Result<(Moments, Moments)> {
+                let zeros = |t: &Tensor| -> Result<Moments> {
+                    Ok(Moments {
+                        m: t.zeros_like()?,
+                        v: t.zeros_like()?,
+                    })
+                };
+                Ok((zeros(p.a.as_tensor())?, zeros(p.b.as_tensor())?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            model,
+            settings,
+            params,
+            moments,
+            train,
+            validation,
+            pad_id,
+            step: 0,
+            terms: vec![Box::new(CrossEntropy)],
+            dropout_seed,
+        })
+    }
+
+    /// Adds a loss term after the cross-entropy.
+    pub fn add_term(&mut self, term: Box<dyn LossTerm>) {
+        self.terms.push(term);
+    }
+
+    /// Names of the loss terms, in order.
+    pub fn term_names(&self) -> Vec<String> {
+        self.terms.iter().map(|t| t.name().to_owned()).collect()
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &TrainSettings {
+        &self.settings
+    }
+
+    /// Optimizer steps completed.
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+
+    /// Whether every planned step is done.
+    pub fn is_finished(&self) -> bool {
+        self.step >= self.settings.steps
+    }
+
+    /// The model with its adapters attached (sharing the trained tensors).
+    pub fn model(&self) -> &Transformer {
+        &self.model
+    }
+
+    /// Consumes the trainer, returning the adapted model.
+    pub fn into_model(self) -> Transformer {
+        self.model
+    }
+
+    /// The trainable tensors.
+    pub fn params(&self) -> &[AdapterParam] {
+        &self.params
+    }
+
+    /// AdamW moments, parallel to [`Trainer::params`].
+    pub fn moments(&self) -> &[(Moments, Moments)] {
+        &self.moments
+    }
+
+    /// Number of training examples.
+    pub fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    /// Number of validation examples.
+    pub fn validation_len(&self) -> usize {
+        self.validation.len()
+    }
+
+    /// Restores parameters, moments and the step count (used when resuming).
+    pub fn restore(&mut self, values: &[(Tensor, Tensor)], moments: Vec<(Moments, Moments)>, step: usize) -> Result<()> {
+        if values.len() != self.params.len() || moments.len() != self.params.len() {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!(
+                    "{} adapters saved, the settings make {}",
+                    values.len(),
+                    self.params.len()
+                ),
+            ));
+        }
+        for (param, (a, b)) in self.params.iter().zip(values) {
+            if a.dims() != param.a.dims() || b.dims() != param.b.dims() {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!(
+                        "layer {} {}: saved shapes {:?}/{:?} do not fit {:?}/{:?}",
+                        param.layer,
+                        param.module,
+                        a.dims(),
+                        b.dims(),
+                        param.a.dims(),
+                        param.b.dims()
+                    ),
+                ));
+            }
+            param.a.set(&a.to_dtype(param.a.dtype())?.to_device(param.a.device())?)?;
+            param.b.set(&b.to_dtype(param.b.dtype())?.to_device(param.b.device())?)?;
+        }
+        self.moments = moments;
+        self.step = step;
+        Ok(())
+    }
+
+    /// The examples of micro-batch `k` (global index over the run): epoch `k / per_epoch`
+    /// walks a permutation seeded by the run's seed and the epoch.
+    fn micro_batch(&self, k: usize) -> Vec<&Example> {
+        let n = self.train.len();
+        let bs = self.settings.batch_size.min(n);
+        let per_epoch = n.div_ceil(bs);
+        let epoch = k / per_epoch;
+        let within = k % per_epoch;
+        let mut order: Vec<usize> = (0..n).collect();
+        shuffle(&mut order, mix(self.settings.seed, &[epoch as u64, 0xE]));
+        let start = within * bs;
+        order[start..(start + bs).min(n)]
+            .iter()
+            .map(|&i| &self.train[i])
+            .collect()
+    }
+
+    fn forward_terms(&mut self, batch: &Batch, differentiable: bool) -> Result<Vec<Tensor>> {
+        let opts = ForwardOptions {
+            differentiable,
+            logits: LogitsAt::None,
+            use_lora: true,
+        };
+        let hidden = self
+            .model
+            .run(Input::Ids(&batch.ids), &opts, None, &mut NoHook)?;
+        let (b_sz, seq_len, d) = hidden.dims3()?;
+        let rows = hidden
+            .reshape((b_sz * seq_len, d))?
+            .index_select(&batch.positions, 0)?;
+        let logits = self.model.lm_logits(&rows, &opts)?;
+        let ctx = LossContext {
+            model: &self.model,
+            batch,
+            hidden: &hidden,
+            logits: &logits,
+        };
+        let mut values = Vec::with_capacity(self.terms.len());
+        for term in &mut self.terms {
+            values.push(term.compute(&ctx)?);
+        }
+        Ok(values)
+    }
+
+    /// The loss terms (averaged over micro-batches) and the gradients of the total loss for
+    /// the next optimizer step, without updating anything.
+    pub fn gradients(&mut self) -> std::result::Result<Gradients, StepError> {
+        let accum = self.settings.grad_accum;
+        let mut grads: Vec<Option<(Tensor, Tensor)>> = vec![None; self.params.len()];
+        let mut term_sums = vec![0f64; self.terms.len()];
+        let mut tokens = 0;
+        for micro in 0..accum {
+            let k = self.step * accum + micro;
+            let examples = self.micro_batch(k);
+            let batch = make_batch(&examples, self.pad_id, self.model.device())?;
+            tokens += batch.tokens;
+            self.dropout_seed.store(
+                mix(self.settings.seed, &[k as u64, 0xD]) & !1,
+                Ordering::Relaxed,
+            );
+            let values = self.forward_terms(&batch, true);
+            self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
+            let values = values?;
+            let mut total: Option<Tensor> = None;
+            for (sum, value) in term_sums.iter_mut().zip(&values) {
+                let v = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !v.is_finite() {
+                    return Err(StepError::NonFinite {
+                        what: if v.is_nan() { "NaN" } else { "infinite" },
+                        step: self.step + 1,
+                        last_good: self.step,
+                    });
+                }
+                *sum += v;
+                total = Some(match total {
+                    None => value.clone(),
+                    Some(t) => (t + value)?,
+                });
+            }
+            let Some(total) = total else {
+                return Err(Error::invalid("loss", "no loss term").into());
+            };
+            #[allow(clippy::cast_precision_loss)]
+            let store = (total / accum as f64)?.backward()?;
+            for (slot, param) in grads.iter_mut().zip(&self.params) {
+                let ga = store
+                    .get(param.a.as_tensor())
+                    .cloned()
+                    .map_or_else(|| param.a.as_tensor().zeros_like(), Ok)?;
+                let gb = store
+                    .get(param.b.as_tensor())
+                    .cloned()
+                    .map_or_else(|| param.b.as_tensor().zeros_like(), Ok)?;
+                *slot = Some(match slot.take() {
+                    None => (ga, gb),
+                    Some((a, b)) => ((a + ga)?, (b + gb)?),
+                });
+            }
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let terms: Vec<(String, f64)> = self
+            .terms
+            .iter()
+            .zip(term_sums)
+            .map(|(term, sum)| (term.name().to_owned(), sum / accum as f64))
+            .collect();
+        Ok(Gradients {
+            terms,
+            grads: grads.into_iter().flatten().collect(),
+            tokens,
+        })
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches, clipping, AdamW. On a non-finite loss or
+    /// gradient nothing is updated.
+    pub fn step(&mut self) -> std::result::Result<StepReport, StepError> {
+        let started = Instant::now();
+        let Gradients {
+            terms,
+            grads,
+            tokens,
+        } = self.gradients()?;
+        let mut sq = 0f64;
+        for (ga, gb) in &grads {
+            for g in [ga, gb] {
+                sq += f64::from(
+                    g.to_dtype(DType::F32)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f32>()?,
+                );
+            }
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(StepError::NonFinite {
+                what: if grad_norm.is_nan() { "NaN" } else { "infinite" },
+                step: self.step + 1,
+                last_good: self.step,
+            });
+        }
+        let clip = if self.settings.max_grad_norm > 0.0 {
+            (self.settings.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        let lr = self.settings.learning_rate_at(self.step);
+        let t = i32::try_from(self.step + 1).unwrap_or(i32::MAX);
+        let bc1 = 1.0 - BETA1.powi(t);
+        let bc2 = 1.0 - BETA2.powi(t);
+        let wd = self.settings.weight_decay;
+        for ((param, (ga, gb)), (ma, mb)) in self
+            .params
+            .iter()
+            .zip(&grads)
+            .zip(self.moments.iter_mut())
+        {
+            for (var, g, moments) in [(&param.a, ga, ma), (&param.b, gb, mb)] {
+                let g = if clip < 1.0 { (g * clip)? } else { g.clone() };
+                moments.m = ((&moments.m * BETA1)? + (&g * (1.0 - BETA1))?)?;
+                moments.v = ((&moments.v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
+                let mut p = var.as_tensor().detach();
+                if wd > 0.0 {
+                    p = (p * (1.0 - lr * wd))?;
+                }
+                let denom = ((moments.v.sqrt()? / bc2.sqrt())? + EPS)?;
+                let update = ((&moments.m / denom)? * (lr / bc1))?;
+                var.set(&(p - update)?)?;
+            }
+        }
+        self.step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        #[allow(clippy::cast_precision_loss)]
+        Ok(StepReport {
+            step: self.step,
+            loss: terms.iter().map(|(_, v)| v).sum(),
+            terms,
+            learning_rate: lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / seconds.max(1e-9),
+            seconds,
+        })
+    }
+
+    /// Mean cross-entropy per label token over `examples`, adapters on, no dropout, no graph.
+    pub fn loss_on(&self, examples: &[Example]) -> Result<f64> {
+        let mut total = 0f64;
+        let mut count = 0usize;
+        let bs = self.settings.batch_size.max(1);
+        let opts = ForwardOptions {
+            differentiable: false,
+            logits: LogitsAt::None,
+            use_lora: true,
+        };
+        for chunk in examples.chunks(bs) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let batch = make_batch(&refs, self.pad_id, self.model.device())?;
+            let hidden = self
+                .model
+                .run(Input::Ids(&batch.ids), &opts, None, &mut NoHook)?;
+            let (b_sz, seq_len, d) = hidden.dims3()?;
+            let rows = hidden
+                .reshape((b_sz * seq_len, d))?
+                .index_select(&batch.positions, 0)?;
+            let logits = self.model.lm_logits(&rows, &opts)?;
+            let mean = cross_entropy(&logits, &batch.targets)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            #[allow(clippy::cast_precision_loss)]
+            {
+                total += mean * batch.label_tokens as f64;
+            }
+            count += batch.label_tokens;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        Ok(if count == 0 {
+            f64::NAN
+        } else {
+            total / count as f64
+        })
+    }
+
+    /// Validation loss after the current step (`None` without validation data).
+    pub fn evaluate(&self) -> Result<Option<EvalReport>> {
+        if self.validation.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(EvalReport {
+            step: self.step,
+            loss: self.loss_on(&self.validation)?,
+        }))
+    }
+
+    /// Training loss over all training examples (for tests and the summary).
+    pub fn train_loss(&self) -> Result<f64> {
+        self.loss_on(&self.train)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_follow_hugging_face() {
+        let mut s = TrainSettings {
+            steps: 10,
+            warmup_steps: 2,
+            learning_rate: 1.0,
+            ..TrainSettings::default()
+        };
+        assert!((s.learning_rate_at(0) - 0.0).abs() < 1e-12);
+        assert!((s.learning_rate_at(1) - 0.5).abs() < 1e-12);
+        assert!((s.learning_rate_at(5) - 1.0).abs() < 1e-12);
+        s.schedule = Schedule::Linear;
+        assert!((s.learning_rate_at(2) - 1.0).abs() < 1e-12);
+        assert!((s.learning_rate_at(6) - 0.5).abs() < 1e-12);
+        assert!(s.learning_rate_at(10).abs() < 1e-12);
+        s.schedule = Schedule::Cosine;
+        assert!((s.learning_rate_at(6) - 0.5).abs() < 1e-12);
+        assert!((s.learning_rate_at(4) - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())).abs() < 1e-12);
+    }
+
+    #[test]
+    fn settings_are_validated_by_name() {
+        let mut s = TrainSettings::default();
+        s.lora.targets = vec!["qproj".to_owned()];
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("qproj"), "{err}");
+        let s = TrainSettings {
+            batch_size: 0,
+            ..TrainSettings::default()
+        };
+        assert!(s.validate().unwrap_err().to_string().contains("batch size"));
+    }
+
+    #[test]
+    fn cross_entropy_matches_a_hand_computation() -> anyhow::Result<()> {
+        let logits = Tensor::new(&[[2f32, 0.0, -1.0], [0.0, 0.0, 0.0]], &Device::Cpu)?;
+        let targets = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+        let ce = cross_entropy(&logits, &targets)?.to_scalar::<f32>()?;
+        let lse = (2f64.exp() + 1.0 + (-1f64).exp()).ln();
+        let expected = ((lse - 2.0) + 3f64.ln()) / 2.0;
+        assert!((f64::from(ce) - expected).abs() < 1e-6);
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! Fine-tuning: instruction datasets, the LoRA trainer, checkpoints and the training loop.
+//! Knows nothing of the UI, channels or the CLI.
+
+pub mod checkpoint;
+pub mod dataset;
+pub mod lora_trainer;
+pub mod run;
