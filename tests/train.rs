@@ -303,3 +303,36 @@ fn nan_loss_stops_without_touching_parameters() {
     assert_eq!(params_of(&trainer), before);
     assert_eq!(trainer.step_count(), 1);
 }
+
+#[test]
+fn hand_written_backward_matches_autograd() {
+    let lm = tiny(4);
+    let mut s = settings(1);
+    s.lora.targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        .map(str::to_owned)
+        .to_vec();
+    s.batch_size = 4;
+    s.grad_accum = 2;
+    let mut trainer = Trainer::new(lm.model.clone(), s, examples(&lm), vec![], 0).unwrap();
+    for (i, p) in trainer.params().iter().enumerate() {
+        let shape = p.b.dims().to_vec();
+        let n: usize = shape.iter().product();
+        #[allow(clippy::cast_precision_loss)]
+        let values: Vec<f32> = (0..n).map(|j| (((i * 17 + j * 5) % 11) as f32 - 5.0) * 0.03).collect();
+        p.b.set(&Tensor::from_vec(values, shape, p.b.device()).unwrap())
+            .unwrap();
+    }
+    assert!(trainer.uses_fast_backward());
+    let fast = trainer.gradients().unwrap();
+    trainer.set_autograd(true);
+    assert!(!trainer.uses_fast_backward());
+    let reference = trainer.gradients().unwrap();
+    assert!((fast.terms[0].1 - reference.terms[0].1).abs() < 1e-5);
+    assert_eq!(fast.tokens, reference.tokens);
+    for ((fa, fb), (ra, rb)) in fast.grads.iter().zip(&reference.grads) {
+        for (f, r) in [(fa, ra), (fb, rb)] {
+            let scale = 1.0 + max_abs_diff(r, &r.zeros_like().unwrap());
+            assert!(max_abs_diff(f, r) < 1e-5 * scale, "{} vs {}", max_abs_diff(f, r), scale);
+        }
+    }
+}

@@ -45,13 +45,22 @@ pub struct LoraDropout {
 impl LoraDropout {
     /// `x ⊙ mask / (1 − p)` for the current seed, or `None` when dropout is off.
     fn apply(&self, x2: &Tensor) -> Result<Option<Tensor>> {
+        match self.mask(x2.shape(), x2.device())? {
+            Some(mask) => Ok(Some(x2.mul(&mask.to_dtype(x2.dtype())?)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The mask (entries 0 or `1/(1 − p)`) for an input of `shape` under the current seed, or
+    /// `None` when dropout is off. The same seed and shape always give the same mask.
+    pub fn mask(&self, shape: &candle_core::Shape, device: &candle_core::Device) -> Result<Option<Tensor>> {
         let seed = self.seed.load(std::sync::atomic::Ordering::Relaxed);
         if seed == DROPOUT_OFF || self.p <= 0.0 {
             return Ok(None);
         }
         let mut state = seed ^ self.id.wrapping_mul(0xD1B5_4A32_D192_ED03);
         let keep = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> = (0..x2.elem_count())
+        let mask: Vec<f32> = (0..shape.elem_count())
             .map(|_| {
                 state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
                 let mut z = state;
@@ -67,8 +76,7 @@ impl LoraDropout {
                 }
             })
             .collect();
-        let mask = Tensor::from_vec(mask, x2.shape(), x2.device())?.to_dtype(x2.dtype())?;
-        Ok(Some(x2.mul(&mask)?))
+        Ok(Some(Tensor::from_vec(mask, shape.clone(), device)?))
     }
 }
 

@@ -511,6 +511,9 @@ impl DecoderLayer {
         let normed = self
             .input_layernorm
             .forward(&residual, opts.differentiable)?;
+        if let Some(tape) = tape.as_deref_mut() {
+            tape.n1 = Some(normed.clone());
+        }
         let attn = self.self_attn.forward(
             layer_idx,
             &normed,
@@ -527,6 +530,7 @@ impl DecoderLayer {
             .forward(&xs, opts.differentiable)?;
         if let Some(tape) = tape.as_deref_mut() {
             tape.x_mid = Some(xs.clone());
+            tape.n2 = Some(normed.clone());
         }
         let mlp = self.mlp.forward(&normed, pass.mode, tape)?;
         let mlp = replace_if(hook, HookPoint::MlpOut(layer_idx), mlp)?;
@@ -539,11 +543,11 @@ impl Mlp {
         &self,
         xs: &Tensor,
         mode: LinearMode,
-        tape: Option<&mut LayerTape>,
+        mut tape: Option<&mut LayerTape>,
     ) -> Result<Tensor> {
         let gate = self.gate_proj.forward(xs, mode)?;
         let up = self.up_proj.forward(xs, mode)?;
-        if let Some(tape) = tape {
+        if let Some(tape) = tape.as_deref_mut() {
             tape.gate = Some(gate.clone());
             tape.up = Some(up.clone());
         }
@@ -555,6 +559,9 @@ impl Mlp {
             Some(hidden) => hidden,
             None => (gate.silu()? * up)?,
         };
+        if let Some(tape) = tape {
+            tape.h = Some(hidden.clone());
+        }
         self.down_proj.forward(&hidden, mode)
     }
 }
@@ -660,7 +667,7 @@ impl Attention {
             }
         };
         let probs = replace_if(hook, HookPoint::AttnPattern(layer_idx), probs)?;
-        if let Some(tape) = tape {
+        if let Some(tape) = tape.as_deref_mut() {
             tape.probs = Some(probs.clone());
         }
         // (b_sz, n_kv, n_rep * seq_len, kv_len)
@@ -681,6 +688,9 @@ impl Attention {
             .contiguous()?;
         let z = replace_if(hook, HookPoint::HeadOut(layer_idx), z)?;
         let z = z.reshape((b_sz, seq_len, n_heads * head_dim))?;
+        if let Some(tape) = tape {
+            tape.z = Some(z.clone());
+        }
         self.o_proj.forward(&z, pass.mode)
     }
 }

@@ -40,6 +40,48 @@ pub struct LayerTape {
     pub(crate) gate: Option<Tensor>,
     /// Up projection, `(1, T, intermediate)`.
     pub(crate) up: Option<Tensor>,
+    /// Input of q/k/v (the first norm's output), `(1, T, d)`.
+    pub(crate) n1: Option<Tensor>,
+    /// Input of `o_proj` (the heads' concatenated outputs), `(1, T, n_heads · head_dim)`.
+    pub(crate) z: Option<Tensor>,
+    /// Input of gate/up (the second norm's output), `(1, T, d)`.
+    pub(crate) n2: Option<Tensor>,
+    /// Input of `down_proj`, `(1, T, intermediate)`.
+    pub(crate) h: Option<Tensor>,
+}
+
+/// Gradients of the LoRA adapters, accumulated by [`Transformer::input_vjp_lora`]: per layer
+/// and module (`q_proj`, ...), `(dA, dB)`.
+#[derive(Clone, Debug, Default)]
+pub struct LoraGrads {
+    /// `(layer, module) -> (dA, dB)`.
+    pub grads: std::collections::BTreeMap<(usize, &'static str), (Tensor, Tensor)>,
+}
+
+impl LoraGrads {
+    fn add(&mut self, layer: usize, module: &'static str, da: Tensor, db: Tensor) -> Result<()> {
+        use std::collections::btree_map::Entry;
+        match self.grads.entry((layer, module)) {
+            Entry::Vacant(slot) => {
+                slot.insert((da, db));
+            }
+            Entry::Occupied(mut slot) => {
+                let (a, b) = slot.get();
+                let sum = ((a + da)?, (b + db)?);
+                slot.insert(sum);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where [`linear_vjp`] puts adapter gradients: the sink, the layer, the module and the
+/// linear's taped input `(1, T, in)`.
+struct LoraTarget<'a> {
+    sink: &'a mut LoraGrads,
+    layer: usize,
+    module: &'static str,
+    input: &'a Tensor,
 }
 
 /// Everything [`Transformer::input_vjp`] needs from one forward.
@@ -84,6 +126,19 @@ impl Transformer {
     /// hidden states: `cot` is `(k, T', d)` over positions `0..T'` of the taped sequence
     /// (`T' ≤ T`); the result is `(k, T', d)`, row `b` being `cot[b]ᵀ ∂h/∂x`.
     pub fn input_vjp(&self, tape: &Tape, cot: &Tensor) -> Result<Tensor> {
+        self.input_vjp_lora(tape, cot, None)
+    }
+
+    /// [`Transformer::input_vjp`] that also accumulates the gradients of every attached LoRA
+    /// adapter into `sink` (one cotangent only: `cot` is `(1, T', d)`). The frozen weights get
+    /// no gradient; dropout masks are regenerated from the adapters' current seed, so the
+    /// backward must run before the seed changes.
+    pub fn input_vjp_lora(
+        &self,
+        tape: &Tape,
+        cot: &Tensor,
+        mut sink: Option<&mut LoraGrads>,
+    ) -> Result<Tensor> {
         let (k_sz, t_len, hidden) = cot.dims3()?;
         let cfg = self.config();
         if hidden != cfg.hidden_size || t_len == 0 || t_len > tape.seq_len() {
@@ -95,6 +150,12 @@ impl Transformer {
                     tape.seq_len(),
                     cfg.hidden_size
                 ),
+            ));
+        }
+        if sink.is_some() && k_sz != 1 {
+            return Err(Error::invalid(
+                "cotangent",
+                "adapter gradients need exactly one cotangent",
             ));
         }
         if tape.layers.len() != self.layers.len() {
@@ -113,19 +174,49 @@ impl Transformer {
         let neg_sin = sin.neg()?;
         let x_final = first(taped(tape.x_final.as_ref(), "final residual")?, 1, t_len)?;
         let mut grad = rms_norm_vjp(&self.norm, &x_final, cot)?;
-        for (layer, lt) in self.layers.iter().zip(&tape.layers).rev() {
+        for (layer_idx, (layer, lt)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
             // MLP: h = x_mid + down(silu(gate(n)) ⊙ up(n)), n = norm2(x_mid).
             let gate = first(taped(lt.gate.as_ref(), "gate projection")?, 1, t_len)?;
             let up = first(taped(lt.up.as_ref(), "up projection")?, 1, t_len)?;
-            let d_hidden = linear_vjp(&layer.mlp.down_proj, &grad, use_lora)?;
+            let inputs = match sink {
+                Some(_) => Some((
+                    first(taped(lt.n2.as_ref(), "second norm")?, 1, t_len)?,
+                    first(taped(lt.h.as_ref(), "MLP hidden")?, 1, t_len)?,
+                )),
+                None => None,
+            };
+            let d_hidden = linear_vjp(
+                &layer.mlp.down_proj,
+                &grad,
+                use_lora,
+                lora_target(&mut sink, layer_idx, "down_proj", inputs.as_ref().map(|i| &i.1)),
+            )?;
             let (d_gate, d_up) = swiglu_vjp(&gate, &up, &d_hidden)?;
-            let d_normed = (linear_vjp(&layer.mlp.gate_proj, &d_gate, use_lora)?
-                + linear_vjp(&layer.mlp.up_proj, &d_up, use_lora)?)?;
+            let d_normed = (linear_vjp(
+                &layer.mlp.gate_proj,
+                &d_gate,
+                use_lora,
+                lora_target(&mut sink, layer_idx, "gate_proj", inputs.as_ref().map(|i| &i.0)),
+            )? + linear_vjp(
+                &layer.mlp.up_proj,
+                &d_up,
+                use_lora,
+                lora_target(&mut sink, layer_idx, "up_proj", inputs.as_ref().map(|i| &i.0)),
+            )?)?;
             let x_mid = first(taped(lt.x_mid.as_ref(), "mid residual")?, 1, t_len)?;
             grad = rms_norm_vjp_add(&layer.post_attention_layernorm, &x_mid, &d_normed, &grad)?;
 
             // Attention: x_mid = x_in + o(attn(norm1(x_in))).
-            let d_normed = self.attention_vjp(layer, lt, &grad, &cos, &neg_sin, use_lora)?;
+            let d_normed = self.attention_vjp(
+                layer_idx,
+                layer,
+                lt,
+                &grad,
+                &cos,
+                &neg_sin,
+                use_lora,
+                sink.as_deref_mut(),
+            )?;
             let x_in = first(taped(lt.x_in.as_ref(), "layer input")?, 1, t_len)?;
             grad = rms_norm_vjp_add(&layer.input_layernorm, &x_in, &d_normed, &grad)?;
             debug_assert_eq!(grad.dims(), &[k_sz, t_len, hidden]);
@@ -135,14 +226,17 @@ impl Transformer {
 
     /// The attention block's VJP from its output gradient `(k, T', d)` to the gradient on its
     /// (normed) input `(k, T', d)`.
+    #[allow(clippy::too_many_arguments)]
     fn attention_vjp(
         &self,
+        layer_idx: usize,
         layer: &DecoderLayer,
         lt: &LayerTape,
         d_out: &Tensor,
         cos: &Tensor,
         neg_sin: &Tensor,
         use_lora: bool,
+        mut sink: Option<&mut LoraGrads>,
     ) -> Result<Tensor> {
         let cfg = self.config();
         let (k_sz, t_len, _) = d_out.dims3()?;
@@ -151,9 +245,21 @@ impl Transformer {
         let head_dim = cfg.head_dim;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let attn = &layer.self_attn;
+        let inputs = match sink {
+            Some(_) => Some((
+                first(taped(lt.n1.as_ref(), "first norm")?, 1, t_len)?,
+                first(taped(lt.z.as_ref(), "head outputs")?, 1, t_len)?,
+            )),
+            None => None,
+        };
 
         // (k, T', n_heads · head_dim)
-        let d_z = linear_vjp(&attn.o_proj, d_out, use_lora)?;
+        let d_z = linear_vjp(
+            &attn.o_proj,
+            d_out,
+            use_lora,
+            lora_target(&mut sink, layer_idx, "o_proj", inputs.as_ref().map(|i| &i.1)),
+        )?;
         let dims = AttnDims {
             k_sz,
             t_len,
@@ -166,9 +272,43 @@ impl Transformer {
             Some(grads) => grads,
             None => attention_core(lt, &d_z, cos, neg_sin, dims)?,
         };
-        let d_in = (linear_vjp(&attn.q_proj, &d_q, use_lora)?
-            + linear_vjp(&attn.k_proj, &d_k, use_lora)?)?;
-        Ok((d_in + linear_vjp(&attn.v_proj, &d_v, use_lora)?)?)
+        let n1 = inputs.as_ref().map(|i| &i.0);
+        let d_in = (linear_vjp(
+            &attn.q_proj,
+            &d_q,
+            use_lora,
+            lora_target(&mut sink, layer_idx, "q_proj", n1),
+        )? + linear_vjp(
+            &attn.k_proj,
+            &d_k,
+            use_lora,
+            lora_target(&mut sink, layer_idx, "k_proj", n1),
+        )?)?;
+        Ok((d_in
+            + linear_vjp(
+                &attn.v_proj,
+                &d_v,
+                use_lora,
+                lora_target(&mut sink, layer_idx, "v_proj", n1),
+            )?)?)
+    }
+}
+
+/// A [`LoraTarget`] when there is a sink and a taped input.
+fn lora_target<'a>(
+    sink: &'a mut Option<&mut LoraGrads>,
+    layer: usize,
+    module: &'static str,
+    input: Option<&'a Tensor>,
+) -> Option<LoraTarget<'a>> {
+    match (sink.as_deref_mut(), input) {
+        (Some(sink), Some(input)) => Some(LoraTarget {
+            sink,
+            layer,
+            module,
+            input,
+        }),
+        _ => None,
     }
 }
 
@@ -494,15 +634,41 @@ fn bmm(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
     })
 }
 
-/// `y = x W^T (+ b) (+ s · x Aᵀ Bᵀ)` → `dx = dy W (+ s · dy B A)`, for `dy` of shape `(k, T, out)`.
-fn linear_vjp(linear: &Linear, d_out: &Tensor, use_lora: bool) -> Result<Tensor> {
+/// `y = x W^T (+ b) (+ s · B A drop(x))` → `dx = dy W (+ s · drop(dy B A))`, for `dy` of shape
+/// `(k, T, out)`; with a `target`, also `dB += s · dyᵀ (drop(x) Aᵀ)` and
+/// `dA += s · (dy B)ᵀ drop(x)` (one cotangent).
+fn linear_vjp(
+    linear: &Linear,
+    d_out: &Tensor,
+    use_lora: bool,
+    target: Option<LoraTarget<'_>>,
+) -> Result<Tensor> {
     let (k_sz, t_len, out) = d_out.dims3()?;
     let d2 = d_out.reshape((k_sz * t_len, out))?.contiguous()?;
     let mut d_in = frozen_input_grad(&d2, &linear.weight)?;
     if use_lora {
         if let Some(lora) = &linear.lora {
-            let delta = d2.matmul(&lora.b)?.matmul(&lora.a)?;
-            d_in = (d_in + (delta * lora.scale)?)?;
+            let dy_b = d2.matmul(&lora.b)?; // (k·T, r)
+            let mut delta = (dy_b.matmul(&lora.a)? * lora.scale)?;
+            let mask = match &lora.dropout {
+                Some(dropout) => dropout.mask(delta.shape(), delta.device())?,
+                None => None,
+            };
+            if let Some(mask) = &mask {
+                delta = delta.mul(mask)?;
+            }
+            if let Some(target) = target {
+                let x = target.input.reshape((t_len, linear.in_features()))?;
+                let x = match &mask {
+                    Some(mask) => x.mul(mask)?,
+                    None => x,
+                };
+                let u = x.matmul(&lora.a.t()?)?; // (T, r)
+                let d_b = (d2.t()?.matmul(&u)? * lora.scale)?;
+                let d_a = (dy_b.t()?.matmul(&x)? * lora.scale)?;
+                target.sink.add(target.layer, target.module, d_a, d_b)?;
+            }
+            d_in = (d_in + delta)?;
         }
     }
     Ok(d_in.reshape((k_sz, t_len, linear.in_features()))?)

@@ -24,6 +24,7 @@ use crate::model::adapter::module_mut;
 use crate::model::hooks::NoHook;
 use crate::model::lora::{LoraAdapter, LoraDropout, DROPOUT_OFF};
 use crate::model::transformer::{ForwardOptions, Input, LogitsAt, Transformer};
+use crate::model::vjp::LoraGrads;
 use crate::train::dataset::{shuffle, Example, SplitMix64};
 
 /// Modules a LoRA adapter can target.
@@ -420,6 +421,7 @@ pub struct Trainer {
     step: usize,
     terms: Vec<Box<dyn LossTerm>>,
     dropout_seed: Arc<AtomicU64>,
+    autograd: bool,
 }
 
 /// Mixes values into a seed.
@@ -525,6 +527,7 @@ impl Trainer {
             step: 0,
             terms: vec![Box::new(CrossEntropy)],
             dropout_seed,
+            autograd: false,
         })
     }
 
@@ -662,9 +665,23 @@ impl Trainer {
         Ok(values)
     }
 
+    /// Forces candle's autograd (the reference) instead of the hand-written backward.
+    pub fn set_autograd(&mut self, autograd: bool) {
+        self.autograd = autograd;
+    }
+
+    /// Whether steps use the hand-written backward: only the cross-entropy term is present
+    /// (other terms need the autograd graph) and autograd was not forced.
+    pub fn uses_fast_backward(&self) -> bool {
+        !self.autograd && self.terms.len() == 1
+    }
+
     /// The loss terms (averaged over micro-batches) and the gradients of the total loss for
     /// the next optimizer step, without updating anything.
     pub fn gradients(&mut self) -> std::result::Result<Gradients, StepError> {
+        if self.uses_fast_backward() {
+            return self.fast_gradients();
+        }
         let accum = self.settings.grad_accum;
         let mut grads: Vec<Option<(Tensor, Tensor)>> = vec![None; self.params.len()];
         let mut term_sums = vec![0f64; self.terms.len()];
@@ -727,6 +744,112 @@ impl Trainer {
         Ok(Gradients {
             terms,
             grads: grads.into_iter().flatten().collect(),
+            tokens,
+        })
+    }
+
+    /// [`Trainer::gradients`] through one taped fast forward per example and the hand-written
+    /// backward of [`Transformer::input_vjp_lora`]; the cross-entropy's gradient at the logits
+    /// is taken in closed form, `(softmax − onehot) / n`.
+    fn fast_gradients(&mut self) -> std::result::Result<Gradients, StepError> {
+        let accum = self.settings.grad_accum;
+        let device = self.model.device().clone();
+        let opts = ForwardOptions {
+            differentiable: false,
+            logits: LogitsAt::None,
+            use_lora: true,
+        };
+        let mut sink = LoraGrads::default();
+        let mut ce_total = 0f64;
+        let mut tokens = 0;
+        for micro in 0..accum {
+            let k = self.step * accum + micro;
+            let examples: Vec<Example> = self.micro_batch(k).into_iter().cloned().collect();
+            let n_labels: usize = examples.iter().map(Example::label_count).sum();
+            if n_labels == 0 {
+                return Err(Error::invalid("batch", "no label tokens").into());
+            }
+            #[allow(clippy::cast_precision_loss)]
+            let norm = 1.0 / (n_labels * accum) as f64;
+            let mut ce_micro = 0f64;
+            for (j, example) in examples.iter().enumerate() {
+                tokens += example.ids.len();
+                let (positions, targets): (Vec<u32>, Vec<u32>) = (1..example.ids.len())
+                    .filter(|&t| example.is_label[t])
+                    .map(|t| {
+                        #[allow(clippy::cast_possible_truncation)]
+                        ((t - 1) as u32, example.ids[t])
+                    })
+                    .unzip();
+                let Some(&last) = positions.last() else {
+                    continue;
+                };
+                let n = positions.len();
+                self.dropout_seed.store(
+                    mix(self.settings.seed, &[k as u64, j as u64, 0xD]) & !1,
+                    Ordering::Relaxed,
+                );
+                let result = (|| -> Result<f64> {
+                    let ids = Tensor::new(example.ids.as_slice(), &device)?.unsqueeze(0)?;
+                    let (hidden, tape) = self.model.run_taped(Input::Ids(&ids), true)?;
+                    let positions = Tensor::from_vec(positions, n, &device)?;
+                    let targets = Tensor::from_vec(targets, (n, 1), &device)?;
+                    let rows = hidden.squeeze(0)?.index_select(&positions, 0)?;
+                    let logits = self.model.lm_logits(&rows, &opts)?.to_dtype(DType::F32)?;
+                    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                    let ce = log_probs
+                        .gather(&targets, 1)?
+                        .sum_all()?
+                        .neg()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?;
+                    // d(Σ CE · norm)/d logits = (softmax − onehot) · norm.
+                    let ones = Tensor::ones((n, 1), DType::F32, &device)?;
+                    let onehot = log_probs.zeros_like()?.scatter_add(&targets, &ones, 1)?;
+                    let d_logits = ((log_probs.exp()? - onehot)? * norm)?
+                        .to_dtype(self.model.dtype())?;
+                    let d_rows = d_logits.matmul(&self.model.lm_head.weight)?;
+                    let t_len = last as usize + 1;
+                    let cot = Tensor::zeros((t_len, rows.dim(1)?), self.model.dtype(), &device)?
+                        .index_add(&positions, &d_rows, 0)?
+                        .unsqueeze(0)?;
+                    self.model.input_vjp_lora(&tape, &cot, Some(&mut sink))?;
+                    Ok(ce)
+                })();
+                self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
+                ce_micro += result?;
+            }
+            #[allow(clippy::cast_precision_loss)]
+            let mean = ce_micro / n_labels as f64;
+            if !mean.is_finite() {
+                return Err(StepError::NonFinite {
+                    what: if mean.is_nan() { "NaN" } else { "infinite" },
+                    step: self.step + 1,
+                    last_good: self.step,
+                });
+            }
+            ce_total += mean;
+        }
+        let mut grads = Vec::with_capacity(self.params.len());
+        for param in &self.params {
+            let module = TARGETABLE
+                .iter()
+                .find(|m| **m == param.module)
+                .copied()
+                .unwrap_or("");
+            let (da, db) = match sink.grads.remove(&(param.layer, module)) {
+                Some(pair) => pair,
+                None => (
+                    param.a.as_tensor().zeros_like()?,
+                    param.b.as_tensor().zeros_like()?,
+                ),
+            };
+            grads.push((da, db));
+        }
+        #[allow(clippy::cast_precision_loss)]
+        Ok(Gradients {
+            terms: vec![("ce".to_owned(), ce_total / accum as f64)],
+            grads,
             tokens,
         })
     }
