@@ -5,7 +5,9 @@ use std::ops::ControlFlow;
 use candle_core::{Tensor, Var};
 use tunelens::model::adapter::attach_peft_adapter;
 use tunelens::model::load::LoadedModel;
-use tunelens::train::checkpoint::{find_checkpoint, read_state, restore, write_peft_adapter};
+use tunelens::train::checkpoint::{
+    find_checkpoint, read_state, restore, write_peft_adapter, DataSettings,
+};
 use tunelens::train::dataset::{self, Example, PromptTemplate, Renderer, SplitOptions};
 use tunelens::train::lora_trainer::{
     LossContext, LossTerm, StepError, TrainSettings, Trainer,
@@ -237,7 +239,7 @@ fn resumed_run_equals_the_uninterrupted_one() {
 
     let full_dir = tempfile::tempdir().unwrap();
     let mut full = Trainer::new(lm.model.clone(), s.clone(), data.clone(), vec![], 0).unwrap();
-    let mut state = new_state(&full, "tiny.jsonl", "tiny");
+    let mut state = new_state(&full, DataSettings::default(), "tiny");
     run(&mut full, &mut state, Some(full_dir.path()), &mut |_| {
         ControlFlow::Continue(())
     })
@@ -247,7 +249,7 @@ fn resumed_run_equals_the_uninterrupted_one() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut first = Trainer::new(lm.model.clone(), s.clone(), data.clone(), vec![], 0).unwrap();
-    let mut state = new_state(&first, "tiny.jsonl", "tiny");
+    let mut state = new_state(&first, DataSettings::default(), "tiny");
     let outcome = run(&mut first, &mut state, Some(dir.path()), &mut |event| match event {
         TrainEvent::Step(r) if r.step == 5 => ControlFlow::Break(()),
         _ => ControlFlow::Continue(()),

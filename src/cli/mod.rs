@@ -13,9 +13,11 @@ use crate::worker::runner::{run_job, WorkerCtx};
 
 mod attribute;
 mod consistency;
+mod train;
 mod weights;
 
 pub use consistency::ConsistencyArgs;
+pub use train::TrainArgs;
 pub use weights::{ConceptsArgs, HeadsArgs};
 
 /// Compare a base and an instruction-tuned language model.
@@ -91,6 +93,9 @@ pub enum Command {
     /// difference per layer, prediction consistency of factual probes, accuracy spread across
     /// paraphrased instructions, attribute and extraction rates by layer.
     Consistency(ConsistencyArgs),
+    /// LoRA fine-tuning (METHODS.md §5.3 defaults): checkpoints in PEFT's format, the final
+    /// adapter in OUT/adapter, curves in OUT/curves.csv; --resume continues a stopped run.
+    Train(TrainArgs),
     /// Generate a response (greedy unless --temperature is given).
     Generate {
         #[command(flatten)]
@@ -168,6 +173,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Concepts(args) => return weights::run_concepts(cli, args),
         Command::Heads(args) => return weights::run_heads(cli, args),
         Command::Consistency(args) => return consistency::run(cli, args),
+        Command::Train(args) => return train::run(cli, args),
         _ => {}
     }
     let model_arg = match command {
@@ -176,7 +182,10 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         | Command::Forward { model, .. }
         | Command::Generate { model, .. } => &model.model,
         Command::Attribute(args) => &args.model.model,
-        Command::Concepts(_) | Command::Heads(_) | Command::Consistency(_) => return Ok(()),
+        Command::Concepts(_)
+        | Command::Heads(_)
+        | Command::Consistency(_)
+        | Command::Train(_) => return Ok(()),
     };
     let spec = ModelSpec::parse(model_arg);
     let loaded = run_job(
@@ -196,7 +205,8 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         | Command::Attribute(_)
         | Command::Concepts(_)
         | Command::Heads(_)
-        | Command::Consistency(_) => None,
+        | Command::Consistency(_)
+        | Command::Train(_) => None,
         Command::Tokenize { text, .. } => Some(Job::Tokenize {
             slot: Slot::A,
             text: text.clone(),
@@ -274,6 +284,9 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             JobOutput::Concepts(_)
             | JobOutput::Heads(_)
             | JobOutput::Consistency(_)
+            | JobOutput::Trained(_)
+            | JobOutput::TrainEstimated(_)
+            | JobOutput::DataPreview(_)
             | JobOutput::Unloaded { .. }
             | JobOutput::Swapped { .. } => String::new(),
         };
@@ -344,6 +357,9 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
         JobOutput::Concepts(_)
         | JobOutput::Heads(_)
         | JobOutput::Consistency(_)
+        | JobOutput::Trained(_)
+        | JobOutput::TrainEstimated(_)
+        | JobOutput::DataPreview(_)
         | JobOutput::Unloaded { .. }
         | JobOutput::Swapped { .. } => {}
         JobOutput::Generated(outputs) => {

@@ -1,4 +1,4 @@
-//! Figures and data files of the Concepts, Heads and Consistency views: each export writes
+//! Figures and data files of the Concepts, Heads, Consistency and Fine-tune views: each export writes
 //! `<stem>.svg`, `<stem>.png`, CSV tables and `<stem>.json` into one folder.
 
 use std::fmt::Write as _;
@@ -11,6 +11,7 @@ use crate::export::figure::{
 };
 use crate::export::{write_bytes, write_figure};
 use crate::worker::consistency::ConsistencyOutput;
+use crate::worker::train::TrainOutput;
 use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 
 fn write_all(
@@ -381,6 +382,73 @@ pub fn write_consistency(
             ("_relations", relations),
             ("_rates", rates),
         ],
+        &json,
+    )
+}
+
+/// The training curves: loss (each term and validation) and learning rate by step.
+pub fn training_figure(out: &TrainOutput) -> Figure {
+    let history = &out.state.history;
+    #[allow(clippy::cast_precision_loss)]
+    let step = |s: usize| s as f32;
+    let mut loss = vec![LineSeries {
+        name: "training loss".to_owned(),
+        points: history.iter().map(|r| (step(r.step), r.loss as f32)).collect(),
+    }];
+    let terms = history.first().map_or(0, |r| r.terms.len());
+    if terms > 1 {
+        for i in 0..terms {
+            loss.push(LineSeries {
+                name: history[0].terms[i].0.clone(),
+                points: history
+                    .iter()
+                    .map(|r| (step(r.step), r.terms.get(i).map_or(f32::NAN, |t| t.1 as f32)))
+                    .collect(),
+            });
+        }
+    }
+    if !out.state.evals.is_empty() {
+        loss.push(LineSeries {
+            name: "validation loss".to_owned(),
+            points: out
+                .state
+                .evals
+                .iter()
+                .map(|e| (step(e.step), e.loss as f32))
+                .collect(),
+        });
+    }
+    Figure::Row(vec![
+        Figure::Line(LinePlot {
+            title: "LoRA fine-tuning loss".to_owned(),
+            x_label: "step".to_owned(),
+            y_label: "cross-entropy per token".to_owned(),
+            series: loss,
+        }),
+        Figure::Line(LinePlot {
+            title: "Learning rate".to_owned(),
+            x_label: "step".to_owned(),
+            y_label: "learning rate".to_owned(),
+            series: vec![LineSeries {
+                name: "learning rate".to_owned(),
+                points: history
+                    .iter()
+                    .map(|r| (step(r.step), r.learning_rate as f32))
+                    .collect(),
+            }],
+        }),
+    ])
+}
+
+/// Writes the Fine-tune export: the curves figure, `curves.csv` (as in the run folder) and
+/// the run's state as JSON.
+pub fn write_training(dir: &Path, stem: &str, out: &TrainOutput) -> crate::Result<Vec<PathBuf>> {
+    let json = serde_json::to_string_pretty(out)?;
+    write_all(
+        dir,
+        stem,
+        &training_figure(out),
+        &[("_curves", crate::train::run::curves_csv(&out.state))],
         &json,
     )
 }

@@ -13,7 +13,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::transformer::Transformer;
+use crate::train::dataset::PromptTemplate;
 use crate::train::lora_trainer::{EvalReport, Moments, StepReport, TrainSettings, Trainer};
+
+/// How the training examples were prepared (a resumed run rebuilds them identically).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataSettings {
+    /// The JSONL file.
+    pub path: PathBuf,
+    /// Template the records were rendered with.
+    pub template: PromptTemplate,
+    /// Longest example in tokens.
+    pub max_len: usize,
+    /// Fraction held out for validation.
+    pub validation_fraction: f64,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            template: PromptTemplate::Chat,
+            max_len: 512,
+            validation_fraction: 0.1,
+        }
+    }
+}
 
 /// `trainer_state.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -22,8 +47,8 @@ pub struct TrainerState {
     pub step: usize,
     /// The run's settings.
     pub settings: TrainSettings,
-    /// The data file.
-    pub data: String,
+    /// Where the examples came from and how they were prepared.
+    pub data: DataSettings,
     /// Training / validation example counts (a resumed run must see the same split).
     pub train_examples: usize,
     /// Validation examples.

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use crate::cache::write_atomic;
 use crate::error::{Error, Result};
-use crate::train::checkpoint::{checkpoint_name, save_checkpoint, write_peft_adapter, TrainerState};
+use crate::train::checkpoint::{
+    checkpoint_name, save_checkpoint, write_peft_adapter, DataSettings, TrainerState,
+};
 use crate::train::lora_trainer::{EvalReport, StepError, StepReport, Trainer};
 
 /// What the loop reports.
@@ -45,11 +47,11 @@ pub struct RunOutcome {
 }
 
 /// The new state of a run (no steps yet).
-pub fn new_state(trainer: &Trainer, data: &str, base_model: &str) -> TrainerState {
+pub fn new_state(trainer: &Trainer, data: DataSettings, base_model: &str) -> TrainerState {
     TrainerState {
         step: 0,
         settings: trainer.settings().clone(),
-        data: data.to_owned(),
+        data,
         train_examples: trainer.train_len(),
         validation_examples: trainer.validation_len(),
         history: Vec::new(),

@@ -27,6 +27,9 @@ use crate::ui::widgets::status;
 use crate::wordfiles::WordSource;
 use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings, Measures};
 use crate::worker::job::SlotAttribution;
+use crate::train::checkpoint::DataSettings;
+use crate::ui::panels::finetune::TrainingView;
+use crate::worker::train::TrainRequest;
 use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 use crate::worker::{self, Event, Job, JobId, JobOutput, Slot, WorkerHandle};
 
@@ -96,6 +99,15 @@ pub enum Action {
     PickFile(DialogKind),
     /// Use this data file (`None`: back to the default).
     SetFile(DialogKind, Option<PathBuf>),
+    /// Render and count the fine-tuning data.
+    PreviewTrainingData,
+    /// Measure a few training steps.
+    EstimateTraining,
+    /// Launch a training run of slot A's model, or resume the run in this folder.
+    Train {
+        /// A stopped run's folder.
+        resume: Option<PathBuf>,
+    },
 }
 
 /// The files an export wrote, or why it failed.
@@ -228,6 +240,8 @@ pub enum PendingKind {
     Heads,
     /// Consistency measures.
     Consistency,
+    /// Training, its estimate, or the data preview.
+    Train,
     /// Unload, swap.
     Other,
 }
@@ -254,6 +268,8 @@ pub struct TunelensApp {
     pub heads: Option<Box<HeadsOutput>>,
     /// The last consistency run.
     pub consistency: Option<Box<ConsistencyOutput>>,
+    /// The current or last training run.
+    pub training: TrainingView,
     /// What the last export wrote (or why it failed).
     pub export_note: Option<String>,
     exports: (
@@ -301,6 +317,7 @@ impl TunelensApp {
             concepts: None,
             heads: None,
             consistency: None,
+            training: TrainingView::default(),
             export_note: None,
             exports: crossbeam_channel::unbounded(),
             worker,
@@ -447,6 +464,9 @@ impl TunelensApp {
                 Action::RunConcepts => self.run_weights(PendingKind::Concepts),
                 Action::RunHeads => self.run_weights(PendingKind::Heads),
                 Action::RunConsistency => self.run_consistency(),
+                Action::PreviewTrainingData => self.preview_training_data(),
+                Action::EstimateTraining => self.train(None, true),
+                Action::Train { resume } => self.train(resume, false),
                 Action::PickFile(kind) => {
                     let ctx = self.ctx.clone();
                     if let Err(err) = self
@@ -461,6 +481,8 @@ impl TunelensApp {
                     DialogKind::WordVectors => self.state.weights.vectors_file = path,
                     DialogKind::PairsFile => self.state.consistency.pairs_file = path,
                     DialogKind::FactsFile => self.state.consistency.facts_file = path,
+                    DialogKind::TrainData => self.state.finetune.data_file = path,
+                    DialogKind::TrainOutput => self.state.finetune.out_dir = path,
                     DialogKind::ModelFolder
                     | DialogKind::GgufFile
                     | DialogKind::AdapterFolder
@@ -636,6 +658,85 @@ impl TunelensApp {
         );
     }
 
+    fn training_request(&self, resume: Option<PathBuf>) -> TrainRequest {
+        let f = &self.state.finetune;
+        TrainRequest {
+            data: DataSettings {
+                path: f.data_file.clone().unwrap_or_default(),
+                template: f.template,
+                max_len: f.max_len,
+                validation_fraction: f.validation_fraction,
+            },
+            settings: f.settings.clone(),
+            out: if resume.is_some() {
+                None
+            } else {
+                Some(
+                    f.out_dir
+                        .clone()
+                        .unwrap_or_else(crate::worker::train::new_run_dir),
+                )
+            },
+            resume,
+        }
+    }
+
+    fn preview_training_data(&mut self) {
+        if self.slots[0].info.is_none() || self.pending.values().any(|p| p.kind == PendingKind::Train) {
+            return;
+        }
+        let data = self.training_request(None).data;
+        self.submit(
+            Job::PreviewData {
+                slot: Slot::A,
+                data,
+            },
+            "Reading the training data".to_owned(),
+            PendingKind::Train,
+        );
+    }
+
+    /// Launches (or resumes) a training run, or only measures a few steps of it.
+    fn train(&mut self, resume: Option<PathBuf>, estimate_only: bool) {
+        if self.slots[0].info.is_none() {
+            self.last_error = Some("Load the base model into slot A first".to_owned());
+            return;
+        }
+        if self.pending.values().any(|p| p.kind == PendingKind::Train) {
+            return;
+        }
+        if let Err(err) = self.state.finetune.settings.validate() {
+            self.last_error = Some(err.to_string());
+            return;
+        }
+        let request = Box::new(self.training_request(resume));
+        let (job, label) = if estimate_only {
+            (
+                Job::EstimateTraining {
+                    slot: Slot::A,
+                    request,
+                },
+                "Estimating the training run",
+            )
+        } else {
+            if request.resume.is_none() {
+                self.training = TrainingView {
+                    preview: self.training.preview.take(),
+                    estimate: self.training.estimate.take(),
+                    ..TrainingView::default()
+                };
+            }
+            (
+                Job::Train {
+                    slot: Slot::A,
+                    request,
+                },
+                "Training",
+            )
+        };
+        self.submit(job, label.to_owned(), PendingKind::Train);
+    }
+
     /// The default export file stem: view, models and the first prompt words.
     fn export_stem(&self) -> String {
         let models = |names: Vec<&str>| names.join("_vs_");
@@ -662,6 +763,11 @@ impl TunelensApp {
                     return export::default_file_stem("consistency", &models(names), "");
                 }
             }
+            View::Finetune => {
+                if let Some(out) = &self.training.result {
+                    return export::default_file_stem("training", &out.base_model, "");
+                }
+            }
             View::Models | View::Prompt | View::Attribution => {}
         }
         let Some(results) = &self.attribution else {
@@ -676,7 +782,7 @@ impl TunelensApp {
     pub fn export_to(&mut self, path: &Path) {
         if matches!(
             self.state.view,
-            View::Concepts | View::Heads | View::Consistency
+            View::Concepts | View::Heads | View::Consistency | View::Finetune
         ) {
             self.export_view(path);
             return;
@@ -738,10 +844,12 @@ impl TunelensApp {
         let concepts = self.concepts.clone();
         let heads = self.heads.clone();
         let consistency = self.consistency.clone();
+        let training = self.training.result.clone();
         let ready = match view {
             View::Concepts => concepts.is_some(),
             View::Heads => heads.is_some(),
             View::Consistency => consistency.is_some(),
+            View::Finetune => training.is_some(),
             View::Models | View::Prompt | View::Attribution => false,
         };
         if !ready {
@@ -754,6 +862,13 @@ impl TunelensApp {
         let spawned = std::thread::Builder::new()
             .name("export".to_owned())
             .spawn(move || {
+                if let (View::Finetune, Some(t)) = (view, &training) {
+                    let outcome = export::views::write_training(&dir, &stem, t)
+                        .map_err(|err| err.to_string());
+                    let _ = tx.send(outcome);
+                    ctx.request_repaint();
+                    return;
+                }
                 let outcome = match (view, concepts, heads, consistency) {
                     (View::Concepts, Some(c), _, _) => {
                         export::views::write_concepts(&dir, &stem, &c, wl)
@@ -789,6 +904,7 @@ impl TunelensApp {
                 response.text.push_str(&token.text_delta);
                 response.tokens = token.index + 1;
             }
+            Event::Train { update, .. } => self.training.update(update),
             Event::Finished { job_id, output } => {
                 self.pending.remove(&job_id);
                 self.finished(output);
@@ -860,6 +976,12 @@ impl TunelensApp {
                 self.consistency = Some(out);
                 self.export_note = None;
             }
+            JobOutput::Trained(out) => {
+                self.training.finished(*out);
+                self.export_note = None;
+            }
+            JobOutput::TrainEstimated(estimate) => self.training.estimate = Some(estimate),
+            JobOutput::DataPreview(preview) => self.training.preview = Some(*preview),
         }
     }
 
@@ -949,7 +1071,9 @@ impl eframe::App for TunelensApp {
                     DialogKind::WordList
                     | DialogKind::WordVectors
                     | DialogKind::PairsFile
-                    | DialogKind::FactsFile => Action::SetFile(kind, Some(path)),
+                    | DialogKind::FactsFile
+                    | DialogKind::TrainData
+                    | DialogKind::TrainOutput => Action::SetFile(kind, Some(path)),
                 });
             }
         }
@@ -1052,6 +1176,15 @@ impl eframe::App for TunelensApp {
                 self.export_note.as_deref(),
                 &mut actions,
             ),
+            View::Finetune => {
+                let ctx = panels::finetune::FinetuneCtx {
+                    base: self.slots[0].info.as_ref().map(|i| i.display_name()),
+                    running: self.pending.values().find(|p| p.kind == PendingKind::Train),
+                    view: &self.training,
+                    note: self.export_note.as_deref(),
+                };
+                panels::finetune::finetune_ui(ui, &mut self.state.finetune, &ctx, &mut actions);
+            }
         });
         self.actions.extend(actions);
         self.apply_actions();

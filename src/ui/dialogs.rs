@@ -26,6 +26,10 @@ pub enum DialogKind {
     PairsFile,
     /// Factual probes (JSON).
     FactsFile,
+    /// Instruction data for fine-tuning (JSONL).
+    TrainData,
+    /// The output folder of a training run.
+    TrainOutput,
 }
 
 /// A finished dialog: the slot it was for, what it picked, and the path (None if cancelled).
@@ -101,6 +105,13 @@ impl Dialogs {
                         .set_title("Open factual probes (JSON)")
                         .add_filter("JSON", &["json"])
                         .pick_file(),
+                    DialogKind::TrainData => dialog
+                        .set_title("Open instruction data (JSONL: Alpaca, chat or prompt/completion)")
+                        .add_filter("JSON lines", &["jsonl", "json"])
+                        .pick_file(),
+                    DialogKind::TrainOutput => dialog
+                        .set_title("Choose the training output folder")
+                        .pick_folder(),
                     DialogKind::ExportFile => dialog
                         .set_title("Export the figure and data")
                         .set_file_name(default_name.as_str())

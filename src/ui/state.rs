@@ -25,17 +25,20 @@ pub enum View {
     Heads,
     /// Paraphrase, prediction and factual-recall consistency (METHODS.md §7–§9).
     Consistency,
+    /// LoRA fine-tuning with live curves.
+    Finetune,
 }
 
 impl View {
     /// Every view, in navigation order.
-    pub const ALL: [View; 6] = [
+    pub const ALL: [View; 7] = [
         View::Models,
         View::Prompt,
         View::Attribution,
         View::Concepts,
         View::Heads,
         View::Consistency,
+        View::Finetune,
     ];
 
     /// The label shown in the navigation.
@@ -47,6 +50,7 @@ impl View {
             View::Concepts => "Concepts",
             View::Heads => "Heads",
             View::Consistency => "Consistency",
+            View::Finetune => "Fine-tune",
         }
     }
 }
@@ -163,6 +167,8 @@ pub struct AppState {
     pub weights: WeightSettings,
     /// Consistency view settings.
     pub consistency: ConsistencyUi,
+    /// Fine-tune view settings.
+    pub finetune: crate::ui::panels::finetune::FinetuneUi,
 }
 
 /// Settings of the Concepts and Heads views.
@@ -244,6 +250,7 @@ impl Default for AppState {
             attribution: AttributionSettings::default(),
             weights: WeightSettings::default(),
             consistency: ConsistencyUi::default(),
+            finetune: crate::ui::panels::finetune::FinetuneUi::default(),
         }
     }
 }

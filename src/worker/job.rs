@@ -8,6 +8,8 @@ use crate::analysis::ffn_concepts::ConceptsConfig;
 use crate::analysis::head_pairs::HeadsConfig;
 use crate::wordfiles::WordSource;
 use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings};
+use crate::train::checkpoint::DataSettings;
+use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainRequest, TrainUpdate};
 use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 
 use crate::analysis::attribution::Instructions;
@@ -84,6 +86,28 @@ pub enum Job {
         /// Data files, measures and settings.
         settings: ConsistencySettings,
     },
+    /// LoRA fine-tuning of a slot's model (the slot keeps the plain base; the adapter is
+    /// written to the output folder).
+    Train {
+        /// The base model's slot.
+        slot: Slot,
+        /// Data, settings, output folder, resume point.
+        request: Box<TrainRequest>,
+    },
+    /// A few measured training steps to estimate a run's time and memory.
+    EstimateTraining {
+        /// The base model's slot.
+        slot: Slot,
+        /// The run to estimate.
+        request: Box<TrainRequest>,
+    },
+    /// Render and count a training data file.
+    PreviewData {
+        /// The slot whose tokenizer and template are used.
+        slot: Slot,
+        /// The file and its preparation.
+        data: DataSettings,
+    },
     /// Empty a slot.
     Unload {
         /// The slot.
@@ -156,6 +180,12 @@ pub enum JobOutput {
     Heads(Box<HeadsOutput>),
     /// Consistency measures.
     Consistency(Box<ConsistencyOutput>),
+    /// A training run ended (finished, or stopped with a checkpoint).
+    Trained(Box<TrainOutput>),
+    /// Measured time and memory of a training run.
+    TrainEstimated(TrainEstimate),
+    /// A rendered training data file.
+    DataPreview(Box<DataPreview>),
     /// A slot was emptied.
     Unloaded {
         /// Which slot.
@@ -266,6 +296,13 @@ pub enum Event {
         slot: Slot,
         /// The token.
         token: GeneratedToken,
+    },
+    /// Training progress: steps, validations, checkpoints.
+    Train {
+        /// The job.
+        job_id: JobId,
+        /// What happened.
+        update: TrainUpdate,
     },
     /// The job finished.
     Finished {

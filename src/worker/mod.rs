@@ -5,6 +5,7 @@ pub mod consistency;
 pub mod handle;
 pub mod job;
 pub mod runner;
+pub mod train;
 pub mod weights;
 
 pub use handle::{spawn, spawn_with, Busy, JobRunner, WorkerHandle};

@@ -16,6 +16,7 @@ use crate::worker::job::{
     Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, Slot, SlotAttribution,
     TokenizeOutput,
 };
+use crate::worker::train::{self, TrainUpdate};
 use crate::worker::weights::{self, CachePolicy};
 
 /// State owned by whoever runs jobs: the loaded models and the cancel flag.
@@ -227,6 +228,43 @@ pub fn run_job(
                 progress_or_cancel(emit, job_id, &cancel, frac, message)
             })?;
             Ok(JobOutput::Consistency(Box::new(output)))
+        }
+        Job::Train { slot, request } => {
+            let cancel = ctx.cancel.clone();
+            let loaded = ctx.model(slot)?;
+            let output = train::run_training(loaded, &request, &mut |progress| {
+                emit(Event::Train {
+                    job_id,
+                    update: TrainUpdate::from_progress(&progress),
+                });
+                if cancel.load(Ordering::Relaxed) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })?;
+            Ok(JobOutput::Trained(Box::new(output)))
+        }
+        Job::EstimateTraining { slot, request } => {
+            let cancel = ctx.cancel.clone();
+            let loaded = ctx.model(slot)?;
+            let steps = 3;
+            let estimate = train::estimate(loaded, &request, steps, &mut |i| {
+                progress_or_cancel(
+                    emit,
+                    job_id,
+                    &cancel,
+                    (i + 1) as f32 / (steps + 1) as f32,
+                    "measuring training steps".to_owned(),
+                )
+            })?;
+            Ok(JobOutput::TrainEstimated(estimate))
+        }
+        Job::PreviewData { slot, data } => {
+            let loaded = ctx.model(slot)?;
+            Ok(JobOutput::DataPreview(Box::new(train::preview(
+                loaded, &data, 20,
+            )?)))
         }
         Job::Unload { slot } => {
             match slot {

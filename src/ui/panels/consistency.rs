@@ -9,31 +9,10 @@ use crate::ui::app::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
 use crate::ui::state::ConsistencyUi;
 use crate::ui::theme;
+use crate::ui::widgets::file_row;
 use crate::ui::widgets::plot::{box_plot_ui, histogram_ui, line_plot_ui, Series};
 use crate::worker::consistency::ConsistencyOutput;
 
-fn file_row(
-    ui: &mut egui::Ui,
-    label: &str,
-    current: Option<&std::path::Path>,
-    default: &str,
-    kind: DialogKind,
-    actions: &mut Vec<Action>,
-) {
-    ui.horizontal(|ui| {
-        ui.label(label);
-        let shown = current
-            .and_then(|p| p.file_name())
-            .map_or_else(|| default.to_owned(), |n| n.to_string_lossy().into_owned());
-        ui.label(egui::RichText::new(shown).strong());
-        if ui.button("Open…").clicked() {
-            actions.push(Action::PickFile(kind));
-        }
-        if current.is_some() && ui.button("Default").clicked() {
-            actions.push(Action::SetFile(kind, None));
-        }
-    });
-}
 
 /// Draws the Consistency view.
 pub fn consistency_ui(

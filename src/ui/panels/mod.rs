@@ -2,6 +2,7 @@
 
 pub mod attribution;
 pub mod consistency;
+pub mod finetune;
 pub mod models;
 pub mod prompt;
 pub mod weights;

@@ -1,0 +1,260 @@
+//! `tunelens train`: LoRA fine-tuning with a progress bar on stderr, checkpoints in PEFT's
+//! format, `--resume`, and the curves as CSV.
+
+use std::io::Write as _;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::cli::{Cli, ModelArg};
+use crate::error::Error;
+use crate::model::ModelSpec;
+use crate::train::checkpoint::DataSettings;
+use crate::train::dataset::PromptTemplate;
+use crate::train::lora_trainer::{Schedule, TrainSettings};
+use crate::train::run::TrainEvent;
+use crate::worker::job::{Job, Slot};
+use crate::worker::runner::{run_job, WorkerCtx};
+use crate::worker::train::{self, TrainProgress, TrainRequest};
+
+/// `tunelens train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Instruction data, JSONL: Alpaca (instruction, input, output), chat (messages) or
+    /// prompt/completion lines.
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<PathBuf>,
+    /// Output folder (default: tunelens-runs/run-<unix time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue a stopped run from its folder (or one checkpoint folder); its settings and
+    /// data are reused, except a larger --steps.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 200, conflicts_with = "epochs")]
+    steps: usize,
+    /// Passes over the training split instead of --steps.
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Schedule after warm-up: constant, linear or cosine.
+    #[arg(long, default_value = "constant")]
+    schedule: String,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (scale alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f32,
+    /// Target modules, comma-separated.
+    #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Prompt template: chat (the model's own) or definition (METHODS.md §5.1).
+    #[arg(long, default_value = "chat")]
+    template: String,
+    /// Longest example in tokens (longer ones are cut and counted).
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    /// Fraction of examples held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Validation every N steps (0: at the end only).
+    #[arg(long, default_value_t = 20)]
+    eval_every: usize,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long, default_value_t = 50)]
+    save_every: usize,
+    /// Seed of initialisation, data order and dropout.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn request(args: &TrainArgs) -> anyhow::Result<TrainRequest> {
+    let template = PromptTemplate::parse(&args.template).ok_or_else(|| {
+        Error::invalid(
+            "--template",
+            format!("`{}` (expected chat or definition)", args.template),
+        )
+    })?;
+    let schedule = Schedule::parse(&args.schedule).ok_or_else(|| {
+        Error::invalid(
+            "--schedule",
+            format!("`{}` (expected constant, linear or cosine)", args.schedule),
+        )
+    })?;
+    let mut settings = TrainSettings {
+        learning_rate: args.lr,
+        schedule,
+        warmup_steps: args.warmup,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        max_grad_norm: args.max_grad_norm,
+        weight_decay: args.weight_decay,
+        eval_every: args.eval_every,
+        save_every: args.save_every,
+        seed: args.seed,
+        ..TrainSettings::default()
+    };
+    settings.lora.rank = args.rank;
+    settings.lora.alpha = args.alpha;
+    settings.lora.dropout = args.dropout;
+    settings.lora.targets = args.targets.iter().map(|t| t.trim().to_owned()).collect();
+    settings.validate()?;
+    let out = args.out.clone().or_else(|| {
+        if args.resume.is_some() {
+            return None;
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Some(PathBuf::from(format!("tunelens-runs/run-{stamp}")))
+    });
+    Ok(TrainRequest {
+        data: DataSettings {
+            path: args.data.clone().unwrap_or_default(),
+            template,
+            max_len: args.max_len,
+            validation_fraction: args.val_fraction,
+        },
+        settings,
+        out,
+        resume: args.resume.clone(),
+    })
+}
+
+pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
+    let mut request = request(args)?;
+    let mut ctx = WorkerCtx::default();
+    let spec = ModelSpec::parse(&args.model.model);
+    run_job(
+        &mut ctx,
+        0,
+        Job::LoadModel {
+            slot: Slot::A,
+            spec: spec.clone(),
+            device: cli.device,
+            dtype: cli.dtype.clone(),
+        },
+        &mut |_| {},
+    )
+    .with_context(|| format!("cannot load model {spec}"))?;
+    let loaded = ctx.model(Slot::A)?;
+    if request.resume.is_none() {
+        // Bad data fails before the run starts, with the skipped lines listed.
+        let data = train::prepare(loaded, &request.data, request.settings.seed)?;
+        for issue in &data.issues {
+            eprintln!("{}:{issue} (skipped)", request.data.path.display());
+        }
+        if data.truncated > 0 {
+            eprintln!(
+                "warning: {} examples were cut to {} tokens",
+                data.truncated, request.data.max_len
+            );
+        }
+        if let Some(epochs) = args.epochs {
+            let per_step = request.settings.batch_size * request.settings.grad_accum;
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss
+            )]
+            let steps = ((data.train.len() as f64 * epochs) / per_step as f64).ceil() as usize;
+            request.settings.steps = steps.max(1);
+        }
+        eprintln!(
+            "{} training / {} validation examples from {}; {} steps of {} x {}",
+            data.train.len(),
+            data.validation.len(),
+            request.data.path.display(),
+            request.settings.steps,
+            request.settings.batch_size,
+            request.settings.grad_accum
+        );
+    }
+    let mut total = request.settings.steps;
+    let output = train::run_training(loaded, &request, &mut |progress| {
+        match progress {
+            TrainProgress::Started { done, total: t, .. } => {
+                total = t;
+                if done > 0 {
+                    eprintln!("resuming at step {done} of {t}");
+                }
+            }
+            TrainProgress::Event(TrainEvent::Step(r)) => {
+                #[allow(clippy::cast_precision_loss)]
+                let frac = r.step as f32 / total.max(1) as f32;
+                let _ = super::weights::progress_line(
+                    frac,
+                    &format!(
+                        "step {}/{total} loss {:.4} lr {:.2e} |g| {:.3} {:.2} s/step {:.0} tok/s",
+                        r.step, r.loss, r.learning_rate, r.grad_norm, r.seconds, r.tokens_per_s
+                    ),
+                );
+            }
+            TrainProgress::Event(TrainEvent::Eval(e)) => {
+                eprintln!("step {}: validation loss {:.4}", e.step, e.loss);
+            }
+            TrainProgress::Event(TrainEvent::Saved { step, dir }) => {
+                eprintln!("step {step}: checkpoint {}", dir.display());
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    let mut stdout = std::io::stdout().lock();
+    if cli.json {
+        writeln!(stdout, "{}", serde_json::to_string(&output)?)?;
+        return Ok(());
+    }
+    let last = output.state.history.last();
+    writeln!(
+        stdout,
+        "trained {} steps in {:.1} s ({} train / {} validation examples)",
+        output.state.step, output.seconds, output.data.train, output.data.validation
+    )?;
+    if let Some(r) = last {
+        writeln!(stdout, "last training loss {:.4}", r.loss)?;
+    }
+    if let Some(e) = output.state.evals.last() {
+        writeln!(stdout, "validation loss {:.4} (step {})", e.loss, e.step)?;
+    }
+    if let Some(dir) = &output.adapter_dir {
+        writeln!(stdout, "adapter {}", dir.display())?;
+        writeln!(
+            stdout,
+            "compare: tunelens --model {} --model-b {}+{}",
+            output.base_model,
+            output.base_model,
+            dir.display()
+        )?;
+    }
+    if let Some(out) = &output.out {
+        writeln!(stdout, "curves {}", out.join("curves.csv").display())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,582 @@
+//! Fine-tune view: LoRA training of slot A's model on an instruction data set, with a preview
+//! of the rendered examples, a measured time and memory estimate, Launch / Cancel / Resume,
+//! live curves of every loss term, the validation loss, the learning rate and the throughput,
+//! and "Load as B" to compare the tuned model with its base in every other view.
+
+use std::path::PathBuf;
+
+use eframe::egui;
+use egui_plot::{Legend, Line, Plot, PlotPoints, Points};
+
+use crate::train::checkpoint::DataSettings;
+use crate::train::dataset::PromptTemplate;
+use crate::train::lora_trainer::{EvalReport, Schedule, StepReport, TrainSettings, TARGETABLE};
+use crate::ui::app::{Action, PendingJob};
+use crate::ui::dialogs::DialogKind;
+use crate::ui::theme;
+use crate::ui::widgets::file_row;
+use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainUpdate};
+
+/// Persisted settings of the view.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct FinetuneUi {
+    /// Data file; `None` = the shipped set.
+    pub data_file: Option<PathBuf>,
+    /// Output folder; `None` = a new folder under the runs folder.
+    pub out_dir: Option<PathBuf>,
+    /// Template.
+    pub template: PromptTemplate,
+    /// Longest example.
+    pub max_len: usize,
+    /// Validation fraction.
+    pub validation_fraction: f64,
+    /// Trainer settings.
+    pub settings: TrainSettings,
+}
+
+impl Default for FinetuneUi {
+    fn default() -> Self {
+        let data = DataSettings::default();
+        Self {
+            data_file: None,
+            out_dir: None,
+            template: data.template,
+            max_len: data.max_len,
+            validation_fraction: data.validation_fraction,
+            settings: TrainSettings::default(),
+        }
+    }
+}
+
+/// What the view shows of the current or last run (not persisted).
+#[derive(Clone, Debug, Default)]
+pub struct TrainingView {
+    /// Loss term names.
+    pub terms: Vec<String>,
+    /// Steps so far.
+    pub steps: Vec<StepReport>,
+    /// Validations so far.
+    pub evals: Vec<EvalReport>,
+    /// Steps in the run.
+    pub total: usize,
+    /// Checkpoints written: step and folder.
+    pub checkpoints: Vec<(usize, PathBuf)>,
+    /// The last run's result.
+    pub result: Option<TrainOutput>,
+    /// The last estimate.
+    pub estimate: Option<TrainEstimate>,
+    /// The last data preview.
+    pub preview: Option<DataPreview>,
+}
+
+impl TrainingView {
+    /// Applies a worker update.
+    pub fn update(&mut self, update: TrainUpdate) {
+        match update {
+            TrainUpdate::Started { done, total, terms } => {
+                self.total = total;
+                self.terms = terms;
+                self.result = None;
+                // A resumed run keeps the curves up to its checkpoint.
+                self.steps.retain(|s| s.step <= done);
+                self.evals.retain(|e| e.step <= done);
+                if done == 0 {
+                    self.checkpoints.clear();
+                }
+            }
+            TrainUpdate::Step(report) => self.steps.push(report),
+            TrainUpdate::Eval(report) => self.evals.push(report),
+            TrainUpdate::Saved { step, dir } => self.checkpoints.push((step, dir)),
+        }
+    }
+
+    /// Takes the finished (or stopped) run's result; its full history replaces the live one.
+    pub fn finished(&mut self, out: TrainOutput) {
+        self.steps.clone_from(&out.state.history);
+        self.evals.clone_from(&out.state.evals);
+        self.total = out.state.settings.steps;
+        self.result = Some(out);
+    }
+}
+
+fn number_row<T: egui::emath::Numeric>(
+    ui: &mut egui::Ui,
+    label: &str,
+    value: &mut T,
+    range: std::ops::RangeInclusive<T>,
+    speed: f64,
+) {
+    let l = ui.label(label);
+    ui.add(egui::DragValue::new(value).range(range).speed(speed))
+        .labelled_by(l.id);
+    ui.end_row();
+}
+
+fn settings_grid(ui: &mut egui::Ui, s: &mut FinetuneUi) {
+    egui::Grid::new("finetune_settings")
+        .num_columns(4)
+        .spacing([12.0, 4.0])
+        .show(ui, |ui| {
+            let t = &mut s.settings;
+            let l = ui.label("Steps");
+            ui.add(egui::DragValue::new(&mut t.steps).range(1..=1_000_000))
+                .labelled_by(l.id);
+            let l = ui.label("Learning rate");
+            ui.add(
+                egui::DragValue::new(&mut t.learning_rate)
+                    .range(1e-7..=1.0)
+                    .speed(1e-5)
+                    .custom_formatter(|v, _| format!("{v:.1e}")),
+            )
+            .labelled_by(l.id);
+            ui.end_row();
+            let l = ui.label("Batch size");
+            ui.add(egui::DragValue::new(&mut t.batch_size).range(1..=256))
+                .labelled_by(l.id);
+            let l = ui.label("Gradient accumulation");
+            ui.add(egui::DragValue::new(&mut t.grad_accum).range(1..=256))
+                .labelled_by(l.id);
+            ui.end_row();
+            ui.label("Schedule");
+            ui.horizontal(|ui| {
+                for schedule in [Schedule::Constant, Schedule::Linear, Schedule::Cosine] {
+                    ui.selectable_value(&mut t.schedule, schedule, schedule.name());
+                }
+            });
+            let l = ui.label("Warm-up steps");
+            ui.add(egui::DragValue::new(&mut t.warmup_steps).range(0..=100_000))
+                .labelled_by(l.id);
+            ui.end_row();
+            let l = ui.label("LoRA rank");
+            ui.add(egui::DragValue::new(&mut t.lora.rank).range(1..=256))
+                .labelled_by(l.id);
+            let l = ui.label("LoRA alpha");
+            ui.add(egui::DragValue::new(&mut t.lora.alpha).range(0.5..=1024.0))
+                .labelled_by(l.id);
+            ui.end_row();
+            let l = ui.label("LoRA dropout");
+            ui.add(
+                egui::DragValue::new(&mut t.lora.dropout)
+                    .range(0.0..=0.9)
+                    .speed(0.01),
+            )
+            .labelled_by(l.id);
+            let l = ui.label("Gradient clip");
+            ui.add(
+                egui::DragValue::new(&mut t.max_grad_norm)
+                    .range(0.0..=100.0)
+                    .speed(0.05),
+            )
+            .labelled_by(l.id);
+            ui.end_row();
+            let l = ui.label("Weight decay");
+            ui.add(
+                egui::DragValue::new(&mut t.weight_decay)
+                    .range(0.0..=1.0)
+                    .speed(0.001),
+            )
+            .labelled_by(l.id);
+            let l = ui.label("Seed");
+            ui.add(egui::DragValue::new(&mut t.seed)).labelled_by(l.id);
+            ui.end_row();
+            let l = ui.label("Validate every");
+            ui.add(egui::DragValue::new(&mut t.eval_every).range(0..=100_000))
+                .labelled_by(l.id);
+            let l = ui.label("Checkpoint every");
+            ui.add(egui::DragValue::new(&mut t.save_every).range(0..=100_000))
+                .labelled_by(l.id);
+            ui.end_row();
+        });
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Target modules");
+        for module in TARGETABLE {
+            let mut on = s.settings.lora.targets.iter().any(|t| t == module);
+            if ui.checkbox(&mut on, module).changed() {
+                if on {
+                    s.settings.lora.targets.push(module.to_owned());
+                } else {
+                    s.settings.lora.targets.retain(|t| t != module);
+                }
+            }
+        }
+    });
+    egui::Grid::new("finetune_data")
+        .num_columns(2)
+        .spacing([12.0, 4.0])
+        .show(ui, |ui| {
+            ui.label("Template");
+            ui.horizontal(|ui| {
+                ui.selectable_value(&mut s.template, PromptTemplate::Chat, "Model's chat template");
+                ui.selectable_value(
+                    &mut s.template,
+                    PromptTemplate::Definition,
+                    "Definition / Input / Output (§5.1)",
+                );
+            });
+            ui.end_row();
+            number_row(ui, "Max tokens per example", &mut s.max_len, 8..=32_768, 1.0);
+            number_row(
+                ui,
+                "Validation fraction",
+                &mut s.validation_fraction,
+                0.0..=0.5,
+                0.01,
+            );
+        });
+}
+
+fn curve(points: impl Iterator<Item = (f64, f64)>) -> PlotPoints<'static> {
+    PlotPoints::from_iter(points.filter(|p| p.1.is_finite()).map(|(x, y)| [x, y]))
+}
+
+const TERM_COLORS: [egui::Color32; 4] = [
+    egui::Color32::from_rgb(0, 158, 115),
+    egui::Color32::from_rgb(204, 121, 167),
+    egui::Color32::from_rgb(240, 228, 66),
+    egui::Color32::from_rgb(86, 180, 233),
+];
+
+fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
+    let width = (ui.available_width() / 2.0 - 12.0).max(220.0);
+    let height = 200.0;
+    let steps = &view.steps;
+    let x_max = view.total.max(1) as f64;
+    ui.horizontal(|ui| {
+        ui.vertical(|ui| {
+            ui.label(egui::RichText::new("Loss").strong());
+            Plot::new("train_loss")
+                .width(width)
+                .height(height)
+                .legend(Legend::default())
+                .include_x(0.0)
+                .include_x(x_max)
+                .x_axis_label("step")
+                .show(ui, |plot| {
+                    plot.line(
+                        Line::new("train", curve(steps.iter().map(|s| (s.step as f64, s.loss))))
+                            .color(theme::SLOT_A),
+                    );
+                    if view.terms.len() > 1 {
+                        for (i, name) in view.terms.iter().enumerate() {
+                            plot.line(
+                                Line::new(
+                                    name.clone(),
+                                    curve(steps.iter().map(|s| {
+                                        (s.step as f64, s.terms.get(i).map_or(f64::NAN, |t| t.1))
+                                    })),
+                                )
+                                .color(TERM_COLORS[i % TERM_COLORS.len()]),
+                            );
+                        }
+                    }
+                    if !view.evals.is_empty() {
+                        let pts = curve(view.evals.iter().map(|e| (e.step as f64, e.loss)));
+                        plot.line(
+                            Line::new(
+                                "validation",
+                                curve(view.evals.iter().map(|e| (e.step as f64, e.loss))),
+                            )
+                            .color(theme::SLOT_B),
+                        );
+                        plot.points(
+                            Points::new("validation", pts)
+                                .radius(3.0)
+                                .color(theme::SLOT_B),
+                        );
+                    }
+                });
+        });
+        ui.vertical(|ui| {
+            ui.label(egui::RichText::new("Learning rate").strong());
+            Plot::new("train_lr")
+                .width(width)
+                .height(height)
+                .include_x(0.0)
+                .include_x(x_max)
+                .include_y(0.0)
+                .x_axis_label("step")
+                .show(ui, |plot| {
+                    plot.line(
+                        Line::new(
+                            "learning rate",
+                            curve(steps.iter().map(|s| (s.step as f64, s.learning_rate))),
+                        )
+                        .color(theme::BAR),
+                    );
+                });
+        });
+    });
+    ui.horizontal(|ui| {
+        ui.vertical(|ui| {
+            ui.label(egui::RichText::new("Tokens per second").strong());
+            Plot::new("train_tps")
+                .width(width)
+                .height(height)
+                .include_x(0.0)
+                .include_x(x_max)
+                .include_y(0.0)
+                .x_axis_label("step")
+                .show(ui, |plot| {
+                    plot.line(
+                        Line::new(
+                            "tokens/s",
+                            curve(steps.iter().map(|s| (s.step as f64, s.tokens_per_s))),
+                        )
+                        .color(theme::BAR),
+                    );
+                });
+        });
+        ui.vertical(|ui| {
+            ui.label(egui::RichText::new("Gradient norm (before clipping)").strong());
+            Plot::new("train_grad")
+                .width(width)
+                .height(height)
+                .include_x(0.0)
+                .include_x(x_max)
+                .include_y(0.0)
+                .x_axis_label("step")
+                .show(ui, |plot| {
+                    plot.line(
+                        Line::new(
+                            "grad norm",
+                            curve(steps.iter().map(|s| (s.step as f64, s.grad_norm))),
+                        )
+                        .color(theme::BAR),
+                    );
+                });
+        });
+    });
+}
+
+fn preview_ui(ui: &mut egui::Ui, preview: &DataPreview) {
+    let s = &preview.summary;
+    ui.label(format!(
+        "{} training / {} validation examples, {} training tokens ({} trained on){}",
+        s.train,
+        s.validation,
+        s.train_tokens,
+        s.train_label_tokens,
+        if s.truncated > 0 {
+            format!(", {} cut at the maximum length", s.truncated)
+        } else {
+            String::new()
+        }
+    ));
+    if !s.issues.is_empty() {
+        egui::CollapsingHeader::new(format!("{} lines skipped", s.issues.len()))
+            .id_salt("finetune_issues")
+            .show(ui, |ui| {
+                for issue in s.issues.iter().take(50) {
+                    ui.label(egui::RichText::new(issue.to_string()).color(theme::ERROR));
+                }
+            });
+    }
+    egui::ScrollArea::vertical()
+        .id_salt("finetune_preview")
+        .max_height(220.0)
+        .show(ui, |ui| {
+            for row in &preview.rows {
+                ui.horizontal_wrapped(|ui| {
+                    ui.label(
+                        egui::RichText::new(format!(
+                            "line {} · {} · {} tokens, {} trained",
+                            row.line, row.format, row.tokens, row.label_tokens
+                        ))
+                        .color(theme::MUTED),
+                    );
+                });
+                ui.horizontal_wrapped(|ui| {
+                    ui.spacing_mut().item_spacing.x = 0.0;
+                    ui.label(egui::RichText::new(row.prompt.trim_end()).color(theme::MUTED).monospace());
+                    ui.label(egui::RichText::new(row.response.trim_end()).strong().monospace());
+                });
+                ui.separator();
+            }
+        });
+}
+
+/// Everything the view needs besides its settings.
+pub struct FinetuneCtx<'a> {
+    /// Slot A's model name, when loaded.
+    pub base: Option<String>,
+    /// The run or estimate in progress.
+    pub running: Option<&'a PendingJob>,
+    /// The curves and last result.
+    pub view: &'a TrainingView,
+    /// Export status line.
+    pub note: Option<&'a str>,
+}
+
+/// Draws the Fine-tune view.
+pub fn finetune_ui(
+    ui: &mut egui::Ui,
+    settings: &mut FinetuneUi,
+    ctx: &FinetuneCtx<'_>,
+    actions: &mut Vec<Action>,
+) {
+    ui.heading("Fine-tune");
+    ui.label(
+        egui::RichText::new(
+            "LoRA on slot A's model (frozen base, adapters on the chosen modules); the tuned model loads as B for every other view.",
+        )
+        .color(theme::MUTED),
+    );
+    let view = ctx.view;
+    let busy = ctx.running.is_some();
+    egui::ScrollArea::vertical()
+        .id_salt("finetune_scroll")
+        .auto_shrink([false, false])
+        .show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.label("Base model");
+                match &ctx.base {
+                    Some(name) => ui.label(egui::RichText::new(name).strong()),
+                    None => ui.label(egui::RichText::new("load a model into slot A").color(theme::ERROR)),
+                };
+            });
+            file_row(
+                ui,
+                "Dataset",
+                settings.data_file.as_deref(),
+                "shipped set (sample_prompts/instructions.jsonl)",
+                DialogKind::TrainData,
+                actions,
+            );
+            file_row(
+                ui,
+                "Output folder",
+                settings.out_dir.as_deref(),
+                "a new folder under the runs folder",
+                DialogKind::TrainOutput,
+                actions,
+            );
+            ui.add_space(4.0);
+            settings_grid(ui, settings);
+            ui.horizontal(|ui| {
+                if ui.button("Defaults").clicked() {
+                    let keep = (settings.data_file.clone(), settings.out_dir.clone());
+                    *settings = FinetuneUi::default();
+                    (settings.data_file, settings.out_dir) = keep;
+                }
+                let ready = ctx.base.is_some() && !busy;
+                if ui
+                    .add_enabled(ready, egui::Button::new("Preview data"))
+                    .clicked()
+                {
+                    actions.push(Action::PreviewTrainingData);
+                }
+                if ui
+                    .add_enabled(ready, egui::Button::new("Estimate"))
+                    .on_hover_text("Runs a few steps and extrapolates time and memory")
+                    .clicked()
+                {
+                    actions.push(Action::EstimateTraining);
+                }
+                if ui
+                    .add_enabled(ready, egui::Button::new("Launch"))
+                    .on_disabled_hover_text("Load a model into slot A, or wait for the running job")
+                    .clicked()
+                {
+                    actions.push(Action::Train { resume: None });
+                }
+                let resumable = view
+                    .result
+                    .as_ref()
+                    .filter(|r| r.cancelled)
+                    .and_then(|r| r.out.clone());
+                if ui
+                    .add_enabled(ready && resumable.is_some(), egui::Button::new("Resume"))
+                    .clicked()
+                {
+                    actions.push(Action::Train { resume: resumable });
+                }
+                if let Some(job) = ctx.running {
+                    if ui.button("Cancel").clicked() {
+                        actions.push(Action::Stop);
+                    }
+                    let frac = if view.total > 0 && job.label.starts_with("Training") {
+                        view.steps.last().map_or(0.0, |s| s.step as f32 / view.total as f32)
+                    } else {
+                        job.frac.unwrap_or(0.0)
+                    };
+                    ui.add(
+                        egui::ProgressBar::new(frac)
+                            .desired_width(160.0)
+                            .show_percentage(),
+                    );
+                }
+            });
+            if let Some(e) = &view.estimate {
+                ui.label(format!(
+                    "Estimate: {:.2} s per step (median of {} measured) → {:.1} min for {} steps; about {:.0} MB more memory; {} trainable parameters",
+                    e.seconds_per_step,
+                    e.measured_steps,
+                    e.seconds_per_step * settings.settings.steps as f64 / 60.0,
+                    settings.settings.steps,
+                    e.extra_memory_mb,
+                    e.trainable_params
+                ));
+            }
+            if let Some(preview) = &view.preview {
+                egui::CollapsingHeader::new("Data preview")
+                    .id_salt("finetune_preview_header")
+                    .default_open(true)
+                    .show(ui, |ui| preview_ui(ui, preview));
+            }
+            ui.add_space(theme::SECTION_GAP);
+            if let Some(last) = view.steps.last() {
+                ui.horizontal_wrapped(|ui| {
+                    ui.label(
+                        egui::RichText::new(format!(
+                            "step {}/{} · loss {:.4}{} · lr {:.2e} · {:.2} s/step · {:.0} tokens/s",
+                            last.step,
+                            view.total,
+                            last.loss,
+                            view.evals
+                                .last()
+                                .map_or_else(String::new, |e| format!(" · validation {:.4}", e.loss)),
+                            last.learning_rate,
+                            last.seconds,
+                            last.tokens_per_s
+                        ))
+                        .strong(),
+                    );
+                });
+                curves_ui(ui, view);
+            } else if !busy {
+                ui.label(egui::RichText::new("Curves appear here while a run trains").color(theme::MUTED));
+            }
+            if let Some(result) = &view.result {
+                ui.horizontal_wrapped(|ui| {
+                    let status = if result.cancelled {
+                        format!("Stopped after step {}; Resume continues from its checkpoint.", result.state.step)
+                    } else {
+                        format!("Finished {} steps in {:.0} s.", result.state.step, result.seconds)
+                    };
+                    ui.label(status);
+                    if let Some(dir) = &result.adapter_dir {
+                        ui.label(egui::RichText::new(format!("Adapter: {}", dir.display())).color(theme::MUTED));
+                        if ui.button("Load as B").clicked() {
+                            actions.push(Action::OpenSpec {
+                                slot: crate::worker::Slot::B,
+                                spec: format!("{}+{}", result.base_model, dir.display()),
+                            });
+                        }
+                    }
+                    if ui.button("Export…").clicked() {
+                        actions.push(Action::ExportDialog);
+                    }
+                    if let Some(note) = ctx.note {
+                        ui.label(egui::RichText::new(note).color(theme::MUTED));
+                    }
+                });
+            }
+            if let Some((step, dir)) = view.checkpoints.last() {
+                ui.label(
+                    egui::RichText::new(format!("Last checkpoint: step {step}, {}", dir.display()))
+                        .color(theme::MUTED),
+                );
+            }
+        });
+}

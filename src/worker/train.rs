@@ -1,0 +1,461 @@
+//! LoRA fine-tuning as the worker and the CLI run it: the data set read and split, a trainer
+//! built on a copy of a slot's model (the slot itself is never modified), the loop run with
+//! checkpoints, and a resumed run rebuilt from its last checkpoint.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::LoadedModel;
+use crate::train::checkpoint::{find_checkpoint, read_state, restore, DataSettings, TrainerState};
+use crate::train::dataset::{self, Dataset, LineIssue, Renderer, SplitOptions};
+use crate::train::lora_trainer::{EvalReport, StepReport, TrainSettings, Trainer};
+use crate::train::run::{new_state, run, TrainEvent};
+
+/// The shipped instruction set (written for this project; `sample_prompts/instructions.jsonl`),
+/// used when a request names no data file.
+pub const DEFAULT_DATA: &str = include_str!("../../sample_prompts/instructions.jsonl");
+
+/// The shipped set as a file (written once into the cache folder): training records data by
+/// path, so a resumed run finds the same file.
+pub fn default_data_path() -> Result<PathBuf> {
+    let path = crate::cache::cache_dir()
+        .ok_or_else(|| {
+            Error::invalid(
+                "cache folder",
+                "set HOME, XDG_CACHE_HOME or TUNELENS_CACHE_DIR to use the shipped data set",
+            )
+        })?
+        .join("instructions.jsonl");
+    let current = std::fs::read_to_string(&path).ok();
+    if current.as_deref() != Some(DEFAULT_DATA) {
+        crate::cache::write_atomic(&path, DEFAULT_DATA.as_bytes())?;
+    }
+    Ok(path)
+}
+
+/// A new, unique run folder under `$XDG_DATA_HOME/tunelens/runs` (or
+/// `~/.local/share/tunelens/runs`).
+pub fn new_run_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    base.join("tunelens").join("runs").join(format!("run-{stamp}"))
+}
+
+/// The request's data settings with an empty path replaced by the shipped set.
+fn resolve_data(data: &DataSettings) -> Result<DataSettings> {
+    let mut data = data.clone();
+    if data.path.as_os_str().is_empty() {
+        data.path = default_data_path()?;
+    }
+    Ok(data)
+}
+
+/// Everything a training run needs besides the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainRequest {
+    /// Data file and preparation.
+    pub data: DataSettings,
+    /// Trainer settings.
+    pub settings: TrainSettings,
+    /// Output folder (checkpoints, `adapter/`, `curves.csv`); `None` keeps everything in memory.
+    pub out: Option<PathBuf>,
+    /// Resume from this run folder or checkpoint (its settings and data win over the ones
+    /// above, except a larger step count).
+    pub resume: Option<PathBuf>,
+}
+
+/// Counts of a prepared data set, for display.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataSummary {
+    /// The file.
+    pub path: PathBuf,
+    /// Training examples.
+    pub train: usize,
+    /// Validation examples.
+    pub validation: usize,
+    /// Skipped lines with reasons.
+    pub issues: Vec<LineIssue>,
+    /// Examples cut at the maximum length.
+    pub truncated: usize,
+    /// Label (response) tokens in the training split.
+    pub train_label_tokens: usize,
+    /// All tokens in the training split.
+    pub train_tokens: usize,
+}
+
+/// One rendered example for the data preview.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreviewRow {
+    /// Line in the file.
+    pub line: usize,
+    /// The record's format.
+    pub format: String,
+    /// The prompt part of the rendered text.
+    pub prompt: String,
+    /// The response part (what the loss is computed on).
+    pub response: String,
+    /// Tokens in the example.
+    pub tokens: usize,
+    /// Response tokens.
+    pub label_tokens: usize,
+}
+
+/// A data preview: the summary and the first rendered examples.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataPreview {
+    /// Counts.
+    pub summary: DataSummary,
+    /// The first examples.
+    pub rows: Vec<PreviewRow>,
+}
+
+/// The result of a run (finished or stopped).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainOutput {
+    /// The base model (`--model` form).
+    pub base_model: String,
+    /// The data set used.
+    pub data: DataSummary,
+    /// Steps, curves and settings.
+    pub state: TrainerState,
+    /// The output folder.
+    pub out: Option<PathBuf>,
+    /// The final adapter (PEFT format), when the run finished with an output folder.
+    pub adapter_dir: Option<PathBuf>,
+    /// The last checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Whether the run was stopped before its last step.
+    pub cancelled: bool,
+    /// Wall time of this invocation.
+    pub seconds: f64,
+}
+
+/// A measured estimate before launch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainEstimate {
+    /// Median seconds per optimizer step over the measured steps.
+    pub seconds_per_step: f64,
+    /// Steps measured (after one warm-up step).
+    pub measured_steps: usize,
+    /// Estimated wall time of the whole run.
+    pub total_s: f64,
+    /// Growth of the process's resident memory while training, MB.
+    pub extra_memory_mb: f64,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+}
+
+/// The `--model` string of a loaded model (for `adapter_config.json` and "Load as B").
+pub fn base_spec(loaded: &LoadedModel) -> String {
+    loaded.info.source.clone()
+}
+
+fn summary(data: &Dataset) -> DataSummary {
+    DataSummary {
+        path: data.path.clone(),
+        train: data.train.len(),
+        validation: data.validation.len(),
+        issues: data.issues.clone(),
+        truncated: data.truncated,
+        train_label_tokens: data.train.iter().map(dataset::Example::label_count).sum(),
+        train_tokens: data.train.iter().map(|e| e.ids.len()).sum(),
+    }
+}
+
+/// Reads, renders, tokenises and splits the data file.
+pub fn prepare(loaded: &LoadedModel, data: &DataSettings, seed: u64) -> Result<Dataset> {
+    let data = &resolve_data(data)?;
+    if data.max_len < 2 {
+        return Err(Error::invalid("max length", "must be at least 2 tokens"));
+    }
+    let parsed = dataset::read_jsonl(&data.path)?;
+    let renderer = Renderer {
+        tokenizer: &loaded.tokenizer,
+        chat_template: loaded.chat_template.as_ref(),
+        template: data.template,
+        max_len: data.max_len.min(loaded.model.config().max_position_embeddings),
+    };
+    dataset::build(
+        &data.path,
+        &parsed,
+        &renderer,
+        SplitOptions {
+            validation_fraction: data.validation_fraction,
+            seed,
+        },
+    )
+}
+
+/// The summary and the first `n` examples as rendered text.
+pub fn preview(loaded: &LoadedModel, data: &DataSettings, n: usize) -> Result<DataPreview> {
+    let data = &resolve_data(data)?;
+    let parsed = dataset::read_jsonl(&data.path)?;
+    let renderer = Renderer {
+        tokenizer: &loaded.tokenizer,
+        chat_template: loaded.chat_template.as_ref(),
+        template: data.template,
+        max_len: data.max_len,
+    };
+    let mut rows = Vec::new();
+    for (line, record) in parsed.records.iter().take(n) {
+        let pieces = match renderer.pieces(record) {
+            Ok(pieces) => pieces,
+            Err(_) => continue,
+        };
+        let (mut prompt, mut response) = (String::new(), String::new());
+        for (text, label) in pieces {
+            if label {
+                response.push_str(&text);
+            } else if response.is_empty() {
+                prompt.push_str(&text);
+            } else {
+                response.push_str(&text);
+            }
+        }
+        let (tokens, label_tokens) = renderer
+            .encode(*line, record)
+            .map_or((0, 0), |e| (e.ids.len(), e.label_count()));
+        rows.push(PreviewRow {
+            line: *line,
+            format: record.format().to_owned(),
+            prompt,
+            response,
+            tokens,
+            label_tokens,
+        });
+    }
+    let data_set = prepare(loaded, data, 0)?;
+    Ok(DataPreview {
+        summary: summary(&data_set),
+        rows,
+    })
+}
+
+fn check_base(loaded: &LoadedModel) -> Result<()> {
+    if let Some(adapter) = &loaded.info.adapter {
+        return Err(Error::invalid(
+            "base model",
+            format!(
+                "it already carries the LoRA adapter {}; load the plain base model to train",
+                adapter.path
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn pad_id(loaded: &LoadedModel) -> u32 {
+    loaded.tokenizer.eos.as_ref().map_or(0, |(_, id)| *id)
+}
+
+/// Builds the trainer for a request: fresh adapters, or the state of the checkpoint to resume.
+fn build(
+    loaded: &LoadedModel,
+    request: &TrainRequest,
+) -> Result<(Trainer, TrainerState, Dataset, Option<PathBuf>)> {
+    check_base(loaded)?;
+    let base = base_spec(loaded);
+    if let Some(resume) = &request.resume {
+        let ckpt = find_checkpoint(resume)?;
+        let mut state = read_state(&ckpt)?;
+        if request.settings.steps > state.settings.steps {
+            state.settings.steps = request.settings.steps;
+        }
+        let data = prepare(loaded, &state.data, state.settings.seed)?;
+        if data.train.len() != state.train_examples
+            || data.validation.len() != state.validation_examples
+        {
+            return Err(Error::bad_file(
+                &state.data.path,
+                format!(
+                    "the data changed since the checkpoint ({} + {} examples now, {} + {} then)",
+                    data.train.len(),
+                    data.validation.len(),
+                    state.train_examples,
+                    state.validation_examples
+                ),
+            ));
+        }
+        let mut trainer = Trainer::new(
+            loaded.model.clone(),
+            state.settings.clone(),
+            data.train.clone(),
+            data.validation.clone(),
+            pad_id(loaded),
+        )?;
+        restore(&ckpt, &mut trainer, &state)?;
+        // A resumed run keeps writing into the folder it came from.
+        let out = request.out.clone().or_else(|| {
+            if resume.join("trainer_state.json").exists() {
+                ckpt.parent().map(Path::to_path_buf)
+            } else {
+                Some(resume.clone())
+            }
+        });
+        return Ok((trainer, state, data, out));
+    }
+    let data_settings = resolve_data(&request.data)?;
+    let data = prepare(loaded, &data_settings, request.settings.seed)?;
+    let trainer = Trainer::new(
+        loaded.model.clone(),
+        request.settings.clone(),
+        data.train.clone(),
+        data.validation.clone(),
+        pad_id(loaded),
+    )?;
+    let state = new_state(&trainer, data_settings, &base);
+    Ok((trainer, state, data, request.out.clone()))
+}
+
+/// What the run reports while it goes.
+#[derive(Clone, Debug)]
+pub enum TrainProgress<'a> {
+    /// Ready to run: the steps already done (non-zero when resuming) and the total.
+    Started {
+        /// Steps done.
+        done: usize,
+        /// Steps in the run.
+        total: usize,
+        /// Loss term names.
+        terms: Vec<String>,
+    },
+    /// A loop event.
+    Event(TrainEvent<'a>),
+}
+
+/// Runs (or resumes) a training run. `on_progress` returning `Break` stops it after the
+/// current step, with a checkpoint to resume from.
+pub fn run_training(
+    loaded: &LoadedModel,
+    request: &TrainRequest,
+    on_progress: &mut dyn FnMut(TrainProgress<'_>) -> ControlFlow<()>,
+) -> Result<TrainOutput> {
+    let started = Instant::now();
+    let (mut trainer, mut state, data, out) = build(loaded, request)?;
+    let _ = on_progress(TrainProgress::Started {
+        done: trainer.step_count(),
+        total: trainer.settings().steps,
+        terms: trainer.term_names(),
+    });
+    let outcome = run(&mut trainer, &mut state, out.as_deref(), &mut |event| {
+        on_progress(TrainProgress::Event(event))
+    })?;
+    Ok(TrainOutput {
+        base_model: state.base_model.clone(),
+        data: summary(&data),
+        state,
+        out,
+        adapter_dir: outcome.adapter_dir,
+        last_checkpoint: outcome.last_checkpoint,
+        cancelled: outcome.cancelled,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Measures a few steps of the request on a throwaway trainer (nothing is written) and
+/// extrapolates the run's time and memory.
+pub fn estimate(
+    loaded: &LoadedModel,
+    request: &TrainRequest,
+    measured_steps: usize,
+    on_step: &mut dyn FnMut(usize) -> ControlFlow<()>,
+) -> Result<TrainEstimate> {
+    let mut request = request.clone();
+    request.out = None;
+    request.resume = None;
+    let steps = measured_steps.max(1);
+    let total_steps = request.settings.steps;
+    request.settings.steps = steps + 1;
+    let before = rss_mb().unwrap_or(0.0);
+    let (mut trainer, _, _, _) = build(loaded, &request)?;
+    let trainable = trainer
+        .params()
+        .iter()
+        .map(|p| p.a.elem_count() + p.b.elem_count())
+        .sum();
+    let mut times = Vec::new();
+    for i in 0..=steps {
+        let report = trainer.step().map_err(|err| match err {
+            crate::train::lora_trainer::StepError::Other(err) => err,
+            other => Error::invalid("training loss", other.to_string()),
+        })?;
+        if i > 0 {
+            times.push(report.seconds);
+        }
+        if on_step(i).is_break() {
+            return Err(Error::Cancelled);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let seconds_per_step = times[times.len() / 2];
+    #[allow(clippy::cast_precision_loss)]
+    let total_s = seconds_per_step * total_steps as f64;
+    Ok(TrainEstimate {
+        seconds_per_step,
+        measured_steps: steps,
+        total_s,
+        extra_memory_mb: (rss_mb().unwrap_or(before) - before).max(0.0),
+        trainable_params: trainable,
+    })
+}
+
+/// Compact forms of loop events for channels (owned, serialisable).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum TrainUpdate {
+    /// The run started (resumed runs start at `done > 0`).
+    Started {
+        /// Steps done.
+        done: usize,
+        /// Steps in the run.
+        total: usize,
+        /// Loss term names.
+        terms: Vec<String>,
+    },
+    /// A step finished.
+    Step(StepReport),
+    /// A validation finished.
+    Eval(EvalReport),
+    /// A checkpoint was written.
+    Saved {
+        /// After this many steps.
+        step: usize,
+        /// Where.
+        dir: PathBuf,
+    },
+}
+
+impl TrainUpdate {
+    /// The owned form of a progress report.
+    pub fn from_progress(progress: &TrainProgress<'_>) -> Self {
+        match progress {
+            TrainProgress::Started { done, total, terms } => Self::Started {
+                done: *done,
+                total: *total,
+                terms: terms.clone(),
+            },
+            TrainProgress::Event(TrainEvent::Step(r)) => Self::Step((*r).clone()),
+            TrainProgress::Event(TrainEvent::Eval(e)) => Self::Eval((*e).clone()),
+            TrainProgress::Event(TrainEvent::Saved { step, dir }) => Self::Saved {
+                step: *step,
+                dir: dir.to_path_buf(),
+            },
+        }
+    }
+}
