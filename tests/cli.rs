@@ -738,3 +738,97 @@ fn consistency_runs_every_measure_on_small_files() -> anyhow::Result<()> {
     assert_one_line_error(&run, "facts.json");
     Ok(())
 }
+
+fn tiny_instructions(dir: &std::path::Path) -> String {
+    let path = dir.join("train.jsonl");
+    let mut text = String::new();
+    for (q, r) in [
+        ("translate cat to french", "the cat sat on the mat ."),
+        ("what is the capital of france", "paris"),
+        ("write a poem about the sea", "the sea is blue and cold ."),
+    ] {
+        for _ in 0..3 {
+            text.push_str(&format!(
+                "{{\"instruction\": \"{q}\", \"output\": \"{r}\"}}\n"
+            ));
+        }
+    }
+    text.push_str("{\"instruction\": \"no answer\"}\n");
+    std::fs::write(&path, text).expect("data");
+    path.display().to_string()
+}
+
+#[test]
+fn train_writes_checkpoints_curves_and_resumes() -> anyhow::Result<()> {
+    let (dir, model) = tiny_folder(31);
+    let data = tiny_instructions(dir.path());
+    let out = dir.path().join("run");
+    let out_s = out.display().to_string();
+    let args = [
+        "train", "--model", &model, "--data", &data, "--out", &out_s, "--steps", "4",
+        "--save-every", "2", "--eval-every", "2", "--lr", "1e-3",
+    ];
+    let run = run_cli(&args);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("line 10: Alpaca line without field `output` (skipped)"), "{}", run.stderr);
+    assert!(run.stderr.contains("step 4/4"), "{}", run.stderr);
+    assert!(run.stdout.contains("trained 4 steps"), "{}", run.stdout);
+    for name in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoint-000002/optimizer.safetensors",
+        "checkpoint-000004/trainer_state.json",
+        "curves.csv",
+        "curves.svg",
+        "curves.png",
+    ] {
+        assert!(out.join(name).exists(), "{name}");
+    }
+    let curves = std::fs::read_to_string(out.join("curves.csv"))?;
+    assert!(
+        curves.starts_with("step,loss,loss_ce,learning_rate,grad_norm,tokens_per_s,seconds,validation_loss"),
+        "{curves}"
+    );
+    assert_eq!(curves.lines().count(), 5);
+    // The adapter loads on top of the base with the BASE+ADAPTER form.
+    let spec = format!("{model}+{}", out.join("adapter").display());
+    let info = run_cli(&["info", "--model", &spec, "--json"]);
+    assert_eq!(info.code, 0, "{}", info.stderr);
+    assert!(info.stdout.contains("\"rank\": 8"), "{}", info.stdout);
+
+    // Resume with more steps: continues at step 4 and writes the rest of the curves.
+    let resumed = run_cli(&["train", "--model", &model, "--resume", &out_s, "--steps", "6", "--json"]);
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert!(resumed.stderr.contains("resuming at step 4 of 6"), "{}", resumed.stderr);
+    let value: serde_json::Value = serde_json::from_str(resumed.stdout.trim())?;
+    assert_eq!(value["state"]["step"], 6);
+    assert_eq!(value["state"]["history"].as_array().map(Vec::len), Some(6));
+    assert!(out.join("checkpoint-000006").exists());
+    Ok(())
+}
+
+#[test]
+fn train_names_bad_data_and_settings() -> anyhow::Result<()> {
+    let (dir, model) = tiny_folder(32);
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "not json\n{\"text\": 1}\n")?;
+    let bad_s = bad.display().to_string();
+    let run = run_cli(&["train", "--model", &model, "--data", &bad_s, "--steps", "1"]);
+    assert_one_line_error(&run, "bad.jsonl");
+    assert!(run.stderr.contains("no usable training example (line 1: not JSON"), "{}", run.stderr);
+    let missing = dir.path().join("missing.jsonl").display().to_string();
+    assert_one_line_error(
+        &run_cli(&["train", "--model", &model, "--data", &missing]),
+        "missing.jsonl",
+    );
+    let data = tiny_instructions(dir.path());
+    assert_one_line_error(
+        &run_cli(&["train", "--model", &model, "--data", &data, "--targets", "q_proj,qkv"]),
+        "qkv",
+    );
+    assert_one_line_error(
+        &run_cli(&["train", "--model", &model, "--resume", &dir.path().display().to_string()]),
+        "no checkpoint to resume from",
+    );
+    Ok(())
+}

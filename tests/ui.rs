@@ -450,3 +450,99 @@ fn concepts_heads_and_consistency_views_compute_show_and_export() {
     harness.get_by_label("macro average");
     harness.get_by_label("Accuracy across instructions");
 }
+
+#[test]
+fn finetune_view_previews_estimates_trains_cancels_resumes_and_loads_as_b() {
+    let a = tiny_folder(21, false);
+    let run_dir = tempfile::tempdir().expect("temp dir");
+    let data = a.path().join("train.jsonl");
+    let mut lines = String::new();
+    for (q, r) in [
+        ("translate cat to french", "the cat sat on the mat ."),
+        ("what is the capital of france", "paris"),
+        ("write a poem about the sea", "the sea is blue and cold ."),
+        ("list three tips for study", "read a book , run , jump"),
+    ] {
+        for _ in 0..3 {
+            lines.push_str(&format!("{{\"instruction\": \"{q}\", \"output\": \"{r}\"}}\n"));
+        }
+    }
+    lines.push_str("{\"instruction\": \"no output here\"}\n");
+    std::fs::write(&data, lines).expect("data");
+
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    step_until(&mut harness, "the model", |app| app.slots[0].info.is_some());
+    harness.get_by_label("Fine-tune").click();
+    harness.run();
+    {
+        let f = &mut harness.state_mut().state.finetune;
+        f.data_file = Some(data.clone());
+        f.out_dir = Some(run_dir.path().to_path_buf());
+        f.settings.steps = 300;
+        f.settings.eval_every = 50;
+        f.settings.save_every = 0;
+        f.settings.learning_rate = 1e-3;
+    }
+    harness.run();
+
+    harness.get_by_label("Preview data").click();
+    step_until(&mut harness, "the preview", |app| app.training.preview.is_some());
+    harness.get_by_label_contains("1 lines skipped");
+    harness.get_by_label_contains("line 1 · alpaca");
+
+    harness.get_by_label("Estimate").click();
+    step_until(&mut harness, "the estimate", |app| app.training.estimate.is_some());
+    harness.get_by_label_contains("Estimate:");
+
+    // Launch, stop after a few steps: a checkpoint is written and Resume is offered.
+    harness.get_by_label("Launch").click();
+    step_until(&mut harness, "a few steps", |app| app.training.steps.len() >= 3);
+    // The status bar has a Cancel too; the view's is the first.
+    harness
+        .query_all_by_label("Cancel")
+        .next()
+        .expect("a Cancel button")
+        .click();
+    step_until(&mut harness, "the stop", |app| app.training.result.is_some());
+    let stopped = harness.state().training.result.clone().expect("result");
+    assert!(stopped.cancelled, "the run was stopped");
+    assert!(stopped.state.step < 300);
+    harness.get_by_label_contains("Resume continues");
+    harness.get_by_label("Resume").click();
+    step_until(&mut harness, "the resumed run", |app| {
+        app.training.result.as_ref().is_some_and(|r| !r.cancelled)
+    });
+    let done = harness.state().training.result.clone().expect("result");
+    assert_eq!(done.state.step, 300);
+    assert_eq!(done.state.history.len(), 300, "curves cover the whole run");
+    let first = done.state.history[0].loss;
+    let last = done.state.history[299].loss;
+    assert!(last < first, "loss falls: {first} -> {last}");
+    harness.get_by_label_contains("Finished 300 steps");
+    harness.get_by_label("Loss");
+    harness.get_by_label("Tokens per second");
+    harness.get_by_label("Gradient norm (before clipping)");
+
+    // The tuned model goes into slot B with its adapter.
+    harness.get_by_label("Load as B").scroll_to_me();
+    harness.run();
+    harness.get_by_label("Load as B").click();
+    step_until(&mut harness, "slot B", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.slots[1].info.as_ref().is_some_and(|i| i.adapter.is_some())
+    });
+
+    let out = tempfile::tempdir().expect("temp dir");
+    harness.state_mut().export_to(&out.path().join("training.svg"));
+    step_until(&mut harness, "the export", |app| {
+        app.export_note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("Exported"))
+    });
+    for name in ["training.svg", "training.png", "training_curves.csv", "training.json"] {
+        let len = std::fs::metadata(out.path().join(name)).map_or(0, |m| m.len());
+        assert!(len > 50, "{name}: {len} bytes");
+    }
+    assert!(run_dir.path().join("adapter/adapter_model.safetensors").exists());
+}

@@ -226,6 +226,16 @@ pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
         }
         ControlFlow::Continue(())
     })?;
+    if let Some(out) = &output.out {
+        // The curves as a figure beside curves.csv (a stopped run's too).
+        let fig = crate::export::views::training_figure(&output);
+        for ext in ["svg", "png"] {
+            let path = out.join(format!("curves.{ext}"));
+            if let Err(err) = crate::export::write_figure(&fig, &path) {
+                eprintln!("warning: cannot write {}: {err}", path.display());
+            }
+        }
+    }
     let mut stdout = std::io::stdout().lock();
     if cli.json {
         writeln!(stdout, "{}", serde_json::to_string(&output)?)?;
@@ -254,7 +264,11 @@ pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
         )?;
     }
     if let Some(out) = &output.out {
-        writeln!(stdout, "curves {}", out.join("curves.csv").display())?;
+        writeln!(
+            stdout,
+            "curves {} (figure: curves.svg, curves.png)",
+            out.join("curves.csv").display()
+        )?;
     }
     Ok(())
 }

@@ -509,7 +509,7 @@ pub fn finetune_ui(
             });
             if let Some(e) = &view.estimate {
                 ui.label(format!(
-                    "Estimate: {:.2} s per step (median of {} measured) → {:.1} min for {} steps; about {:.0} MB more memory; {} trainable parameters",
+                    "Estimate: {:.2} s per step (median of {} measured), so {:.1} min for {} steps; about {:.0} MB more memory; {} trainable parameters",
                     e.seconds_per_step,
                     e.measured_steps,
                     e.seconds_per_step * settings.settings.steps as f64 / 60.0,
