@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod demo_model;
 mod model_core;
+mod peft;
 mod ui;
 mod train;
 mod worker;

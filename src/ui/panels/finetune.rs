@@ -386,11 +386,20 @@ fn preview_ui(ui: &mut egui::Ui, preview: &DataPreview) {
                         .color(theme::MUTED),
                     );
                 });
-                ui.horizontal_wrapped(|ui| {
-                    ui.spacing_mut().item_spacing.x = 0.0;
-                    ui.label(egui::RichText::new(row.prompt.trim_end()).color(theme::MUTED).monospace());
-                    ui.label(egui::RichText::new(row.response.trim_end()).strong().monospace());
-                });
+                // One text with two styles, so the template's line breaks stay where they are.
+                let mut job = egui::text::LayoutJob::default();
+                let font = egui::TextStyle::Monospace.resolve(ui.style());
+                job.append(
+                    &row.prompt,
+                    0.0,
+                    egui::TextFormat::simple(font.clone(), theme::MUTED),
+                );
+                job.append(
+                    row.response.trim_end(),
+                    0.0,
+                    egui::TextFormat::simple(font, ui.visuals().strong_text_color()),
+                );
+                ui.label(job);
                 ui.separator();
             }
         });
