@@ -2,7 +2,7 @@
 
 use tunelens::model::tiny::{tiny_config, write_tiny_hf_folder};
 
-use crate::common::{assert_one_line_error, demo_model_path, run_cli};
+use crate::common::{assert_one_line_error, demo_model_path, run_cli, tiny_words};
 
 fn tiny_folder(seed: u64) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -395,53 +395,7 @@ fn attribute_rejects_a_span_not_in_the_prompt() {
 
 /// The tiny vocabulary's words as a `word<TAB>freq` list.
 fn tiny_word_list(dir: &std::path::Path) -> String {
-    let words = [
-        "the",
-        "cat",
-        "dog",
-        "sat",
-        "mat",
-        "write",
-        "poem",
-        "sea",
-        "summarize",
-        "text",
-        "translate",
-        "french",
-        "list",
-        "three",
-        "study",
-        "warm",
-        "cold",
-        "red",
-        "blue",
-        "green",
-        "big",
-        "small",
-        "answer",
-        "question",
-        "paris",
-        "france",
-        "capital",
-        "city",
-        "river",
-        "tree",
-        "house",
-        "run",
-        "jump",
-        "read",
-        "book",
-    ];
-    let mut text = String::new();
-    for (i, w) in words.iter().enumerate() {
-        text.push_str(w);
-        text.push('\t');
-        text.push_str(&(100 - i).to_string());
-        text.push('\n');
-    }
-    let path = dir.join("words.tsv");
-    std::fs::write(&path, text).expect("word list written");
-    path.display().to_string()
+    tiny_words(dir).display().to_string()
 }
 
 #[test]

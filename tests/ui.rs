@@ -11,7 +11,7 @@ use tunelens::ui::app::Action;
 use tunelens::ui::TunelensApp;
 use tunelens::worker::Slot;
 
-use crate::common::demo_model_path;
+use crate::common::{demo_model_path, tiny_words};
 
 fn harness() -> Harness<'static, TunelensApp> {
     Harness::builder()
@@ -308,55 +308,6 @@ fn attribution_view_shows_heatmaps_scores_and_exports() {
 }
 
 /// A `word<TAB>freq` list of the tiny vocabulary's words.
-fn tiny_words(dir: &std::path::Path) -> std::path::PathBuf {
-    let words = [
-        "the",
-        "cat",
-        "dog",
-        "sat",
-        "mat",
-        "write",
-        "poem",
-        "sea",
-        "summarize",
-        "text",
-        "translate",
-        "french",
-        "list",
-        "three",
-        "study",
-        "warm",
-        "cold",
-        "red",
-        "blue",
-        "green",
-        "big",
-        "small",
-        "answer",
-        "question",
-        "paris",
-        "france",
-        "capital",
-        "city",
-        "river",
-        "tree",
-        "house",
-        "run",
-        "jump",
-        "read",
-        "book",
-    ];
-    let mut text = String::new();
-    for (i, w) in words.iter().enumerate() {
-        text.push_str(w);
-        text.push('\t');
-        text.push_str(&(100 - i).to_string());
-        text.push('\n');
-    }
-    let path = dir.join("words.tsv");
-    std::fs::write(&path, text).expect("word list");
-    path
-}
 
 #[test]
 fn concepts_heads_and_consistency_views_compute_show_and_export() {

@@ -292,12 +292,41 @@ pub struct RecallResult {
     pub extraction_out: Vec<f64>,
 }
 
-/// Decoded, cleaned vocabulary (`None` for dropped tokens), computed once per tokenizer.
-pub fn clean_vocab(tokenizer: &Tokenizer, vocab_size: usize) -> Result<Vec<Option<String>>> {
+/// Decoded, cleaned vocabulary (`None` for dropped tokens), computed once per tokenizer and
+/// vocabulary size in a process (decoding every id took a noticeable part of a §9 run).
+pub fn clean_vocab(
+    tokenizer: &Tokenizer,
+    vocab_size: usize,
+) -> Result<std::sync::Arc<Vec<Option<String>>>> {
+    use std::collections::HashMap;
+    use std::hash::{Hash, Hasher};
+    use std::sync::{Arc, Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<u64, Arc<Vec<Option<String>>>>>> = OnceLock::new();
+    // The key: every vocabulary entry (sorted by id) and the size asked for.
+    let mut entries: Vec<(u32, String)> = tokenizer
+        .inner()
+        .get_vocab(true)
+        .into_iter()
+        .map(|(token, id)| (id, token))
+        .collect();
+    entries.sort_unstable();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    entries.hash(&mut hasher);
+    vocab_size.hash(&mut hasher);
+    let key = hasher.finish();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(hit) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(hit);
+    }
     let stop: HashSet<&str> = STOPWORDS.iter().copied().collect();
-    (0..vocab_size as u32)
+    let vocab: Vec<Option<String>> = (0..vocab_size as u32)
         .map(|id| Ok(clean_token(&tokenizer.decode(&[id], false)?, &stop)))
-        .collect()
+        .collect::<Result<_>>()?;
+    let vocab = Arc::new(vocab);
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, vocab.clone());
+    }
+    Ok(vocab)
 }
 
 /// `x / sqrt(mean(x²) + eps) ⊙ g` of the model's final norm, rows of `x` `(n, d)`.

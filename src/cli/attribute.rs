@@ -10,8 +10,7 @@ use super::{AttributeArgs, Cli};
 use crate::analysis::attribution::{by_words, AttributionConfig, Instructions};
 use crate::analysis::types::Matrix;
 use crate::export;
-use crate::model::ModelSpec;
-use crate::worker::job::{Job, JobOutput, Slot, SlotAttribution};
+use crate::worker::job::{Job, JobOutput, SlotAttribution};
 use crate::worker::runner::{run_job, WorkerCtx};
 
 /// One prompt of a batch file.
@@ -28,27 +27,7 @@ struct Sample {
 }
 
 pub(super) fn run(cli: &Cli, ctx: &mut WorkerCtx, args: &AttributeArgs) -> anyhow::Result<()> {
-    let mut slots = vec![Slot::A];
-    let mut specs = vec![(Slot::A, args.model.model.clone())];
-    if let Some(b) = &args.model_b {
-        slots.push(Slot::B);
-        specs.push((Slot::B, b.clone()));
-    }
-    for (slot, spec) in specs {
-        let spec = ModelSpec::parse(&spec);
-        run_job(
-            ctx,
-            0,
-            Job::LoadModel {
-                slot,
-                spec: spec.clone(),
-                device: cli.device,
-                dtype: cli.dtype.clone(),
-            },
-            &mut |_| {},
-        )
-        .with_context(|| format!("cannot load model {spec}"))?;
-    }
+    let slots = super::load_models(cli, ctx, &args.model.model, args.model_b.as_deref())?;
     let instructions = if args.no_instructions {
         Instructions::Spans(Vec::new())
     } else if args.instructions.is_empty() {

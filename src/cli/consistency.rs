@@ -6,17 +6,14 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use clap::Args;
 
 use crate::analysis::consistency::Pooling;
 use crate::analysis::prediction::PredictionMode;
 use crate::cli::{Cli, ModelArg};
 use crate::error::Error;
-use crate::model::ModelSpec;
 use crate::worker::consistency::{self, ConsistencyOutput, ConsistencySettings, Measures};
-use crate::worker::job::{Job, Slot};
-use crate::worker::runner::{run_job, WorkerCtx};
+use crate::worker::runner::WorkerCtx;
 
 /// `tunelens consistency`.
 #[derive(Debug, Args)]
@@ -113,29 +110,8 @@ pub(super) fn run(cli: &Cli, args: &ConsistencyArgs) -> anyhow::Result<()> {
     // Bad data files fail before any model is loaded.
     consistency::ConsistencyData::load(&settings)?;
     let mut ctx = WorkerCtx::default();
-    let mut slots = vec![(Slot::A, args.model.model.clone())];
-    if let Some(b) = &args.model_b {
-        slots.push((Slot::B, b.clone()));
-    }
-    for (slot, spec) in &slots {
-        let spec = ModelSpec::parse(spec);
-        run_job(
-            &mut ctx,
-            0,
-            Job::LoadModel {
-                slot: *slot,
-                spec: spec.clone(),
-                device: cli.device,
-                dtype: cli.dtype.clone(),
-            },
-            &mut |_| {},
-        )
-        .with_context(|| format!("cannot load model {spec}"))?;
-    }
-    let models = slots
-        .iter()
-        .map(|(slot, _)| Ok((*slot, ctx.model(*slot)?)))
-        .collect::<crate::Result<Vec<_>>>()?;
+    let slots = super::load_models(cli, &mut ctx, &args.model.model, args.model_b.as_deref())?;
+    let models = ctx.models(&slots)?;
     let output = consistency::run_consistency(&models, &settings, &mut |frac, message| {
         super::weights::progress_line(frac, &message)
     })?;

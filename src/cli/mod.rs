@@ -165,6 +165,36 @@ pub struct AttributeArgs {
     words: bool,
 }
 
+/// Loads `--model` into slot A and, when given, `--model-b` into slot B; returns the slots
+/// filled, in order.
+pub(crate) fn load_models(
+    cli: &Cli,
+    ctx: &mut WorkerCtx,
+    model: &str,
+    model_b: Option<&str>,
+) -> anyhow::Result<Vec<Slot>> {
+    let mut specs = vec![(Slot::A, model)];
+    if let Some(b) = model_b {
+        specs.push((Slot::B, b));
+    }
+    for (slot, spec) in &specs {
+        let spec = ModelSpec::parse(spec);
+        run_job(
+            ctx,
+            0,
+            Job::LoadModel {
+                slot: *slot,
+                spec: spec.clone(),
+                device: cli.device,
+                dtype: cli.dtype.clone(),
+            },
+            &mut |_| {},
+        )
+        .with_context(|| format!("cannot load model {spec}"))?;
+    }
+    Ok(specs.into_iter().map(|(slot, _)| slot).collect())
+}
+
 /// Runs a subcommand, printing to stdout.
 pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     let mut ctx = WorkerCtx::default();
@@ -187,19 +217,11 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         | Command::Consistency(_)
         | Command::Train(_) => return Ok(()),
     };
-    let spec = ModelSpec::parse(model_arg);
-    let loaded = run_job(
-        &mut ctx,
-        0,
-        Job::LoadModel {
-            slot: Slot::A,
-            spec: spec.clone(),
-            device: cli.device,
-            dtype: cli.dtype.clone(),
-        },
-        &mut |_| {},
-    )
-    .with_context(|| format!("cannot load model {spec}"))?;
+    load_models(cli, &mut ctx, model_arg, None)?;
+    let loaded = JobOutput::Loaded {
+        slot: Slot::A,
+        info: Box::new(ctx.model(Slot::A)?.info.clone()),
+    };
     let job = match command {
         Command::Info { .. }
         | Command::Attribute(_)

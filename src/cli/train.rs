@@ -5,18 +5,16 @@ use std::io::Write as _;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::Args;
 
 use crate::cli::{Cli, ModelArg};
 use crate::error::Error;
-use crate::model::ModelSpec;
 use crate::train::checkpoint::DataSettings;
 use crate::train::dataset::PromptTemplate;
 use crate::train::lora_trainer::{Schedule, TrainSettings};
 use crate::train::run::TrainEvent;
-use crate::worker::job::{Job, Slot};
-use crate::worker::runner::{run_job, WorkerCtx};
+use crate::worker::job::Slot;
+use crate::worker::runner::WorkerCtx;
 use crate::worker::train::{self, TrainProgress, TrainRequest};
 
 /// `tunelens train`.
@@ -151,19 +149,7 @@ fn request(args: &TrainArgs) -> anyhow::Result<TrainRequest> {
 pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
     let mut request = request(args)?;
     let mut ctx = WorkerCtx::default();
-    let spec = ModelSpec::parse(&args.model.model);
-    run_job(
-        &mut ctx,
-        0,
-        Job::LoadModel {
-            slot: Slot::A,
-            spec: spec.clone(),
-            device: cli.device,
-            dtype: cli.dtype.clone(),
-        },
-        &mut |_| {},
-    )
-    .with_context(|| format!("cannot load model {spec}"))?;
+    super::load_models(cli, &mut ctx, &args.model.model, None)?;
     let loaded = ctx.model(Slot::A)?;
     if request.resume.is_none() {
         // Bad data fails before the run starts, with the skipped lines listed.

@@ -8,17 +8,14 @@ use std::io::{BufWriter, IsTerminal as _, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use clap::Args;
 
 use crate::analysis::ffn_concepts::{ConceptsConfig, LayerConcepts};
 use crate::analysis::head_pairs::{HeadsConfig, LayerHeads};
 use crate::cli::{Cli, ModelArg};
 use crate::error::Error;
-use crate::model::ModelSpec;
 use crate::wordfiles::WordSource;
-use crate::worker::job::{Job, Slot};
-use crate::worker::runner::{run_job, WorkerCtx};
+use crate::worker::runner::WorkerCtx;
 use crate::worker::weights::{self, CachePolicy, ConceptsOutput, HeadsOutput};
 
 /// Options shared by `concepts` and `heads`.
@@ -75,28 +72,6 @@ pub struct HeadsArgs {
     group_size: usize,
 }
 
-fn load_models(cli: &Cli, ctx: &mut WorkerCtx, common: &WeightArgs) -> anyhow::Result<Vec<Slot>> {
-    let mut slots = vec![(Slot::A, common.model.model.clone())];
-    if let Some(b) = &common.model_b {
-        slots.push((Slot::B, b.clone()));
-    }
-    for (slot, spec) in &slots {
-        let spec = ModelSpec::parse(spec);
-        run_job(
-            ctx,
-            0,
-            Job::LoadModel {
-                slot: *slot,
-                spec: spec.clone(),
-                device: cli.device,
-                dtype: cli.dtype.clone(),
-            },
-            &mut |_| {},
-        )
-        .with_context(|| format!("cannot load model {spec}"))?;
-    }
-    Ok(slots.into_iter().map(|(slot, _)| slot).collect())
-}
 
 /// `135M`, `7B`: the `Size` column.
 fn size_label(parameters: usize) -> String {
@@ -208,7 +183,12 @@ fn policy(common: &WeightArgs) -> CachePolicy {
 /// Runs `tunelens concepts`.
 pub(super) fn run_concepts(cli: &Cli, args: &ConceptsArgs) -> anyhow::Result<()> {
     let mut ctx = WorkerCtx::default();
-    let slots = load_models(cli, &mut ctx, &args.common)?;
+    let slots = super::load_models(
+        cli,
+        &mut ctx,
+        &args.common.model.model,
+        args.common.model_b.as_deref(),
+    )?;
     let models = slots
         .iter()
         .map(|&slot| Ok((slot, ctx.model(slot)?)))
@@ -368,7 +348,12 @@ fn write_concepts_extras(dir: &Path, output: &ConceptsOutput) -> anyhow::Result<
 /// Runs `tunelens heads`.
 pub(super) fn run_heads(cli: &Cli, args: &HeadsArgs) -> anyhow::Result<()> {
     let mut ctx = WorkerCtx::default();
-    let slots = load_models(cli, &mut ctx, &args.common)?;
+    let slots = super::load_models(
+        cli,
+        &mut ctx,
+        &args.common.model.model,
+        args.common.model_b.as_deref(),
+    )?;
     let models = slots
         .iter()
         .map(|&slot| Ok((slot, ctx.model(slot)?)))

@@ -31,6 +31,14 @@ pub struct WorkerCtx {
 }
 
 impl WorkerCtx {
+    /// The models of `slots`, in order, each with its slot; fails on an empty slot.
+    pub fn models(&self, slots: &[Slot]) -> Result<Vec<(Slot, &LoadedModel)>> {
+        slots
+            .iter()
+            .map(|&slot| Ok((slot, self.model(slot)?)))
+            .collect()
+    }
+
     /// The model in `slot`, or a plain error when it is empty.
     pub fn model(&self, slot: Slot) -> Result<&LoadedModel> {
         let loaded = match slot {
@@ -180,10 +188,7 @@ pub fn run_job(
             config,
         } => {
             let cancel = ctx.cancel.clone();
-            let models = slots
-                .iter()
-                .map(|&slot| Ok((slot, ctx.model(slot)?)))
-                .collect::<Result<Vec<_>>>()?;
+            let models = ctx.models(&slots)?;
             let output = weights::run_concepts(
                 &models,
                 &words,
@@ -202,10 +207,7 @@ pub fn run_job(
             group_size,
         } => {
             let cancel = ctx.cancel.clone();
-            let models = slots
-                .iter()
-                .map(|&slot| Ok((slot, ctx.model(slot)?)))
-                .collect::<Result<Vec<_>>>()?;
+            let models = ctx.models(&slots)?;
             let output = weights::run_heads(
                 &models,
                 &words,
@@ -220,10 +222,7 @@ pub fn run_job(
         }
         Job::Consistency { slots, settings } => {
             let cancel = ctx.cancel.clone();
-            let models = slots
-                .iter()
-                .map(|&slot| Ok((slot, ctx.model(slot)?)))
-                .collect::<Result<Vec<_>>>()?;
+            let models = ctx.models(&slots)?;
             let output = consistency::run_consistency(&models, &settings, &mut |frac, message| {
                 progress_or_cancel(emit, job_id, &cancel, frac, message)
             })?;

@@ -289,6 +289,28 @@ pub fn heads_cached(
     Ok((result, false))
 }
 
+/// Runs `compute` with a per-layer callback that first hands the layer to `sink` (a failing
+/// sink stops the computation, and its error, not the resulting cancellation, is returned) and
+/// then reports progress.
+fn with_sink<L, T>(
+    sink: &mut dyn FnMut(&L) -> Result<()>,
+    progress: &mut dyn FnMut(f32, &L) -> ControlFlow<()>,
+    compute: impl FnOnce(&mut dyn FnMut(f32, &L) -> ControlFlow<()>) -> Result<T>,
+) -> Result<T> {
+    let mut sink_err = None;
+    let outcome = compute(&mut |frac, layer| {
+        if let Err(err) = sink(layer) {
+            sink_err = Some(err);
+            return ControlFlow::Break(());
+        }
+        progress(frac, layer)
+    });
+    match (outcome, sink_err) {
+        (Err(Error::Cancelled), Some(err)) => Err(err),
+        (outcome, _) => outcome,
+    }
+}
+
 /// Runs §2 on each model and aligns B to A.
 /// `sink` sees every layer of every model as it finishes (slot index, layer).
 pub fn run_concepts(
@@ -305,21 +327,16 @@ pub fn run_concepts(
     for (i, &(slot, loaded)) in models.iter().enumerate() {
         let start = Instant::now();
         let name = loaded.info.display_name();
-        let mut sink_err = None;
-        let outcome = concepts_cached(loaded, &words, cfg, policy, &mut |frac, layer| {
-            if let Err(err) = sink(i, layer) {
-                sink_err = Some(err);
-                return ControlFlow::Break(());
-            }
-            progress(
-                (i as f32 + frac) / n,
-                format!("concepts of {name}: layer {}", layer.layer),
-            )
-        });
-        let (concepts, cached) = match (outcome, sink_err) {
-            (Err(Error::Cancelled), Some(err)) => return Err(err),
-            (outcome, _) => outcome?,
-        };
+        let (concepts, cached) = with_sink(
+            &mut |layer| sink(i, layer),
+            &mut |frac, layer: &LayerConcepts| {
+                progress(
+                    (i as f32 + frac) / n,
+                    format!("concepts of {name}: layer {}", layer.layer),
+                )
+            },
+            |on_layer| concepts_cached(loaded, &words, cfg, policy, on_layer),
+        )?;
         results.push(SlotConcepts {
             slot,
             model: name,
@@ -363,28 +380,16 @@ pub fn run_heads(
     for (i, &(slot, loaded)) in models.iter().enumerate() {
         let start = Instant::now();
         let name = loaded.info.display_name();
-        let mut sink_err = None;
-        let outcome = heads_cached(
-            loaded,
-            &words,
-            &semantic,
-            cfg,
-            policy,
-            &mut |frac, layer| {
-                if let Err(err) = sink(i, layer) {
-                    sink_err = Some(err);
-                    return ControlFlow::Break(());
-                }
+        let (pairs, cached) = with_sink(
+            &mut |layer| sink(i, layer),
+            &mut |frac, layer: &LayerHeads| {
                 progress(
                     (i as f32 + frac) / n,
                     format!("head pairs of {name}: layer {}", layer.layer),
                 )
             },
-        );
-        let (pairs, cached) = match (outcome, sink_err) {
-            (Err(Error::Cancelled), Some(err)) => return Err(err),
-            (outcome, _) => outcome?,
-        };
+            |on_layer| heads_cached(loaded, &words, &semantic, cfg, policy, on_layer),
+        )?;
         results.push(SlotHeads {
             slot,
             model: name,

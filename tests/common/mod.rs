@@ -100,3 +100,54 @@ pub fn assert_one_line_error(run: &CliRun, needle: &str) {
     );
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }
+
+/// A `word<TAB>freq` list of tiny-vocabulary words written into `dir` (for the weight views).
+pub fn tiny_words(dir: &std::path::Path) -> std::path::PathBuf {
+    let words = [
+        "the",
+        "cat",
+        "dog",
+        "sat",
+        "mat",
+        "write",
+        "poem",
+        "sea",
+        "summarize",
+        "text",
+        "translate",
+        "french",
+        "list",
+        "three",
+        "study",
+        "warm",
+        "cold",
+        "red",
+        "blue",
+        "green",
+        "big",
+        "small",
+        "answer",
+        "question",
+        "paris",
+        "france",
+        "capital",
+        "city",
+        "river",
+        "tree",
+        "house",
+        "run",
+        "jump",
+        "read",
+        "book",
+    ];
+    let mut text = String::new();
+    for (i, w) in words.iter().enumerate() {
+        text.push_str(w);
+        text.push('\t');
+        text.push_str(&(100 - i).to_string());
+        text.push('\n');
+    }
+    let path = dir.join("words.tsv");
+    std::fs::write(&path, text).expect("word list");
+    path
+}
