@@ -750,6 +750,24 @@ fn train_writes_checkpoints_curves_and_resumes() -> anyhow::Result<()> {
     assert_eq!(info.code, 0, "{}", info.stderr);
     assert!(info.stdout.contains("\"rank\": 8"), "{}", info.stdout);
 
+    // Merged into the base weights: a plain folder with the same logits as base + adapter.
+    let merged = dir.path().join("merged").display().to_string();
+    let run = run_cli(&["merge", "--model", &spec, "--out", &merged]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("merged 6 adapted layers"), "{}", run.stdout);
+    let text = "the cat sat on the mat";
+    let with_adapter = run_cli(&["forward", "--model", &spec, "--text", text, "--json"]);
+    let from_merged = run_cli(&["forward", "--model", &merged, "--text", text, "--json"]);
+    let logits = |out: &str| -> Vec<f64> {
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        serde_json::from_value(v["logits_last"].clone()).expect("logits")
+    };
+    let (a, b) = (logits(&with_adapter.stdout), logits(&from_merged.stdout));
+    assert_eq!(a.len(), b.len());
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(diff < 1e-4, "merged logits differ by {diff}");
+    assert_one_line_error(&run_cli(&["merge", "--model", &model, "--out", &merged]), "names no adapter");
+
     // Resume with more steps: continues at step 4 and writes the rest of the curves.
     let resumed = run_cli(&["train", "--model", &model, "--resume", &out_s, "--steps", "6", "--json"]);
     assert_eq!(resumed.code, 0, "{}", resumed.stderr);

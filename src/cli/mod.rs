@@ -96,6 +96,16 @@ pub enum Command {
     /// LoRA fine-tuning (METHODS.md §5.3 defaults): checkpoints in PEFT's format, the final
     /// adapter in OUT/adapter, curves in OUT/curves.csv; --resume continues a stopped run.
     Train(TrainArgs),
+    /// Merge a PEFT LoRA adapter into its base model and write a Hugging Face folder
+    /// (config.json, model.safetensors, tokenizer files).
+    Merge {
+        /// BASE_PATH+ADAPTER_PATH.
+        #[arg(long)]
+        model: String,
+        /// The folder to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Generate a response (greedy unless --temperature is given).
     Generate {
         #[command(flatten)]
@@ -204,6 +214,26 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Heads(args) => return weights::run_heads(cli, args),
         Command::Consistency(args) => return consistency::run(cli, args),
         Command::Train(args) => return train::run(cli, args),
+        Command::Merge { model, out } => {
+            let spec = ModelSpec::parse(model);
+            if spec.adapter.is_none() {
+                return Err(crate::Error::invalid(
+                    "--model",
+                    format!("`{model}` names no adapter (expected BASE_PATH+ADAPTER_PATH)"),
+                )
+                .into());
+            }
+            let output = run_job(
+                &mut ctx,
+                0,
+                Job::SaveMerged {
+                    spec,
+                    out: out.clone(),
+                },
+                &mut |_| {},
+            )?;
+            return print_output(&output, cli.json);
+        }
         _ => {}
     }
     let model_arg = match command {
@@ -215,7 +245,8 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Concepts(_)
         | Command::Heads(_)
         | Command::Consistency(_)
-        | Command::Train(_) => return Ok(()),
+        | Command::Train(_)
+        | Command::Merge { .. } => return Ok(()),
     };
     load_models(cli, &mut ctx, model_arg, None)?;
     let loaded = JobOutput::Loaded {
@@ -228,7 +259,8 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         | Command::Concepts(_)
         | Command::Heads(_)
         | Command::Consistency(_)
-        | Command::Train(_) => None,
+        | Command::Train(_)
+        | Command::Merge { .. } => None,
         Command::Tokenize { text, .. } => Some(Job::Tokenize {
             slot: Slot::A,
             text: text.clone(),
@@ -303,6 +335,9 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                 let values: Vec<_> = results.iter().map(attribute::result_json).collect();
                 serde_json::to_string(&values)?
             }
+            JobOutput::SavedMerged { out, merged } => {
+                serde_json::json!({"out": out, "merged_layers": merged}).to_string()
+            }
             JobOutput::Concepts(_)
             | JobOutput::Heads(_)
             | JobOutput::Consistency(_)
@@ -370,6 +405,14 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                     .collect();
                 writeln!(out, "{pos}\t{token}\t{}", tops.join(" "))?;
             }
+        }
+        JobOutput::SavedMerged { out: dir, merged } => {
+            writeln!(
+                out,
+                "merged {merged} adapted layers; wrote {} (load it with --model {})",
+                dir.display(),
+                dir.display()
+            )?;
         }
         JobOutput::Attributed(results) => {
             for result in results {

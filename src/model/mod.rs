@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod info;
 pub mod load;
 pub mod lora;
+pub mod save;
 pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;

@@ -12,7 +12,6 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::transformer::Transformer;
 use crate::train::dataset::PromptTemplate;
 use crate::train::lora_trainer::{EvalReport, Moments, StepReport, TrainSettings, Trainer};
 
@@ -261,28 +260,4 @@ pub fn restore(dir: &Path, trainer: &mut Trainer, state: &TrainerState) -> Resul
         values.push((a, b));
     }
     trainer.restore(&values, moments, state.step)
-}
-
-/// Folds every attached adapter into its base weight (`W += scale · B A`) and removes it.
-pub fn merge_adapters(model: &mut Transformer) -> Result<usize> {
-    let mut merged = 0;
-    for layer in &mut model.layers {
-        let linears = [
-            &mut layer.self_attn.q_proj,
-            &mut layer.self_attn.k_proj,
-            &mut layer.self_attn.v_proj,
-            &mut layer.self_attn.o_proj,
-            &mut layer.mlp.gate_proj,
-            &mut layer.mlp.up_proj,
-            &mut layer.mlp.down_proj,
-        ];
-        for linear in linears {
-            if let Some(lora) = linear.lora.take() {
-                let delta = (lora.b.detach().matmul(&lora.a.detach())? * lora.scale)?;
-                linear.weight = (&linear.weight + delta.to_dtype(linear.weight.dtype())?)?;
-                merged += 1;
-            }
-        }
-    }
-    Ok(merged)
 }

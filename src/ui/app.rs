@@ -103,6 +103,8 @@ pub enum Action {
     PreviewTrainingData,
     /// Measure a few training steps.
     EstimateTraining,
+    /// Merge the last run's adapter into its base and write a Hugging Face folder here.
+    SaveMerged(PathBuf),
     /// Launch a training run of slot A's model, or resume the run in this folder.
     Train {
         /// A stopped run's folder.
@@ -467,6 +469,7 @@ impl TunelensApp {
                 Action::PreviewTrainingData => self.preview_training_data(),
                 Action::EstimateTraining => self.train(None, true),
                 Action::Train { resume } => self.train(resume, false),
+                Action::SaveMerged(out) => self.save_merged(out),
                 Action::PickFile(kind) => {
                     let ctx = self.ctx.clone();
                     if let Err(err) = self
@@ -483,6 +486,7 @@ impl TunelensApp {
                     DialogKind::FactsFile => self.state.consistency.facts_file = path,
                     DialogKind::TrainData => self.state.finetune.data_file = path,
                     DialogKind::TrainOutput => self.state.finetune.out_dir = path,
+                    DialogKind::MergedOutput => {}
                     DialogKind::ModelFolder
                     | DialogKind::GgufFile
                     | DialogKind::AdapterFolder
@@ -679,6 +683,25 @@ impl TunelensApp {
             },
             resume,
         }
+    }
+
+    fn save_merged(&mut self, out: PathBuf) {
+        let Some(result) = &self.training.result else {
+            return;
+        };
+        let Some(adapter) = result.adapter_dir.clone() else {
+            self.last_error = Some("The run has no final adapter yet".to_owned());
+            return;
+        };
+        let spec = ModelSpec {
+            base: ModelSpec::parse(&result.base_model).base,
+            adapter: Some(adapter),
+        };
+        self.submit(
+            Job::SaveMerged { spec, out },
+            "Saving the merged model".to_owned(),
+            PendingKind::Train,
+        );
     }
 
     fn preview_training_data(&mut self) {
@@ -982,6 +1005,12 @@ impl TunelensApp {
             }
             JobOutput::TrainEstimated(estimate) => self.training.estimate = Some(estimate),
             JobOutput::DataPreview(preview) => self.training.preview = Some(*preview),
+            JobOutput::SavedMerged { out, merged } => {
+                self.export_note = Some(format!(
+                    "Merged {merged} adapted layers into {}",
+                    out.display()
+                ));
+            }
         }
     }
 
@@ -1068,6 +1097,7 @@ impl eframe::App for TunelensApp {
                     DialogKind::AdapterFolder => Action::AddAdapter { slot, path },
                     DialogKind::ModelFolder | DialogKind::GgufFile => Action::Open { slot, path },
                     DialogKind::ExportFile => Action::ExportTo(path),
+                    DialogKind::MergedOutput => Action::SaveMerged(path),
                     DialogKind::WordList
                     | DialogKind::WordVectors
                     | DialogKind::PairsFile

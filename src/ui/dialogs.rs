@@ -30,6 +30,8 @@ pub enum DialogKind {
     TrainData,
     /// The output folder of a training run.
     TrainOutput,
+    /// Where to write a merged model.
+    MergedOutput,
 }
 
 /// A finished dialog: the slot it was for, what it picked, and the path (None if cancelled).
@@ -111,6 +113,9 @@ impl Dialogs {
                         .pick_file(),
                     DialogKind::TrainOutput => dialog
                         .set_title("Choose the training output folder")
+                        .pick_folder(),
+                    DialogKind::MergedOutput => dialog
+                        .set_title("Choose an empty folder for the merged model")
                         .pick_folder(),
                     DialogKind::ExportFile => dialog
                         .set_title("Export the figure and data")

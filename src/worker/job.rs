@@ -108,6 +108,14 @@ pub enum Job {
         /// The file and its preparation.
         data: DataSettings,
     },
+    /// Load `spec` (a base with an adapter), merge the adapter into the weights and write the
+    /// result as a Hugging Face folder (no slot changes).
+    SaveMerged {
+        /// What to merge, e.g. `BASE+ADAPTER`.
+        spec: ModelSpec,
+        /// The folder to write.
+        out: PathBuf,
+    },
     /// Empty a slot.
     Unload {
         /// The slot.
@@ -186,6 +194,13 @@ pub enum JobOutput {
     TrainEstimated(TrainEstimate),
     /// A rendered training data file.
     DataPreview(Box<DataPreview>),
+    /// A merged model was written.
+    SavedMerged {
+        /// The folder.
+        out: PathBuf,
+        /// Adapted layers merged.
+        merged: usize,
+    },
     /// A slot was emptied.
     Unloaded {
         /// Which slot.

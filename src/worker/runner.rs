@@ -265,6 +265,15 @@ pub fn run_job(
                 loaded, &data, 20,
             )?)))
         }
+        Job::SaveMerged { spec, out } => {
+            emit(Event::Progress {
+                job_id,
+                frac: 0.0,
+                message: format!("merging {spec}"),
+            });
+            let merged = model::save::save_merged(&spec, &LoadOptions::default(), &out)?;
+            Ok(JobOutput::SavedMerged { out, merged })
+        }
         Job::Unload { slot } => {
             match slot {
                 Slot::A => ctx.a = None,

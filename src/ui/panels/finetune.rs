@@ -573,6 +573,12 @@ pub fn finetune_ui(
                             });
                         }
                     }
+                    if result.adapter_dir.is_some() && ui.button("Save merged model…").clicked() {
+                        actions.push(Action::Dialog {
+                            slot: crate::worker::Slot::A,
+                            kind: DialogKind::MergedOutput,
+                        });
+                    }
                     if ui.button("Export…").clicked() {
                         actions.push(Action::ExportDialog);
                     }

@@ -9,6 +9,18 @@ use crate::ui::app::{Action, PendingJob};
 use crate::ui::theme;
 use crate::worker::JobId;
 
+/// A pulsing dot: unlike `egui::Spinner` it does not ask for a new frame every frame (the app
+/// repaints every 100 ms while work runs), which under software rendering cost a core that a
+/// training run wanted.
+fn busy_dot(ui: &mut egui::Ui) {
+    let (rect, _) = ui.allocate_exact_size(egui::vec2(14.0, 14.0), egui::Sense::hover());
+    let t = ui.input(|i| i.time);
+    #[allow(clippy::cast_possible_truncation)]
+    let phase = ((t * 3.0).sin() * 0.5 + 0.5) as f32;
+    ui.painter()
+        .circle_filled(rect.center(), 2.5 + 2.5 * phase, crate::ui::theme::SLOT_A);
+}
+
 /// Draws the status bar.
 pub fn status_ui(
     ui: &mut egui::Ui,
@@ -18,7 +30,7 @@ pub fn status_ui(
 ) {
     ui.horizontal(|ui| {
         if let Some(job) = pending.values().next() {
-            ui.spinner();
+            busy_dot(ui);
             ui.label(&job.label);
             if let Some(frac) = job.frac {
                 ui.add(

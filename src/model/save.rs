@@ -1,0 +1,234 @@
+//! Writing a loaded model as a Hugging Face folder (`config.json`, `model.safetensors`,
+//! `tokenizer.json`, `tokenizer_config.json`), e.g. a base model with its LoRA adapters merged
+//! in. The folder is written under a temporary name and renamed into place.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::config::{Architecture, ModelConfig, RopeScaling};
+use crate::model::load::LoadedModel;
+use crate::model::lora::Linear;
+use crate::model::transformer::Transformer;
+
+/// `config.json` for `cfg` (the fields tunelens and transformers read).
+pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
+    let (arch, model_type) = match cfg.architecture {
+        Architecture::Llama => ("LlamaForCausalLM", "llama"),
+        Architecture::Mistral => ("MistralForCausalLM", "mistral"),
+        Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+    };
+    let rope_scaling = match cfg.rope_scaling {
+        RopeScaling::None => serde_json::Value::Null,
+        RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => serde_json::json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }),
+    };
+    let mut value = serde_json::json!({
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_ids,
+        "torch_dtype": match dtype {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        },
+    });
+    if let Some(obj) = value.as_object_mut() {
+        match cfg.architecture {
+            Architecture::Qwen2 => {
+                obj.insert("use_sliding_window".into(), cfg.sliding_window.is_some().into());
+                obj.insert("sliding_window".into(), cfg.sliding_window.into());
+            }
+            Architecture::Mistral => {
+                obj.insert("sliding_window".into(), cfg.sliding_window.into());
+            }
+            Architecture::Llama => {
+                obj.insert("attention_bias".into(), (cfg.qkv_bias || cfg.o_bias).into());
+                obj.insert("mlp_bias".into(), cfg.mlp_bias.into());
+            }
+        }
+    }
+    value
+}
+
+fn put_linear(
+    tensors: &mut HashMap<String, Tensor>,
+    name: &str,
+    linear: &Linear,
+) -> Result<()> {
+    if linear.lora.is_some() {
+        return Err(Error::invalid(
+            "model",
+            format!("{name} still carries a LoRA adapter; merge it first"),
+        ));
+    }
+    tensors.insert(format!("{name}.weight"), cpu(&linear.weight)?);
+    if let Some(bias) = &linear.bias {
+        tensors.insert(format!("{name}.bias"), cpu(bias)?);
+    }
+    Ok(())
+}
+
+fn cpu(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_device(&Device::Cpu)?.contiguous()?)
+}
+
+/// The model's weights by Hugging Face name.
+pub fn hf_tensors(model: &Transformer) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = HashMap::new();
+    tensors.insert("model.embed_tokens.weight".to_owned(), cpu(&model.embed_tokens)?);
+    for (i, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        tensors.insert(
+            format!("{p}.input_layernorm.weight"),
+            cpu(&layer.input_layernorm.weight)?,
+        );
+        tensors.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            cpu(&layer.post_attention_layernorm.weight)?,
+        );
+        let a = &layer.self_attn;
+        for (name, linear) in [
+            ("q_proj", &a.q_proj),
+            ("k_proj", &a.k_proj),
+            ("v_proj", &a.v_proj),
+            ("o_proj", &a.o_proj),
+        ] {
+            put_linear(&mut tensors, &format!("{p}.self_attn.{name}"), linear)?;
+        }
+        let m = &layer.mlp;
+        for (name, linear) in [
+            ("gate_proj", &m.gate_proj),
+            ("up_proj", &m.up_proj),
+            ("down_proj", &m.down_proj),
+        ] {
+            put_linear(&mut tensors, &format!("{p}.mlp.{name}"), linear)?;
+        }
+    }
+    tensors.insert("model.norm.weight".to_owned(), cpu(&model.norm.weight)?);
+    if !model.config().tie_word_embeddings {
+        put_linear(&mut tensors, "lm_head", &model.lm_head)?;
+    }
+    Ok(tensors)
+}
+
+fn write_err(path: &Path, err: impl std::fmt::Display) -> Error {
+    Error::bad_file(path, format!("cannot write the model ({err})"))
+}
+
+/// Writes `loaded` (no adapters attached) as a Hugging Face folder at `dir`, replacing it.
+pub fn save_hf_folder(loaded: &LoadedModel, dir: &Path) -> Result<()> {
+    let tensors = hf_tensors(&loaded.model)?;
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|err| write_err(parent, err))?;
+    let name = dir
+        .file_name()
+        .map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|err| write_err(&tmp, err))?;
+    let result = (|| -> Result<()> {
+        let config = hf_config_json(loaded.model.config(), loaded.model.dtype());
+        let path = tmp.join("config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&config)?)
+            .map_err(|err| write_err(&path, err))?;
+        let path = tmp.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path).map_err(|err| write_err(&path, err))?;
+        let path = tmp.join("tokenizer.json");
+        loaded
+            .tokenizer
+            .inner()
+            .save(&path, false)
+            .map_err(|err| write_err(&path, err))?;
+        let mut tok_cfg = serde_json::Map::new();
+        if let Some((text, _)) = &loaded.tokenizer.bos {
+            tok_cfg.insert("bos_token".into(), text.clone().into());
+        }
+        if let Some((text, _)) = &loaded.tokenizer.eos {
+            tok_cfg.insert("eos_token".into(), text.clone().into());
+        }
+        if let Some(template) = &loaded.chat_template {
+            tok_cfg.insert("chat_template".into(), template.source.clone().into());
+        }
+        let path = tmp.join("tokenizer_config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&tok_cfg)?)
+            .map_err(|err| write_err(&path, err))?;
+        Ok(())
+    })();
+    if let Err(err) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(err);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|err| write_err(dir, err))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|err| write_err(dir, err))
+}
+
+/// Folds every attached adapter into its base weight (`W += scale · B A`) and removes it;
+/// returns how many were merged.
+pub fn merge_adapters(model: &mut Transformer) -> Result<usize> {
+    let mut merged = 0;
+    for layer in &mut model.layers {
+        let linears = [
+            &mut layer.self_attn.q_proj,
+            &mut layer.self_attn.k_proj,
+            &mut layer.self_attn.v_proj,
+            &mut layer.self_attn.o_proj,
+            &mut layer.mlp.gate_proj,
+            &mut layer.mlp.up_proj,
+            &mut layer.mlp.down_proj,
+        ];
+        for linear in linears {
+            if let Some(lora) = linear.lora.take() {
+                let delta = (lora.b.detach().matmul(&lora.a.detach())? * lora.scale)?;
+                linear.weight = (&linear.weight + delta.to_dtype(linear.weight.dtype())?)?;
+                merged += 1;
+            }
+        }
+    }
+    Ok(merged)
+}
+
+/// Loads `spec` (typically `BASE+ADAPTER`), merges its adapters and writes the result as a
+/// Hugging Face folder; returns the number of merged layers.
+pub fn save_merged(
+    spec: &crate::model::load::ModelSpec,
+    opts: &crate::model::load::LoadOptions,
+    dir: &Path,
+) -> Result<usize> {
+    let mut loaded = crate::model::load::load(spec, opts)?;
+    let merged = merge_adapters(&mut loaded.model)?;
+    save_hf_folder(&loaded, dir)?;
+    Ok(merged)
+}
