@@ -702,9 +702,8 @@ fn tiny_instructions(dir: &std::path::Path) -> String {
         ("write a poem about the sea", "the sea is blue and cold ."),
     ] {
         for _ in 0..3 {
-            text.push_str(&format!(
-                "{{\"instruction\": \"{q}\", \"output\": \"{r}\"}}\n"
-            ));
+            text.push_str(&serde_json::json!({"instruction": q, "output": r}).to_string());
+            text.push('\n');
         }
     }
     text.push_str("{\"instruction\": \"no answer\"}\n");
@@ -719,12 +718,30 @@ fn train_writes_checkpoints_curves_and_resumes() -> anyhow::Result<()> {
     let out = dir.path().join("run");
     let out_s = out.display().to_string();
     let args = [
-        "train", "--model", &model, "--data", &data, "--out", &out_s, "--steps", "4",
-        "--save-every", "2", "--eval-every", "2", "--lr", "1e-3",
+        "train",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--out",
+        &out_s,
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--lr",
+        "1e-3",
     ];
     let run = run_cli(&args);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.stderr.contains("line 10: Alpaca line without field `output` (skipped)"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("line 10: Alpaca line without field `output` (skipped)"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("step 4/4"), "{}", run.stderr);
     assert!(run.stdout.contains("trained 4 steps"), "{}", run.stdout);
     for name in [
@@ -740,7 +757,9 @@ fn train_writes_checkpoints_curves_and_resumes() -> anyhow::Result<()> {
     }
     let curves = std::fs::read_to_string(out.join("curves.csv"))?;
     assert!(
-        curves.starts_with("step,loss,loss_ce,learning_rate,grad_norm,tokens_per_s,seconds,validation_loss"),
+        curves.starts_with(
+            "step,loss,loss_ce,learning_rate,grad_norm,tokens_per_s,seconds,validation_loss"
+        ),
         "{curves}"
     );
     assert_eq!(curves.lines().count(), 5);
@@ -754,7 +773,11 @@ fn train_writes_checkpoints_curves_and_resumes() -> anyhow::Result<()> {
     let merged = dir.path().join("merged").display().to_string();
     let run = run_cli(&["merge", "--model", &spec, "--out", &merged]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(run.stdout.contains("merged 6 adapted layers"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("merged 6 adapted layers"),
+        "{}",
+        run.stdout
+    );
     let text = "the cat sat on the mat";
     let with_adapter = run_cli(&["forward", "--model", &spec, "--text", text, "--json"]);
     let from_merged = run_cli(&["forward", "--model", &merged, "--text", text, "--json"]);
@@ -764,14 +787,27 @@ fn train_writes_checkpoints_curves_and_resumes() -> anyhow::Result<()> {
     };
     let (a, b) = (logits(&with_adapter.stdout), logits(&from_merged.stdout));
     assert_eq!(a.len(), b.len());
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     assert!(diff < 1e-4, "merged logits differ by {diff}");
-    assert_one_line_error(&run_cli(&["merge", "--model", &model, "--out", &merged]), "names no adapter");
+    assert_one_line_error(
+        &run_cli(&["merge", "--model", &model, "--out", &merged]),
+        "names no adapter",
+    );
 
     // Resume with more steps: continues at step 4 and writes the rest of the curves.
-    let resumed = run_cli(&["train", "--model", &model, "--resume", &out_s, "--steps", "6", "--json"]);
+    let resumed = run_cli(&[
+        "train", "--model", &model, "--resume", &out_s, "--steps", "6", "--json",
+    ]);
     assert_eq!(resumed.code, 0, "{}", resumed.stderr);
-    assert!(resumed.stderr.contains("resuming at step 4 of 6"), "{}", resumed.stderr);
+    assert!(
+        resumed.stderr.contains("resuming at step 4 of 6"),
+        "{}",
+        resumed.stderr
+    );
     let value: serde_json::Value = serde_json::from_str(resumed.stdout.trim())?;
     assert_eq!(value["state"]["step"], 6);
     assert_eq!(value["state"]["history"].as_array().map(Vec::len), Some(6));
@@ -787,7 +823,12 @@ fn train_names_bad_data_and_settings() -> anyhow::Result<()> {
     let bad_s = bad.display().to_string();
     let run = run_cli(&["train", "--model", &model, "--data", &bad_s, "--steps", "1"]);
     assert_one_line_error(&run, "bad.jsonl");
-    assert!(run.stderr.contains("no usable training example (line 1: not JSON"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("no usable training example (line 1: not JSON"),
+        "{}",
+        run.stderr
+    );
     let missing = dir.path().join("missing.jsonl").display().to_string();
     assert_one_line_error(
         &run_cli(&["train", "--model", &model, "--data", &missing]),
@@ -795,11 +836,25 @@ fn train_names_bad_data_and_settings() -> anyhow::Result<()> {
     );
     let data = tiny_instructions(dir.path());
     assert_one_line_error(
-        &run_cli(&["train", "--model", &model, "--data", &data, "--targets", "q_proj,qkv"]),
+        &run_cli(&[
+            "train",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--targets",
+            "q_proj,qkv",
+        ]),
         "qkv",
     );
     assert_one_line_error(
-        &run_cli(&["train", "--model", &model, "--resume", &dir.path().display().to_string()]),
+        &run_cli(&[
+            "train",
+            "--model",
+            &model,
+            "--resume",
+            &dir.path().display().to_string(),
+        ]),
         "no checkpoint to resume from",
     );
     Ok(())

@@ -36,14 +36,19 @@ fn adapters_round_trip_with_python_peft() -> anyhow::Result<()> {
         return Ok(());
     }
     let gguf = demo_model_path();
-    let loaded = load(&ModelSpec::parse(&gguf.display().to_string()), &LoadOptions::default())?;
+    let loaded = load(
+        &ModelSpec::parse(&gguf.display().to_string()),
+        &LoadOptions::default(),
+    )?;
     let ids: Vec<u32> = vec![1, 504, 3575, 282, 4649, 314, 7042, 30, 378, 2644];
     let input = Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
     let ours_base = loaded.model.forward(&input)?.squeeze(0)?.to_vec2::<f32>()?;
 
     // tunelens -> PEFT: fresh adapters with B set to non-zero values.
     let mut settings = TrainSettings::default();
-    settings.lora.targets = ["q_proj", "k_proj", "v_proj", "up_proj"].map(str::to_owned).to_vec();
+    settings.lora.targets = ["q_proj", "k_proj", "v_proj", "up_proj"]
+        .map(str::to_owned)
+        .to_vec();
     let example = tunelens::train::dataset::Example {
         line: 1,
         ids: ids.clone(),
@@ -55,10 +60,16 @@ fn adapters_round_trip_with_python_peft() -> anyhow::Result<()> {
         let shape = p.b.dims().to_vec();
         let n: usize = shape.iter().product();
         #[allow(clippy::cast_precision_loss)]
-        let values: Vec<f32> = (0..n).map(|j| ((((i * 131 + j * 17) % 29) as f32) - 14.0) * 0.002).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|j| ((((i * 131 + j * 17) % 29) as f32) - 14.0) * 0.002)
+            .collect();
         p.b.set(&Tensor::from_vec(values, shape, p.b.device())?)?;
     }
-    let ours_adapted = trainer.model().forward(&input)?.squeeze(0)?.to_vec2::<f32>()?;
+    let ours_adapted = trainer
+        .model()
+        .forward(&input)?
+        .squeeze(0)?
+        .to_vec2::<f32>()?;
     let dir = tempfile::tempdir()?;
     let ours_dir = dir.path().join("ours");
     std::fs::create_dir_all(&ours_dir)?;
@@ -80,8 +91,10 @@ fn adapters_round_trip_with_python_peft() -> anyhow::Result<()> {
         .status()?;
     assert!(status.success(), "the PEFT script failed");
     let peft: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-    let rows = |key: &str| -> Vec<Vec<f32>> { serde_json::from_value(peft[key].clone()).expect(key) };
-    let (peft_base, peft_ours, peft_theirs) = (rows("base"), rows("ours_in_peft"), rows("theirs_in_peft"));
+    let rows =
+        |key: &str| -> Vec<Vec<f32>> { serde_json::from_value(peft[key].clone()).expect(key) };
+    let (peft_base, peft_ours, peft_theirs) =
+        (rows("base"), rows("ours_in_peft"), rows("theirs_in_peft"));
 
     // PEFT -> tunelens.
     let mut fresh = loaded.model.clone();
@@ -92,8 +105,14 @@ fn adapters_round_trip_with_python_peft() -> anyhow::Result<()> {
     let base_diff = max_diff(&ours_base, &peft_base);
     let a = max_diff(&ours_adapted, &peft_ours);
     let b = max_diff(&ours_theirs, &peft_theirs);
-    let da = max_diff(&delta(&ours_adapted, &ours_base), &delta(&peft_ours, &peft_base));
-    let db = max_diff(&delta(&ours_theirs, &ours_base), &delta(&peft_theirs, &peft_base));
+    let da = max_diff(
+        &delta(&ours_adapted, &ours_base),
+        &delta(&peft_ours, &peft_base),
+    );
+    let db = max_diff(
+        &delta(&ours_theirs, &ours_base),
+        &delta(&peft_theirs, &peft_base),
+    );
     let effect = max_diff(&ours_adapted, &ours_base).min(max_diff(&ours_theirs, &ours_base));
     eprintln!(
         "PEFT compatibility: base logits differ by {base_diff:.2e}; tunelens adapter in PEFT {a:.2e} \
@@ -101,7 +120,10 @@ fn adapters_round_trip_with_python_peft() -> anyhow::Result<()> {
          the adapters move logits by at least {effect:.2e}"
     );
     assert!(effect > 1e-2, "the adapters must change the logits");
-    assert!(da < 1e-4 && db < 1e-4, "adapter effects differ: {da:.2e}, {db:.2e}");
+    assert!(
+        da < 1e-4 && db < 1e-4,
+        "adapter effects differ: {da:.2e}, {db:.2e}"
+    );
     assert!(a < base_diff + 1e-4 && b < base_diff + 1e-4);
     Ok(())
 }

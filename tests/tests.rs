@@ -10,6 +10,6 @@ mod common;
 mod demo_model;
 mod model_core;
 mod peft;
-mod ui;
 mod train;
+mod ui;
 mod worker;

@@ -9,9 +9,7 @@ use tunelens::train::checkpoint::{
     find_checkpoint, read_state, restore, write_peft_adapter, DataSettings,
 };
 use tunelens::train::dataset::{self, Example, PromptTemplate, Renderer, SplitOptions};
-use tunelens::train::lora_trainer::{
-    LossContext, LossTerm, StepError, TrainSettings, Trainer,
-};
+use tunelens::train::lora_trainer::{LossContext, LossTerm, StepError, TrainSettings, Trainer};
 use tunelens::train::run::{new_state, run, TrainEvent};
 
 use crate::common::{ids_tensor, max_abs_diff, tiny, tiny_f64};
@@ -136,15 +134,24 @@ fn steps_change_only_adapter_parameters() {
     let model = trainer.model();
     for (layer, orig) in model.layers.iter().zip(&lm.model.layers) {
         for (w, w0) in [
-            (&layer.self_attn.q_proj.weight, &orig.self_attn.q_proj.weight),
-            (&layer.self_attn.k_proj.weight, &orig.self_attn.k_proj.weight),
+            (
+                &layer.self_attn.q_proj.weight,
+                &orig.self_attn.q_proj.weight,
+            ),
+            (
+                &layer.self_attn.k_proj.weight,
+                &orig.self_attn.k_proj.weight,
+            ),
             (&layer.mlp.down_proj.weight, &orig.mlp.down_proj.weight),
         ] {
             assert_eq!(max_abs_diff(w, w0), 0.0);
         }
         assert!(layer.self_attn.k_proj.lora.is_none());
     }
-    assert_eq!(max_abs_diff(&model.embed_tokens, &lm.model.embed_tokens), 0.0);
+    assert_eq!(
+        max_abs_diff(&model.embed_tokens, &lm.model.embed_tokens),
+        0.0
+    );
 }
 
 #[test]
@@ -176,17 +183,29 @@ fn lora_gradients_match_finite_differences() {
         let shape = p.b.dims().to_vec();
         let n: usize = shape.iter().product();
         #[allow(clippy::cast_precision_loss)]
-        let values: Vec<f64> = (0..n).map(|j| (((i * 31 + j * 7) % 13) as f64 - 6.0) * 0.05).collect();
+        let values: Vec<f64> = (0..n)
+            .map(|j| (((i * 31 + j * 7) % 13) as f64 - 6.0) * 0.05)
+            .collect();
         p.b.set(&Tensor::from_vec(values, shape, p.b.device()).unwrap())
             .unwrap();
     }
     let grads = trainer.gradients().unwrap().grads;
     let data = examples(&lm);
     let eps = 1e-6;
-    for (pi, which, idx) in [(0usize, 'a', 3usize), (1, 'b', 5), (4, 'a', 17), (5, 'b', 0)] {
+    for (pi, which, idx) in [
+        (0usize, 'a', 3usize),
+        (1, 'b', 5),
+        (4, 'a', 17),
+        (5, 'b', 0),
+    ] {
         let param = &trainer.params()[pi];
         let var: &Var = if which == 'a' { &param.a } else { &param.b };
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let shape = var.dims().to_vec();
         let eval = |delta: f64| {
             let mut v = orig.clone();
@@ -197,7 +216,11 @@ fn lora_gradients_match_finite_differences() {
         };
         let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
         eval(0.0);
-        let g = if which == 'a' { &grads[pi].0 } else { &grads[pi].1 };
+        let g = if which == 'a' {
+            &grads[pi].0
+        } else {
+            &grads[pi].1
+        };
         let analytic = g.flatten_all().unwrap().to_vec1::<f64>().unwrap()[idx];
         assert!(
             (numeric - analytic).abs() < 1e-6 * (1.0 + numeric.abs()),
@@ -244,23 +267,32 @@ fn resumed_run_equals_the_uninterrupted_one() {
         ControlFlow::Continue(())
     })
     .unwrap();
-    assert!(full_dir.path().join("adapter/adapter_model.safetensors").exists());
+    assert!(full_dir
+        .path()
+        .join("adapter/adapter_model.safetensors")
+        .exists());
     assert!(full_dir.path().join("curves.csv").exists());
 
     let dir = tempfile::tempdir().unwrap();
     let mut first = Trainer::new(lm.model.clone(), s.clone(), data.clone(), vec![], 0).unwrap();
     let mut state = new_state(&first, DataSettings::default(), "tiny");
-    let outcome = run(&mut first, &mut state, Some(dir.path()), &mut |event| match event {
-        TrainEvent::Step(r) if r.step == 5 => ControlFlow::Break(()),
-        _ => ControlFlow::Continue(()),
-    })
+    let outcome = run(
+        &mut first,
+        &mut state,
+        Some(dir.path()),
+        &mut |event| match event {
+            TrainEvent::Step(r) if r.step == 5 => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        },
+    )
     .unwrap();
     assert!(outcome.cancelled);
     let ckpt = find_checkpoint(dir.path()).unwrap();
     assert!(ckpt.ends_with("checkpoint-000005"), "{}", ckpt.display());
     let mut state = read_state(&ckpt).unwrap();
     assert_eq!(state.history.len(), 5);
-    let mut resumed = Trainer::new(lm.model.clone(), state.settings.clone(), data, vec![], 0).unwrap();
+    let mut resumed =
+        Trainer::new(lm.model.clone(), state.settings.clone(), data, vec![], 0).unwrap();
     restore(&ckpt, &mut resumed, &state).unwrap();
     run(&mut resumed, &mut state, Some(dir.path()), &mut |_| {
         ControlFlow::Continue(())
@@ -274,7 +306,7 @@ fn resumed_run_equals_the_uninterrupted_one() {
 struct NanTerm;
 
 impl LossTerm for NanTerm {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "broken"
     }
 
@@ -310,9 +342,17 @@ fn nan_loss_stops_without_touching_parameters() {
 fn hand_written_backward_matches_autograd() {
     let lm = tiny(4);
     let mut s = settings(1);
-    s.lora.targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        .map(str::to_owned)
-        .to_vec();
+    s.lora.targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    .map(str::to_owned)
+    .to_vec();
     s.batch_size = 4;
     s.grad_accum = 2;
     let mut trainer = Trainer::new(lm.model.clone(), s, examples(&lm), vec![], 0).unwrap();
@@ -320,7 +360,9 @@ fn hand_written_backward_matches_autograd() {
         let shape = p.b.dims().to_vec();
         let n: usize = shape.iter().product();
         #[allow(clippy::cast_precision_loss)]
-        let values: Vec<f32> = (0..n).map(|j| (((i * 17 + j * 5) % 11) as f32 - 5.0) * 0.03).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|j| (((i * 17 + j * 5) % 11) as f32 - 5.0) * 0.03)
+            .collect();
         p.b.set(&Tensor::from_vec(values, shape, p.b.device()).unwrap())
             .unwrap();
     }
@@ -334,7 +376,12 @@ fn hand_written_backward_matches_autograd() {
     for ((fa, fb), (ra, rb)) in fast.grads.iter().zip(&reference.grads) {
         for (f, r) in [(fa, ra), (fb, rb)] {
             let scale = 1.0 + max_abs_diff(r, &r.zeros_like().unwrap());
-            assert!(max_abs_diff(f, r) < 1e-5 * scale, "{} vs {}", max_abs_diff(f, r), scale);
+            assert!(
+                max_abs_diff(f, r) < 1e-5 * scale,
+                "{} vs {}",
+                max_abs_diff(f, r),
+                scale
+            );
         }
     }
 }

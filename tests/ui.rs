@@ -415,7 +415,8 @@ fn finetune_view_previews_estimates_trains_cancels_resumes_and_loads_as_b() {
         ("list three tips for study", "read a book , run , jump"),
     ] {
         for _ in 0..3 {
-            lines.push_str(&format!("{{\"instruction\": \"{q}\", \"output\": \"{r}\"}}\n"));
+            lines.push_str(&serde_json::json!({"instruction": q, "output": r}).to_string());
+            lines.push('\n');
         }
     }
     lines.push_str("{\"instruction\": \"no output here\"}\n");
@@ -438,24 +439,32 @@ fn finetune_view_previews_estimates_trains_cancels_resumes_and_loads_as_b() {
     harness.run();
 
     harness.get_by_label("Preview data").click();
-    step_until(&mut harness, "the preview", |app| app.training.preview.is_some());
+    step_until(&mut harness, "the preview", |app| {
+        app.training.preview.is_some()
+    });
     harness.get_by_label_contains("1 lines skipped");
     harness.get_by_label_contains("line 1 · alpaca");
 
     harness.get_by_label("Estimate").click();
-    step_until(&mut harness, "the estimate", |app| app.training.estimate.is_some());
+    step_until(&mut harness, "the estimate", |app| {
+        app.training.estimate.is_some()
+    });
     harness.get_by_label_contains("Estimate:");
 
     // Launch, stop after a few steps: a checkpoint is written and Resume is offered.
     harness.get_by_label("Launch").click();
-    step_until(&mut harness, "a few steps", |app| app.training.steps.len() >= 3);
+    step_until(&mut harness, "a few steps", |app| {
+        app.training.steps.len() >= 3
+    });
     // The status bar has a Cancel too; the view's is the first.
     harness
         .query_all_by_label("Cancel")
         .next()
         .expect("a Cancel button")
         .click();
-    step_until(&mut harness, "the stop", |app| app.training.result.is_some());
+    step_until(&mut harness, "the stop", |app| {
+        app.training.result.is_some()
+    });
     let stopped = harness.state().training.result.clone().expect("result");
     assert!(stopped.cancelled, "the run was stopped");
     assert!(stopped.state.step < 300);
@@ -481,19 +490,32 @@ fn finetune_view_previews_estimates_trains_cancels_resumes_and_loads_as_b() {
     harness.get_by_label("Load as B").click();
     step_until(&mut harness, "slot B", |app| {
         assert!(app.last_error.is_none(), "{:?}", app.last_error);
-        app.slots[1].info.as_ref().is_some_and(|i| i.adapter.is_some())
+        app.slots[1]
+            .info
+            .as_ref()
+            .is_some_and(|i| i.adapter.is_some())
     });
 
     let out = tempfile::tempdir().expect("temp dir");
-    harness.state_mut().export_to(&out.path().join("training.svg"));
+    harness
+        .state_mut()
+        .export_to(&out.path().join("training.svg"));
     step_until(&mut harness, "the export", |app| {
         app.export_note
             .as_deref()
             .is_some_and(|n| n.starts_with("Exported"))
     });
-    for name in ["training.svg", "training.png", "training_curves.csv", "training.json"] {
+    for name in [
+        "training.svg",
+        "training.png",
+        "training_curves.csv",
+        "training.json",
+    ] {
         let len = std::fs::metadata(out.path().join(name)).map_or(0, |m| m.len());
         assert!(len > 50, "{name}: {len} bytes");
     }
-    assert!(run_dir.path().join("adapter/adapter_model.safetensors").exists());
+    assert!(run_dir
+        .path()
+        .join("adapter/adapter_model.safetensors")
+        .exists());
 }

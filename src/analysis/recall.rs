@@ -301,7 +301,8 @@ pub fn clean_vocab(
     use std::collections::HashMap;
     use std::hash::{Hash, Hasher};
     use std::sync::{Arc, Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<HashMap<u64, Arc<Vec<Option<String>>>>>> = OnceLock::new();
+    type Vocab = Arc<Vec<Option<String>>>;
+    static CACHE: OnceLock<Mutex<HashMap<u64, Vocab>>> = OnceLock::new();
     // The key: every vocabulary entry (sorted by id) and the size asked for.
     let mut entries: Vec<(u32, String)> = tokenizer
         .inner()

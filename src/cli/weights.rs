@@ -72,7 +72,6 @@ pub struct HeadsArgs {
     group_size: usize,
 }
 
-
 /// `135M`, `7B`: the `Size` column.
 fn size_label(parameters: usize) -> String {
     let p = parameters as f64;

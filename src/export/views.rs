@@ -393,7 +393,10 @@ pub fn training_figure(out: &TrainOutput) -> Figure {
     let step = |s: usize| s as f32;
     let mut loss = vec![LineSeries {
         name: "training loss".to_owned(),
-        points: history.iter().map(|r| (step(r.step), r.loss as f32)).collect(),
+        points: history
+            .iter()
+            .map(|r| (step(r.step), r.loss as f32))
+            .collect(),
     }];
     let terms = history.first().map_or(0, |r| r.terms.len());
     if terms > 1 {
@@ -402,7 +405,12 @@ pub fn training_figure(out: &TrainOutput) -> Figure {
                 name: history[0].terms[i].0.clone(),
                 points: history
                     .iter()
-                    .map(|r| (step(r.step), r.terms.get(i).map_or(f32::NAN, |t| t.1 as f32)))
+                    .map(|r| {
+                        (
+                            step(r.step),
+                            r.terms.get(i).map_or(f32::NAN, |t| t.1 as f32),
+                        )
+                    })
                     .collect(),
             });
         }

@@ -53,7 +53,11 @@ impl LoraDropout {
 
     /// The mask (entries 0 or `1/(1 − p)`) for an input of `shape` under the current seed, or
     /// `None` when dropout is off. The same seed and shape always give the same mask.
-    pub fn mask(&self, shape: &candle_core::Shape, device: &candle_core::Device) -> Result<Option<Tensor>> {
+    pub fn mask(
+        &self,
+        shape: &candle_core::Shape,
+        device: &candle_core::Device,
+    ) -> Result<Option<Tensor>> {
         let seed = self.seed.load(std::sync::atomic::Ordering::Relaxed);
         if seed == DROPOUT_OFF || self.p <= 0.0 {
             return Ok(None);

@@ -22,7 +22,9 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
     };
     let rope_scaling = match cfg.rope_scaling {
         RopeScaling::None => serde_json::Value::Null,
-        RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Linear { factor } => {
+            serde_json::json!({"rope_type": "linear", "factor": factor})
+        }
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -63,7 +65,10 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
     if let Some(obj) = value.as_object_mut() {
         match cfg.architecture {
             Architecture::Qwen2 => {
-                obj.insert("use_sliding_window".into(), cfg.sliding_window.is_some().into());
+                obj.insert(
+                    "use_sliding_window".into(),
+                    cfg.sliding_window.is_some().into(),
+                );
                 obj.insert("sliding_window".into(), cfg.sliding_window.into());
             }
             Architecture::Mistral => {
@@ -78,11 +83,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
     value
 }
 
-fn put_linear(
-    tensors: &mut HashMap<String, Tensor>,
-    name: &str,
-    linear: &Linear,
-) -> Result<()> {
+fn put_linear(tensors: &mut HashMap<String, Tensor>, name: &str, linear: &Linear) -> Result<()> {
     if linear.lora.is_some() {
         return Err(Error::invalid(
             "model",
@@ -103,7 +104,10 @@ fn cpu(t: &Tensor) -> Result<Tensor> {
 /// The model's weights by Hugging Face name.
 pub fn hf_tensors(model: &Transformer) -> Result<HashMap<String, Tensor>> {
     let mut tensors = HashMap::new();
-    tensors.insert("model.embed_tokens.weight".to_owned(), cpu(&model.embed_tokens)?);
+    tensors.insert(
+        "model.embed_tokens.weight".to_owned(),
+        cpu(&model.embed_tokens)?,
+    );
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         tensors.insert(

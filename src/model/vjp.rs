@@ -189,19 +189,34 @@ impl Transformer {
                 &layer.mlp.down_proj,
                 &grad,
                 use_lora,
-                lora_target(&mut sink, layer_idx, "down_proj", inputs.as_ref().map(|i| &i.1)),
+                lora_target(
+                    &mut sink,
+                    layer_idx,
+                    "down_proj",
+                    inputs.as_ref().map(|i| &i.1),
+                ),
             )?;
             let (d_gate, d_up) = swiglu_vjp(&gate, &up, &d_hidden)?;
             let d_normed = (linear_vjp(
                 &layer.mlp.gate_proj,
                 &d_gate,
                 use_lora,
-                lora_target(&mut sink, layer_idx, "gate_proj", inputs.as_ref().map(|i| &i.0)),
+                lora_target(
+                    &mut sink,
+                    layer_idx,
+                    "gate_proj",
+                    inputs.as_ref().map(|i| &i.0),
+                ),
             )? + linear_vjp(
                 &layer.mlp.up_proj,
                 &d_up,
                 use_lora,
-                lora_target(&mut sink, layer_idx, "up_proj", inputs.as_ref().map(|i| &i.0)),
+                lora_target(
+                    &mut sink,
+                    layer_idx,
+                    "up_proj",
+                    inputs.as_ref().map(|i| &i.0),
+                ),
             )?)?;
             let x_mid = first(taped(lt.x_mid.as_ref(), "mid residual")?, 1, t_len)?;
             grad = rms_norm_vjp_add(&layer.post_attention_layernorm, &x_mid, &d_normed, &grad)?;
@@ -258,7 +273,12 @@ impl Transformer {
             &attn.o_proj,
             d_out,
             use_lora,
-            lora_target(&mut sink, layer_idx, "o_proj", inputs.as_ref().map(|i| &i.1)),
+            lora_target(
+                &mut sink,
+                layer_idx,
+                "o_proj",
+                inputs.as_ref().map(|i| &i.1),
+            ),
         )?;
         let dims = AttnDims {
             k_sz,

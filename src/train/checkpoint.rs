@@ -118,9 +118,10 @@ pub fn write_peft_adapter(dir: &Path, trainer: &Trainer, base_model: &str) -> Re
 pub fn save_checkpoint(dir: &Path, trainer: &Trainer, state: &TrainerState) -> Result<()> {
     let parent = dir.parent().unwrap_or_else(|| Path::new("."));
     std::fs::create_dir_all(parent).map_err(|err| write_err(parent, err))?;
-    let name = dir
-        .file_name()
-        .map_or_else(|| "checkpoint".to_owned(), |n| n.to_string_lossy().into_owned());
+    let name = dir.file_name().map_or_else(
+        || "checkpoint".to_owned(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|err| write_err(&tmp, err))?;
@@ -132,7 +133,10 @@ pub fn save_checkpoint(dir: &Path, trainer: &Trainer, state: &TrainerState) -> R
         for (param, (ma, mb)) in trainer.params().iter().zip(trainer.moments()) {
             let prefix = param.peft_prefix();
             for (which, m) in [("lora_A", ma), ("lora_B", mb)] {
-                moments.insert(format!("{prefix}.{which}.exp_avg"), m.m.to_device(&Device::Cpu)?);
+                moments.insert(
+                    format!("{prefix}.{which}.exp_avg"),
+                    m.m.to_device(&Device::Cpu)?,
+                );
                 moments.insert(
                     format!("{prefix}.{which}.exp_avg_sq"),
                     m.v.to_device(&Device::Cpu)?,
@@ -207,10 +211,7 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).map_err(|err| {
         Error::bad_file(
             &path,
-            format!(
-                "trainer_state.json: {}",
-                crate::error::json_message(&err)
-            ),
+            format!("trainer_state.json: {}", crate::error::json_message(&err)),
         )
     })
 }

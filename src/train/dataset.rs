@@ -151,7 +151,10 @@ fn parse_record(line: &str) -> std::result::Result<Record, String> {
         }
         return Ok(Record::Completion { prompt, completion });
     }
-    Err("unknown format: expected `instruction`/`output`, `messages`, or `prompt`/`completion`".to_owned())
+    Err(
+        "unknown format: expected `instruction`/`output`, `messages`, or `prompt`/`completion`"
+            .to_owned(),
+    )
 }
 
 /// Parses JSONL text; blank lines are ignored.
@@ -334,8 +337,7 @@ impl Renderer<'_> {
             let through = template
                 .render(&messages[..=i], false)
                 .map_err(|err| err.to_string())?;
-            if !full.starts_with(&through) || !through.starts_with(&before) || before.len() < done
-            {
+            if !full.starts_with(&through) || !through.starts_with(&before) || before.len() < done {
                 return Err(
                     "the chat template does not render conversations incrementally".to_owned(),
                 );
@@ -591,7 +593,10 @@ mod tests {
         assert!(parsed.issues[2].reason.contains("no assistant turn"));
         assert!(parsed.issues[4].reason.contains("unknown format"));
         assert!(parsed.issues[5].reason.contains("unknown role"));
-        assert_eq!(parsed.issues[0].to_string().split(':').next(), Some("line 5"));
+        assert_eq!(
+            parsed.issues[0].to_string().split(':').next(),
+            Some("line 5")
+        );
     }
 
     #[test]

@@ -174,7 +174,10 @@ impl TrainSettings {
             if !TARGETABLE.contains(&target.as_str()) {
                 return Err(Error::invalid(
                     "target modules",
-                    format!("unknown module `{target}` (one of {})", TARGETABLE.join(", ")),
+                    format!(
+                        "unknown module `{target}` (one of {})",
+                        TARGETABLE.join(", ")
+                    ),
                 ));
             }
         }
@@ -325,7 +328,7 @@ pub trait LossTerm: Send {
 pub struct CrossEntropy;
 
 impl LossTerm for CrossEntropy {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "ce"
     }
 
@@ -587,7 +590,12 @@ impl Trainer {
     }
 
     /// Restores parameters, moments and the step count (used when resuming).
-    pub fn restore(&mut self, values: &[(Tensor, Tensor)], moments: Vec<(Moments, Moments)>, step: usize) -> Result<()> {
+    pub fn restore(
+        &mut self,
+        values: &[(Tensor, Tensor)],
+        moments: Vec<(Moments, Moments)>,
+        step: usize,
+    ) -> Result<()> {
         if values.len() != self.params.len() || moments.len() != self.params.len() {
             return Err(Error::invalid(
                 "checkpoint",
@@ -613,8 +621,12 @@ impl Trainer {
                     ),
                 ));
             }
-            param.a.set(&a.to_dtype(param.a.dtype())?.to_device(param.a.device())?)?;
-            param.b.set(&b.to_dtype(param.b.dtype())?.to_device(param.b.device())?)?;
+            param
+                .a
+                .set(&a.to_dtype(param.a.dtype())?.to_device(param.a.device())?)?;
+            param
+                .b
+                .set(&b.to_dtype(param.b.dtype())?.to_device(param.b.device())?)?;
         }
         self.moments = moments;
         self.step = step;
@@ -806,8 +818,8 @@ impl Trainer {
                     // d(Σ CE · norm)/d logits = (softmax − onehot) · norm.
                     let ones = Tensor::ones((n, 1), DType::F32, &device)?;
                     let onehot = log_probs.zeros_like()?.scatter_add(&targets, &ones, 1)?;
-                    let d_logits = ((log_probs.exp()? - onehot)? * norm)?
-                        .to_dtype(self.model.dtype())?;
+                    let d_logits =
+                        ((log_probs.exp()? - onehot)? * norm)?.to_dtype(self.model.dtype())?;
                     let d_rows = d_logits.matmul(&self.model.lm_head.weight)?;
                     let t_len = last as usize + 1;
                     let cot = Tensor::zeros((t_len, rows.dim(1)?), self.model.dtype(), &device)?
@@ -877,7 +889,11 @@ impl Trainer {
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             return Err(StepError::NonFinite {
-                what: if grad_norm.is_nan() { "NaN" } else { "infinite" },
+                what: if grad_norm.is_nan() {
+                    "NaN"
+                } else {
+                    "infinite"
+                },
                 step: self.step + 1,
                 last_good: self.step,
             });
@@ -892,11 +908,8 @@ impl Trainer {
         let bc1 = 1.0 - BETA1.powi(t);
         let bc2 = 1.0 - BETA2.powi(t);
         let wd = self.settings.weight_decay;
-        for ((param, (ga, gb)), (ma, mb)) in self
-            .params
-            .iter()
-            .zip(&grads)
-            .zip(self.moments.iter_mut())
+        for ((param, (ga, gb)), (ma, mb)) in
+            self.params.iter().zip(&grads).zip(self.moments.iter_mut())
         {
             for (var, g, moments) in [(&param.a, ga, ma), (&param.b, gb, mb)] {
                 let g = if clip < 1.0 { (g * clip)? } else { g.clone() };
@@ -1001,7 +1014,10 @@ mod tests {
         assert!(s.learning_rate_at(10).abs() < 1e-12);
         s.schedule = Schedule::Cosine;
         assert!((s.learning_rate_at(6) - 0.5).abs() < 1e-12);
-        assert!((s.learning_rate_at(4) - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())).abs() < 1e-12);
+        assert!(
+            (s.learning_rate_at(4) - 0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())).abs()
+                < 1e-12
+        );
     }
 
     #[test]
@@ -1023,7 +1039,7 @@ mod tests {
         let targets = Tensor::new(&[0u32, 2], &Device::Cpu)?;
         let ce = cross_entropy(&logits, &targets)?.to_scalar::<f32>()?;
         let lse = (2f64.exp() + 1.0 + (-1f64).exp()).ln();
-        let expected = ((lse - 2.0) + 3f64.ln()) / 2.0;
+        let expected = f64::midpoint(lse - 2.0, 3f64.ln());
         assert!((f64::from(ce) - expected).abs() < 1e-6);
         Ok(())
     }

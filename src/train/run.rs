@@ -122,8 +122,9 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let mut last_checkpoint = None;
     if let Some(out) = out {
-        std::fs::create_dir_all(out)
-            .map_err(|err| Error::bad_file(out, format!("cannot create the output folder ({err})")))?;
+        std::fs::create_dir_all(out).map_err(|err| {
+            Error::bad_file(out, format!("cannot create the output folder ({err})"))
+        })?;
     }
     let settings = trainer.settings().clone();
     while !trainer.is_finished() {
@@ -187,8 +188,9 @@ pub fn run(
             .map_err(|err| Error::bad_file(&tmp, format!("cannot write the adapter ({err})")))?;
         write_peft_adapter(&tmp, trainer, &state.base_model)?;
         if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .map_err(|err| Error::bad_file(&dir, format!("cannot replace the adapter ({err})")))?;
+            std::fs::remove_dir_all(&dir).map_err(|err| {
+                Error::bad_file(&dir, format!("cannot replace the adapter ({err})"))
+            })?;
         }
         std::fs::rename(&tmp, &dir)
             .map_err(|err| Error::bad_file(&dir, format!("cannot write the adapter ({err})")))?;

@@ -19,16 +19,16 @@ use crate::export;
 use crate::model::generate::StopReason;
 use crate::model::{DeviceChoice, ModelInfo, ModelSpec};
 use crate::samples::{self, SampleSet};
+use crate::train::checkpoint::DataSettings;
 use crate::ui::dialogs::{DialogKind, Dialogs};
 use crate::ui::panels;
+use crate::ui::panels::finetune::TrainingView;
 use crate::ui::state::{AppState, InstructionSource, View};
 use crate::ui::theme;
 use crate::ui::widgets::status;
 use crate::wordfiles::WordSource;
 use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings, Measures};
 use crate::worker::job::SlotAttribution;
-use crate::train::checkpoint::DataSettings;
-use crate::ui::panels::finetune::TrainingView;
 use crate::worker::train::TrainRequest;
 use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 use crate::worker::{self, Event, Job, JobId, JobOutput, Slot, WorkerHandle};
@@ -486,8 +486,8 @@ impl TunelensApp {
                     DialogKind::FactsFile => self.state.consistency.facts_file = path,
                     DialogKind::TrainData => self.state.finetune.data_file = path,
                     DialogKind::TrainOutput => self.state.finetune.out_dir = path,
-                    DialogKind::MergedOutput => {}
-                    DialogKind::ModelFolder
+                    DialogKind::MergedOutput
+                    | DialogKind::ModelFolder
                     | DialogKind::GgufFile
                     | DialogKind::AdapterFolder
                     | DialogKind::ExportFile => {}
@@ -705,7 +705,9 @@ impl TunelensApp {
     }
 
     fn preview_training_data(&mut self) {
-        if self.slots[0].info.is_none() || self.pending.values().any(|p| p.kind == PendingKind::Train) {
+        if self.slots[0].info.is_none()
+            || self.pending.values().any(|p| p.kind == PendingKind::Train)
+        {
             return;
         }
         let data = self.training_request(None).data;
@@ -1208,7 +1210,7 @@ impl eframe::App for TunelensApp {
             ),
             View::Finetune => {
                 let ctx = panels::finetune::FinetuneCtx {
-                    base: self.slots[0].info.as_ref().map(|i| i.display_name()),
+                    base: self.slots[0].info.as_ref().map(ModelInfo::display_name),
                     running: self.pending.values().find(|p| p.kind == PendingKind::Train),
                     view: &self.training,
                     note: self.export_note.as_deref(),

@@ -108,7 +108,9 @@ impl Dialogs {
                         .add_filter("JSON", &["json"])
                         .pick_file(),
                     DialogKind::TrainData => dialog
-                        .set_title("Open instruction data (JSONL: Alpaca, chat or prompt/completion)")
+                        .set_title(
+                            "Open instruction data (JSONL: Alpaca, chat or prompt/completion)",
+                        )
                         .add_filter("JSON lines", &["jsonl", "json"])
                         .pick_file(),
                     DialogKind::TrainOutput => dialog

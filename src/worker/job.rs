@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::ffn_concepts::ConceptsConfig;
 use crate::analysis::head_pairs::HeadsConfig;
+use crate::train::checkpoint::DataSettings;
 use crate::wordfiles::WordSource;
 use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings};
-use crate::train::checkpoint::DataSettings;
 use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainRequest, TrainUpdate};
 use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 

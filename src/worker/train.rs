@@ -48,7 +48,9 @@ pub fn new_run_dir() -> PathBuf {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    base.join("tunelens").join("runs").join(format!("run-{stamp}"))
+    base.join("tunelens")
+        .join("runs")
+        .join(format!("run-{stamp}"))
 }
 
 /// The request's data settings with an empty path replaced by the shipped set.
@@ -183,7 +185,9 @@ pub fn prepare(loaded: &LoadedModel, data: &DataSettings, seed: u64) -> Result<D
         tokenizer: &loaded.tokenizer,
         chat_template: loaded.chat_template.as_ref(),
         template: data.template,
-        max_len: data.max_len.min(loaded.model.config().max_position_embeddings),
+        max_len: data
+            .max_len
+            .min(loaded.model.config().max_position_embeddings),
     };
     dataset::build(
         &data.path,
@@ -208,9 +212,8 @@ pub fn preview(loaded: &LoadedModel, data: &DataSettings, n: usize) -> Result<Da
     };
     let mut rows = Vec::new();
     for (line, record) in parsed.records.iter().take(n) {
-        let pieces = match renderer.pieces(record) {
-            Ok(pieces) => pieces,
-            Err(_) => continue,
+        let Ok(pieces) = renderer.pieces(record) else {
+            continue;
         };
         let (mut prompt, mut response) = (String::new(), String::new());
         for (text, label) in pieces {
@@ -394,7 +397,9 @@ pub fn estimate(
     for i in 0..=steps {
         let report = trainer.step().map_err(|err| match err {
             crate::train::lora_trainer::StepError::Other(err) => err,
-            other => Error::invalid("training loss", other.to_string()),
+            other @ crate::train::lora_trainer::StepError::NonFinite { .. } => {
+                Error::invalid("training loss", other.to_string())
+            }
         })?;
         if i > 0 {
             times.push(report.seconds);

@@ -13,7 +13,6 @@ use crate::ui::widgets::file_row;
 use crate::ui::widgets::plot::{box_plot_ui, histogram_ui, line_plot_ui, Series};
 use crate::worker::consistency::ConsistencyOutput;
 
-
 /// Draws the Consistency view.
 pub fn consistency_ui(
     ui: &mut egui::Ui,

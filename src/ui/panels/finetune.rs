@@ -207,7 +207,11 @@ fn settings_grid(ui: &mut egui::Ui, s: &mut FinetuneUi) {
         .show(ui, |ui| {
             ui.label("Template");
             ui.horizontal(|ui| {
-                ui.selectable_value(&mut s.template, PromptTemplate::Chat, "Model's chat template");
+                ui.selectable_value(
+                    &mut s.template,
+                    PromptTemplate::Chat,
+                    "Model's chat template",
+                );
                 ui.selectable_value(
                     &mut s.template,
                     PromptTemplate::Definition,
@@ -215,7 +219,13 @@ fn settings_grid(ui: &mut egui::Ui, s: &mut FinetuneUi) {
                 );
             });
             ui.end_row();
-            number_row(ui, "Max tokens per example", &mut s.max_len, 8..=32_768, 1.0);
+            number_row(
+                ui,
+                "Max tokens per example",
+                &mut s.max_len,
+                8..=32_768,
+                1.0,
+            );
             number_row(
                 ui,
                 "Validation fraction",
@@ -227,7 +237,10 @@ fn settings_grid(ui: &mut egui::Ui, s: &mut FinetuneUi) {
 }
 
 fn curve(points: impl Iterator<Item = (f64, f64)>) -> PlotPoints<'static> {
-    PlotPoints::from_iter(points.filter(|p| p.1.is_finite()).map(|(x, y)| [x, y]))
+    points
+        .filter(|p| p.1.is_finite())
+        .map(|(x, y)| [x, y])
+        .collect::<PlotPoints<'static>>()
 }
 
 const TERM_COLORS: [egui::Color32; 4] = [
@@ -254,8 +267,11 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
                 .x_axis_label("step")
                 .show(ui, |plot| {
                     plot.line(
-                        Line::new("train", curve(steps.iter().map(|s| (s.step as f64, s.loss))))
-                            .color(theme::SLOT_A),
+                        Line::new(
+                            "train",
+                            curve(steps.iter().map(|s| (s.step as f64, s.loss))),
+                        )
+                        .color(theme::SLOT_A),
                     );
                     if view.terms.len() > 1 {
                         for (i, name) in view.terms.iter().enumerate() {

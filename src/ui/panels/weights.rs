@@ -70,7 +70,6 @@ fn run_row(ui: &mut egui::Ui, row: RunRow<'_>, actions: &mut Vec<Action>) {
     });
 }
 
-
 fn layer_slider(ui: &mut egui::Ui, layer: &mut usize, layers: usize) {
     if layers == 0 {
         return;
