@@ -385,3 +385,29 @@ fn hand_written_backward_matches_autograd() {
         }
     }
 }
+
+#[test]
+fn steps_keep_no_autograd_graph_alive() {
+    // The adapters are `Var`s: any op on them records a graph. Gradients and AdamW moments
+    // must be plain values, or each step's moments would hold every earlier step's
+    // activations (a leak of ~80 MB per step on the demo model, found in a 200-step run).
+    let lm = tiny(3);
+    let mut s = settings(3);
+    s.lora.dropout = 0.1;
+    for autograd in [false, true] {
+        let mut trainer =
+            Trainer::new(lm.model.clone(), s.clone(), examples(&lm), vec![], 0).unwrap();
+        trainer.set_autograd(autograd);
+        for _ in 0..3 {
+            trainer.step().unwrap();
+        }
+        for (ma, mb) in trainer.moments() {
+            for m in [&ma.m, &ma.v, &mb.m, &mb.v] {
+                assert!(
+                    !m.track_op(),
+                    "a moment records an autograd graph (autograd {autograd})"
+                );
+            }
+        }
+    }
+}

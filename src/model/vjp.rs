@@ -668,8 +668,12 @@ fn linear_vjp(
     let mut d_in = frozen_input_grad(&d2, &linear.weight)?;
     if use_lora {
         if let Some(lora) = &linear.lora {
-            let dy_b = d2.matmul(&lora.b)?; // (k·T, r)
-            let mut delta = (dy_b.matmul(&lora.a)? * lora.scale)?;
+            // Detached: trained adapters are `Var`s, and ops on them would record an autograd
+            // graph holding this backward's activations (and, through the optimizer's
+            // moments, every earlier step's).
+            let (a, b) = (lora.a.detach(), lora.b.detach());
+            let dy_b = d2.matmul(&b)?; // (k·T, r)
+            let mut delta = (dy_b.matmul(&a)? * lora.scale)?;
             let mask = match &lora.dropout {
                 Some(dropout) => dropout.mask(delta.shape(), delta.device())?,
                 None => None,
@@ -683,7 +687,7 @@ fn linear_vjp(
                     Some(mask) => x.mul(mask)?,
                     None => x,
                 };
-                let u = x.matmul(&lora.a.t()?)?; // (T, r)
+                let u = x.matmul(&a.t()?)?; // (T, r)
                 let d_b = (d2.t()?.matmul(&u)? * lora.scale)?;
                 let d_a = (dy_b.t()?.matmul(&x)? * lora.scale)?;
                 target.sink.add(target.layer, target.module, d_a, d_b)?;

@@ -912,7 +912,9 @@ impl Trainer {
             self.params.iter().zip(&grads).zip(self.moments.iter_mut())
         {
             for (var, g, moments) in [(&param.a, ga, ma), (&param.b, gb, mb)] {
-                let g = if clip < 1.0 { (g * clip)? } else { g.clone() };
+                // Plain values only: nothing here may extend an autograd graph across steps.
+                let g = g.detach();
+                let g = if clip < 1.0 { (g * clip)? } else { g };
                 moments.m = ((&moments.m * BETA1)? + (&g * (1.0 - BETA1))?)?;
                 moments.v = ((&moments.v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
                 let mut p = var.as_tensor().detach();
@@ -922,6 +924,8 @@ impl Trainer {
                 let denom = ((moments.v.sqrt()? / bc2.sqrt())? + EPS)?;
                 let update = ((&moments.m / denom)? * (lr / bc1))?;
                 var.set(&(p - update)?)?;
+                moments.m = moments.m.detach();
+                moments.v = moments.v.detach();
             }
         }
         self.step += 1;
