@@ -259,6 +259,7 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
         ui.vertical(|ui| {
             ui.label(egui::RichText::new("Loss").strong());
             Plot::new("train_loss")
+                .allow_scroll(false)
                 .width(width)
                 .height(height)
                 .legend(Legend::default())
@@ -306,6 +307,7 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
         ui.vertical(|ui| {
             ui.label(egui::RichText::new("Learning rate").strong());
             Plot::new("train_lr")
+                .allow_scroll(false)
                 .width(width)
                 .height(height)
                 .include_x(0.0)
@@ -327,6 +329,7 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
         ui.vertical(|ui| {
             ui.label(egui::RichText::new("Tokens per second").strong());
             Plot::new("train_tps")
+                .allow_scroll(false)
                 .width(width)
                 .height(height)
                 .include_x(0.0)
@@ -346,6 +349,7 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
         ui.vertical(|ui| {
             ui.label(egui::RichText::new("Gradient norm (before clipping)").strong());
             Plot::new("train_grad")
+                .allow_scroll(false)
                 .width(width)
                 .height(height)
                 .include_x(0.0)
