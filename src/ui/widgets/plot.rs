@@ -54,6 +54,13 @@ fn axis_text(
     log_y: bool,
 ) {
     let font = FontId::proportional(FONT);
+    let fmt_x = |v: f64| {
+        if v.abs() >= 100.0 || v == 0.0 || v.fract() == 0.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.3}")
+        }
+    };
     let fmt = |v: f64| {
         if log_y {
             format!("{:.0e}", 10f64.powf(v))
@@ -80,14 +87,14 @@ fn axis_text(
     painter.text(
         Pos2::new(plot.left(), plot.bottom() + 2.0),
         Align2::LEFT_TOP,
-        format!("{}", x.0),
+        fmt_x(x.0),
         font.clone(),
         theme::MUTED,
     );
     painter.text(
         Pos2::new(plot.right(), plot.bottom() + 2.0),
         Align2::RIGHT_TOP,
-        format!("{}", x.1),
+        fmt_x(x.1),
         font.clone(),
         theme::MUTED,
     );
