@@ -26,7 +26,7 @@ pub struct TrainArgs {
     /// prompt/completion lines.
     #[arg(long, required_unless_present = "resume")]
     data: Option<PathBuf>,
-    /// Output folder (default: tunelens-runs/run-<unix time>).
+    /// Output folder (default: `tunelens-runs/run-<unix time>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue a stopped run from its folder (or one checkpoint folder); its settings and
