@@ -11,7 +11,6 @@
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context as _;
 use serde_json::json;
@@ -50,20 +49,12 @@ fn peer_sentences() -> Vec<String> {
         .collect()
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
+mod bench_util;
+use bench_util::median;
 
-fn timed(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Vec<f64>> {
-    f()?;
-    (0..reps.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            f()?;
-            Ok(t.elapsed().as_secs_f64())
-        })
-        .collect()
+/// One warm-up run, then `reps` timed runs.
+fn timed(reps: usize, f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Vec<f64>> {
+    bench_util::timed(1, reps.max(1), f)
 }
 
 fn main() -> anyhow::Result<()> {

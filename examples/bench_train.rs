@@ -18,25 +18,8 @@ use tunelens::train::lora_trainer::{TrainSettings, Trainer};
 const WARMUP: usize = 2;
 const BATCH: usize = 4;
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        f64::midpoint(xs[n / 2 - 1], xs[n / 2])
-    }
-}
-
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
+mod bench_util;
+use bench_util::{median, peak_rss_mb};
 
 fn main() -> anyhow::Result<()> {
     tunelens::model::configure_cpu_threads();

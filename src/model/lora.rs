@@ -26,6 +26,33 @@ pub struct LoraAdapter {
     pub dropout: Option<LoraDropout>,
 }
 
+/// SplitMix64: a tiny, seedable generator whose output is the same on every platform.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform number in `[0, 1)` with 24 random bits.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// A uniform index in `0..n`.
+    #[allow(clippy::cast_possible_truncation)]
+    pub fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
+    }
+}
+
 /// Seed value that switches [`LoraDropout`] off.
 pub const DROPOUT_OFF: u64 = u64::MAX;
 
@@ -62,23 +89,10 @@ impl LoraDropout {
         if seed == DROPOUT_OFF || self.p <= 0.0 {
             return Ok(None);
         }
-        let mut state = seed ^ self.id.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut rng = SplitMix64(seed ^ self.id.wrapping_mul(0xD1B5_4A32_D192_ED03));
         let keep = 1.0 / (1.0 - self.p);
         let mask: Vec<f32> = (0..shape.elem_count())
-            .map(|_| {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                #[allow(clippy::cast_precision_loss)]
-                let u = (z >> 40) as f32 / (1u64 << 24) as f32;
-                if u < self.p {
-                    0.0
-                } else {
-                    keep
-                }
-            })
+            .map(|_| if rng.next_f32() < self.p { 0.0 } else { keep })
             .collect();
         Ok(Some(Tensor::from_vec(mask, shape.clone(), device)?))
     }

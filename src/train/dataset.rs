@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
+pub use crate::model::lora::SplitMix64;
 use crate::model::tokenizer::Tokenizer;
 
 /// One training example as read from the file.
@@ -520,33 +521,6 @@ pub fn build(
         issues,
         truncated,
     })
-}
-
-/// SplitMix64: a tiny, seedable generator whose output is the same on every platform.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A uniform number in `[0, 1)` with 24 random bits.
-    #[allow(clippy::cast_precision_loss)]
-    pub fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// A uniform index in `0..n`.
-    #[allow(clippy::cast_possible_truncation)]
-    pub fn below(&mut self, n: usize) -> usize {
-        ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
-    }
 }
 
 /// Fisher–Yates shuffle with [`SplitMix64`].

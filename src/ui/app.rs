@@ -284,6 +284,12 @@ pub struct TunelensApp {
     ctx: egui::Context,
 }
 
+/// The job of `kind` among `pending`, if any (a free function so the UI can borrow the map
+/// beside `&mut` state).
+fn running_in(pending: &BTreeMap<JobId, PendingJob>, kind: PendingKind) -> Option<&PendingJob> {
+    pending.values().find(|p| p.kind == kind)
+}
+
 /// Index of a slot in the per-slot arrays.
 pub fn slot_index(slot: Slot) -> usize {
     match slot {
@@ -352,11 +358,14 @@ impl TunelensApp {
         self.apply_actions();
     }
 
+    /// The pending job of `kind`, if any.
+    pub fn running(&self, kind: PendingKind) -> Option<&PendingJob> {
+        running_in(&self.pending, kind)
+    }
+
     /// Whether a generation is running.
     pub fn is_generating(&self) -> bool {
-        self.pending
-            .values()
-            .any(|p| p.kind == PendingKind::Generate)
+        self.running(PendingKind::Generate).is_some()
     }
 
     fn submit(&mut self, job: Job, label: String, kind: PendingKind) {
@@ -541,11 +550,7 @@ impl TunelensApp {
             self.last_error = Some("The pinned response is empty".to_owned());
             return;
         }
-        if self
-            .pending
-            .values()
-            .any(|p| p.kind == PendingKind::Attribute)
-        {
+        if self.running(PendingKind::Attribute).is_some() {
             return;
         }
         let instructions = match settings.instructions {
@@ -591,7 +596,7 @@ impl TunelensApp {
         let Some(slots) = self.loaded_slots() else {
             return;
         };
-        if self.pending.values().any(|p| p.kind == kind) {
+        if self.running(kind).is_some() {
             return;
         }
         let w = &self.state.weights;
@@ -633,11 +638,7 @@ impl TunelensApp {
         let Some(slots) = self.loaded_slots() else {
             return;
         };
-        if self
-            .pending
-            .values()
-            .any(|p| p.kind == PendingKind::Consistency)
-        {
+        if self.running(PendingKind::Consistency).is_some() {
             return;
         }
         let c = &self.state.consistency;
@@ -705,9 +706,7 @@ impl TunelensApp {
     }
 
     fn preview_training_data(&mut self) {
-        if self.slots[0].info.is_none()
-            || self.pending.values().any(|p| p.kind == PendingKind::Train)
-        {
+        if self.slots[0].info.is_none() || self.running(PendingKind::Train).is_some() {
             return;
         }
         let data = self.training_request(None).data;
@@ -727,7 +726,7 @@ impl TunelensApp {
             self.last_error = Some("Load the base model into slot A first".to_owned());
             return;
         }
-        if self.pending.values().any(|p| p.kind == PendingKind::Train) {
+        if self.running(PendingKind::Train).is_some() {
             return;
         }
         if let Err(err) = self.state.finetune.settings.validate() {
@@ -1171,9 +1170,7 @@ impl eframe::App for TunelensApp {
                 &mut self.state,
                 &self.slots,
                 self.attribution.as_ref(),
-                self.pending
-                    .values()
-                    .find(|p| p.kind == PendingKind::Attribute),
+                running_in(&self.pending, PendingKind::Attribute),
                 self.export_note.as_deref(),
                 &mut actions,
             ),
@@ -1182,9 +1179,7 @@ impl eframe::App for TunelensApp {
                 &mut self.state.weights,
                 self.slots.iter().any(|s| s.info.is_some()),
                 self.concepts.as_deref(),
-                self.pending
-                    .values()
-                    .find(|p| p.kind == PendingKind::Concepts),
+                running_in(&self.pending, PendingKind::Concepts),
                 self.export_note.as_deref(),
                 &mut actions,
             ),
@@ -1193,7 +1188,7 @@ impl eframe::App for TunelensApp {
                 &mut self.state.weights,
                 self.slots.iter().any(|s| s.info.is_some()),
                 self.heads.as_deref(),
-                self.pending.values().find(|p| p.kind == PendingKind::Heads),
+                running_in(&self.pending, PendingKind::Heads),
                 self.export_note.as_deref(),
                 &mut actions,
             ),
@@ -1202,16 +1197,14 @@ impl eframe::App for TunelensApp {
                 &mut self.state.consistency,
                 self.slots.iter().any(|s| s.info.is_some()),
                 self.consistency.as_deref(),
-                self.pending
-                    .values()
-                    .find(|p| p.kind == PendingKind::Consistency),
+                running_in(&self.pending, PendingKind::Consistency),
                 self.export_note.as_deref(),
                 &mut actions,
             ),
             View::Finetune => {
                 let ctx = panels::finetune::FinetuneCtx {
                     base: self.slots[0].info.as_ref().map(ModelInfo::display_name),
-                    running: self.pending.values().find(|p| p.kind == PendingKind::Train),
+                    running: running_in(&self.pending, PendingKind::Train),
                     view: &self.training,
                     note: self.export_note.as_deref(),
                 };

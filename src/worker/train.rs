@@ -174,25 +174,32 @@ fn summary(data: &Dataset) -> DataSummary {
     }
 }
 
-/// Reads, renders, tokenises and splits the data file.
-pub fn prepare(loaded: &LoadedModel, data: &DataSettings, seed: u64) -> Result<Dataset> {
-    let data = &resolve_data(data)?;
-    if data.max_len < 2 {
-        return Err(Error::invalid("max length", "must be at least 2 tokens"));
-    }
-    let parsed = dataset::read_jsonl(&data.path)?;
-    let renderer = Renderer {
+/// The renderer of `loaded` for `data` (the length capped at the model's context).
+fn renderer<'a>(loaded: &'a LoadedModel, data: &DataSettings) -> Renderer<'a> {
+    Renderer {
         tokenizer: &loaded.tokenizer,
         chat_template: loaded.chat_template.as_ref(),
         template: data.template,
         max_len: data
             .max_len
             .min(loaded.model.config().max_position_embeddings),
-    };
+    }
+}
+
+/// Tokenises and splits already parsed records.
+fn build_dataset(
+    loaded: &LoadedModel,
+    data: &DataSettings,
+    parsed: &dataset::Parsed,
+    seed: u64,
+) -> Result<Dataset> {
+    if data.max_len < 2 {
+        return Err(Error::invalid("max length", "must be at least 2 tokens"));
+    }
     dataset::build(
         &data.path,
-        &parsed,
-        &renderer,
+        parsed,
+        &renderer(loaded, data),
         SplitOptions {
             validation_fraction: data.validation_fraction,
             seed,
@@ -200,16 +207,18 @@ pub fn prepare(loaded: &LoadedModel, data: &DataSettings, seed: u64) -> Result<D
     )
 }
 
-/// The summary and the first `n` examples as rendered text.
+/// Reads, renders, tokenises and splits the data file.
+pub fn prepare(loaded: &LoadedModel, data: &DataSettings, seed: u64) -> Result<Dataset> {
+    let data = &resolve_data(data)?;
+    let parsed = dataset::read_jsonl(&data.path)?;
+    build_dataset(loaded, data, &parsed, seed)
+}
+
+/// The summary and the first `n` examples as rendered text (the file is read once).
 pub fn preview(loaded: &LoadedModel, data: &DataSettings, n: usize) -> Result<DataPreview> {
     let data = &resolve_data(data)?;
     let parsed = dataset::read_jsonl(&data.path)?;
-    let renderer = Renderer {
-        tokenizer: &loaded.tokenizer,
-        chat_template: loaded.chat_template.as_ref(),
-        template: data.template,
-        max_len: data.max_len,
-    };
+    let renderer = renderer(loaded, data);
     let mut rows = Vec::new();
     for (line, record) in parsed.records.iter().take(n) {
         let Ok(pieces) = renderer.pieces(record) else {
@@ -237,7 +246,7 @@ pub fn preview(loaded: &LoadedModel, data: &DataSettings, n: usize) -> Result<Da
             label_tokens,
         });
     }
-    let data_set = prepare(loaded, data, 0)?;
+    let data_set = build_dataset(loaded, data, &parsed, 0)?;
     Ok(DataPreview {
         summary: summary(&data_set),
         rows,

@@ -9,8 +9,8 @@ use crate::ui::app::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
 use crate::ui::state::ConsistencyUi;
 use crate::ui::theme;
-use crate::ui::widgets::file_row;
 use crate::ui::widgets::plot::{box_plot_ui, histogram_ui, line_plot_ui, Series};
+use crate::ui::widgets::{file_row, run_row, RunRow};
 use crate::worker::consistency::ConsistencyOutput;
 
 /// Draws the Consistency view.
@@ -51,39 +51,19 @@ pub fn consistency_ui(
             "Accuracy across instructions (§8.4, slower)",
         );
     });
-    ui.horizontal(|ui| {
-        if ui
-            .add_enabled(
-                any_loaded && running.is_none(),
-                egui::Button::new("Run consistency"),
-            )
-            .on_disabled_hover_text("Load a model first, or wait for the running job")
-            .clicked()
-        {
-            actions.push(Action::RunConsistency);
-        }
-        if let Some(job) = running {
-            ui.add(
-                egui::ProgressBar::new(job.frac.unwrap_or(0.0))
-                    .desired_width(180.0)
-                    .show_percentage(),
-            );
-            ui.label(egui::RichText::new(&job.message).color(theme::MUTED));
-            if ui.button("Cancel").clicked() {
-                actions.push(Action::Stop);
-            }
-        }
-        ui.separator();
-        if ui
-            .add_enabled(results.is_some(), egui::Button::new("Export…"))
-            .clicked()
-        {
-            actions.push(Action::ExportDialog);
-        }
-        if let Some(note) = note {
-            ui.label(egui::RichText::new(note).color(theme::MUTED));
-        }
-    });
+    run_row(
+        ui,
+        RunRow {
+            label: "Run consistency",
+            can_run: any_loaded,
+            has_results: results.is_some(),
+            running,
+            note,
+            hover: "Run every measure on every loaded model",
+            run: Action::RunConsistency,
+        },
+        actions,
+    );
     ui.add_space(theme::SECTION_GAP);
     let Some(out) = results else {
         ui.label(

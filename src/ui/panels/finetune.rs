@@ -250,121 +250,112 @@ const TERM_COLORS: [egui::Color32; 4] = [
     egui::Color32::from_rgb(86, 180, 233),
 ];
 
+/// One titled curve panel of the live training plots.
+struct CurvePanel<'a> {
+    id: &'a str,
+    title: &'a str,
+    /// Whether the y axis starts at 0.
+    from_zero: bool,
+    legend: bool,
+}
+
+fn curve_panel(
+    ui: &mut egui::Ui,
+    panel: &CurvePanel<'_>,
+    size: egui::Vec2,
+    x_max: f64,
+    add: impl FnOnce(&mut egui_plot::PlotUi<'_>),
+) {
+    ui.vertical(|ui| {
+        ui.label(egui::RichText::new(panel.title).strong());
+        let mut plot = Plot::new(panel.id)
+            .allow_scroll(false)
+            .width(size.x)
+            .height(size.y)
+            .include_x(0.0)
+            .include_x(x_max)
+            .x_axis_label("step");
+        if panel.from_zero {
+            plot = plot.include_y(0.0);
+        }
+        if panel.legend {
+            plot = plot.legend(Legend::default());
+        }
+        plot.show(ui, add);
+    });
+}
+
 fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
-    let width = (ui.available_width() / 2.0 - 12.0).max(220.0);
-    let height = 200.0;
+    let size = egui::vec2((ui.available_width() / 2.0 - 12.0).max(220.0), 200.0);
     let steps = &view.steps;
     let x_max = view.total.max(1) as f64;
+    let series = |name: &str, value: fn(&StepReport) -> f64, color: egui::Color32| {
+        Line::new(
+            name.to_owned(),
+            curve(steps.iter().map(|s| (s.step as f64, value(s)))),
+        )
+        .color(color)
+    };
     ui.horizontal(|ui| {
-        ui.vertical(|ui| {
-            ui.label(egui::RichText::new("Loss").strong());
-            Plot::new("train_loss")
-                .allow_scroll(false)
-                .width(width)
-                .height(height)
-                .legend(Legend::default())
-                .include_x(0.0)
-                .include_x(x_max)
-                .x_axis_label("step")
-                .show(ui, |plot| {
+        let loss = CurvePanel {
+            id: "train_loss",
+            title: "Loss",
+            from_zero: false,
+            legend: true,
+        };
+        curve_panel(ui, &loss, size, x_max, |plot| {
+            plot.line(series("train", |s| s.loss, theme::SLOT_A));
+            if view.terms.len() > 1 {
+                for (i, name) in view.terms.iter().enumerate() {
                     plot.line(
                         Line::new(
-                            "train",
-                            curve(steps.iter().map(|s| (s.step as f64, s.loss))),
+                            name.clone(),
+                            curve(steps.iter().map(|s| {
+                                (s.step as f64, s.terms.get(i).map_or(f64::NAN, |t| t.1))
+                            })),
                         )
-                        .color(theme::SLOT_A),
+                        .color(TERM_COLORS[i % TERM_COLORS.len()]),
                     );
-                    if view.terms.len() > 1 {
-                        for (i, name) in view.terms.iter().enumerate() {
-                            plot.line(
-                                Line::new(
-                                    name.clone(),
-                                    curve(steps.iter().map(|s| {
-                                        (s.step as f64, s.terms.get(i).map_or(f64::NAN, |t| t.1))
-                                    })),
-                                )
-                                .color(TERM_COLORS[i % TERM_COLORS.len()]),
-                            );
-                        }
-                    }
-                    if !view.evals.is_empty() {
-                        let pts = curve(view.evals.iter().map(|e| (e.step as f64, e.loss)));
-                        plot.line(
-                            Line::new(
-                                "validation",
-                                curve(view.evals.iter().map(|e| (e.step as f64, e.loss))),
-                            )
-                            .color(theme::SLOT_B),
-                        );
-                        plot.points(
-                            Points::new("validation", pts)
-                                .radius(3.0)
-                                .color(theme::SLOT_B),
-                        );
-                    }
-                });
+                }
+            }
+            if !view.evals.is_empty() {
+                let points = || curve(view.evals.iter().map(|e| (e.step as f64, e.loss)));
+                plot.line(Line::new("validation", points()).color(theme::SLOT_B));
+                plot.points(
+                    Points::new("validation", points())
+                        .radius(3.0)
+                        .color(theme::SLOT_B),
+                );
+            }
         });
-        ui.vertical(|ui| {
-            ui.label(egui::RichText::new("Learning rate").strong());
-            Plot::new("train_lr")
-                .allow_scroll(false)
-                .width(width)
-                .height(height)
-                .include_x(0.0)
-                .include_x(x_max)
-                .include_y(0.0)
-                .x_axis_label("step")
-                .show(ui, |plot| {
-                    plot.line(
-                        Line::new(
-                            "learning rate",
-                            curve(steps.iter().map(|s| (s.step as f64, s.learning_rate))),
-                        )
-                        .color(theme::BAR),
-                    );
-                });
+        let lr = CurvePanel {
+            id: "train_lr",
+            title: "Learning rate",
+            from_zero: true,
+            legend: false,
+        };
+        curve_panel(ui, &lr, size, x_max, |plot| {
+            plot.line(series("learning rate", |s| s.learning_rate, theme::BAR));
         });
     });
     ui.horizontal(|ui| {
-        ui.vertical(|ui| {
-            ui.label(egui::RichText::new("Tokens per second").strong());
-            Plot::new("train_tps")
-                .allow_scroll(false)
-                .width(width)
-                .height(height)
-                .include_x(0.0)
-                .include_x(x_max)
-                .include_y(0.0)
-                .x_axis_label("step")
-                .show(ui, |plot| {
-                    plot.line(
-                        Line::new(
-                            "tokens/s",
-                            curve(steps.iter().map(|s| (s.step as f64, s.tokens_per_s))),
-                        )
-                        .color(theme::BAR),
-                    );
-                });
+        let tps = CurvePanel {
+            id: "train_tps",
+            title: "Tokens per second",
+            from_zero: true,
+            legend: false,
+        };
+        curve_panel(ui, &tps, size, x_max, |plot| {
+            plot.line(series("tokens/s", |s| s.tokens_per_s, theme::BAR));
         });
-        ui.vertical(|ui| {
-            ui.label(egui::RichText::new("Gradient norm (before clipping)").strong());
-            Plot::new("train_grad")
-                .allow_scroll(false)
-                .width(width)
-                .height(height)
-                .include_x(0.0)
-                .include_x(x_max)
-                .include_y(0.0)
-                .x_axis_label("step")
-                .show(ui, |plot| {
-                    plot.line(
-                        Line::new(
-                            "grad norm",
-                            curve(steps.iter().map(|s| (s.step as f64, s.grad_norm))),
-                        )
-                        .color(theme::BAR),
-                    );
-                });
+        let grad = CurvePanel {
+            id: "train_grad",
+            title: "Gradient norm (before clipping)",
+            from_zero: true,
+            legend: false,
+        };
+        curve_panel(ui, &grad, size, x_max, |plot| {
+            plot.line(series("grad norm", |s| s.grad_norm, theme::BAR));
         });
     });
 }

@@ -10,65 +10,13 @@ use crate::ui::app::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
 use crate::ui::state::WeightSettings;
 use crate::ui::theme;
-use crate::ui::widgets::file_row;
 use crate::ui::widgets::plot::{count_grid_ui, grouped_bars_ui, line_plot_ui, Series};
+use crate::ui::widgets::{file_row, run_row, RunRow};
 use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 
 const ROW_HEIGHT: f32 = 18.0;
 
-/// What the run row shows.
-struct RunRow<'a> {
-    label: &'a str,
-    can_run: bool,
-    has_results: bool,
-    running: Option<&'a PendingJob>,
-    note: Option<&'a str>,
-    run: Action,
-}
-
-/// Run button, progress and cancel, export.
-fn run_row(ui: &mut egui::Ui, row: RunRow<'_>, actions: &mut Vec<Action>) {
-    let RunRow {
-        label,
-        can_run,
-        has_results,
-        running,
-        note,
-        run,
-    } = row;
-    ui.horizontal(|ui| {
-        if ui
-            .add_enabled(can_run && running.is_none(), egui::Button::new(label))
-            .on_hover_text("Run on every loaded model (cached results show at once)")
-            .on_disabled_hover_text("Load a model first, or wait for the running job")
-            .clicked()
-        {
-            actions.push(run);
-        }
-        if let Some(job) = running {
-            ui.add(
-                egui::ProgressBar::new(job.frac.unwrap_or(0.0))
-                    .desired_width(180.0)
-                    .show_percentage(),
-            );
-            ui.label(egui::RichText::new(&job.message).color(theme::MUTED));
-            if ui.button("Cancel").clicked() {
-                actions.push(Action::Stop);
-            }
-        }
-        ui.separator();
-        if ui
-            .add_enabled(has_results, egui::Button::new("Export…"))
-            .on_hover_text("Save the figure (SVG, PNG) and the data (CSV, JSON)")
-            .clicked()
-        {
-            actions.push(Action::ExportDialog);
-        }
-        if let Some(note) = note {
-            ui.label(egui::RichText::new(note).color(theme::MUTED));
-        }
-    });
-}
+const CACHED_HOVER: &str = "Run on every loaded model (cached results show at once)";
 
 fn layer_slider(ui: &mut egui::Ui, layer: &mut usize, layers: usize) {
     if layers == 0 {
@@ -119,6 +67,7 @@ pub fn concepts_ui(
             has_results: results.is_some(),
             running,
             note,
+            hover: CACHED_HOVER,
             run: Action::RunConcepts,
         },
         actions,
@@ -287,6 +236,7 @@ pub fn heads_ui(
             has_results: results.is_some(),
             running,
             note,
+            hover: CACHED_HOVER,
             run: Action::RunHeads,
         },
         actions,

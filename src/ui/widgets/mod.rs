@@ -6,8 +6,9 @@ pub mod status;
 
 use eframe::egui;
 
-use crate::ui::app::Action;
+use crate::ui::app::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
+use crate::ui::theme;
 
 /// A data-file row: label, the chosen file's name (or what is used by default), "Open…",
 /// and "Default" to go back to the default.
@@ -30,6 +31,69 @@ pub fn file_row(
         }
         if current.is_some() && ui.button("Default").clicked() {
             actions.push(Action::SetFile(kind, None));
+        }
+    });
+}
+
+/// What the run row shows.
+pub struct RunRow<'a> {
+    /// Button text.
+    pub label: &'a str,
+    /// Whether a model is loaded.
+    pub can_run: bool,
+    /// Whether there is something to export.
+    pub has_results: bool,
+    /// The job running for this view.
+    pub running: Option<&'a PendingJob>,
+    /// Export status.
+    pub note: Option<&'a str>,
+    /// Hover text of the button.
+    pub hover: &'a str,
+    /// What the button does.
+    pub run: Action,
+}
+
+/// Run button, progress and cancel, export.
+pub fn run_row(ui: &mut egui::Ui, row: RunRow<'_>, actions: &mut Vec<Action>) {
+    let RunRow {
+        label,
+        can_run,
+        has_results,
+        running,
+        note,
+        hover,
+        run,
+    } = row;
+    ui.horizontal(|ui| {
+        if ui
+            .add_enabled(can_run && running.is_none(), egui::Button::new(label))
+            .on_hover_text(hover)
+            .on_disabled_hover_text("Load a model first, or wait for the running job")
+            .clicked()
+        {
+            actions.push(run);
+        }
+        if let Some(job) = running {
+            ui.add(
+                egui::ProgressBar::new(job.frac.unwrap_or(0.0))
+                    .desired_width(180.0)
+                    .show_percentage(),
+            );
+            ui.label(egui::RichText::new(&job.message).color(theme::MUTED));
+            if ui.button("Cancel").clicked() {
+                actions.push(Action::Stop);
+            }
+        }
+        ui.separator();
+        if ui
+            .add_enabled(has_results, egui::Button::new("Export…"))
+            .on_hover_text("Save the figure (SVG, PNG) and the data (CSV, JSON)")
+            .clicked()
+        {
+            actions.push(Action::ExportDialog);
+        }
+        if let Some(note) = note {
+            ui.label(egui::RichText::new(note).color(theme::MUTED));
         }
     });
 }
