@@ -1,4 +1,4 @@
-//! Times each segment of the 128-token forward of the demo model (between consecutive hook
+//! Times each segment of the 128-token (or `--tokens N`) forward of the demo model (between consecutive hook
 //! points; candle's CPU ops are synchronous), or loops it for `perf record` with `--loop N`.
 
 use std::collections::BTreeMap;
@@ -40,13 +40,22 @@ impl Hook for Timer {
         self.last = Some((now, name));
         Ok(None)
     }
+
+    fn wants(&self, point: HookPoint) -> bool {
+        // Timing every point but the pattern keeps the fused attention kernel in use.
+        !matches!(point, HookPoint::AttnPattern(_))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     tunelens::model::configure_cpu_threads();
     let path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
     let loaded = load(&ModelSpec::parse(path), &LoadOptions::default())?;
-    let ids: Vec<u32> = (0..128u32).map(|i| 100 + i * 37 % 40000).collect();
+    let tokens: u32 = match std::env::args().skip_while(|a| a != "--tokens").nth(1) {
+        Some(n) => n.parse()?,
+        None => 128,
+    };
+    let ids: Vec<u32> = (0..tokens).map(|i| 100 + i * 37 % 40000).collect();
     let input = Tensor::new(ids.as_slice(), loaded.model.device())?.unsqueeze(0)?;
     if let Some(n) = std::env::args().skip_while(|a| a != "--loop").nth(1) {
         for _ in 0..n.parse::<usize>()? {

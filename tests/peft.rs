@@ -120,9 +120,12 @@ fn adapters_round_trip_with_python_peft() -> anyhow::Result<()> {
          the adapters move logits by at least {effect:.2e}"
     );
     assert!(effect > 1e-2, "the adapters must change the logits");
+    // Each effect is a difference of two logit vectors, each ~base_diff (6e-5 here) away from
+    // PyTorch's by summation order alone, so the effects may differ by about twice that.
+    let effect_tol = 2.0 * base_diff.max(5e-5) + 1e-5;
     assert!(
-        da < 1e-4 && db < 1e-4,
-        "adapter effects differ: {da:.2e}, {db:.2e}"
+        da < effect_tol && db < effect_tol,
+        "adapter effects differ: {da:.2e}, {db:.2e} (tolerance {effect_tol:.2e})"
     );
     assert!(a < base_diff + 1e-4 && b < base_diff + 1e-4);
     Ok(())

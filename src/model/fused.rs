@@ -5,7 +5,7 @@
 //! ~350 µs per layer and SiLU·up ~230 µs; these kernels do the same arithmetic in one pass over
 //! the data, split across cores. Differentiable passes keep candle's ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -116,6 +116,204 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
+/// Query rows per block of [`causal_attention`]: keys past a block's last query are skipped.
+const ATTN_ROW_BLOCK: usize = 32;
+
+/// Causal multi-head attention for inference on CPU f32, without forming the pattern:
+/// `z_h = softmax(scale · q_h k_gᵀ + causal mask) v_g` for every head `h`, where `g = h / n_rep`
+/// is its key/value group. `q` is `(b, H, T, hd)`, `k` and `v` are `(b, G, S, hd)` with the `T`
+/// queries at absolute positions `S - T ..` (keys before them come from a KV cache); an optional
+/// sliding window limits how far back a query sees. Returns `z` as `(b, T, H·hd)` — the layout
+/// `o_proj` takes — or `None` where the kernel does not apply (not CPU f32, or no BLAS).
+///
+/// Why: the unfused path forms the `(b, H, T, S)` pattern, runs the softmax over it in a pass
+/// of its own, multiplies the masked half of every score matrix, and transposes `z` afterwards;
+/// here each head's query rows are cut into blocks, one task each, and a block multiplies only
+/// the keys its queries can see.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    if !crate::model::blas::BLAS_ENABLED
+        || !q.device().is_cpu()
+        || [q, k, v].iter().any(|t| t.dtype() != DType::F32)
+    {
+        return Ok(None);
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(Some(q.apply_op3_no_bwd(
+        &k,
+        &v,
+        &CausalAttention { scale, window },
+    )?))
+}
+
+struct CausalAttention {
+    scale: f32,
+    window: Option<usize>,
+}
+
+/// Sizes of one [`causal_attention`] call.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    n_rep: usize,
+    seq: usize,
+    kv_len: usize,
+    head_dim: usize,
+}
+
+impl CausalAttention {
+    /// Visible keys `lo..hi` of the query at row `row` (absolute position `S - T + row`).
+    fn visible(&self, dims: AttnDims, row: usize) -> (usize, usize) {
+        let pos = dims.kv_len - dims.seq + row;
+        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        (lo, pos + 1)
+    }
+
+    /// Rows `r0..r1` of `z` `(T, hd)` of one head, from its queries `(T, hd)` and its group's
+    /// keys and values `(S, hd)`; only the keys these queries can see are multiplied.
+    fn block(
+        &self,
+        dims: AttnDims,
+        rows: std::ops::Range<usize>,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<Vec<f32>> {
+        use crate::model::blas::{gemm_views_serial, MatView};
+        let hd = dims.head_dim;
+        let (r0, n_rows) = (rows.start, rows.len());
+        let (lo, _) = self.visible(dims, r0);
+        let (_, hi) = self.visible(dims, rows.end - 1);
+        let cols = hi - lo;
+        // scores = scale · q[rows] · k[lo..hi]ᵀ
+        let mut scores = vec![0f32; n_rows * cols];
+        gemm_views_serial(
+            self.scale,
+            q,
+            MatView::new(r0 * hd, n_rows, hd, hd),
+            k,
+            MatView::new(lo * hd, cols, hd, hd).t(),
+            0.0,
+            &mut scores,
+            MatView::new(0, n_rows, cols, cols),
+        )?;
+        for (i, row) in scores.chunks_mut(cols).enumerate() {
+            let (row_lo, row_hi) = self.visible(dims, r0 + i);
+            let (a, b) = (row_lo - lo, row_hi - lo);
+            let max = row[a..b].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            row[..a].fill(0.0);
+            row[b..].fill(0.0);
+            if max == f32::NEG_INFINITY {
+                row[a..b].fill(0.0);
+                continue;
+            }
+            let mut sum = 0f32;
+            for x in &mut row[a..b] {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in &mut row[a..b] {
+                *x *= inv;
+            }
+        }
+        // z[rows] = probs · v[lo..hi]
+        let mut z = vec![0f32; n_rows * hd];
+        gemm_views_serial(
+            1.0,
+            &scores,
+            MatView::new(0, n_rows, cols, cols),
+            v,
+            MatView::new(lo * hd, cols, hd, hd),
+            0.0,
+            &mut z,
+            MatView::new(0, n_rows, hd, hd),
+        )?;
+        Ok(z)
+    }
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = contiguous_f32(s1, l1, "causal-attention")?;
+        let k = contiguous_f32(s2, l2, "causal-attention")?;
+        let v = contiguous_f32(s3, l3, "causal-attention")?;
+        let (b_sz, heads, seq, head_dim) = l1.shape().dims4()?;
+        let (b_k, groups, kv_len, hd_k) = l2.shape().dims4()?;
+        if l3.shape() != l2.shape()
+            || b_k != b_sz
+            || hd_k != head_dim
+            || groups == 0
+            || heads % groups != 0
+            || kv_len < seq
+        {
+            candle_core::bail!(
+                "causal-attention: q {:?}, k {:?}, v {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            )
+        }
+        let dims = AttnDims {
+            n_rep: heads / groups,
+            seq,
+            kv_len,
+            head_dim,
+        };
+        let (q_len, kv_size) = (seq * head_dim, kv_len * head_dim);
+        // One task per head and block of query rows (later blocks see more keys).
+        let blocks = seq.div_ceil(ATTN_ROW_BLOCK);
+        let z_blocks: Vec<Vec<f32>> = (0..b_sz * heads * blocks)
+            .into_par_iter()
+            .map(|task| {
+                let (head_task, block) = (task / blocks, task % blocks);
+                let (bi, h) = (head_task / heads, head_task % heads);
+                let g = bi * groups + h / dims.n_rep;
+                let r0 = block * ATTN_ROW_BLOCK;
+                self.block(
+                    dims,
+                    r0..(r0 + ATTN_ROW_BLOCK).min(seq),
+                    &q[head_task * q_len..(head_task + 1) * q_len],
+                    &k[g * kv_size..(g + 1) * kv_size],
+                    &v[g * kv_size..(g + 1) * kv_size],
+                )
+            })
+            .collect::<Result<_>>()
+            .map_err(|err| candle_core::Error::Msg(format!("causal-attention: {err}")))?;
+        // Blocks of (b, H, T, hd) → (b, T, H·hd)
+        let mut out = vec![0f32; b_sz * seq * heads * head_dim];
+        for (task, z) in z_blocks.iter().enumerate() {
+            let (head_task, block) = (task / blocks, task % blocks);
+            let (bi, h) = (head_task / heads, head_task % heads);
+            for (i, z_row) in z.chunks(head_dim).enumerate() {
+                let t = block * ATTN_ROW_BLOCK + i;
+                let at = ((bi * seq + t) * heads + h) * head_dim;
+                out[at..at + head_dim].copy_from_slice(z_row);
+            }
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((b_sz, seq, heads * head_dim)),
+        ))
+    }
+}
+
 /// `silu(gate) * up`, elementwise, for same-shape tensors. `None` when not CPU f32.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     if !gate.device().is_cpu()
@@ -201,6 +399,62 @@ mod tests {
             let reference = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
             let ours = causal_softmax(&scores, 2, window)?.unwrap();
             assert!(max_diff(&ours, &reference) < 1e-6);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_attention_matches_the_pattern_path() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // 2 sequences, 4 heads in 2 groups, 37 queries after 3 cached keys (more than one row
+        // block), head_dim 8; with and without a sliding window.
+        let (b, heads, groups, seq, kv_len, hd) =
+            (2usize, 4usize, 2usize, 37usize, 40usize, 8usize);
+        let q = Tensor::arange(0f32, (b * heads * seq * hd) as f32, &dev)?
+            .affine(0.37, 0.1)?
+            .sin()?
+            .reshape((b, heads, seq, hd))?;
+        let k = Tensor::arange(0f32, (b * groups * kv_len * hd) as f32, &dev)?
+            .affine(0.23, -0.4)?
+            .cos()?
+            .reshape((b, groups, kv_len, hd))?;
+        let v = Tensor::arange(0f32, (b * groups * kv_len * hd) as f32, &dev)?
+            .affine(0.11, 0.3)?
+            .sin()?
+            .reshape((b, groups, kv_len, hd))?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for window in [None, Some(6)] {
+            let Some(ours) = causal_attention(&q, &k, &v, scale, window)? else {
+                assert!(!crate::model::blas::BLAS_ENABLED);
+                return Ok(());
+            };
+            assert_eq!(ours.dims(), &[b, seq, heads * hd]);
+            let mut mask = vec![0f32; seq * kv_len];
+            for i in 0..seq {
+                for j in 0..kv_len {
+                    let pos = kv_len - seq + i;
+                    if j > pos || window.is_some_and(|w| pos >= j + w) {
+                        mask[i * kv_len + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(mask, (seq, kv_len), &dev)?;
+            let mut per_head = Vec::new();
+            for h in 0..heads {
+                let (qh, kg, vg) = (
+                    q.narrow(1, h, 1)?,
+                    k.narrow(1, h / 2, 1)?,
+                    v.narrow(1, h / 2, 1)?,
+                );
+                let scores = (qh.matmul(&kg.t()?)? * f64::from(scale))?.broadcast_add(&mask)?;
+                let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+                per_head.push(probs.matmul(&vg)?); // (b, 1, T, hd)
+            }
+            let reference =
+                Tensor::cat(&per_head, 1)?
+                    .transpose(1, 2)?
+                    .reshape((b, seq, heads * hd))?;
+            assert!(max_diff(&ours, &reference) < 1e-5);
         }
         Ok(())
     }

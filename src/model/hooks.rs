@@ -66,6 +66,13 @@ pub trait Hook {
     /// Told before each forward the absolute position of its first token (non-zero when a
     /// KV cache holds earlier tokens), so hooks can address absolute positions.
     fn set_position_offset(&mut self, _offset: usize) {}
+
+    /// Whether this hook looks at `point` at all. The forward may skip materialising an
+    /// activation no hook wants: the attention pattern is not formed on the fast inference
+    /// path unless a hook wants [`HookPoint::AttnPattern`]. The default says yes to every point.
+    fn wants(&self, _point: HookPoint) -> bool {
+        true
+    }
 }
 
 /// A hook that does nothing.
@@ -75,6 +82,10 @@ pub struct NoHook;
 impl Hook for NoHook {
     fn on(&mut self, _point: HookPoint, _xs: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
+    }
+
+    fn wants(&self, _point: HookPoint) -> bool {
+        false
     }
 }
 
@@ -122,6 +133,10 @@ impl Hook for Recorder {
             self.acts.insert(point, xs.clone());
         }
         Ok(None)
+    }
+
+    fn wants(&self, point: HookPoint) -> bool {
+        self.record_all || self.wanted.contains(&point)
     }
 }
 
@@ -190,6 +205,10 @@ impl Hook for Editor {
     fn set_position_offset(&mut self, offset: usize) {
         self.offset = offset;
     }
+
+    fn wants(&self, point: HookPoint) -> bool {
+        self.edits.iter().any(|e| e.point == point)
+    }
 }
 
 /// Runs several hooks in sequence; each sees the previous one's replacement.
@@ -211,6 +230,10 @@ impl Hook for Chain<'_> {
         for hook in &mut self.0 {
             hook.set_position_offset(offset);
         }
+    }
+
+    fn wants(&self, point: HookPoint) -> bool {
+        self.0.iter().any(|hook| hook.wants(point))
     }
 }
 

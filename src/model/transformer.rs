@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::error::{Error, Result};
 use crate::model::blas::batched_matmul;
 use crate::model::config::{rope_inv_freq, ModelConfig};
-use crate::model::fused::{causal_softmax, silu_mul};
+use crate::model::fused::{causal_attention, causal_softmax, silu_mul};
 use crate::model::hooks::{Hook, HookPoint, NoHook};
 use crate::model::lora::{Linear, LinearMode};
 use crate::model::vjp::{LayerTape, Tape};
@@ -631,12 +631,23 @@ impl Attention {
             }
         };
         let kv_len = k.dim(2)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let fast = !pass.mode.differentiable;
+        // Inference with no hook on the pattern: a fused kernel that never forms it.
+        let fused = (fast && tape.is_none() && !hook.wants(HookPoint::AttnPattern(layer_idx)))
+            .then(|| causal_attention(&q, &k, &v, scale as f32, pass.window))
+            .transpose()?
+            .flatten();
+        if let Some(z) = fused {
+            let z = z.reshape((b_sz, seq_len, n_heads, head_dim))?;
+            let z = replace_if(hook, HookPoint::HeadOut(layer_idx), z)?;
+            let z = z.reshape((b_sz, seq_len, n_heads * head_dim))?;
+            return self.o_proj.forward(&z, pass.mode);
+        }
         // Grouped-query attention without copying k and v: the n_rep query heads that share a
         // kv head are stacked along the sequence axis.
         // (b_sz, n_kv, n_rep * seq_len, head_dim)
         let q = q.reshape((b_sz, n_kv, n_rep * seq_len, head_dim))?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let fast = !pass.mode.differentiable;
         // Inference: BLAS products (scale folded in) and a fused causal softmax. Differentiable
         // passes, and devices or dtypes the kernels do not cover, use candle's ops.
         let scores = match fast
