@@ -192,6 +192,11 @@ mod ffi {
         if x.len() != m * k || w.len() != n * k || out.len() != m * n {
             candle_core::bail!("blas-linear: buffer sizes do not match {m}x{k} · ({n}x{k})^T");
         }
+        if k == 0 || out.is_empty() {
+            // An empty sum (or nothing to compute); BLAS refuses a zero leading dimension.
+            out.fill(0.0);
+            return Ok(());
+        }
         if m != 1 {
             return sgemm_views(
                 1.0,
@@ -678,8 +683,12 @@ mod tests {
         )?;
         let reference = ((a2.matmul(&b_nk.t()?)? * 2.0)? + 0.5)?.to_vec2::<f32>()?;
         for (i, row) in reference.iter().enumerate() {
-            assert!(c[i * ld..i * ld + 3].iter().all(|&x| x == 1.0));
-            assert!(c[i * ld + 3 + n..(i + 1) * ld].iter().all(|&x| x == 1.0));
+            assert!(c[i * ld..i * ld + 3]
+                .iter()
+                .all(|x| x.to_bits() == 1f32.to_bits()));
+            assert!(c[i * ld + 3 + n..(i + 1) * ld]
+                .iter()
+                .all(|x| x.to_bits() == 1f32.to_bits()));
             for (j, want) in row.iter().enumerate() {
                 assert!((c[i * ld + 3 + j] - want).abs() < 1e-3, "({i},{j})");
             }
