@@ -341,24 +341,10 @@ pub fn gemm_views(
     checked_gemm(alpha, a, av, b, bv, beta, c, cv, true)
 }
 
-/// [`gemm_views`] on the calling thread only, for callers that already run one product per
-/// thread.
+/// [`gemm_views`], split across rayon's threads only when `split` (callers that already run one
+/// product per thread pass `false`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_views_serial(
-    alpha: f32,
-    a: &[f32],
-    av: MatView,
-    b: &[f32],
-    bv: MatView,
-    beta: f32,
-    c: &mut [f32],
-    cv: MatView,
-) -> Result<()> {
-    checked_gemm(alpha, a, av, b, bv, beta, c, cv, false)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn checked_gemm(
+pub(crate) fn checked_gemm(
     alpha: f32,
     a: &[f32],
     av: MatView,

@@ -183,7 +183,7 @@ impl CausalAttention {
         k: &[f32],
         v: &[f32],
     ) -> Result<Vec<f32>> {
-        use crate::model::blas::{gemm_views_serial, MatView};
+        use crate::model::blas::{checked_gemm, MatView};
         let hd = dims.head_dim;
         let (r0, n_rows) = (rows.start, rows.len());
         let (lo, _) = self.visible(dims, r0);
@@ -191,7 +191,7 @@ impl CausalAttention {
         let cols = hi - lo;
         // scores = scale · q[rows] · k[lo..hi]ᵀ
         let mut scores = vec![0f32; n_rows * cols];
-        gemm_views_serial(
+        checked_gemm(
             self.scale,
             q,
             MatView::new(r0 * hd, n_rows, hd, hd),
@@ -200,6 +200,7 @@ impl CausalAttention {
             0.0,
             &mut scores,
             MatView::new(0, n_rows, cols, cols),
+            false,
         )?;
         for (i, row) in scores.chunks_mut(cols).enumerate() {
             let (row_lo, row_hi) = self.visible(dims, r0 + i);
@@ -223,7 +224,7 @@ impl CausalAttention {
         }
         // z[rows] = probs · v[lo..hi]
         let mut z = vec![0f32; n_rows * hd];
-        gemm_views_serial(
+        checked_gemm(
             1.0,
             &scores,
             MatView::new(0, n_rows, cols, cols),
@@ -232,6 +233,7 @@ impl CausalAttention {
             0.0,
             &mut z,
             MatView::new(0, n_rows, hd, hd),
+            false,
         )?;
         Ok(z)
     }
