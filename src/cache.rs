@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::model::lora::Linear;
 
 /// The cache folder: `$TUNELENS_CACHE_DIR`, else `$XDG_CACHE_HOME/tunelens`, else
 /// `~/.cache/tunelens`; `None` when none can be determined.
@@ -71,6 +72,23 @@ impl KeyBuilder {
             buf.clear();
             buf.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
             self.bytes(&buf);
+        }
+        Ok(self)
+    }
+
+    /// Adds a linear layer as the analyses read it: its base weight and, when an adapter is
+    /// attached, the adapter's `A`, `B` and scale (so "base + adapter" never hits the base's
+    /// entry, and two adapters never share one).
+    pub fn linear(&mut self, linear: &Linear) -> Result<&mut Self> {
+        self.tensor(&linear.weight)?;
+        match &linear.lora {
+            None => {
+                self.text("no adapter");
+            }
+            Some(lora) => {
+                self.text("adapter").bytes(&lora.scale.to_le_bytes());
+                self.tensor(&lora.a)?.tensor(&lora.b)?;
+            }
         }
         Ok(self)
     }

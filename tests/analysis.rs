@@ -252,3 +252,213 @@ fn attribution_matches_the_transformers_golden() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The tiny model (seed 3) with non-zero seeded adapters on q_proj, k_proj and down_proj of
+/// every layer: the "base + adapter" a researcher loads into slot B.
+fn tiny_with_qk_down_adapters() -> tunelens::model::LoadedModel {
+    let mut loaded = crate::common::tiny(3);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    for layer in &mut loaded.model.layers {
+        layer
+            .self_attn
+            .q_proj
+            .attach(random_adapter(&mut rng, 16, 16))
+            .expect("q adapter fits");
+        layer
+            .self_attn
+            .k_proj
+            .attach(random_adapter(&mut rng, 8, 16))
+            .expect("k adapter fits");
+        layer
+            .mlp
+            .down_proj
+            .attach(random_adapter(&mut rng, 16, 32))
+            .expect("down adapter fits");
+    }
+    loaded
+}
+
+fn tiny_word_list() -> tunelens::analysis::words::WordList {
+    let dir = tempfile::tempdir().expect("temp dir");
+    tunelens::wordfiles::load_word_list(&crate::common::tiny_words(dir.path()))
+        .expect("tiny word list")
+}
+
+/// Concepts and head pairs of one model, computed directly (no cache).
+fn weight_results(
+    loaded: &tunelens::model::LoadedModel,
+    words: &tunelens::analysis::words::WordList,
+) -> anyhow::Result<(
+    tunelens::analysis::ffn_concepts::Concepts,
+    tunelens::analysis::head_pairs::HeadPairs,
+)> {
+    use tunelens::analysis::{ffn_concepts, head_pairs};
+    let ccfg = ffn_concepts::ConceptsConfig {
+        top_k: 5,
+        max_rank: 16,
+    };
+    let concepts = ffn_concepts::ffn_concepts(
+        &loaded.model,
+        &loaded.tokenizer,
+        words,
+        &ccfg,
+        &mut |_, _| ControlFlow::Continue(()),
+    )?;
+    let hcfg = head_pairs::HeadsConfig {
+        top_k: 6,
+        threshold_words: 20,
+        z: 0.0,
+    };
+    let space = head_pairs::model_semantic_space(&loaded.model, &loaded.tokenizer, words, &hcfg)?;
+    let pairs = head_pairs::head_pairs(
+        &loaded.model,
+        &loaded.tokenizer,
+        words,
+        &space,
+        &hcfg,
+        &mut |_, _| ControlFlow::Continue(()),
+    )?;
+    Ok((concepts, pairs))
+}
+
+/// Largest difference of the variance ratios and word scores of two concept results, and
+/// whether every component names the same top words.
+fn concepts_diff(
+    a: &tunelens::analysis::ffn_concepts::Concepts,
+    b: &tunelens::analysis::ffn_concepts::Concepts,
+) -> (f64, bool) {
+    let mut max = 0f64;
+    let mut same_words = true;
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        for (x, y) in la.ratios.iter().zip(&lb.ratios) {
+            max = max.max((x - y).abs());
+        }
+        for (ca, cb) in la.components.iter().zip(&lb.components) {
+            let wa: Vec<u32> = ca.words.iter().map(|w| w.word).collect();
+            let wb: Vec<u32> = cb.words.iter().map(|w| w.word).collect();
+            same_words &= wa == wb;
+            for (x, y) in ca.words.iter().zip(&cb.words) {
+                max = max.max(f64::from((x.score - y.score).abs()));
+            }
+        }
+    }
+    (max, same_words)
+}
+
+/// Largest difference of the dimension energies of two head-pair results, and whether every
+/// dimension keeps the same word pairs.
+fn heads_diff(
+    a: &tunelens::analysis::head_pairs::HeadPairs,
+    b: &tunelens::analysis::head_pairs::HeadPairs,
+) -> (f64, bool) {
+    let mut max = 0f64;
+    let mut same_pairs = true;
+    for (la, lb) in a.layers.iter().zip(&b.layers) {
+        for (da, db) in la.dims.iter().zip(&lb.dims) {
+            max = max.max(f64::from((da.energy - db.energy).abs()));
+            let pa: Vec<(u32, u32)> = da.pairs.iter().map(|p| (p.key, p.query)).collect();
+            let pb: Vec<(u32, u32)> = db.pairs.iter().map(|p| (p.key, p.query)).collect();
+            same_pairs &= da.head == db.head && da.dim == db.dim && pa == pb;
+        }
+    }
+    (max, same_pairs)
+}
+
+/// Issue: the weight views read `W`, not `W + scale·B A`, so base vs base + adapter showed no
+/// difference. Adapters on q/k/down must change the concepts and head pairs, exactly as
+/// merging them into the weights does.
+#[test]
+fn weight_analyses_read_adapted_weights_like_the_merged_model() -> anyhow::Result<()> {
+    let words = tiny_word_list();
+    let base = crate::common::tiny(3);
+    let adapted = tiny_with_qk_down_adapters();
+    let mut merged = adapted.clone();
+    let n = tunelens::model::save::merge_adapters(&mut merged.model)?;
+    assert_eq!(n, 9, "3 layers × q, k, down");
+
+    let (c_base, h_base) = weight_results(&base, &words)?;
+    let (c_adapted, h_adapted) = weight_results(&adapted, &words)?;
+    let (c_merged, h_merged) = weight_results(&merged, &words)?;
+
+    let (d, _) = concepts_diff(&c_base, &c_adapted);
+    assert!(
+        d > 1e-3,
+        "the adapter on down_proj changes the concepts ({d})"
+    );
+    let (d, same) = concepts_diff(&c_adapted, &c_merged);
+    assert!(d < 1e-5, "adapted vs merged concepts differ by {d}");
+    assert!(same, "adapted and merged concepts name the same words");
+
+    let (d, _) = heads_diff(&h_base, &h_adapted);
+    assert!(
+        d > 1e-3,
+        "the adapters on q/k change the head energies ({d})"
+    );
+    let (d, same) = heads_diff(&h_adapted, &h_merged);
+    assert!(d < 1e-5, "adapted vs merged head energies differ by {d}");
+    assert!(same, "adapted and merged heads keep the same pairs");
+    Ok(())
+}
+
+/// The result cache keys cover the adapter: base + adapter never reads the base's entry, and an
+/// adapter with other values never reads another adapter's.
+#[test]
+fn weight_cache_keys_include_the_adapter() -> anyhow::Result<()> {
+    use tunelens::analysis::ffn_concepts::ConceptsConfig;
+    use tunelens::analysis::head_pairs::HeadsConfig;
+    use tunelens::worker::weights::{concepts_cached, heads_cached, CachePolicy, Semantic};
+    let words = tiny_word_list();
+    let cache = tempfile::tempdir()?;
+    let policy = CachePolicy::Dir(cache.path().to_path_buf());
+    let ccfg = ConceptsConfig {
+        top_k: 5,
+        max_rank: 16,
+    };
+    let hcfg = HeadsConfig {
+        top_k: 6,
+        threshold_words: 20,
+        z: 0.0,
+    };
+    let concepts = |m: &tunelens::model::LoadedModel| {
+        concepts_cached(m, &words, &ccfg, &policy, &mut |_, _| {
+            ControlFlow::Continue(())
+        })
+    };
+    let heads = |m: &tunelens::model::LoadedModel| {
+        heads_cached(
+            m,
+            &words,
+            &Semantic::ModelEmbeddings,
+            &hcfg,
+            &policy,
+            &mut |_, _| ControlFlow::Continue(()),
+        )
+    };
+    let base = crate::common::tiny(3);
+    let adapted = tiny_with_qk_down_adapters();
+    let (c_base, hit) = concepts(&base)?;
+    assert!(!hit);
+    let (h_base, hit) = heads(&base)?;
+    assert!(!hit);
+    let (c_adapted, hit) = concepts(&adapted)?;
+    assert!(!hit, "base + adapter must not hit the base's concepts");
+    let (h_adapted, hit) = heads(&adapted)?;
+    assert!(!hit, "base + adapter must not hit the base's head pairs");
+    assert!(concepts_diff(&c_base, &c_adapted).0 > 1e-3);
+    assert!(heads_diff(&h_base, &h_adapted).0 > 1e-3);
+    // Same adapter again: a hit with the same result.
+    let (again, hit) = concepts(&adapted)?;
+    assert!(hit);
+    let (d, same) = concepts_diff(&again, &c_adapted);
+    assert!(d < 1e-12 && same, "cached concepts differ by {d}");
+    // Another adapter (B scaled) on the same base: a miss.
+    let mut other = adapted.clone();
+    if let Some(lora) = other.model.layers[2].mlp.down_proj.lora.as_mut() {
+        lora.b = (&lora.b * 2.0)?;
+    }
+    assert!(
+        !concepts(&other)?.1,
+        "a different adapter is a different entry"
+    );
+    Ok(())
+}

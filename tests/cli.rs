@@ -859,3 +859,108 @@ fn train_names_bad_data_and_settings() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A PEFT adapter folder for the tiny model with seeded non-zero `A` and `B` on q_proj, k_proj
+/// and down_proj of every layer.
+fn tiny_qk_down_adapter(dir: &std::path::Path) -> anyhow::Result<()> {
+    use candle_core::{Device, Tensor};
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "down_proj"]}"#,
+    )?;
+    let mut tensors = std::collections::HashMap::new();
+    let mut k = 0u32;
+    let mut values = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                k += 1;
+                (f64::from(k) * 0.618).sin() as f32 * 0.4
+            })
+            .collect()
+    };
+    for l in 0..3 {
+        for (part, module, out, inp) in [
+            ("self_attn", "q_proj", 16, 16),
+            ("self_attn", "k_proj", 8, 16),
+            ("mlp", "down_proj", 16, 32),
+        ] {
+            let p = format!("base_model.model.model.layers.{l}.{part}.{module}");
+            tensors.insert(
+                format!("{p}.lora_A.weight"),
+                Tensor::from_vec(values(2 * inp), (2, inp), &Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("{p}.lora_B.weight"),
+                Tensor::from_vec(values(out * 2), (out, 2), &Device::Cpu)?,
+            );
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+    Ok(())
+}
+
+/// The TSV rows of a `concepts`/`heads` run without the model name column, split per model in
+/// the order the models were given.
+fn rows_by_model(stdout: &str) -> Vec<Vec<Vec<String>>> {
+    let mut models: Vec<(String, Vec<Vec<String>>)> = Vec::new();
+    for line in stdout.lines().skip(1) {
+        let mut cols: Vec<String> = line.split('\t').map(str::to_owned).collect();
+        let name = cols.remove(0);
+        match models.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, rows)) => rows.push(cols),
+            None => models.push((name, vec![cols])),
+        }
+    }
+    models.into_iter().map(|(_, rows)| rows).collect()
+}
+
+/// Base vs base + adapter, the researcher's case: B's head pairs and concepts differ from A's
+/// where the adapter touches q/k/down, and equal those of the merged model (`tunelens merge`).
+#[test]
+fn weight_views_compare_base_with_base_plus_adapter() -> anyhow::Result<()> {
+    let (dir, a) = tiny_folder(1);
+    let adapter = dir.path().join("adapter");
+    tiny_qk_down_adapter(&adapter)?;
+    let spec = format!("{a}+{}", adapter.display());
+    let merged = dir.path().join("merged").display().to_string();
+    let run = run_cli(&["merge", "--model", &spec, "--out", &merged]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let words = tiny_word_list(dir.path());
+    for (view, extra) in [
+        ("heads", ["--threshold-words", "20"]),
+        ("concepts", ["--top-k", "5"]),
+    ] {
+        let mut args = vec![view, "--model", &a, "--model-b", &spec, "--words", &words];
+        args.extend_from_slice(&extra);
+        args.push("--no-cache");
+        let pair = run_cli(&args);
+        assert_eq!(pair.code, 0, "{view}: {}", pair.stderr);
+        let models = rows_by_model(&pair.stdout);
+        assert_eq!(models.len(), 2, "{view}: two models in the table");
+        assert_ne!(models[0], models[1], "{view}: B must differ from A");
+        let single = run_cli(&[
+            view,
+            "--model",
+            &merged,
+            "--words",
+            &words,
+            extra[0],
+            extra[1],
+            "--no-cache",
+        ]);
+        assert_eq!(single.code, 0, "{view}: {}", single.stderr);
+        let from_merged = rows_by_model(&single.stdout);
+        assert_eq!(from_merged.len(), 1);
+        // Same rows to the printed precision (scores with 4 decimals; allow the last digit).
+        assert_eq!(from_merged[0].len(), models[1].len());
+        let score = if view == "heads" { 6 } else { 5 };
+        for (m, b) in from_merged[0].iter().zip(&models[1]) {
+            let (x, y): (f64, f64) = (m[score].parse()?, b[score].parse()?);
+            assert!((x - y).abs() <= 1.5e-4, "{view}: {m:?} vs {b:?}");
+            assert_eq!(m[..score], b[..score], "{view}");
+            assert_eq!(m[score + 1..], b[score + 1..], "{view}");
+        }
+    }
+    Ok(())
+}

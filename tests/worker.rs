@@ -16,7 +16,7 @@ fn load_job(path: &str, slot: Slot) -> Job {
         slot,
         spec: ModelSpec::parse(path),
         device: DeviceChoice::Cpu,
-        dtype: "f32".to_owned(),
+        dtype: tunelens::model::WeightDtype::F32,
     }
 }
 
@@ -30,6 +30,9 @@ fn wait_for(worker: &WorkerHandle, job_id: JobId) -> (Vec<Event>, Result<JobOutp
             }
             Event::Failed { job_id: id, error } if *id == job_id => {
                 return (seen, Err(error.clone()))
+            }
+            Event::Cancelled { job_id: id } if *id == job_id => {
+                return (seen, Err("cancelled".to_owned()))
             }
             _ => seen.push(event),
         }

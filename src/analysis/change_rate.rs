@@ -134,6 +134,40 @@ pub struct GroupChange {
     pub general_rates: Vec<WordRate>,
 }
 
+impl GroupChange {
+    /// Why a side of the group has no rate or the group no t-test, in words for the table and
+    /// the view; `None` when both sides have enough verbs for the test.
+    pub fn note(&self) -> Option<String> {
+        let layers = format!("layers {}-{}", self.first_layer, self.last_layer);
+        let (ni, ng) = (self.instruction.n, self.general.n);
+        if ni == 0 && ng == 0 {
+            return Some(format!(
+                "no listed verb's pair count differs between A and B in any head of {layers}: \
+                 their head pairs are the same there (same weights, or an adapter that does not \
+                 touch q_proj/k_proj)"
+            ));
+        }
+        let side = |n: usize, what: &str| match n {
+            0 => Some(format!("no {what} verb's count changed in {layers}")),
+            1 => Some(format!("only one {what} verb's count changed in {layers}")),
+            _ => None,
+        };
+        let parts: Vec<String> = [side(ni, "instruction"), side(ng, "general")]
+            .into_iter()
+            .flatten()
+            .collect();
+        if !parts.is_empty() {
+            return Some(format!(
+                "{}; the Welch test needs two on each side",
+                parts.join(", ")
+            ));
+        }
+        self.welch
+            .is_none()
+            .then(|| format!("every rate in {layers} is equal, so the t-test is undefined"))
+    }
+}
+
 /// Head knowledge of a whole model: per layer, per head, the word counts of
 /// [`head_word_counts`]. Built layer by layer while head pairs stream, so the pairs themselves
 /// need not be kept.
@@ -355,6 +389,12 @@ mod tests {
         // Identical models: nothing changed anywhere.
         let same = change_rates(&tuned, &tuned, &instruction, &general, 8)?;
         assert!(same[0].instruction_rates.is_empty() && same[0].general_rates.is_empty());
+        // ... and the group says why it is empty instead of showing bare NaNs.
+        let note = same[0].note().expect("an empty group has a note");
+        assert!(note.contains("same"), "{note}");
+        // One instruction verb changed: too few for the test, and the note says so.
+        let one = g.note().expect("one instruction verb");
+        assert!(one.contains("only one instruction verb"), "{one}");
         assert!(change_rates(&base, &tuned, &instruction, &general, 0).is_err());
         Ok(())
     }

@@ -185,7 +185,8 @@ pub fn output_word_vectors(
     words: &WordList,
 ) -> Result<Rows> {
     let ids = words::word_token_ids(tokenizer, &words.words)?;
-    Ok(words::mean_token_rows(&model.lm_head.weight, &ids)?.normalized())
+    let unembed = model.lm_head.effective_weight()?;
+    Ok(words::mean_token_rows(&unembed, &ids)?.normalized())
 }
 
 /// Describes the PCA of one value matrix `M` (`n × d`) by words: §2.2 steps 2–6, with `e_o` the
@@ -254,8 +255,9 @@ pub fn ffn_concepts(
     let n_layers = model.layers.len();
     let mut layers = Vec::with_capacity(n_layers);
     for (l, layer) in model.layers.iter().enumerate() {
-        // HF stores down_proj as (d, d_ff); M = W_downᵀ has one row per neuron.
-        let w = &layer.mlp.down_proj.weight;
+        // HF stores down_proj as (d, d_ff); M = W_downᵀ has one row per neuron. An adapter on
+        // down_proj changes the value vectors: read the effective weight.
+        let w = &layer.mlp.down_proj.effective_weight()?;
         let (d, d_ff) = w.dims2()?;
         let m = w
             .to_dtype(DType::F32)?

@@ -226,8 +226,9 @@ pub fn layer_activations(
         .get(layer)
         .ok_or_else(|| Error::invalid("layer", format!("{layer} is out of range")))?;
     let g = &l.input_layernorm.weight;
-    let wq = fold_gain(&l.self_attn.q_proj.weight, g)?;
-    let wk = fold_gain(&l.self_attn.k_proj.weight, g)?;
+    // The effective weights: a LoRA adapter on q/k changes the QK circuit.
+    let wq = fold_gain(&l.self_attn.q_proj.effective_weight()?, g)?;
+    let wk = fold_gain(&l.self_attn.k_proj.effective_weight()?, g)?;
     let e_t = e_i.t()?.contiguous()?;
     let hq = wq.matmul(&e_t)?.flatten_all()?.to_vec1::<f32>()?;
     let hk = wk.matmul(&e_t)?.flatten_all()?.to_vec1::<f32>()?;

@@ -8,6 +8,7 @@ pub mod ffn_concepts;
 pub mod head_pairs;
 pub mod prediction;
 pub mod recall;
+pub mod results;
 pub mod stats;
 pub mod types;
 pub mod words;

@@ -352,7 +352,7 @@ fn project(model: &Transformer, x: &Tensor, norm: bool) -> Result<(Vec<f32>, usi
     };
     let u = model
         .lm_head
-        .weight
+        .effective_weight()?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?;
     let proj = x.matmul(&u.t()?)?;

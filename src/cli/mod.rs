@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::model::generate::{GenerateConfig, Sampling};
-use crate::model::{DeviceChoice, ModelSpec};
+use crate::model::{DeviceChoice, ModelSpec, WeightDtype};
 use crate::worker::job::{Job, JobOutput, Slot};
 use crate::worker::runner::{run_job, WorkerCtx};
 
@@ -32,7 +32,7 @@ pub struct Cli {
     pub device: DeviceChoice,
     /// Weight dtype: f32 (default; what the analyses are specified in), f16 or bf16.
     #[arg(long, global = true, default_value = "f32")]
-    pub dtype: String,
+    pub dtype: WeightDtype,
     /// Preload slot A when opening the GUI (a HF folder, a .gguf file, or BASE+ADAPTER).
     #[arg(long)]
     pub model: Option<String>,
@@ -196,7 +196,7 @@ pub(crate) fn load_models(
                 slot: *slot,
                 spec: spec.clone(),
                 device: cli.device,
-                dtype: cli.dtype.clone(),
+                dtype: cli.dtype,
             },
             &mut |_| {},
         )

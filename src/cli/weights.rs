@@ -459,7 +459,7 @@ pub(super) fn run_heads(cli: &Cli, args: &HeadsArgs) -> anyhow::Result<()> {
 
 /// One row per layer group.
 pub fn change_rate_tsv(change: &[crate::analysis::change_rate::GroupChange]) -> String {
-    let mut text = String::from("Group\tLayers\tInstructionN\tInstructionMean\tInstructionStd\tGeneralN\tGeneralMean\tGeneralStd\tWelchT\tWelchDf\tP\n");
+    let mut text = String::from("Group\tLayers\tInstructionN\tInstructionMean\tInstructionStd\tGeneralN\tGeneralMean\tGeneralStd\tWelchT\tWelchDf\tP\tNote\n");
     for g in change {
         let (t, df, p) = g
             .welch
@@ -469,7 +469,7 @@ pub fn change_rate_tsv(change: &[crate::analysis::change_rate::GroupChange]) -> 
             });
         let _ = writeln!(
             text,
-            "{}\t{}-{}\t{}\t{:.4}\t{:.4}\t{}\t{:.4}\t{:.4}\t{t:.4}\t{df:.1}\t{p:.4}",
+            "{}\t{}-{}\t{}\t{:.4}\t{:.4}\t{}\t{:.4}\t{:.4}\t{t:.4}\t{df:.1}\t{p:.4}\t{}",
             g.group,
             g.first_layer,
             g.last_layer,
@@ -478,7 +478,8 @@ pub fn change_rate_tsv(change: &[crate::analysis::change_rate::GroupChange]) -> 
             g.instruction.std,
             g.general.n,
             g.general.mean,
-            g.general.std
+            g.general.std,
+            g.note().unwrap_or_default()
         );
     }
     text

@@ -4,15 +4,14 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::analysis::results::{ConceptsOutput, ConsistencyOutput, HeadsOutput};
 use crate::analysis::types::Matrix;
 use crate::export::data::csv_field;
 use crate::export::figure::{
     BarChart, Figure, Heatmap, HistSeries, Histogram, LinePlot, LineSeries,
 };
 use crate::export::{write_bytes, write_figure};
-use crate::worker::consistency::ConsistencyOutput;
-use crate::worker::train::TrainOutput;
-use crate::worker::weights::{ConceptsOutput, HeadsOutput};
+use crate::train::results::TrainOutput;
 
 fn write_all(
     dir: &Path,
@@ -202,14 +201,14 @@ pub fn write_heads(
     }
     let mut tables = vec![("_pairs", pairs)];
     if let Some(change) = &out.change {
-        let mut csv = String::from("group,first_layer,last_layer,instruction_n,instruction_mean,instruction_std,general_n,general_mean,general_std,welch_t,welch_df,p\n");
+        let mut csv = String::from("group,first_layer,last_layer,instruction_n,instruction_mean,instruction_std,general_n,general_mean,general_std,welch_t,welch_df,p,note\n");
         for g in change {
             let (t, df, p) = g.welch.map_or((f64::NAN, f64::NAN, f64::NAN), |w| {
                 (w.t, w.df, w.p_two_sided)
             });
             let _ = writeln!(
                 csv,
-                "{},{},{},{},{},{},{},{},{},{t},{df},{p}",
+                "{},{},{},{},{},{},{},{},{},{t},{df},{p},{}",
                 g.group,
                 g.first_layer,
                 g.last_layer,
@@ -218,7 +217,8 @@ pub fn write_heads(
                 g.instruction.std,
                 g.general.n,
                 g.general.mean,
-                g.general.std
+                g.general.std,
+                csv_field(&g.note().unwrap_or_default())
             );
         }
         tables.push(("_change_rate", csv));

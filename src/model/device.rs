@@ -29,6 +29,46 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
+/// The dtype the weights are held in, as a user names it (`f32`, `f16`, `bf16`); parsed once at
+/// the edge (CLI flag, GUI setting), then passed around as this enum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum WeightDtype {
+    /// 32-bit float: what the analyses are specified in.
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl WeightDtype {
+    /// candle's dtype.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+            Self::BF16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::BF16),
+            other => Err(Error::invalid(
+                "dtype",
+                format!("`{other}` (expected f32, f16 or bf16)"),
+            )),
+        }
+    }
+}
+
 /// Opens the chosen device.
 pub fn device(choice: DeviceChoice) -> Result<Device> {
     match choice {

@@ -8,7 +8,7 @@
 //! is pure waste (about 2x the backward cost). Adapters are ordinary tensors (typically `Var`s
 //! during training), so their gradients flow as usual.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::blas::{blas_linear, frozen_input_grad};
@@ -143,6 +143,22 @@ impl Linear {
     /// Input features.
     pub fn in_features(&self) -> usize {
         self.weight.dims().get(1).copied().unwrap_or(0)
+    }
+
+    /// The weight this layer applies when its adapter is on: `W + scale · B A` (computed in
+    /// f32, so a bf16/f16 base is rounded once, not once per term) when an adapter is attached,
+    /// else `W` itself. Every analysis that reads weights rather than running the model (the
+    /// FFN concepts, the head word pairs, the instruction vectors' `W_O`) goes through this, so
+    /// "base + adapter" is analysed as the model the forward runs.
+    pub fn effective_weight(&self) -> Result<Tensor> {
+        let Some(lora) = &self.lora else {
+            return Ok(self.weight.clone());
+        };
+        let device = self.weight.device();
+        let b = lora.b.detach().to_dtype(DType::F32)?.to_device(device)?;
+        let a = lora.a.detach().to_dtype(DType::F32)?.to_device(device)?;
+        let delta = (b.matmul(&a)? * lora.scale)?;
+        Ok((self.weight.to_dtype(DType::F32)? + delta)?)
     }
 
     /// Attaches (or replaces) an adapter after checking its shapes.
@@ -322,6 +338,16 @@ mod tests {
         // delta = 2 * (x·1 + x·1 per rank) = 2 * 2 * 3 = 12 on every output.
         for (a, b) in with.iter().zip(&without) {
             assert!((a - b - 12.0).abs() < 1e-6);
+        }
+        // The effective weight applies the same map: x (W + 2·B A)ᵀ.
+        let eff = lin.effective_weight()?;
+        let by_weight = x2
+            .reshape((1, 2))?
+            .matmul(&eff.t()?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (a, b) in with.iter().zip(&by_weight) {
+            assert!((a - b).abs() < 1e-6);
         }
         assert!(lin
             .attach(LoraAdapter {

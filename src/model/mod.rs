@@ -21,7 +21,7 @@ pub mod vjp;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
-pub use device::{configure_cpu_threads, device, DeviceChoice};
+pub use device::{configure_cpu_threads, device, DeviceChoice, WeightDtype};
 pub use hooks::{Edit, EditOp, Editor, Hook, HookPoint, NoHook, Positions, Recorder};
 pub use info::{AdapterInfo, ModelInfo};
 pub use load::{load, load_with_progress, LoadOptions, LoadedModel, ModelSpec};

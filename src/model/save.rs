@@ -214,9 +214,10 @@ pub fn merge_adapters(model: &mut Transformer) -> Result<usize> {
             &mut layer.mlp.down_proj,
         ];
         for linear in linears {
-            if let Some(lora) = linear.lora.take() {
-                let delta = (lora.b.detach().matmul(&lora.a.detach())? * lora.scale)?;
-                linear.weight = (&linear.weight + delta.to_dtype(linear.weight.dtype())?)?;
+            if linear.lora.is_some() {
+                let dtype = linear.weight.dtype();
+                linear.weight = linear.effective_weight()?.to_dtype(dtype)?;
+                linear.lora = None;
                 merged += 1;
             }
         }

@@ -4,4 +4,5 @@
 pub mod checkpoint;
 pub mod dataset;
 pub mod lora_trainer;
+pub mod results;
 pub mod run;

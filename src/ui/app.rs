@@ -399,7 +399,7 @@ impl TunelensApp {
             slot,
             spec,
             device: self.state.device,
-            dtype: "f32".to_owned(),
+            dtype: crate::model::WeightDtype::F32,
         };
         self.submit(
             job,
@@ -933,26 +933,31 @@ impl TunelensApp {
                 self.pending.remove(&job_id);
                 self.finished(output);
             }
+            Event::Cancelled { job_id } => {
+                // The user asked for it: not an error.
+                let label = self.end_pending(job_id);
+                log::info!("{label}: cancelled");
+            }
             Event::Failed { job_id, error } => {
-                let label = self.pending.remove(&job_id).map_or_else(String::new, |p| {
-                    if let PendingKind::Load(slot) = p.kind {
-                        self.slots[slot_index(slot)].loading = false;
-                    }
-                    p.label
-                });
-                if error == crate::Error::Cancelled.to_string() {
-                    // The user asked for it: not an error.
-                    log::info!("{label}: cancelled");
+                let label = self.end_pending(job_id);
+                log::warn!("{label} failed: {error}");
+                self.last_error = Some(if label.is_empty() {
+                    error
                 } else {
-                    log::warn!("{label} failed: {error}");
-                    self.last_error = Some(if label.is_empty() {
-                        error
-                    } else {
-                        format!("{label} failed: {error}")
-                    });
-                }
+                    format!("{label} failed: {error}")
+                });
             }
         }
+    }
+
+    /// Forgets an ended job; returns its label (empty when it was unknown).
+    fn end_pending(&mut self, job_id: JobId) -> String {
+        self.pending.remove(&job_id).map_or_else(String::new, |p| {
+            if let PendingKind::Load(slot) = p.kind {
+                self.slots[slot_index(slot)].loading = false;
+            }
+            p.label
+        })
     }
 
     fn finished(&mut self, output: JobOutput) {

@@ -1,6 +1,17 @@
-//! Colours and spacing: the only place the UI defines them.
+//! Colours and spacing: the only place the UI defines them (clippy's `disallowed-methods` keeps
+//! `Color32::from_rgb` out of every other file).
+#![allow(clippy::disallowed_methods)]
 
 use eframe::egui::{self, Color32};
+
+/// The named loss terms of a training run (Okabe-Ito: green, purple, yellow, sky blue), distinct
+/// from the slot colours.
+pub const LOSS_TERMS: [Color32; 4] = [
+    Color32::from_rgb(0, 158, 115),
+    Color32::from_rgb(204, 121, 167),
+    Color32::from_rgb(240, 228, 66),
+    Color32::from_rgb(86, 180, 233),
+];
 
 /// Slot A's accent (a blue).
 pub const SLOT_A: Color32 = Color32::from_rgb(66, 133, 214);

@@ -6,16 +6,14 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
-use crate::analysis::consistency::{self, ConsistencyResult, LabeledPair, Pooling};
-use crate::analysis::prediction::{
-    self, FactSet, InstructionSpread, PredictionMode, PredictionResult,
+use crate::analysis::consistency::{self, LabeledPair};
+use crate::analysis::prediction::{self, FactSet, PredictionResult};
+use crate::analysis::recall::{self, RecallProbe};
+pub use crate::analysis::results::{
+    ConsistencyOutput, ConsistencySettings, Measures, Slot, SlotConsistency,
 };
-use crate::analysis::recall::{self, RecallConfig, RecallProbe, RecallResult};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
-use crate::worker::job::Slot;
 
 /// The shipped paraphrase pairs (written for this project; `sample_prompts/`).
 pub const DEFAULT_PAIRS: &str = include_str!("../../sample_prompts/paraphrases.tsv");
@@ -23,69 +21,6 @@ pub const DEFAULT_PAIRS: &str = include_str!("../../sample_prompts/paraphrases.t
 pub const DEFAULT_FACTS: &str = include_str!("../../sample_prompts/facts.json");
 /// The shipped subject descriptions (the "wiki" texts of §9.2).
 pub const DEFAULT_SUBJECTS: &str = include_str!("../../sample_prompts/subjects.json");
-
-/// Which measures to run (a set of check boxes in the view).
-#[allow(clippy::struct_excessive_bools)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Measures {
-    /// §7 representation consistency.
-    pub representations: bool,
-    /// §8 prediction consistency.
-    pub predictions: bool,
-    /// §8.4 accuracy spread across instructions.
-    pub spread: bool,
-    /// §9 attribute and extraction rates (needs the §8 predictions to pick the known facts).
-    pub recall: bool,
-}
-
-impl Measures {
-    /// Everything.
-    pub const ALL: Self = Self {
-        representations: true,
-        predictions: true,
-        spread: true,
-        recall: true,
-    };
-}
-
-/// Settings of a consistency run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ConsistencySettings {
-    /// Paraphrase pairs file (TSV or JSONL); `None` = the shipped set.
-    pub pairs: Option<PathBuf>,
-    /// Factual probes (JSON); `None` = the shipped set.
-    pub facts: Option<PathBuf>,
-    /// Subject descriptions (JSON object subject → text); `None` = the shipped set.
-    pub subjects: Option<PathBuf>,
-    /// Measures to run.
-    pub measures: Measures,
-    /// §7 pooling.
-    pub pooling: Pooling,
-    /// §8 prediction mode.
-    pub mode: PredictionMode,
-    /// Facts per relation used for the §8.4 spread (each instruction re-runs them).
-    pub spread_facts: usize,
-    /// §9 settings.
-    pub recall: RecallConfig,
-    /// Sentences per forward batch.
-    pub batch_size: usize,
-}
-
-impl Default for ConsistencySettings {
-    fn default() -> Self {
-        Self {
-            pairs: None,
-            facts: None,
-            subjects: None,
-            measures: Measures::ALL,
-            pooling: Pooling::Mean,
-            mode: PredictionMode::Candidates,
-            spread_facts: 5,
-            recall: RecallConfig::default(),
-            batch_size: 16,
-        }
-    }
-}
 
 /// The data of a run, read once.
 #[derive(Clone, Debug)]
@@ -157,36 +92,6 @@ impl ConsistencyData {
             subjects,
         })
     }
-}
-
-/// One model's results.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SlotConsistency {
-    /// Which slot.
-    pub slot: Slot,
-    /// Display name.
-    pub model: String,
-    /// §7.
-    pub representations: Option<ConsistencyResult>,
-    /// §8.
-    pub predictions: Option<PredictionResult>,
-    /// §8.4.
-    pub spread: Option<InstructionSpread>,
-    /// §9 (over the facts this model knows).
-    pub recall: Option<RecallResult>,
-    /// Seconds.
-    pub secs: f64,
-}
-
-/// `Job::Consistency` output.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ConsistencyOutput {
-    /// Settings used.
-    pub settings: ConsistencySettings,
-    /// Per slot.
-    pub results: Vec<SlotConsistency>,
-    /// With two models: `RD_B − RD_A` per layer.
-    pub rd_difference: Option<Vec<f64>>,
 }
 
 /// The §9 probes of the facts a prediction result got right (known facts), with descriptions.

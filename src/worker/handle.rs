@@ -131,9 +131,11 @@ fn run(
         }));
         let event = match result {
             Ok(Ok(output)) => Event::Finished { job_id, output },
+            Ok(Err(crate::Error::Cancelled)) => Event::Cancelled { job_id },
+            // With its chain (`{err:#}`), so a wrapped cause is not lost.
             Ok(Err(err)) => Event::Failed {
                 job_id,
-                error: err.to_string(),
+                error: format!("{err:#}"),
             },
             Err(payload) => {
                 let message = panic_message(payload.as_ref());

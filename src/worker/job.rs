@@ -13,18 +13,9 @@ use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainRequest
 use crate::worker::weights::{ConceptsOutput, HeadsOutput};
 
 use crate::analysis::attribution::Instructions;
-use crate::analysis::types::Attribution;
+pub use crate::analysis::results::{Slot, SlotAttribution};
 use crate::model::generate::{GenerateConfig, GeneratedToken, Generation};
-use crate::model::{DeviceChoice, ModelInfo, ModelSpec};
-
-/// Which model slot a job uses: A (e.g. base) or B (e.g. tuned).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Slot {
-    /// Slot A.
-    A,
-    /// Slot B.
-    B,
-}
+use crate::model::{DeviceChoice, ModelInfo, ModelSpec, WeightDtype};
 
 /// Work for the model worker.
 #[derive(Clone, Debug)]
@@ -38,7 +29,7 @@ pub enum Job {
         /// Where.
         device: DeviceChoice,
         /// Weight dtype: `f32`, `f16` or `bf16`.
-        dtype: String,
+        dtype: WeightDtype,
     },
     /// Gradient attribution of a response to its prompt (METHODS.md §1).
     Attribute {
@@ -151,19 +142,6 @@ pub enum Job {
         /// Generation settings.
         cfg: GenerateConfig,
     },
-}
-
-/// The attribution of one model.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SlotAttribution {
-    /// Which slot.
-    pub slot: Slot,
-    /// The model's display name.
-    pub model: String,
-    /// The (given or generated) response.
-    pub response: String,
-    /// The result at token level.
-    pub attribution: Attribution,
 }
 
 /// The result of a finished job.
@@ -325,6 +303,11 @@ pub enum Event {
         job_id: JobId,
         /// Its result.
         output: JobOutput,
+    },
+    /// The job was cancelled by the user (not an error).
+    Cancelled {
+        /// The job.
+        job_id: JobId,
     },
     /// The job failed; `error` is one line in plain words.
     Failed {

@@ -51,19 +51,6 @@ impl WorkerCtx {
     }
 }
 
-/// Parses a dtype name.
-pub fn parse_dtype(name: &str) -> Result<DType> {
-    match name {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => Err(Error::invalid(
-            "dtype",
-            format!("`{other}` (expected f32, f16 or bf16)"),
-        )),
-    }
-}
-
 /// Runs one job; streamed tokens and progress go to `emit`.
 pub fn run_job(
     ctx: &mut WorkerCtx,
@@ -85,7 +72,7 @@ pub fn run_job(
             });
             let opts = LoadOptions {
                 device: model::device(device)?,
-                dtype: parse_dtype(&dtype)?,
+                dtype: dtype.dtype(),
             };
             let cancel = ctx.cancel.clone();
             let loaded = model::load_with_progress(&spec, &opts, &mut |frac| {

@@ -11,9 +11,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 use crate::train::checkpoint::{find_checkpoint, read_state, restore, DataSettings, TrainerState};
-use crate::train::dataset::{self, Dataset, LineIssue, Renderer, SplitOptions};
+use crate::train::dataset::{self, Dataset, Renderer, SplitOptions};
 use crate::train::lora_trainer::{EvalReport, StepReport, TrainSettings, Trainer};
 use crate::train::run::{new_state, run, TrainEvent};
+
+pub use crate::train::results::{DataPreview, DataSummary, PreviewRow, TrainEstimate, TrainOutput};
 
 /// The shipped instruction set (written for this project; `sample_prompts/instructions.jsonl`),
 /// used when a request names no data file.
@@ -74,87 +76,6 @@ pub struct TrainRequest {
     /// Resume from this run folder or checkpoint (its settings and data win over the ones
     /// above, except a larger step count).
     pub resume: Option<PathBuf>,
-}
-
-/// Counts of a prepared data set, for display.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DataSummary {
-    /// The file.
-    pub path: PathBuf,
-    /// Training examples.
-    pub train: usize,
-    /// Validation examples.
-    pub validation: usize,
-    /// Skipped lines with reasons.
-    pub issues: Vec<LineIssue>,
-    /// Examples cut at the maximum length.
-    pub truncated: usize,
-    /// Label (response) tokens in the training split.
-    pub train_label_tokens: usize,
-    /// All tokens in the training split.
-    pub train_tokens: usize,
-}
-
-/// One rendered example for the data preview.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PreviewRow {
-    /// Line in the file.
-    pub line: usize,
-    /// The record's format.
-    pub format: String,
-    /// The prompt part of the rendered text.
-    pub prompt: String,
-    /// The response part (what the loss is computed on).
-    pub response: String,
-    /// Tokens in the example.
-    pub tokens: usize,
-    /// Response tokens.
-    pub label_tokens: usize,
-}
-
-/// A data preview: the summary and the first rendered examples.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DataPreview {
-    /// Counts.
-    pub summary: DataSummary,
-    /// The first examples.
-    pub rows: Vec<PreviewRow>,
-}
-
-/// The result of a run (finished or stopped).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainOutput {
-    /// The base model (`--model` form).
-    pub base_model: String,
-    /// The data set used.
-    pub data: DataSummary,
-    /// Steps, curves and settings.
-    pub state: TrainerState,
-    /// The output folder.
-    pub out: Option<PathBuf>,
-    /// The final adapter (PEFT format), when the run finished with an output folder.
-    pub adapter_dir: Option<PathBuf>,
-    /// The last checkpoint written.
-    pub last_checkpoint: Option<PathBuf>,
-    /// Whether the run was stopped before its last step.
-    pub cancelled: bool,
-    /// Wall time of this invocation.
-    pub seconds: f64,
-}
-
-/// A measured estimate before launch.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainEstimate {
-    /// Median seconds per optimizer step over the measured steps.
-    pub seconds_per_step: f64,
-    /// Steps measured (after one warm-up step).
-    pub measured_steps: usize,
-    /// Estimated wall time of the whole run.
-    pub total_s: f64,
-    /// Growth of the process's resident memory while training, MB.
-    pub extra_memory_mb: f64,
-    /// Trainable parameters.
-    pub trainable_params: usize,
 }
 
 /// The `--model` string of a loaded model (for `adapter_config.json` and "Load as B").

@@ -5,81 +5,18 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
-use crate::analysis::change_rate::{self, GroupChange, Knowledge, INSTRUCTION_VERBS};
-use crate::analysis::ffn_concepts::{
-    self, Concepts, ConceptsConfig, LayerAlignment, LayerConcepts,
-};
+use crate::analysis::change_rate::{self, Knowledge, INSTRUCTION_VERBS};
+use crate::analysis::ffn_concepts::{self, Concepts, ConceptsConfig, LayerConcepts};
 use crate::analysis::head_pairs::{self, HeadPairs, HeadsConfig, LayerHeads, SemanticSpace};
+pub use crate::analysis::results::{ConceptsOutput, HeadsOutput, Slot, SlotConcepts, SlotHeads};
 use crate::analysis::words::{self, WordList};
 use crate::cache::{self, KeyBuilder};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 use crate::wordfiles::{self, WordSource};
-use crate::worker::job::Slot;
 
 /// Bumped whenever a cached format or an algorithm changes.
-const CACHE_VERSION: &str = "v1";
-
-/// The concepts of one model.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SlotConcepts {
-    /// Which slot.
-    pub slot: Slot,
-    /// The model's display name.
-    pub model: String,
-    /// Parameter count, for the `Size` column.
-    pub parameters: usize,
-    /// The result.
-    pub concepts: Concepts,
-    /// Whether it came from the cache.
-    pub cached: bool,
-    /// Seconds to compute or load it.
-    pub secs: f64,
-}
-
-/// `Job::Concepts` output.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ConceptsOutput {
-    /// The word list used.
-    pub words: String,
-    /// Per slot, in request order.
-    pub results: Vec<SlotConcepts>,
-    /// With two results: the second (tuned) aligned to the first (base), per layer — the §2.3
-    /// deterministic comparison, an extension not in the original method.
-    pub alignment: Option<Vec<LayerAlignment>>,
-}
-
-/// The head pairs of one model.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SlotHeads {
-    /// Which slot.
-    pub slot: Slot,
-    /// The model's display name.
-    pub model: String,
-    /// Parameter count, for the `Size` column.
-    pub parameters: usize,
-    /// The result.
-    pub pairs: HeadPairs,
-    /// Whether it came from the cache.
-    pub cached: bool,
-    /// Seconds to compute or load it.
-    pub secs: f64,
-}
-
-/// `Job::Heads` output.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct HeadsOutput {
-    /// The word list used.
-    pub words: String,
-    /// Per slot, in request order.
-    pub results: Vec<SlotHeads>,
-    /// With two results: the §3.5 change rates from the first (base) to the second (tuned).
-    pub change: Option<Vec<GroupChange>>,
-    /// Layers per group for `change`.
-    pub group_size: usize,
-}
+const CACHE_VERSION: &str = "v2"; // v2: keys cover adapters (v1 gave base + adapter the base's entry)
 
 /// Where cache entries go, if anywhere.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,9 +66,9 @@ pub fn concepts_cached(
                 .text(CACHE_VERSION)
                 .text(&format!("{cfg:?}"));
             words_key(&mut key, words, &ids);
-            key.tensor(&loaded.model.lm_head.weight)?;
+            key.linear(&loaded.model.lm_head)?;
             for layer in &loaded.model.layers {
-                key.tensor(&layer.mlp.down_proj.weight)?;
+                key.linear(&layer.mlp.down_proj)?;
             }
             Some(key.finish())
         }
@@ -251,8 +188,8 @@ pub fn heads_cached(
             key.tensor(&loaded.model.embed_tokens)?;
             for layer in &loaded.model.layers {
                 key.tensor(&layer.input_layernorm.weight)?;
-                key.tensor(&layer.self_attn.q_proj.weight)?;
-                key.tensor(&layer.self_attn.k_proj.weight)?;
+                key.linear(&layer.self_attn.q_proj)?;
+                key.linear(&layer.self_attn.k_proj)?;
             }
             Some(key.finish())
         }

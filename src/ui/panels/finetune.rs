@@ -243,13 +243,6 @@ fn curve(points: impl Iterator<Item = (f64, f64)>) -> PlotPoints<'static> {
         .collect::<PlotPoints<'static>>()
 }
 
-const TERM_COLORS: [egui::Color32; 4] = [
-    egui::Color32::from_rgb(0, 158, 115),
-    egui::Color32::from_rgb(204, 121, 167),
-    egui::Color32::from_rgb(240, 228, 66),
-    egui::Color32::from_rgb(86, 180, 233),
-];
-
 /// One titled curve panel of the live training plots.
 struct CurvePanel<'a> {
     id: &'a str,
@@ -314,7 +307,7 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
                                 (s.step as f64, s.terms.get(i).map_or(f64::NAN, |t| t.1))
                             })),
                         )
-                        .color(TERM_COLORS[i % TERM_COLORS.len()]),
+                        .color(theme::LOSS_TERMS[i % theme::LOSS_TERMS.len()]),
                     );
                 }
             }

@@ -319,6 +319,12 @@ pub fn heads_ui(
                     ui.end_row();
                 }
             });
+            // Empty groups and missing tests say why, instead of a row of dashes.
+            for g in change {
+                if let Some(note) = g.note() {
+                    ui.label(egui::RichText::new(note).weak());
+                }
+            }
             let groups: Vec<String> = change.iter().map(|g| format!("L{}-{}", g.first_layer, g.last_layer)).collect();
             let series = vec![
                 ("instruction verbs", theme::INSTRUCTION, change.iter().map(|g| (g.instruction.mean, g.instruction.std)).collect()),
