@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use egui_kittest::Harness;
-use tunelens::ui::app::Action;
+use tunelens::ui::actions::Action;
 use tunelens::ui::state::View;
 use tunelens::ui::TunelensApp;
 use tunelens::worker::Slot;

@@ -7,11 +7,27 @@ use egui_kittest::kittest::Queryable as _;
 use egui_kittest::Harness;
 use tunelens::model::generate::StopReason;
 use tunelens::model::tiny::{tiny_config, write_tiny_hf_folder};
-use tunelens::ui::app::Action;
+use tunelens::ui::actions::Action;
+use tunelens::ui::panels::attribution::{AttributionResults, AttributionView};
+use tunelens::ui::panels::consistency::ConsistencyView;
+use tunelens::ui::panels::finetune::{FinetuneView, TrainingView};
+use tunelens::ui::panels::weights::{ConceptsView, HeadsView};
 use tunelens::ui::TunelensApp;
 use tunelens::worker::Slot;
 
 use crate::common::{demo_model_path, tiny_words};
+
+/// The Attribution view's last results.
+fn attribution(app: &TunelensApp) -> Option<&AttributionResults> {
+    app.view::<AttributionView>()?.results.as_ref()
+}
+
+/// The Fine-tune view's run.
+fn training(app: &TunelensApp) -> &TrainingView {
+    &app.view::<FinetuneView>()
+        .expect("the Fine-tune view")
+        .training
+}
 
 fn harness() -> Harness<'static, TunelensApp> {
     Harness::builder()
@@ -246,14 +262,9 @@ fn attribution_view_shows_heatmaps_scores_and_exports() {
     harness.run();
     harness.get_by_label("Attribute").click();
     step_until(&mut harness, "both attributions", |app| {
-        app.attribution.is_some()
+        attribution(app).is_some()
     });
-    let results = &harness
-        .state()
-        .attribution
-        .as_ref()
-        .expect("results")
-        .results;
+    let results = &attribution(harness.state()).expect("results").results;
     assert_eq!(results.len(), 2);
     // Each model explains its own response; "write" marks its sentence automatically.
     for r in results {
@@ -271,12 +282,7 @@ fn attribution_view_shows_heatmaps_scores_and_exports() {
     harness.run();
     harness.get_by_label("Importance density A").click();
     harness.run();
-    let after = &harness
-        .state()
-        .attribution
-        .as_ref()
-        .expect("results")
-        .results[0];
+    let after = &attribution(harness.state()).expect("results").results[0];
     assert_ne!(after.attribution.instruction_mask, before);
     // Token level is one click away.
     harness.get_by_label("Tokens").click();
@@ -329,7 +335,10 @@ fn concepts_heads_and_consistency_views_compute_show_and_export() {
     harness.run();
     harness.state_mut().state.weights.words_file = Some(words.clone());
     harness.get_by_label("Compute concepts").click();
-    step_until(&mut harness, "concepts", |app| app.concepts.is_some());
+    step_until(&mut harness, "concepts", |app| {
+        app.view::<ConceptsView>()
+            .is_some_and(|v| v.result.is_some())
+    });
     harness.state_mut().state.weights.layer = 2;
     harness.run();
     harness.get_by_label("Variance spectrum, layer 2");
@@ -343,7 +352,9 @@ fn concepts_heads_and_consistency_views_compute_show_and_export() {
     harness.get_by_label("Heads").click();
     harness.run();
     harness.get_by_label("Compute head pairs").click();
-    step_until(&mut harness, "head pairs", |app| app.heads.is_some());
+    step_until(&mut harness, "head pairs", |app| {
+        app.view::<HeadsView>().is_some_and(|v| v.result.is_some())
+    });
     harness.get_by_label("Head pair counts A").scroll_to_me();
     harness.run();
     harness.get_by_label("Head pair counts A").click();
@@ -394,7 +405,10 @@ fn concepts_heads_and_consistency_views_compute_show_and_export() {
     harness.state_mut().state.consistency.pairs_file = Some(pairs);
     harness.state_mut().state.consistency.facts_file = Some(facts);
     harness.get_by_label("Run consistency").click();
-    step_until(&mut harness, "consistency", |app| app.consistency.is_some());
+    step_until(&mut harness, "consistency", |app| {
+        app.view::<ConsistencyView>()
+            .is_some_and(|v| v.result.is_some())
+    });
     harness.get_by_label("Distance histogram A");
     harness.get_by_label("Distance histogram B");
     harness.get_by_label("Relative difference by layer");
@@ -440,21 +454,21 @@ fn finetune_view_previews_estimates_trains_cancels_resumes_and_loads_as_b() {
 
     harness.get_by_label("Preview data").click();
     step_until(&mut harness, "the preview", |app| {
-        app.training.preview.is_some()
+        training(app).preview.is_some()
     });
     harness.get_by_label_contains("1 lines skipped");
     harness.get_by_label_contains("line 1 · alpaca");
 
     harness.get_by_label("Estimate").click();
     step_until(&mut harness, "the estimate", |app| {
-        app.training.estimate.is_some()
+        training(app).estimate.is_some()
     });
     harness.get_by_label_contains("Estimate:");
 
     // Launch, stop after a few steps: a checkpoint is written and Resume is offered.
     harness.get_by_label("Launch").click();
     step_until(&mut harness, "a few steps", |app| {
-        app.training.steps.len() >= 3
+        training(app).steps.len() >= 3
     });
     // The status bar has a Cancel too; the view's is the first.
     harness
@@ -463,17 +477,17 @@ fn finetune_view_previews_estimates_trains_cancels_resumes_and_loads_as_b() {
         .expect("a Cancel button")
         .click();
     step_until(&mut harness, "the stop", |app| {
-        app.training.result.is_some()
+        training(app).result.is_some()
     });
-    let stopped = harness.state().training.result.clone().expect("result");
+    let stopped = training(harness.state()).result.clone().expect("result");
     assert!(stopped.cancelled, "the run was stopped");
     assert!(stopped.state.step < 300);
     harness.get_by_label_contains("Resume continues");
     harness.get_by_label("Resume").click();
     step_until(&mut harness, "the resumed run", |app| {
-        app.training.result.as_ref().is_some_and(|r| !r.cancelled)
+        training(app).result.as_ref().is_some_and(|r| !r.cancelled)
     });
-    let done = harness.state().training.result.clone().expect("result");
+    let done = training(harness.state()).result.clone().expect("result");
     assert_eq!(done.state.step, 300);
     assert_eq!(done.state.history.len(), 300, "curves cover the whole run");
     let first = done.state.history[0].loss;

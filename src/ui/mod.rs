@@ -1,9 +1,11 @@
 //! The desktop app (eframe/egui). Sees plain data only (`ModelInfo`, job outputs); never a
 //! tensor. Model work runs on the worker thread.
 
+pub mod actions;
 pub mod app;
 pub mod dialogs;
 pub mod panels;
+pub mod registry;
 pub mod state;
 pub mod theme;
 pub mod widgets;

@@ -9,48 +9,45 @@ use crate::model::DeviceChoice;
 /// Most recent model paths kept.
 pub const MAX_RECENT: usize = 10;
 
-/// The views of the navigation column; views not built yet are absent, not placeholders.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The selected view: one of the two fixed views, or an analysis view by its registry id
+/// ([`crate::ui::registry`]). Persisted as one string ("models", "prompt" or the id), so a
+/// view added or removed later never makes the saved state unreadable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
 pub enum View {
     /// Slots A and B.
     #[default]
     Models,
     /// Prompt editor and side-by-side responses.
     Prompt,
-    /// Gradient attribution heatmaps and importance density (METHODS.md §1).
-    Attribution,
-    /// FFN PCA concepts (METHODS.md §2).
-    Concepts,
-    /// Attention-head word pairs and the instruction-verb change rate (METHODS.md §3).
-    Heads,
-    /// Paraphrase, prediction and factual-recall consistency (METHODS.md §7–§9).
-    Consistency,
-    /// LoRA fine-tuning with live curves.
-    Finetune,
+    /// An analysis view, by id.
+    Analysis(String),
 }
 
 impl View {
-    /// Every view, in navigation order.
-    pub const ALL: [View; 7] = [
-        View::Models,
-        View::Prompt,
-        View::Attribution,
-        View::Concepts,
-        View::Heads,
-        View::Consistency,
-        View::Finetune,
-    ];
+    /// The analysis view with this id.
+    pub fn analysis(id: &str) -> Self {
+        Self::Analysis(id.to_owned())
+    }
+}
 
-    /// The label shown in the navigation.
-    pub fn label(self) -> &'static str {
-        match self {
-            View::Models => "Models",
-            View::Prompt => "Prompt",
-            View::Attribution => "Attribution",
-            View::Concepts => "Concepts",
-            View::Heads => "Heads",
-            View::Consistency => "Consistency",
-            View::Finetune => "Fine-tune",
+impl From<String> for View {
+    fn from(s: String) -> Self {
+        // Earlier versions saved the variant names ("Concepts", "Finetune").
+        match s.to_lowercase().as_str() {
+            "models" => Self::Models,
+            "prompt" => Self::Prompt,
+            id => Self::Analysis(id.to_owned()),
+        }
+    }
+}
+
+impl From<View> for String {
+    fn from(v: View) -> Self {
+        match v {
+            View::Models => "models".to_owned(),
+            View::Prompt => "prompt".to_owned(),
+            View::Analysis(id) => id,
         }
     }
 }

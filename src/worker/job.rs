@@ -317,3 +317,17 @@ pub enum Event {
         error: String,
     },
 }
+
+impl Event {
+    /// The job the event is about.
+    pub fn job_id(&self) -> JobId {
+        match self {
+            Self::Progress { job_id, .. }
+            | Self::Token { job_id, .. }
+            | Self::Train { job_id, .. }
+            | Self::Finished { job_id, .. }
+            | Self::Cancelled { job_id }
+            | Self::Failed { job_id, .. } => *job_id,
+        }
+    }
+}

@@ -4,14 +4,197 @@
 
 use eframe::egui;
 
+use crate::analysis::attribution::{
+    by_words, set_instruction_mask, AttributionConfig, Instructions,
+};
+use crate::analysis::results::SlotAttribution;
 use crate::analysis::types::{display_token, Attribution};
-use crate::ui::app::{Action, AttributionResults, PendingJob, SlotView};
+use crate::export;
+use crate::ui::actions::{Action, PendingJob};
+use crate::ui::app::SlotView;
+use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
 use crate::ui::state::{AppState, InstructionSource};
 use crate::ui::theme;
 use crate::ui::widgets::heatmap::{bars_ui, heatmap_ui, BarsData, HeatmapData};
+use crate::worker::{Job, JobOutput};
 
-/// Draws the Attribution view.
-pub fn attribution_ui(
+/// The attributions of the last run, with display caches.
+#[derive(Clone, Debug)]
+pub struct AttributionResults {
+    /// The prompt they explain.
+    pub prompt: String,
+    /// Token-level results, one per model, with the user's instruction marks.
+    pub results: Vec<SlotAttribution>,
+    words: Vec<Attribution>,
+}
+
+impl AttributionResults {
+    /// Wraps finished results.
+    pub fn new(prompt: String, results: Vec<SlotAttribution>) -> Self {
+        let words = results
+            .iter()
+            .map(|r| by_words(&r.attribution, &AttributionConfig::default()))
+            .collect();
+        Self {
+            prompt,
+            results,
+            words,
+        }
+    }
+
+    /// Result `index` at word or token level.
+    pub fn shown(&self, index: usize, word_level: bool) -> &Attribution {
+        if word_level {
+            &self.words[index]
+        } else {
+            &self.results[index].attribution
+        }
+    }
+
+    /// Flips the instruction mark of shown row `row` (a whole word at word level) and updates
+    /// the score.
+    pub fn toggle(&mut self, index: usize, row: usize, word_level: bool) {
+        let Some(result) = self.results.get_mut(index) else {
+            return;
+        };
+        let a = &mut result.attribution;
+        let tokens = if word_level {
+            match self.words[index].input_words.get(row) {
+                Some(word) => word.start..word.end,
+                None => return,
+            }
+        } else {
+            row..row + 1
+        };
+        let mut mask = a
+            .instruction_mask
+            .clone()
+            .unwrap_or_else(|| vec![false; a.input_ids.len()]);
+        let Some(current) = mask.get(tokens.clone()) else {
+            return;
+        };
+        let marked = !current.iter().any(|&m| m);
+        mask[tokens].iter_mut().for_each(|m| *m = marked);
+        set_instruction_mask(a, Some(mask));
+        self.words[index] = by_words(a, &AttributionConfig::default());
+    }
+}
+
+/// The Attribution view: its settings live in [`AppState::attribution`], its last result here.
+#[derive(Default)]
+pub struct AttributionView {
+    /// The last run.
+    pub results: Option<AttributionResults>,
+}
+
+impl AnalysisView for AttributionView {
+    fn id(&self) -> &'static str {
+        "attribution"
+    }
+
+    fn label(&self) -> &'static str {
+        "Attribution"
+    }
+
+    fn job(&mut self, cx: &RunCx<'_>) -> Result<(Job, String), String> {
+        let slots = cx.loaded_with_prompt()?;
+        let settings = &cx.state.attribution;
+        if settings.pin_response && settings.response.trim().is_empty() {
+            return Err("The pinned response is empty".to_owned());
+        }
+        let instructions = match settings.instructions {
+            InstructionSource::Auto => Instructions::Auto,
+            InstructionSource::Off => Instructions::Spans(Vec::new()),
+            InstructionSource::Typed => Instructions::Spans(
+                settings
+                    .spans
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+        };
+        let job = Job::Attribute {
+            slots,
+            prompt: cx.state.prompt.clone(),
+            response: settings
+                .pin_response
+                .then(|| settings.response.trim().to_owned()),
+            chat: cx.state.chat,
+            instructions,
+            max_new_tokens: settings.max_new_tokens,
+        };
+        Ok((job, "Attributing".to_owned()))
+    }
+
+    fn take(&mut self, output: JobOutput, state: &mut AppState) -> Result<(), JobOutput> {
+        match output {
+            JobOutput::Attributed(results) => {
+                self.results = Some(AttributionResults::new(state.prompt.clone(), results));
+                Ok(())
+            }
+            other => Err(other),
+        }
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
+        let toggles = attribution_ui(
+            ui,
+            cx.state,
+            cx.slots,
+            self.results.as_ref(),
+            cx.running,
+            cx.note,
+            cx.actions,
+        );
+        let word_level = cx.state.attribution.word_level;
+        if let Some(results) = &mut self.results {
+            for (index, row) in toggles {
+                results.toggle(index, row, word_level);
+            }
+        }
+    }
+
+    fn export_stem(&self, _state: &AppState) -> Option<String> {
+        let results = self.results.as_ref()?;
+        let models: Vec<&str> = results.results.iter().map(|r| r.model.as_str()).collect();
+        Some(export::default_file_stem(
+            "attribution",
+            &models.join("_vs_"),
+            &results.prompt,
+        ))
+    }
+
+    fn exporter(&self, state: &AppState) -> Option<Exporter> {
+        let results = self.results.as_ref()?;
+        let word_level = state.attribution.word_level;
+        // As shown: word or token level, with the user's instruction marks.
+        let items: Vec<(String, Attribution)> = results
+            .results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    format!("{:?}: {}", r.slot, r.model),
+                    results.shown(i, word_level).clone(),
+                )
+            })
+            .collect();
+        Some(Box::new(move |dir: &std::path::Path, stem: &str| {
+            let refs: Vec<(String, &Attribution)> =
+                items.iter().map(|(l, a)| (l.clone(), a)).collect();
+            export::write_attribution(dir, stem, &refs)
+        }))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Draws the Attribution view; returns the density bars clicked (result index, shown row).
+fn attribution_ui(
     ui: &mut egui::Ui,
     state: &mut AppState,
     slots: &[SlotView; 2],
@@ -19,7 +202,8 @@ pub fn attribution_ui(
     running: Option<&PendingJob>,
     export_note: Option<&str>,
     actions: &mut Vec<Action>,
-) {
+) -> Vec<(usize, usize)> {
+    let mut toggles = Vec::new();
     ui.heading("Attribution");
     ui.label(
         egui::RichText::new(
@@ -93,7 +277,7 @@ pub fn attribution_ui(
             .on_disabled_hover_text("Load a model first, or wait for the running job")
             .clicked()
         {
-            actions.push(Action::Attribute);
+            actions.push(Action::Run("attribution"));
         }
         if let Some(job) = running {
             ui.add(
@@ -126,7 +310,7 @@ pub fn attribution_ui(
             egui::RichText::new("Results appear here: one column per loaded model")
                 .color(theme::MUTED),
         );
-        return;
+        return toggles;
     };
     let word_level = settings.word_level;
     egui::ScrollArea::vertical()
@@ -153,11 +337,12 @@ pub fn attribution_ui(
                         &result.response,
                         shown,
                         word_level,
-                        actions,
+                        &mut toggles,
                     );
                 }
             });
         });
+    toggles
 }
 
 fn result_ui(
@@ -167,7 +352,7 @@ fn result_ui(
     response: &str,
     a: &Attribution,
     word_level: bool,
-    actions: &mut Vec<Action>,
+    toggles: &mut Vec<(usize, usize)>,
 ) {
     // Words are decoded text already; tokens are vocabulary strings (`Ġthe`).
     let readable = |tokens: &[String]| -> Vec<String> {
@@ -223,6 +408,6 @@ fn result_ui(
         },
     );
     if let Some(row) = clicked {
-        actions.push(Action::ToggleInstruction { result: index, row });
+        toggles.push((index, row));
     }
 }

@@ -5,16 +5,106 @@
 
 use eframe::egui;
 
-use crate::ui::app::{Action, PendingJob};
+use crate::analysis::consistency::Pooling;
+use crate::analysis::results::{ConsistencyOutput, ConsistencySettings, Measures};
+use crate::export;
+use crate::ui::actions::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
-use crate::ui::state::ConsistencyUi;
+use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
+use crate::ui::state::{AppState, ConsistencyUi};
 use crate::ui::theme;
 use crate::ui::widgets::plot::{box_plot_ui, histogram_ui, line_plot_ui, Series};
 use crate::ui::widgets::{file_row, run_row, RunRow};
-use crate::worker::consistency::ConsistencyOutput;
+use crate::worker::{Job, JobOutput};
+
+/// The Consistency view (METHODS.md §7–§9): settings in [`AppState::consistency`], the last
+/// result here.
+#[derive(Default)]
+pub struct ConsistencyView {
+    /// The last run.
+    pub result: Option<Box<ConsistencyOutput>>,
+}
+
+impl AnalysisView for ConsistencyView {
+    fn id(&self) -> &'static str {
+        "consistency"
+    }
+
+    fn label(&self) -> &'static str {
+        "Consistency"
+    }
+
+    fn job(&mut self, cx: &RunCx<'_>) -> Result<(Job, String), String> {
+        let c = &cx.state.consistency;
+        let settings = ConsistencySettings {
+            pairs: c.pairs_file.clone(),
+            facts: c.facts_file.clone(),
+            pooling: if c.last_token {
+                Pooling::Last
+            } else {
+                Pooling::Mean
+            },
+            measures: Measures {
+                spread: c.spread,
+                ..Measures::ALL
+            },
+            ..ConsistencySettings::default()
+        };
+        let job = Job::Consistency {
+            slots: cx.loaded()?,
+            settings,
+        };
+        Ok((job, "Running consistency measures".to_owned()))
+    }
+
+    fn take(&mut self, output: JobOutput, _state: &mut AppState) -> Result<(), JobOutput> {
+        match output {
+            JobOutput::Consistency(out) => {
+                self.result = Some(out);
+                Ok(())
+            }
+            other => Err(other),
+        }
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
+        let any_loaded = cx.any_loaded();
+        consistency_ui(
+            ui,
+            &mut cx.state.consistency,
+            any_loaded,
+            self.result.as_deref(),
+            cx.running,
+            cx.note,
+            cx.actions,
+        );
+    }
+
+    fn export_stem(&self, _state: &AppState) -> Option<String> {
+        let out = self.result.as_ref()?;
+        let names: Vec<&str> = out.results.iter().map(|r| r.model.as_str()).collect();
+        Some(export::default_file_stem(
+            "consistency",
+            &names.join("_vs_"),
+            "",
+        ))
+    }
+
+    fn exporter(&self, state: &AppState) -> Option<Exporter> {
+        let out = self.result.clone()?;
+        let layer = state.consistency.layer;
+        Some(Box::new(move |dir: &std::path::Path, stem: &str| {
+            export::views::write_consistency(dir, stem, &out, layer)
+        }))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
 
 /// Draws the Consistency view.
-pub fn consistency_ui(
+fn consistency_ui(
     ui: &mut egui::Ui,
     settings: &mut ConsistencyUi,
     any_loaded: bool,
@@ -60,7 +150,7 @@ pub fn consistency_ui(
             running,
             note,
             hover: "Run every measure on every loaded model",
-            run: Action::RunConsistency,
+            run: Action::Run("consistency"),
         },
         actions,
     );

@@ -8,14 +8,206 @@ use std::path::PathBuf;
 use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints, Points};
 
+use crate::export;
+use crate::model::ModelSpec;
 use crate::train::checkpoint::DataSettings;
 use crate::train::dataset::PromptTemplate;
 use crate::train::lora_trainer::{EvalReport, Schedule, StepReport, TrainSettings, TARGETABLE};
-use crate::ui::app::{Action, PendingJob};
+use crate::train::results::{DataPreview, TrainEstimate, TrainOutput};
+use crate::ui::actions::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
+use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
+use crate::ui::state::AppState;
 use crate::ui::theme;
 use crate::ui::widgets::file_row;
-use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainUpdate};
+use crate::worker::train::{TrainRequest, TrainUpdate};
+use crate::worker::{Event, Job, JobOutput, Slot};
+
+/// The view's id.
+const ID: &str = "finetune";
+
+/// What the view's buttons ask for besides the main "Launch".
+#[derive(Clone, Debug, PartialEq)]
+enum Ask {
+    /// Render and count the data.
+    Preview,
+    /// Measure a few steps.
+    Estimate,
+    /// Launch, or resume the stopped run in this folder.
+    Train(Option<PathBuf>),
+}
+
+/// The Fine-tune view: settings in [`AppState::finetune`], the live and last run here.
+#[derive(Default)]
+pub struct FinetuneView {
+    /// Curves, result, estimate and preview.
+    pub training: TrainingView,
+}
+
+impl FinetuneView {
+    fn request(state: &AppState, resume: Option<PathBuf>) -> TrainRequest {
+        let f = &state.finetune;
+        TrainRequest {
+            data: DataSettings {
+                path: f.data_file.clone().unwrap_or_default(),
+                template: f.template,
+                max_len: f.max_len,
+                validation_fraction: f.validation_fraction,
+            },
+            settings: f.settings.clone(),
+            out: if resume.is_some() {
+                None
+            } else {
+                Some(
+                    f.out_dir
+                        .clone()
+                        .unwrap_or_else(crate::worker::train::new_run_dir),
+                )
+            },
+            resume,
+        }
+    }
+
+    /// The job of `ask` on slot A's model.
+    fn ask_job(&mut self, ask: Ask, cx: &RunCx<'_>) -> Result<(Job, String), String> {
+        if cx.slots[0].info.is_none() {
+            return Err("Load the base model into slot A first".to_owned());
+        }
+        if ask != Ask::Preview {
+            cx.state
+                .finetune
+                .settings
+                .validate()
+                .map_err(|err| err.to_string())?;
+        }
+        let slot = Slot::A;
+        Ok(match ask {
+            Ask::Preview => (
+                Job::PreviewData {
+                    slot,
+                    data: Self::request(cx.state, None).data,
+                },
+                "Reading the training data".to_owned(),
+            ),
+            Ask::Estimate => (
+                Job::EstimateTraining {
+                    slot,
+                    request: Box::new(Self::request(cx.state, None)),
+                },
+                "Estimating the training run".to_owned(),
+            ),
+            Ask::Train(resume) => {
+                if resume.is_none() {
+                    // A new run: fresh curves, the preview and estimate stay.
+                    self.training = TrainingView {
+                        preview: self.training.preview.take(),
+                        estimate: self.training.estimate.take(),
+                        ..TrainingView::default()
+                    };
+                }
+                (
+                    Job::Train {
+                        slot,
+                        request: Box::new(Self::request(cx.state, resume)),
+                    },
+                    "Training".to_owned(),
+                )
+            }
+        })
+    }
+}
+
+impl AnalysisView for FinetuneView {
+    fn id(&self) -> &'static str {
+        ID
+    }
+
+    fn label(&self) -> &'static str {
+        "Fine-tune"
+    }
+
+    fn job(&mut self, cx: &RunCx<'_>) -> Result<(Job, String), String> {
+        self.ask_job(Ask::Train(None), cx)
+    }
+
+    fn on_event(&mut self, event: &Event) {
+        if let Event::Train { update, .. } = event {
+            self.training.update(update.clone());
+        }
+    }
+
+    fn take(&mut self, output: JobOutput, _state: &mut AppState) -> Result<(), JobOutput> {
+        match output {
+            JobOutput::Trained(out) => self.training.finished(*out),
+            JobOutput::TrainEstimated(estimate) => self.training.estimate = Some(estimate),
+            JobOutput::DataPreview(preview) => self.training.preview = Some(*preview),
+            other => return Err(other),
+        }
+        Ok(())
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
+        let ctx = FinetuneCtx {
+            base: cx.slots[0]
+                .info
+                .as_ref()
+                .map(crate::model::ModelInfo::display_name),
+            running: cx.running,
+            view: &self.training,
+            note: cx.note,
+        };
+        let ask = finetune_ui(ui, &mut cx.state.finetune, &ctx, cx.actions);
+        if let Some(ask) = ask {
+            let run_cx = RunCx {
+                state: cx.state,
+                slots: cx.slots,
+            };
+            // The buttons are enabled only when slot A is loaded and nothing runs, so an error
+            // here is a settings error; it goes to the status line like any job's.
+            let action = match self.ask_job(ask, &run_cx) {
+                Ok((job, label)) => Action::Submit {
+                    owner: ID,
+                    job: Box::new(job),
+                    label,
+                },
+                Err(err) => Action::Error(err),
+            };
+            cx.actions.push(action);
+        }
+    }
+
+    fn export_stem(&self, _state: &AppState) -> Option<String> {
+        let out = self.training.result.as_ref()?;
+        Some(export::default_file_stem("training", &out.base_model, ""))
+    }
+
+    fn exporter(&self, _state: &AppState) -> Option<Exporter> {
+        let out = self.training.result.clone()?;
+        Some(Box::new(move |dir: &std::path::Path, stem: &str| {
+            export::views::write_training(dir, stem, &out)
+        }))
+    }
+
+    fn picked(&mut self, kind: DialogKind, path: PathBuf) -> Option<(Job, String)> {
+        if kind != DialogKind::MergedOutput {
+            return None;
+        }
+        let result = self.training.result.as_ref()?;
+        let adapter = result.adapter_dir.clone()?;
+        let spec = ModelSpec {
+            base: ModelSpec::parse(&result.base_model).base,
+            adapter: Some(adapter),
+        };
+        Some((
+            Job::SaveMerged { spec, out: path },
+            "Saving the merged model".to_owned(),
+        ))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
 
 /// Persisted settings of the view.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -421,13 +613,14 @@ pub struct FinetuneCtx<'a> {
     pub note: Option<&'a str>,
 }
 
-/// Draws the Fine-tune view.
-pub fn finetune_ui(
+/// Draws the Fine-tune view; returns what its run buttons asked for.
+fn finetune_ui(
     ui: &mut egui::Ui,
     settings: &mut FinetuneUi,
     ctx: &FinetuneCtx<'_>,
     actions: &mut Vec<Action>,
-) {
+) -> Option<Ask> {
+    let mut ask = None;
     ui.heading("Fine-tune");
     ui.label(
         egui::RichText::new(
@@ -477,21 +670,21 @@ pub fn finetune_ui(
                     .add_enabled(ready, egui::Button::new("Preview data"))
                     .clicked()
                 {
-                    actions.push(Action::PreviewTrainingData);
+                    ask = Some(Ask::Preview);
                 }
                 if ui
                     .add_enabled(ready, egui::Button::new("Estimate"))
                     .on_hover_text("Runs a few steps and extrapolates time and memory")
                     .clicked()
                 {
-                    actions.push(Action::EstimateTraining);
+                    ask = Some(Ask::Estimate);
                 }
                 if ui
                     .add_enabled(ready, egui::Button::new("Launch"))
                     .on_disabled_hover_text("Load a model into slot A, or wait for the running job")
                     .clicked()
                 {
-                    actions.push(Action::Train { resume: None });
+                    ask = Some(Ask::Train(None));
                 }
                 let resumable = view
                     .result
@@ -502,7 +695,7 @@ pub fn finetune_ui(
                     .add_enabled(ready && resumable.is_some(), egui::Button::new("Resume"))
                     .clicked()
                 {
-                    actions.push(Action::Train { resume: resumable });
+                    ask = Some(Ask::Train(resumable));
                 }
                 if let Some(job) = ctx.running {
                     if ui.button("Cancel").clicked() {
@@ -572,14 +765,14 @@ pub fn finetune_ui(
                         ui.label(egui::RichText::new(format!("Adapter: {}", dir.display())).color(theme::MUTED));
                         if ui.button("Load as B").clicked() {
                             actions.push(Action::OpenSpec {
-                                slot: crate::worker::Slot::B,
+                                slot: Slot::B,
                                 spec: format!("{}+{}", result.base_model, dir.display()),
                             });
                         }
                     }
                     if result.adapter_dir.is_some() && ui.button("Save merged model…").clicked() {
                         actions.push(Action::Dialog {
-                            slot: crate::worker::Slot::A,
+                            slot: Slot::A,
                             kind: DialogKind::MergedOutput,
                         });
                     }
@@ -598,4 +791,5 @@ pub fn finetune_ui(
                 );
             }
         });
+    ask
 }

@@ -1,4 +1,5 @@
-//! One module per view. A panel draws from plain data and pushes [`crate::ui::app::Action`]s.
+//! One module per view. A panel draws from plain data and pushes [`crate::ui::actions::Action`]s; an analysis view also implements
+//! [`crate::ui::registry::AnalysisView`].
 
 pub mod attribution;
 pub mod consistency;

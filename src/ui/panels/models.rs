@@ -4,7 +4,8 @@
 use eframe::egui;
 
 use crate::model::ModelInfo;
-use crate::ui::app::{slot_index, Action, SlotView};
+use crate::ui::actions::Action;
+use crate::ui::app::{slot_index, SlotView};
 use crate::ui::dialogs::DialogKind;
 use crate::ui::theme;
 use crate::worker::Slot;

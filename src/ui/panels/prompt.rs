@@ -7,7 +7,8 @@ use eframe::egui;
 
 use crate::model::generate::StopReason;
 use crate::samples::SampleSet;
-use crate::ui::app::{slot_index, Action, ResponseView, SlotView};
+use crate::ui::actions::Action;
+use crate::ui::app::{slot_index, ResponseView, SlotView};
 use crate::ui::state::AppState;
 use crate::ui::theme;
 use crate::worker::Slot;

@@ -5,14 +5,183 @@ use std::fmt::Write as _;
 
 use eframe::egui;
 
+use crate::analysis::ffn_concepts::ConceptsConfig;
+use crate::analysis::head_pairs::HeadsConfig;
+use crate::analysis::results::{ConceptsOutput, HeadsOutput, SlotHeads};
 use crate::analysis::types::Matrix;
-use crate::ui::app::{Action, PendingJob};
+use crate::export;
+use crate::ui::actions::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
-use crate::ui::state::WeightSettings;
+use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
+use crate::ui::state::{AppState, WeightSettings};
 use crate::ui::theme;
 use crate::ui::widgets::plot::{count_grid_ui, grouped_bars_ui, line_plot_ui, Series};
 use crate::ui::widgets::{file_row, run_row, RunRow};
-use crate::worker::weights::{ConceptsOutput, HeadsOutput};
+use crate::wordfiles::WordSource;
+use crate::worker::{Job, JobOutput};
+
+/// The word list the weight views use.
+fn word_source(w: &WeightSettings) -> WordSource {
+    w.words_file
+        .clone()
+        .map_or(WordSource::Builtin, WordSource::File)
+}
+
+/// `"A_vs_B"` from the models of a result.
+fn model_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.collect::<Vec<_>>().join("_vs_")
+}
+
+/// The Concepts view (METHODS.md §2): settings in [`AppState::weights`], the last result here.
+#[derive(Default)]
+pub struct ConceptsView {
+    /// The last run.
+    pub result: Option<Box<ConceptsOutput>>,
+}
+
+impl AnalysisView for ConceptsView {
+    fn id(&self) -> &'static str {
+        "concepts"
+    }
+
+    fn label(&self) -> &'static str {
+        "Concepts"
+    }
+
+    fn job(&mut self, cx: &RunCx<'_>) -> Result<(Job, String), String> {
+        let w = &cx.state.weights;
+        let job = Job::Concepts {
+            slots: cx.loaded()?,
+            words: word_source(w),
+            config: ConceptsConfig {
+                top_k: w.concepts_top_k,
+                max_rank: w.concepts_ranks,
+            },
+        };
+        Ok((job, "Computing FFN concepts".to_owned()))
+    }
+
+    fn take(&mut self, output: JobOutput, _state: &mut AppState) -> Result<(), JobOutput> {
+        match output {
+            JobOutput::Concepts(out) => {
+                self.result = Some(out);
+                Ok(())
+            }
+            other => Err(other),
+        }
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
+        let any_loaded = cx.any_loaded();
+        concepts_ui(
+            ui,
+            &mut cx.state.weights,
+            any_loaded,
+            self.result.as_deref(),
+            cx.running,
+            cx.note,
+            cx.actions,
+        );
+    }
+
+    fn export_stem(&self, state: &AppState) -> Option<String> {
+        let out = self.result.as_ref()?;
+        Some(export::default_file_stem(
+            "concepts",
+            &model_names(out.results.iter().map(|r| r.model.as_str())),
+            &format!("layer {}", state.weights.layer),
+        ))
+    }
+
+    fn exporter(&self, state: &AppState) -> Option<Exporter> {
+        let out = self.result.clone()?;
+        let layer = state.weights.layer;
+        Some(Box::new(move |dir: &std::path::Path, stem: &str| {
+            export::views::write_concepts(dir, stem, &out, layer)
+        }))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The Heads view (METHODS.md §3): settings in [`AppState::weights`], the last result here.
+#[derive(Default)]
+pub struct HeadsView {
+    /// The last run.
+    pub result: Option<Box<HeadsOutput>>,
+}
+
+impl AnalysisView for HeadsView {
+    fn id(&self) -> &'static str {
+        "heads"
+    }
+
+    fn label(&self) -> &'static str {
+        "Heads"
+    }
+
+    fn job(&mut self, cx: &RunCx<'_>) -> Result<(Job, String), String> {
+        let w = &cx.state.weights;
+        let job = Job::Heads {
+            slots: cx.loaded()?,
+            words: word_source(w),
+            vectors: w.vectors_file.clone(),
+            config: HeadsConfig {
+                top_k: w.heads_top_k,
+                ..HeadsConfig::default()
+            },
+            group_size: w.group_size,
+        };
+        Ok((job, "Computing head word pairs".to_owned()))
+    }
+
+    fn take(&mut self, output: JobOutput, state: &mut AppState) -> Result<(), JobOutput> {
+        match output {
+            JobOutput::Heads(out) => {
+                self.result = Some(out);
+                state.weights.head = None;
+                Ok(())
+            }
+            other => Err(other),
+        }
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
+        let any_loaded = cx.any_loaded();
+        heads_ui(
+            ui,
+            &mut cx.state.weights,
+            any_loaded,
+            self.result.as_deref(),
+            cx.running,
+            cx.note,
+            cx.actions,
+        );
+    }
+
+    fn export_stem(&self, _state: &AppState) -> Option<String> {
+        let out = self.result.as_ref()?;
+        Some(export::default_file_stem(
+            "heads",
+            &model_names(out.results.iter().map(|r| r.model.as_str())),
+            "",
+        ))
+    }
+
+    fn exporter(&self, state: &AppState) -> Option<Exporter> {
+        let out = self.result.clone()?;
+        let layer = state.weights.layer;
+        Some(Box::new(move |dir: &std::path::Path, stem: &str| {
+            export::views::write_heads(dir, stem, &out, layer)
+        }))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
 
 const ROW_HEIGHT: f32 = 18.0;
 
@@ -31,8 +200,7 @@ fn layer_slider(ui: &mut egui::Ui, layer: &mut usize, layers: usize) {
 }
 
 /// Draws the Concepts view.
-#[allow(clippy::too_many_arguments)]
-pub fn concepts_ui(
+fn concepts_ui(
     ui: &mut egui::Ui,
     settings: &mut WeightSettings,
     any_loaded: bool,
@@ -68,7 +236,7 @@ pub fn concepts_ui(
             running,
             note,
             hover: CACHED_HOVER,
-            run: Action::RunConcepts,
+            run: Action::Run("concepts"),
         },
         actions,
     );
@@ -179,7 +347,7 @@ fn mean_std(s: &crate::analysis::stats::Summary) -> String {
 }
 
 /// Kept pairs per (layer, head) of one result.
-fn pair_counts(r: &crate::worker::weights::SlotHeads) -> Matrix {
+fn pair_counts(r: &SlotHeads) -> Matrix {
     let mut m = Matrix::zeros(r.pairs.layers.len(), r.pairs.heads);
     for (li, l) in r.pairs.layers.iter().enumerate() {
         for d in &l.dims {
@@ -192,8 +360,7 @@ fn pair_counts(r: &crate::worker::weights::SlotHeads) -> Matrix {
 }
 
 /// Draws the Heads view.
-#[allow(clippy::too_many_arguments)]
-pub fn heads_ui(
+fn heads_ui(
     ui: &mut egui::Ui,
     settings: &mut WeightSettings,
     any_loaded: bool,
@@ -237,7 +404,7 @@ pub fn heads_ui(
             running,
             note,
             hover: CACHED_HOVER,
-            run: Action::RunHeads,
+            run: Action::Run("heads"),
         },
         actions,
     );

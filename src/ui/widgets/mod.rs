@@ -6,7 +6,7 @@ pub mod status;
 
 use eframe::egui;
 
-use crate::ui::app::{Action, PendingJob};
+use crate::ui::actions::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
 use crate::ui::theme;
 

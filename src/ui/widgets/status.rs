@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use eframe::egui;
 
-use crate::ui::app::{Action, PendingJob};
+use crate::ui::actions::{Action, PendingJob};
 use crate::ui::theme;
 use crate::worker::JobId;
 
