@@ -532,4 +532,195 @@ fn finetune_view_previews_estimates_trains_cancels_resumes_and_loads_as_b() {
         .path()
         .join("adapter/adapter_model.safetensors")
         .exists());
+    // The GUI's run folder has the curves figure, as the CLI's does.
+    for name in ["curves.csv", "curves.svg", "curves.png"] {
+        assert!(run_dir.path().join(name).exists(), "{name}");
+    }
+}
+
+/// Drops the fields that time a run or say where it came from (`seconds`, `secs`, `cached`),
+/// recursively, so two runs of the same analysis compare equal.
+fn without_timing(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for key in ["seconds", "secs", "cached"] {
+                map.remove(key);
+            }
+            map.values_mut().for_each(without_timing);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(without_timing),
+        _ => {}
+    }
+}
+
+/// Asserts two export folders hold the same file names and the same data: tables byte for
+/// byte, JSON up to run timing.
+fn assert_same_files(gui: &std::path::Path, cli: &std::path::Path, what: &str) {
+    let names = |dir: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("export folder")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let (a, b) = (names(gui), names(cli));
+    assert_eq!(a, b, "{what}: the GUI and the CLI write different files");
+    assert!(a.len() >= 4, "{what}: {a:?}");
+    for name in &a {
+        let (x, y) = (
+            std::fs::read(gui.join(name)).expect("gui file"),
+            std::fs::read(cli.join(name)).expect("cli file"),
+        );
+        let ext = std::path::Path::new(name)
+            .extension()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if ext == "json" {
+            let mut x: serde_json::Value = serde_json::from_slice(&x).expect("json");
+            let mut y: serde_json::Value = serde_json::from_slice(&y).expect("json");
+            without_timing(&mut x);
+            without_timing(&mut y);
+            assert_eq!(x, y, "{what}: {name} differs");
+        } else if ext == "csv" || ext == "tsv" {
+            assert_eq!(
+                String::from_utf8_lossy(&x),
+                String::from_utf8_lossy(&y),
+                "{what}: {name} differs"
+            );
+        } else {
+            assert!(!x.is_empty() && !y.is_empty(), "{what}: {name} is empty");
+        }
+    }
+}
+
+/// GUI "Export…" and CLI `--out` go through one writer per analysis: for attribution, concepts,
+/// heads and consistency, the same settings give the same file names and the same data.
+#[test]
+fn gui_export_and_cli_out_write_the_same_files() {
+    let a = tiny_folder(31, false);
+    let b = tiny_folder(32, true);
+    let cache = tempfile::tempdir().expect("temp dir");
+    std::env::set_var("TUNELENS_CACHE_DIR", cache.path());
+    let (path_a, path_b) = (
+        a.path().display().to_string(),
+        b.path().display().to_string(),
+    );
+    let words = tiny_words(a.path());
+    let words_arg = words.display().to_string();
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    harness.state_mut().open_path(Slot::B, b.path());
+    step_until(&mut harness, "both models", |app| {
+        app.slots.iter().all(|s| s.info.is_some())
+    });
+    harness.state_mut().state.weights.words_file = Some(words.clone());
+    let prompt = "write a poem about the sea. keep it short";
+    harness.state_mut().state.prompt = prompt.to_owned();
+    harness.state_mut().state.chat = false;
+    harness.state_mut().state.attribution.max_new_tokens = 6;
+    let pairs = a.path().join("pairs.tsv");
+    std::fs::write(
+        &pairs,
+        "the cat sat on the mat\ta cat sat on the mat\t1\nthe dog is big\tthe big dog\t1\n\
+         the sea is warm\tthe sea is cold\t0\nread a book\twrite a poem\t0\n",
+    )
+    .expect("pairs");
+    let facts = a.path().join("facts.json");
+    std::fs::write(
+        &facts,
+        r#"{"instructions": ["answer", "say it"], "relations": [{"relation": "capital",
+            "templates": ["the capital of [X] is", "[X] capital city is"],
+            "facts": [{"subject": "france", "object": "paris"}, {"subject": "the house", "object": "city"}]}]}"#,
+    )
+    .expect("facts");
+    harness.state_mut().state.consistency.pairs_file = Some(pairs.clone());
+    harness.state_mut().state.consistency.facts_file = Some(facts.clone());
+
+    let (pairs_arg, facts_arg) = (pairs.display().to_string(), facts.display().to_string());
+    let cases: [(&str, &str, Vec<&str>); 4] = [
+        (
+            "attribution",
+            "Attribute",
+            vec![
+                "attribute",
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "6",
+                "--words",
+            ],
+        ),
+        (
+            "concepts",
+            "Compute concepts",
+            vec!["concepts", "--words", &words_arg, "--no-cache"],
+        ),
+        (
+            "heads",
+            "Compute head pairs",
+            vec!["heads", "--words", &words_arg, "--no-cache"],
+        ),
+        (
+            "consistency",
+            "Run consistency",
+            vec!["consistency", "--pairs", &pairs_arg, "--facts", &facts_arg],
+        ),
+    ];
+    for (id, button, cli_args) in cases {
+        harness
+            .state_mut()
+            .push_action(Action::Show(tunelens::ui::state::View::analysis(id)));
+        harness.run();
+        harness.state_mut().export_note = None;
+        harness.get_by_label(button).click();
+        step_until(&mut harness, id, |app| {
+            assert!(app.last_error.is_none(), "{:?}", app.last_error);
+            app.analyses
+                .iter()
+                .find(|a| a.id() == id)
+                .and_then(|a| a.export_stem(&app.state))
+                .is_some()
+        });
+        let gui = tempfile::tempdir().expect("temp dir");
+        let stem = format!("{id}-export");
+        harness
+            .state_mut()
+            .export_to(&gui.path().join(format!("{stem}.svg")));
+        step_until(&mut harness, "the export", |app| {
+            assert!(app.last_error.is_none(), "{:?}", app.last_error);
+            app.export_note
+                .as_deref()
+                .is_some_and(|n| n.starts_with("Exported"))
+        });
+        let cli = tempfile::tempdir().expect("temp dir");
+        let out = cli.path().display().to_string();
+        let mut args = cli_args.clone();
+        args.extend(["--model", &path_a, "--model-b", &path_b, "--out", &out]);
+        if id != "attribution" {
+            args.extend(["--stem", &stem]);
+        }
+        let run = crate::common::run_cli(&args);
+        assert_eq!(run.code, 0, "{id}: {}", run.stderr);
+        if id == "attribution" {
+            // The CLI names attribution files by the models and the prompt, as the GUI's
+            // default name does: rename the GUI's to compare.
+            let cli_stem = std::fs::read_dir(cli.path())
+                .expect("cli files")
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find_map(|n| n.strip_suffix(".json").map(str::to_owned))
+                .expect("the CLI's JSON");
+            for entry in std::fs::read_dir(gui.path()).expect("gui files") {
+                let name = entry
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned();
+                let renamed = name.replacen(&stem, &cli_stem, 1);
+                std::fs::rename(gui.path().join(&name), gui.path().join(renamed)).expect("rename");
+            }
+        }
+        assert_same_files(gui.path(), cli.path(), id);
+    }
 }

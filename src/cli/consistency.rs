@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 
@@ -13,7 +13,8 @@ use crate::analysis::prediction::PredictionMode;
 use crate::cli::{Cli, ModelArg};
 use crate::error::Error;
 use crate::worker::consistency::{self, ConsistencyOutput, ConsistencySettings, Measures};
-use crate::worker::runner::WorkerCtx;
+use crate::worker::runner::{run_job, WorkerCtx};
+use crate::worker::{Event, Job, JobOutput};
 
 /// `tunelens consistency`.
 #[derive(Debug, Args)]
@@ -50,9 +51,16 @@ pub struct ConsistencyArgs {
     /// Sentences per forward batch.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    /// Write CSVs and a JSON of everything into this folder.
+    /// Write what the GUI's Export writes into this folder: the figure (SVG, PNG), every
+    /// measure as CSV and a JSON of everything, named `<stem>...`.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// File stem of the `--out` files.
+    #[arg(long, requires = "out")]
+    stem: Option<String>,
+    /// The layer the figure's histograms show.
+    #[arg(long, default_value_t = 0)]
+    layer: usize,
 }
 
 fn settings(args: &ConsistencyArgs) -> anyhow::Result<ConsistencySettings> {
@@ -111,11 +119,20 @@ pub(super) fn run(cli: &Cli, args: &ConsistencyArgs) -> anyhow::Result<()> {
     consistency::ConsistencyData::load(&settings)?;
     let mut ctx = WorkerCtx::default();
     let slots = super::load_models(cli, &mut ctx, &args.model.model, args.model_b.as_deref())?;
-    let models = ctx.models(&slots)?;
-    let output = consistency::run_consistency(&models, &settings, &mut |frac, message| {
-        super::weights::progress_line(frac, &message)
-    })?;
+    let output = run_job(
+        &mut ctx,
+        1,
+        Job::Consistency { slots, settings },
+        &mut |event| {
+            if let Event::Progress { frac, message, .. } = event {
+                let _ = super::weights::progress_line(frac, &message);
+            }
+        },
+    )?;
     eprintln!();
+    let JobOutput::Consistency(output) = output else {
+        anyhow::bail!("the consistency job returned another result");
+    };
     if cli.json {
         writeln!(
             std::io::stdout().lock(),
@@ -126,7 +143,9 @@ pub(super) fn run(cli: &Cli, args: &ConsistencyArgs) -> anyhow::Result<()> {
         write!(std::io::stdout().lock(), "{}", text_report(&output))?;
     }
     if let Some(dir) = &args.out {
-        for path in write_files(dir, &output)? {
+        // The GUI's Export writer: figure, every measure as CSV, JSON of everything.
+        let stem = args.stem.as_deref().unwrap_or("consistency");
+        for path in crate::export::views::write_consistency(dir, stem, &output, args.layer)? {
             eprintln!("wrote {}", path.display());
         }
     }
@@ -247,75 +266,4 @@ pub fn text_report(out: &ConsistencyOutput) -> String {
         }
     }
     s
-}
-
-/// CSVs per measure and a JSON of everything.
-fn write_files(dir: &Path, out: &ConsistencyOutput) -> anyhow::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::bad_file(dir, e))?;
-    let mut written = Vec::new();
-    let mut put = |name: &str, text: String| -> anyhow::Result<()> {
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| Error::bad_file(&path, e))?;
-        written.push(path);
-        Ok(())
-    };
-    put("consistency.json", serde_json::to_string(out)?)?;
-    let mut repr = String::from("model,layer,mean_para,mean_non,rd\n");
-    let mut dists = String::from("model,layer,pair_type,distance\n");
-    let mut rel = String::from("model,relation,consistency,accuracy,acc_consistency\n");
-    let mut rates = String::from("model,layer,attribute_rate,er_attn,er_mlp,er_out\n");
-    let mut spread = String::from("model,instruction,accuracy\n");
-    for r in &out.results {
-        let m = crate::export::csv_field(&r.model);
-        if let Some(x) = &r.representations {
-            for l in &x.layers {
-                let _ = writeln!(
-                    repr,
-                    "{m},{},{},{},{}",
-                    l.layer, l.mean_para, l.mean_non, l.rd
-                );
-                for d in &l.para {
-                    let _ = writeln!(dists, "{m},{},para,{d}", l.layer);
-                }
-                for d in &l.non {
-                    let _ = writeln!(dists, "{m},{},non,{d}", l.layer);
-                }
-            }
-        }
-        if let Some(p) = &r.predictions {
-            for x in &p.relations {
-                let _ = writeln!(
-                    rel,
-                    "{m},{},{},{},{}",
-                    crate::export::csv_field(&x.relation),
-                    x.metrics.consistency,
-                    x.metrics.accuracy,
-                    x.metrics.acc_consistency
-                );
-            }
-        }
-        if let Some(sp) = &r.spread {
-            for (ins, acc) in &sp.accuracies {
-                let _ = writeln!(spread, "{m},{},{acc}", crate::export::csv_field(ins));
-            }
-        }
-        if let Some(rc) = &r.recall {
-            for l in 0..rc.attribute_rate.len() {
-                let _ = writeln!(
-                    rates,
-                    "{m},{l},{},{},{},{}",
-                    rc.attribute_rate[l],
-                    rc.extraction_attn[l],
-                    rc.extraction_mlp[l],
-                    rc.extraction_out[l]
-                );
-            }
-        }
-    }
-    put("consistency_by_layer.csv", repr)?;
-    put("consistency_distances.csv", dists)?;
-    put("consistency_relations.csv", rel)?;
-    put("consistency_instructions.csv", spread)?;
-    put("consistency_recall.csv", rates)?;
-    Ok(written)
 }

@@ -205,15 +205,16 @@ pub(crate) fn load_models(
     Ok(specs.into_iter().map(|(slot, _)| slot).collect())
 }
 
-/// Runs a subcommand, printing to stdout.
+/// Runs a subcommand, printing to stdout. Every subcommand runs through the worker's job path
+/// ([`run_job`]), as the GUI's jobs do.
 pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     let mut ctx = WorkerCtx::default();
     match command {
-        Command::Attribute(args) => return attribute::run(cli, &mut ctx, args),
-        Command::Concepts(args) => return weights::run_concepts(cli, args),
-        Command::Heads(args) => return weights::run_heads(cli, args),
-        Command::Consistency(args) => return consistency::run(cli, args),
-        Command::Train(args) => return train::run(cli, args),
+        Command::Attribute(args) => attribute::run(cli, &mut ctx, args),
+        Command::Concepts(args) => weights::run_concepts(cli, args),
+        Command::Heads(args) => weights::run_heads(cli, args),
+        Command::Consistency(args) => consistency::run(cli, args),
+        Command::Train(args) => train::run(cli, args),
         Command::Merge { model, out } => {
             let spec = ModelSpec::parse(model);
             if spec.adapter.is_none() {
@@ -232,45 +233,37 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
                 },
                 &mut |_| {},
             )?;
-            return print_output(&output, cli.json);
+            print_output(&output, cli.json)
         }
-        _ => {}
-    }
-    let model_arg = match command {
-        Command::Info { model }
-        | Command::Tokenize { model, .. }
-        | Command::Forward { model, .. }
-        | Command::Generate { model, .. } => &model.model,
-        Command::Attribute(args) => &args.model.model,
-        Command::Concepts(_)
-        | Command::Heads(_)
-        | Command::Consistency(_)
-        | Command::Train(_)
-        | Command::Merge { .. } => return Ok(()),
-    };
-    load_models(cli, &mut ctx, model_arg, None)?;
-    let loaded = JobOutput::Loaded {
-        slot: Slot::A,
-        info: Box::new(ctx.model(Slot::A)?.info.clone()),
-    };
-    let job = match command {
-        Command::Info { .. }
-        | Command::Attribute(_)
-        | Command::Concepts(_)
-        | Command::Heads(_)
-        | Command::Consistency(_)
-        | Command::Train(_)
-        | Command::Merge { .. } => None,
-        Command::Tokenize { text, .. } => Some(Job::Tokenize {
-            slot: Slot::A,
-            text: text.clone(),
-        }),
-        Command::Forward { text, top_k, .. } => Some(Job::Forward {
-            slot: Slot::A,
-            text: text.clone(),
-            top_k: *top_k,
-        }),
+        Command::Info { model } => {
+            load_models(cli, &mut ctx, &model.model, None)?;
+            let loaded = JobOutput::Loaded {
+                slot: Slot::A,
+                info: Box::new(ctx.model(Slot::A)?.info.clone()),
+            };
+            print_output(&loaded, cli.json)
+        }
+        Command::Tokenize { model, text } => single(
+            cli,
+            &mut ctx,
+            &model.model,
+            Job::Tokenize {
+                slot: Slot::A,
+                text: text.clone(),
+            },
+        ),
+        Command::Forward { model, text, top_k } => single(
+            cli,
+            &mut ctx,
+            &model.model,
+            Job::Forward {
+                slot: Slot::A,
+                text: text.clone(),
+                top_k: *top_k,
+            },
+        ),
         Command::Generate {
+            model,
             prompt,
             chat,
             max_new_tokens,
@@ -278,7 +271,6 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
             top_p,
             seed,
             stop,
-            ..
         } => {
             let sampling = match temperature {
                 None => Sampling::Greedy,
@@ -288,7 +280,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
                     seed: *seed,
                 },
             };
-            Some(Job::Generate {
+            let job = Job::Generate {
                 slots: vec![Slot::A],
                 prompt: prompt.clone(),
                 chat: *chat,
@@ -298,25 +290,27 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
                     stop_strings: stop.clone(),
                     ..GenerateConfig::default()
                 },
-            })
+            };
+            single(cli, &mut ctx, &model.model, job)
         }
-    };
-    let output = match job {
-        None => loaded,
-        Some(job) => {
-            let stream_text = !cli.json && matches!(job, Job::Generate { .. });
-            let mut stdout = std::io::stdout();
-            run_job(&mut ctx, 1, job, &mut |event| {
-                if stream_text {
-                    if let crate::worker::Event::Token { token, .. } = event {
-                        // Streaming is best effort: a closed pipe must not abort the job.
-                        let _ = write!(stdout, "{}", token.text_delta);
-                        let _ = stdout.flush();
-                    }
-                }
-            })?
+    }
+}
+
+/// Loads `model` into slot A, runs one job on it and prints its output; a generation's text
+/// streams to stdout as it comes (without `--json`).
+fn single(cli: &Cli, ctx: &mut WorkerCtx, model: &str, job: Job) -> anyhow::Result<()> {
+    load_models(cli, ctx, model, None)?;
+    let stream_text = !cli.json && matches!(job, Job::Generate { .. });
+    let mut stdout = std::io::stdout();
+    let output = run_job(ctx, 1, job, &mut |event| {
+        if stream_text {
+            if let crate::worker::Event::Token { token, .. } = event {
+                // Streaming is best effort: a closed pipe must not abort the job.
+                let _ = write!(stdout, "{}", token.text_delta);
+                let _ = stdout.flush();
+            }
         }
-    };
+    })?;
     print_output(&output, cli.json)
 }
 

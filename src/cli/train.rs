@@ -2,7 +2,6 @@
 //! format, `--resume`, and the curves as CSV.
 
 use std::io::Write as _;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -12,10 +11,9 @@ use crate::error::Error;
 use crate::train::checkpoint::DataSettings;
 use crate::train::dataset::PromptTemplate;
 use crate::train::lora_trainer::{Schedule, TrainSettings};
-use crate::train::run::TrainEvent;
-use crate::worker::job::Slot;
-use crate::worker::runner::WorkerCtx;
-use crate::worker::train::{self, TrainProgress, TrainRequest};
+use crate::worker::runner::{run_job, WorkerCtx};
+use crate::worker::train::{TrainRequest, TrainUpdate};
+use crate::worker::{Event, Job, JobOutput, Slot};
 
 /// `tunelens train`.
 #[derive(Debug, Args)]
@@ -150,10 +148,21 @@ pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
     let mut request = request(args)?;
     let mut ctx = WorkerCtx::default();
     super::load_models(cli, &mut ctx, &args.model.model, None)?;
-    let loaded = ctx.model(Slot::A)?;
     if request.resume.is_none() {
         // Bad data fails before the run starts, with the skipped lines listed.
-        let data = train::prepare(loaded, &request.data, request.settings.seed)?;
+        let preview = run_job(
+            &mut ctx,
+            1,
+            Job::PreviewData {
+                slot: Slot::A,
+                data: request.data.clone(),
+            },
+            &mut |_| {},
+        )?;
+        let JobOutput::DataPreview(preview) = preview else {
+            anyhow::bail!("the data preview returned another result");
+        };
+        let data = &preview.summary;
         for issue in &data.issues {
             eprintln!("{}:{issue} (skipped)", request.data.path.display());
         }
@@ -170,29 +179,36 @@ pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
                 clippy::cast_sign_loss,
                 clippy::cast_precision_loss
             )]
-            let steps = ((data.train.len() as f64 * epochs) / per_step as f64).ceil() as usize;
+            let steps = ((data.train as f64 * epochs) / per_step as f64).ceil() as usize;
             request.settings.steps = steps.max(1);
         }
         eprintln!(
             "{} training / {} validation examples from {}; {} steps of {} x {}",
-            data.train.len(),
-            data.validation.len(),
-            request.data.path.display(),
+            data.train,
+            data.validation,
+            data.path.display(),
             request.settings.steps,
             request.settings.batch_size,
             request.settings.grad_accum
         );
     }
     let mut total = request.settings.steps;
-    let output = train::run_training(loaded, &request, &mut |progress| {
-        match progress {
-            TrainProgress::Started { done, total: t, .. } => {
+    let job = Job::Train {
+        slot: Slot::A,
+        request: Box::new(request),
+    };
+    let output = run_job(&mut ctx, 2, job, &mut |event| {
+        let Event::Train { update, .. } = event else {
+            return;
+        };
+        match update {
+            TrainUpdate::Started { done, total: t, .. } => {
                 total = t;
                 if done > 0 {
                     eprintln!("resuming at step {done} of {t}");
                 }
             }
-            TrainProgress::Event(TrainEvent::Step(r)) => {
+            TrainUpdate::Step(r) => {
                 #[allow(clippy::cast_precision_loss)]
                 let frac = r.step as f32 / total.max(1) as f32;
                 let _ = super::weights::progress_line(
@@ -203,25 +219,17 @@ pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
                     ),
                 );
             }
-            TrainProgress::Event(TrainEvent::Eval(e)) => {
+            TrainUpdate::Eval(e) => {
                 eprintln!("step {}: validation loss {:.4}", e.step, e.loss);
             }
-            TrainProgress::Event(TrainEvent::Saved { step, dir }) => {
+            TrainUpdate::Saved { step, dir } => {
                 eprintln!("step {step}: checkpoint {}", dir.display());
             }
         }
-        ControlFlow::Continue(())
     })?;
-    if let Some(out) = &output.out {
-        // The curves as a figure beside curves.csv (a stopped run's too).
-        let fig = crate::export::views::training_figure(&output);
-        for ext in ["svg", "png"] {
-            let path = out.join(format!("curves.{ext}"));
-            if let Err(err) = crate::export::write_figure(&fig, &path) {
-                eprintln!("warning: cannot write {}: {err}", path.display());
-            }
-        }
-    }
+    let JobOutput::Trained(output) = output else {
+        anyhow::bail!("the training job returned another result");
+    };
     let mut stdout = std::io::stdout().lock();
     if cli.json {
         writeln!(stdout, "{}", serde_json::to_string(&output)?)?;

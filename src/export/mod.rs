@@ -17,6 +17,7 @@ mod font;
 mod heatmap;
 mod panels;
 mod svg_text;
+pub mod tables;
 pub mod views;
 
 use std::path::Path;

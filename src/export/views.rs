@@ -1,5 +1,6 @@
 //! Figures and data files of the Concepts, Heads, Consistency and Fine-tune views: each export writes
-//! `<stem>.svg`, `<stem>.png`, CSV tables and `<stem>.json` into one folder.
+//! `<stem>.svg`, `<stem>.png`, its tables (CSV, and the reference code's TSV) and `<stem>.json`
+//! into one folder. The GUI's "Export…" and the CLI's `--out` call these same functions.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -10,14 +11,16 @@ use crate::export::data::csv_field;
 use crate::export::figure::{
     BarChart, Figure, Heatmap, HistSeries, Histogram, LinePlot, LineSeries,
 };
-use crate::export::{write_bytes, write_figure};
+use crate::export::{tables, write_bytes, write_figure};
 use crate::train::results::TrainOutput;
 
+/// Writes `<stem>.svg`, `<stem>.png`, each table as `<stem><suffix>` (the suffix carries the
+/// extension) and `<stem>.json`.
 fn write_all(
     dir: &Path,
     stem: &str,
     fig: &Figure,
-    tables: &[(&str, String)],
+    tables: &[(String, String)],
     json: &str,
 ) -> crate::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)
@@ -29,7 +32,7 @@ fn write_all(
         written.push(path);
     }
     for (suffix, text) in tables {
-        let path = dir.join(format!("{stem}{suffix}.csv"));
+        let path = dir.join(format!("{stem}{suffix}"));
         write_bytes(&path, text.as_bytes())?;
         written.push(path);
     }
@@ -115,8 +118,28 @@ pub fn write_concepts(
             }
         }
     }
-    let json = serde_json::to_string(out)?;
-    write_all(dir, stem, &concepts_figure(out, layer), &[("", csv)], &json)
+    let mut tables = vec![(".csv".to_owned(), csv)];
+    for r in &out.results {
+        let size = tables::size_label(r.parameters);
+        let rows: String = r
+            .concepts
+            .layers
+            .iter()
+            .map(|l| tables::concepts_rows(&r.model, &size, l, &r.concepts.words))
+            .collect();
+        tables.push((
+            format!("_{:?}_{}.tsv", r.slot, tables::file_part(&r.model)),
+            format!("{}\n{rows}", tables::CONCEPTS_HEADER),
+        ));
+    }
+    if let Some(alignment) = &out.alignment {
+        tables.push((
+            "_alignment.tsv".to_owned(),
+            tables::alignment_tsv(alignment),
+        ));
+    }
+    let json = tables::concepts_json(out)?;
+    write_all(dir, stem, &concepts_figure(out, layer), &tables, &json)
 }
 
 /// Kept pairs per layer × head of every model, side by side, and the change-rate bars.
@@ -199,7 +222,20 @@ pub fn write_heads(
             }
         }
     }
-    let mut tables = vec![("_pairs", pairs)];
+    let mut tables = vec![("_pairs.csv".to_owned(), pairs)];
+    for r in &out.results {
+        let size = tables::size_label(r.parameters);
+        let rows: String = r
+            .pairs
+            .layers
+            .iter()
+            .map(|l| tables::heads_rows(&r.model, &size, l, &r.pairs.words))
+            .collect();
+        tables.push((
+            format!("_{:?}_{}.tsv", r.slot, tables::file_part(&r.model)),
+            format!("{}\n{rows}", tables::HEADS_HEADER),
+        ));
+    }
     if let Some(change) = &out.change {
         let mut csv = String::from("group,first_layer,last_layer,instruction_n,instruction_mean,instruction_std,general_n,general_mean,general_std,welch_t,welch_df,p,note\n");
         for g in change {
@@ -221,9 +257,13 @@ pub fn write_heads(
                 csv_field(&g.note().unwrap_or_default())
             );
         }
-        tables.push(("_change_rate", csv));
+        tables.push(("_change_rate.csv".to_owned(), csv));
+        tables.push((
+            "_change_rate.tsv".to_owned(),
+            tables::change_rate_tsv(change),
+        ));
     }
-    let json = serde_json::to_string(out)?;
+    let json = tables::heads_json(out)?;
     write_all(dir, stem, &heads_figure(out), &tables, &json)
 }
 
@@ -326,7 +366,9 @@ pub fn consistency_figure(out: &ConsistencyOutput, layer: usize) -> Figure {
     Figure::Column(rows)
 }
 
-/// Writes the Consistency export.
+/// Writes the Consistency export: the figure of `layer`, every measure as CSV (layer means,
+/// every pair's distance, relations, accuracy per instruction, attribute and extraction rates)
+/// and JSON of everything.
 pub fn write_consistency(
     dir: &Path,
     stem: &str,
@@ -334,8 +376,10 @@ pub fn write_consistency(
     layer: usize,
 ) -> crate::Result<Vec<PathBuf>> {
     let mut by_layer = String::from("model,layer,mean_para,mean_non,rd\n");
+    let mut distances = String::from("model,layer,pair_type,distance\n");
     let mut relations = String::from("model,relation,consistency,accuracy,acc_consistency\n");
-    let mut rates = String::from("model,layer,attribute_rate,er_attn,er_mlp,er_out\n");
+    let mut instructions = String::from("model,instruction,accuracy\n");
+    let mut recall = String::from("model,layer,attribute_rate,er_attn,er_mlp,er_out\n");
     for r in &out.results {
         let m = csv_field(&r.model);
         if let Some(rep) = &r.representations {
@@ -345,6 +389,12 @@ pub fn write_consistency(
                     "{m},{},{},{},{}",
                     l.layer, l.mean_para, l.mean_non, l.rd
                 );
+                for d in &l.para {
+                    let _ = writeln!(distances, "{m},{},para,{d}", l.layer);
+                }
+                for d in &l.non {
+                    let _ = writeln!(distances, "{m},{},non,{d}", l.layer);
+                }
             }
         }
         if let Some(p) = &r.predictions {
@@ -359,10 +409,15 @@ pub fn write_consistency(
                 );
             }
         }
+        if let Some(sp) = &r.spread {
+            for (ins, acc) in &sp.accuracies {
+                let _ = writeln!(instructions, "{m},{},{acc}", csv_field(ins));
+            }
+        }
         if let Some(rc) = &r.recall {
             for l in 0..rc.attribute_rate.len() {
                 let _ = writeln!(
-                    rates,
+                    recall,
                     "{m},{l},{},{},{},{}",
                     rc.attribute_rate[l],
                     rc.extraction_attn[l],
@@ -373,17 +428,15 @@ pub fn write_consistency(
         }
     }
     let json = serde_json::to_string(out)?;
-    write_all(
-        dir,
-        stem,
-        &consistency_figure(out, layer),
-        &[
-            ("_by_layer", by_layer),
-            ("_relations", relations),
-            ("_rates", rates),
-        ],
-        &json,
-    )
+    let tables = [
+        ("_by_layer.csv", by_layer),
+        ("_distances.csv", distances),
+        ("_relations.csv", relations),
+        ("_instructions.csv", instructions),
+        ("_recall.csv", recall),
+    ]
+    .map(|(suffix, text)| (suffix.to_owned(), text));
+    write_all(dir, stem, &consistency_figure(out, layer), &tables, &json)
 }
 
 /// The training curves: loss (each term and validation) and learning rate by step.
@@ -448,15 +501,31 @@ pub fn training_figure(out: &TrainOutput) -> Figure {
     ])
 }
 
-/// Writes the Fine-tune export: the curves figure, `curves.csv` (as in the run folder) and
-/// the run's state as JSON.
+/// Writes the curves figure of a run into its run folder (`curves.svg`, `curves.png`, beside the
+/// `curves.csv` the training loop keeps): the figure of the Fine-tune export.
+pub fn write_run_figure(dir: &Path, out: &TrainOutput) -> crate::Result<Vec<PathBuf>> {
+    let fig = training_figure(out);
+    let mut written = Vec::new();
+    for ext in ["svg", "png"] {
+        let path = dir.join(format!("curves.{ext}"));
+        write_figure(&fig, &path)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Writes the Fine-tune export: the curves figure, the curves table (`<stem>_curves.csv`, the
+/// format of a run folder's `curves.csv`) and the run as JSON.
 pub fn write_training(dir: &Path, stem: &str, out: &TrainOutput) -> crate::Result<Vec<PathBuf>> {
     let json = serde_json::to_string_pretty(out)?;
     write_all(
         dir,
         stem,
         &training_figure(out),
-        &[("_curves", crate::train::run::curves_csv(&out.state))],
+        &[(
+            "_curves.csv".to_owned(),
+            crate::train::run::curves_csv(&out.state),
+        )],
         &json,
     )
 }

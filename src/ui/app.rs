@@ -439,7 +439,7 @@ impl TunelensApp {
                 response.text.push_str(&token.text_delta);
                 response.tokens = token.index + 1;
             }
-            Event::Train { .. } => {
+            Event::Train { .. } | Event::Layer { .. } => {
                 if let Some(view) = self.owner(kind) {
                     view.on_event(&event);
                 }

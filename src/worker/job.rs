@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::ffn_concepts::ConceptsConfig;
-use crate::analysis::head_pairs::HeadsConfig;
+use crate::analysis::ffn_concepts::{ConceptsConfig, LayerConcepts};
+use crate::analysis::head_pairs::{HeadsConfig, LayerHeads};
 use crate::train::checkpoint::DataSettings;
 use crate::wordfiles::WordSource;
 use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings};
 use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainRequest, TrainUpdate};
-use crate::worker::weights::{ConceptsOutput, HeadsOutput};
+use crate::worker::weights::{CachePolicy, ConceptsOutput, HeadsOutput};
 
 use crate::analysis::attribution::Instructions;
 pub use crate::analysis::results::{Slot, SlotAttribution};
@@ -55,6 +55,10 @@ pub enum Job {
         words: WordSource,
         /// Settings.
         config: ConceptsConfig,
+        /// Where results are cached.
+        cache: CachePolicy,
+        /// Send each finished layer as an [`Event::Layer`] (the CLI's streaming rows).
+        stream: bool,
     },
     /// Attention-head word pairs (METHODS.md §3) of each slot's model, with the §3.5 change
     /// rates from A to B.
@@ -69,6 +73,10 @@ pub enum Job {
         config: HeadsConfig,
         /// Layers per group of the change-rate analysis.
         group_size: usize,
+        /// Where results are cached.
+        cache: CachePolicy,
+        /// Send each finished layer as an [`Event::Layer`].
+        stream: bool,
     },
     /// Consistency measures (METHODS.md §7–§9) of each slot's model.
     Consistency {
@@ -142,6 +150,15 @@ pub enum Job {
         /// Generation settings.
         cfg: GenerateConfig,
     },
+}
+
+/// One layer of a weight-space analysis, streamed as it finishes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum LayerResult {
+    /// §2 components of one layer.
+    Concepts(Box<LayerConcepts>),
+    /// §3 word pairs of one layer.
+    Heads(Box<LayerHeads>),
 }
 
 /// The result of a finished job.
@@ -304,6 +321,15 @@ pub enum Event {
         /// Its result.
         output: JobOutput,
     },
+    /// One finished layer of a streaming weight-space job.
+    Layer {
+        /// The job.
+        job_id: JobId,
+        /// Index of the model in the job's slots.
+        model: usize,
+        /// The layer's result.
+        layer: LayerResult,
+    },
     /// The job was cancelled by the user (not an error).
     Cancelled {
         /// The job.
@@ -325,6 +351,7 @@ impl Event {
             Self::Progress { job_id, .. }
             | Self::Token { job_id, .. }
             | Self::Train { job_id, .. }
+            | Self::Layer { job_id, .. }
             | Self::Finished { job_id, .. }
             | Self::Cancelled { job_id }
             | Self::Failed { job_id, .. } => *job_id,

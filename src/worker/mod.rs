@@ -9,5 +9,5 @@ pub mod train;
 pub mod weights;
 
 pub use handle::{spawn, spawn_with, Busy, JobRunner, WorkerHandle};
-pub use job::{Event, Job, JobId, JobOutput, Slot};
+pub use job::{Event, Job, JobId, JobOutput, LayerResult, Slot};
 pub use runner::{run_job, WorkerCtx};

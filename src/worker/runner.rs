@@ -13,11 +13,11 @@ use crate::model::generate::{GenerateConfig, Generator};
 use crate::model::{self, LoadOptions, LoadedModel, NoHook};
 use crate::worker::consistency;
 use crate::worker::job::{
-    Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, Slot, SlotAttribution,
-    TokenizeOutput,
+    Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, LayerResult, Slot,
+    SlotAttribution, TokenizeOutput,
 };
 use crate::worker::train::{self, TrainUpdate};
-use crate::worker::weights::{self, CachePolicy};
+use crate::worker::weights;
 
 /// State owned by whoever runs jobs: the loaded models and the cancel flag.
 #[derive(Debug, Default)]
@@ -173,16 +173,31 @@ pub fn run_job(
             slots,
             words,
             config,
+            cache,
+            stream,
         } => {
             let cancel = ctx.cancel.clone();
             let models = ctx.models(&slots)?;
+            // Progress and the layer stream both report through `emit`.
+            let emit = std::cell::RefCell::new(emit);
             let output = weights::run_concepts(
                 &models,
                 &words,
                 &config,
-                &CachePolicy::User,
-                &mut |frac, message| progress_or_cancel(emit, job_id, &cancel, frac, message),
-                &mut |_, _| Ok(()),
+                &cache,
+                &mut |frac, message| {
+                    progress_or_cancel(*emit.borrow_mut(), job_id, &cancel, frac, message)
+                },
+                &mut |model, layer| {
+                    if stream {
+                        (*emit.borrow_mut())(Event::Layer {
+                            job_id,
+                            model,
+                            layer: LayerResult::Concepts(Box::new(layer.clone())),
+                        });
+                    }
+                    Ok(())
+                },
             )?;
             Ok(JobOutput::Concepts(Box::new(output)))
         }
@@ -192,18 +207,32 @@ pub fn run_job(
             vectors,
             config,
             group_size,
+            cache,
+            stream,
         } => {
             let cancel = ctx.cancel.clone();
             let models = ctx.models(&slots)?;
+            let emit = std::cell::RefCell::new(emit);
             let output = weights::run_heads(
                 &models,
                 &words,
                 vectors.as_deref(),
                 &config,
                 group_size,
-                &CachePolicy::User,
-                &mut |frac, message| progress_or_cancel(emit, job_id, &cancel, frac, message),
-                &mut |_, _| Ok(()),
+                &cache,
+                &mut |frac, message| {
+                    progress_or_cancel(*emit.borrow_mut(), job_id, &cancel, frac, message)
+                },
+                &mut |model, layer| {
+                    if stream {
+                        (*emit.borrow_mut())(Event::Layer {
+                            job_id,
+                            model,
+                            layer: LayerResult::Heads(Box::new(layer.clone())),
+                        });
+                    }
+                    Ok(())
+                },
             )?;
             Ok(JobOutput::Heads(Box::new(output)))
         }

@@ -283,7 +283,7 @@ pub fn run_training(
     let outcome = run(&mut trainer, &mut state, out.as_deref(), &mut |event| {
         on_progress(TrainProgress::Event(event))
     })?;
-    Ok(TrainOutput {
+    let output = TrainOutput {
         base_model: state.base_model.clone(),
         data: summary(&data),
         state,
@@ -292,7 +292,18 @@ pub fn run_training(
         last_checkpoint: outcome.last_checkpoint,
         cancelled: outcome.cancelled,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    };
+    if let Some(dir) = &output.out {
+        // The curves figure beside curves.csv, from the GUI and the CLI alike (a stopped run's
+        // too); the adapter is safe already, so a failed figure is only a warning.
+        if let Err(err) = crate::export::views::write_run_figure(dir, &output) {
+            log::warn!(
+                "cannot write the curves figure into {}: {err}",
+                dir.display()
+            );
+        }
+    }
+    Ok(output)
 }
 
 fn rss_mb() -> Option<f64> {

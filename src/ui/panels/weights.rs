@@ -18,6 +18,7 @@ use crate::ui::theme;
 use crate::ui::widgets::plot::{count_grid_ui, grouped_bars_ui, line_plot_ui, Series};
 use crate::ui::widgets::{file_row, run_row, RunRow};
 use crate::wordfiles::WordSource;
+use crate::worker::weights::CachePolicy;
 use crate::worker::{Job, JobOutput};
 
 /// The word list the weight views use.
@@ -57,6 +58,8 @@ impl AnalysisView for ConceptsView {
                 top_k: w.concepts_top_k,
                 max_rank: w.concepts_ranks,
             },
+            cache: CachePolicy::User,
+            stream: false,
         };
         Ok((job, "Computing FFN concepts".to_owned()))
     }
@@ -133,6 +136,8 @@ impl AnalysisView for HeadsView {
                 ..HeadsConfig::default()
             },
             group_size: w.group_size,
+            cache: CachePolicy::User,
+            stream: false,
         };
         Ok((job, "Computing head word pairs".to_owned()))
     }
