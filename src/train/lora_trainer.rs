@@ -4,9 +4,9 @@
 //! [`crate::model::lora`], whose backward computes only the input gradient, so a step never
 //! computes a gradient for a frozen weight. Only the adapters' `A` and `B` are `Var`s.
 //!
-//! The loss is a sum of named [`LossTerm`]s, each reported on its own curve. Today the only
-//! term is the causal-LM cross-entropy on response tokens; the instruction-vector terms of §5.2
-//! plug in beside it.
+//! The loss is a sum of named [`LossTerm`]s ([`crate::train::loss`]), each reported on its own
+//! curve. Settings live in [`crate::train::settings`], batching in [`crate::train::batch`], the
+//! optimizer in [`crate::train::optim`]; this file is the trainer with its two gradient paths.
 //!
 //! Determinism: the order of examples, the dropout masks and the adapter initialisation are
 //! pure functions of the seed and the step, so a run resumed from a checkpoint continues
@@ -16,8 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var, D};
-use serde::{Deserialize, Serialize};
+use candle_core::{DType, Tensor, Var, D};
 
 use crate::error::{Error, Result};
 use crate::model::adapter::module_mut;
@@ -26,188 +25,13 @@ use crate::model::lora::{LoraAdapter, LoraDropout, DROPOUT_OFF};
 use crate::model::transformer::{ForwardOptions, Input, LogitsAt, Transformer};
 use crate::model::vjp::LoraGrads;
 use crate::train::dataset::{shuffle, Example, SplitMix64};
+use crate::train::optim::adamw_update;
 
-/// Modules a LoRA adapter can target.
-pub const TARGETABLE: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
-/// Adapter shape and placement.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LoraSettings {
-    /// Rank `r`.
-    pub rank: usize,
-    /// `alpha`; the update is scaled by `alpha / r`.
-    pub alpha: f64,
-    /// Dropout on the adapter input while training.
-    pub dropout: f32,
-    /// Target modules, e.g. `q_proj`, `v_proj`.
-    pub targets: Vec<String>,
-}
-
-impl Default for LoraSettings {
-    fn default() -> Self {
-        Self {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.1,
-            targets: vec!["q_proj".to_owned(), "v_proj".to_owned()],
-        }
-    }
-}
-
-/// Learning-rate schedule after warm-up (Hugging Face `get_scheduler` semantics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum Schedule {
-    /// Constant.
-    #[default]
-    Constant,
-    /// Linear decay to 0 at the last step.
-    Linear,
-    /// Half-cosine decay to 0 at the last step.
-    Cosine,
-}
-
-impl Schedule {
-    /// Name for the CLI and settings files.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Constant => "constant",
-            Self::Linear => "linear",
-            Self::Cosine => "cosine",
-        }
-    }
-
-    /// Parses [`Schedule::name`].
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "constant" => Some(Self::Constant),
-            "linear" => Some(Self::Linear),
-            "cosine" => Some(Self::Cosine),
-            _ => None,
-        }
-    }
-}
-
-/// Every training setting. Defaults follow METHODS.md §5.3 (r 8, alpha 16, dropout 0.1,
-/// `q_proj,v_proj`, AdamW, lr 1e-4, constant schedule, batch 4).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainSettings {
-    /// Adapter settings.
-    pub lora: LoraSettings,
-    /// Peak learning rate.
-    pub learning_rate: f64,
-    /// Schedule after warm-up.
-    pub schedule: Schedule,
-    /// Linear warm-up steps from 0.
-    pub warmup_steps: usize,
-    /// Optimizer steps in the run.
-    pub steps: usize,
-    /// Examples per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Global gradient-norm clip (0 disables).
-    pub max_grad_norm: f64,
-    /// AdamW decoupled weight decay.
-    pub weight_decay: f64,
-    /// Validation every this many steps (0: only at the end).
-    pub eval_every: usize,
-    /// Checkpoint every this many steps (0: only at the end).
-    pub save_every: usize,
-    /// Seed of initialisation, order and dropout.
-    pub seed: u64,
-}
-
-impl Default for TrainSettings {
-    fn default() -> Self {
-        Self {
-            lora: LoraSettings::default(),
-            learning_rate: 1e-4,
-            schedule: Schedule::Constant,
-            warmup_steps: 0,
-            steps: 200,
-            batch_size: 4,
-            grad_accum: 1,
-            max_grad_norm: 1.0,
-            weight_decay: 0.0,
-            eval_every: 20,
-            save_every: 50,
-            seed: 42,
-        }
-    }
-}
-
-impl TrainSettings {
-    /// Checks ranges; the error names the setting.
-    pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("rank", self.lora.rank),
-            ("steps", self.steps),
-            ("batch size", self.batch_size),
-            ("gradient accumulation", self.grad_accum),
-        ];
-        for (name, value) in positive {
-            if value == 0 {
-                return Err(Error::invalid(name, "must be at least 1"));
-            }
-        }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(Error::invalid("learning rate", "must be a positive number"));
-        }
-        if !(0.0..1.0).contains(&self.lora.dropout) {
-            return Err(Error::invalid("LoRA dropout", "must be in [0, 1)"));
-        }
-        if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
-            return Err(Error::invalid("LoRA alpha", "must be a positive number"));
-        }
-        if self.lora.targets.is_empty() {
-            return Err(Error::invalid("target modules", "name at least one module"));
-        }
-        for target in &self.lora.targets {
-            if !TARGETABLE.contains(&target.as_str()) {
-                return Err(Error::invalid(
-                    "target modules",
-                    format!(
-                        "unknown module `{target}` (one of {})",
-                        TARGETABLE.join(", ")
-                    ),
-                ));
-            }
-        }
-        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            return Err(Error::invalid("max grad norm", "must be 0 or positive"));
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(Error::invalid("weight decay", "must be 0 or positive"));
-        }
-        Ok(())
-    }
-
-    /// The learning rate used by optimizer step `step` (0-based).
-    #[allow(clippy::cast_precision_loss)]
-    pub fn learning_rate_at(&self, step: usize) -> f64 {
-        let lr = self.learning_rate;
-        if step < self.warmup_steps {
-            return lr * step as f64 / self.warmup_steps.max(1) as f64;
-        }
-        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let done = (step - self.warmup_steps) as f64;
-        match self.schedule {
-            Schedule::Constant => lr,
-            Schedule::Linear => lr * ((span - done) / span).max(0.0),
-            Schedule::Cosine => {
-                lr * (0.5 * (1.0 + (std::f64::consts::PI * done / span).cos())).max(0.0)
-            }
-        }
-    }
-}
+pub use crate::train::batch::{make_batch, Batch};
+pub use crate::train::loss::{cross_entropy, CrossEntropy, LossContext, LossTerm};
+pub use crate::train::optim::Moments;
+pub use crate::train::results::{EvalReport, StepReport};
+pub use crate::train::settings::{LoraSettings, Schedule, TrainSettings, TARGETABLE};
 
 /// One adapter's trainable tensors.
 #[derive(Clone, Debug)]
@@ -239,116 +63,6 @@ impl AdapterParam {
     }
 }
 
-/// AdamW moments of one tensor.
-#[derive(Clone, Debug)]
-pub struct Moments {
-    /// First moment.
-    pub m: Tensor,
-    /// Second moment.
-    pub v: Tensor,
-}
-
-/// AdamW hyper-parameters (PyTorch's defaults).
-const BETA1: f64 = 0.9;
-const BETA2: f64 = 0.999;
-const EPS: f64 = 1e-8;
-
-/// A micro-batch: right-padded ids and the flat indices of the positions that predict labels.
-#[derive(Clone, Debug)]
-pub struct Batch {
-    /// `(b, T)` u32 ids.
-    pub ids: Tensor,
-    /// Flat indices `b·T + t` of positions `t` whose next token is a label.
-    pub positions: Tensor,
-    /// The label at each of those positions.
-    pub targets: Tensor,
-    /// Number of label tokens.
-    pub label_tokens: usize,
-    /// Number of non-padding tokens.
-    pub tokens: usize,
-}
-
-/// Builds a right-padded batch. Causal attention means padding after a sequence never affects
-/// its positions, so no attention mask is needed.
-pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
-    let max_len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
-    if max_len < 2 {
-        return Err(Error::invalid("batch", "examples need at least two tokens"));
-    }
-    let mut ids = Vec::with_capacity(examples.len() * max_len);
-    let mut positions = Vec::new();
-    let mut targets = Vec::new();
-    let mut tokens = 0;
-    for (row, example) in examples.iter().enumerate() {
-        ids.extend_from_slice(&example.ids);
-        ids.extend(std::iter::repeat_n(pad_id, max_len - example.ids.len()));
-        tokens += example.ids.len();
-        for t in 1..example.ids.len() {
-            if example.is_label[t] {
-                #[allow(clippy::cast_possible_truncation)]
-                positions.push((row * max_len + t - 1) as u32);
-                targets.push(example.ids[t]);
-            }
-        }
-    }
-    let label_tokens = targets.len();
-    if label_tokens == 0 {
-        return Err(Error::invalid("batch", "no label tokens"));
-    }
-    Ok(Batch {
-        ids: Tensor::from_vec(ids, (examples.len(), max_len), device)?,
-        positions: Tensor::from_vec(positions, label_tokens, device)?,
-        targets: Tensor::from_vec(targets, label_tokens, device)?,
-        label_tokens,
-        tokens,
-    })
-}
-
-/// What a loss term sees: the batch and the trainable model's outputs on it.
-pub struct LossContext<'a> {
-    /// The model (adapters enabled).
-    pub model: &'a Transformer,
-    /// The micro-batch.
-    pub batch: &'a Batch,
-    /// Final-norm hidden states `(b, T, d)`, on the autograd graph.
-    pub hidden: &'a Tensor,
-    /// Logits at the label positions `(n, V)`, on the autograd graph.
-    pub logits: &'a Tensor,
-}
-
-/// One named term of the training loss.
-pub trait LossTerm: Send {
-    /// Name on its curve (`ce`, `kl1`, ...).
-    fn name(&self) -> &str;
-    /// The term's value, a scalar on the autograd graph.
-    fn compute(&mut self, ctx: &LossContext<'_>) -> Result<Tensor>;
-}
-
-/// Mean cross-entropy over the label tokens.
-pub struct CrossEntropy;
-
-impl LossTerm for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "ce"
-    }
-
-    fn compute(&mut self, ctx: &LossContext<'_>) -> Result<Tensor> {
-        cross_entropy(ctx.logits, &ctx.batch.targets)
-    }
-}
-
-/// Mean of `−log softmax(logits)[target]` over rows, computed in f32.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logits = if logits.dtype() == DType::F64 {
-        logits.clone()
-    } else {
-        logits.to_dtype(DType::F32)?
-    };
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
-    Ok(picked.mean_all()?.neg()?)
-}
-
 /// Loss terms and gradients of one optimizer step, before the update.
 #[derive(Clone, Debug)]
 pub struct Gradients {
@@ -358,34 +72,6 @@ pub struct Gradients {
     pub grads: Vec<(Tensor, Tensor)>,
     /// Tokens processed (no padding).
     pub tokens: usize,
-}
-
-/// What one optimizer step did.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StepReport {
-    /// Optimizer steps completed (1 after the first).
-    pub step: usize,
-    /// The total loss.
-    pub loss: f64,
-    /// Each loss term, in order.
-    pub terms: Vec<(String, f64)>,
-    /// Learning rate used.
-    pub learning_rate: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Tokens (prompt and response, no padding) per second.
-    pub tokens_per_s: f64,
-    /// Wall time of the step.
-    pub seconds: f64,
-}
-
-/// A validation result.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EvalReport {
-    /// After this many optimizer steps.
-    pub step: usize,
-    /// Mean cross-entropy per validation label token.
-    pub loss: f64,
 }
 
 /// Why a step failed.
@@ -905,27 +591,14 @@ impl Trainer {
         };
         let lr = self.settings.learning_rate_at(self.step);
         let t = i32::try_from(self.step + 1).unwrap_or(i32::MAX);
-        let bc1 = 1.0 - BETA1.powi(t);
-        let bc2 = 1.0 - BETA2.powi(t);
         let wd = self.settings.weight_decay;
         for ((param, (ga, gb)), (ma, mb)) in
             self.params.iter().zip(&grads).zip(self.moments.iter_mut())
         {
             for (var, g, moments) in [(&param.a, ga, ma), (&param.b, gb, mb)] {
-                // Plain values only: nothing here may extend an autograd graph across steps.
                 let g = g.detach();
                 let g = if clip < 1.0 { (g * clip)? } else { g };
-                moments.m = ((&moments.m * BETA1)? + (&g * (1.0 - BETA1))?)?;
-                moments.v = ((&moments.v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
-                let mut p = var.as_tensor().detach();
-                if wd > 0.0 {
-                    p = (p * (1.0 - lr * wd))?;
-                }
-                let denom = ((moments.v.sqrt()? / bc2.sqrt())? + EPS)?;
-                let update = ((&moments.m / denom)? * (lr / bc1))?;
-                var.set(&(p - update)?)?;
-                moments.m = moments.m.detach();
-                moments.v = moments.v.detach();
+                adamw_update(var, &g, moments, lr, wd, t)?;
             }
         }
         self.step += 1;
@@ -999,6 +672,8 @@ impl Trainer {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::Device;
+
     use super::*;
 
     #[test]

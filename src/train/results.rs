@@ -1,5 +1,6 @@
 //! The plain-data results of fine-tuning as the Fine-tune view shows them and the exporters write
-//! them: the prepared data set, a finished or stopped run, a measured estimate.
+//! them: the prepared data set, each step and validation, a finished or stopped run, a measured
+//! estimate.
 
 use std::path::PathBuf;
 
@@ -87,4 +88,32 @@ pub struct TrainEstimate {
     pub extra_memory_mb: f64,
     /// Trainable parameters.
     pub trainable_params: usize,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Optimizer steps completed (1 after the first).
+    pub step: usize,
+    /// The total loss.
+    pub loss: f64,
+    /// Each loss term, in order.
+    pub terms: Vec<(String, f64)>,
+    /// Learning rate used.
+    pub learning_rate: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens (prompt and response, no padding) per second.
+    pub tokens_per_s: f64,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+/// A validation result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// After this many optimizer steps.
+    pub step: usize,
+    /// Mean cross-entropy per validation label token.
+    pub loss: f64,
 }
