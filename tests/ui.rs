@@ -724,3 +724,40 @@ fn gui_export_and_cli_out_write_the_same_files() {
         assert_same_files(gui.path(), cli.path(), id);
     }
 }
+
+/// Without a working system dialog (no xdg desktop portal) the app draws its own: here forced
+/// with `TUNELENS_FILE_DIALOG=builtin`, "Open folder…" shows it, a typed folder is entered, and
+/// "Choose folder" loads the model into the slot.
+#[test]
+fn builtin_file_dialog_opens_a_model_folder() {
+    std::env::set_var("TUNELENS_FILE_DIALOG", "builtin");
+    let a = tiny_folder(51, false);
+    let mut harness = harness();
+    harness
+        .query_all_by_label("Open folder…")
+        .next()
+        .expect("slot A's Open folder…")
+        .click();
+    harness.run_steps(3);
+    assert!(
+        harness.state().browser.is_some(),
+        "the built-in dialog is open"
+    );
+    harness.get_by_label("Open a Hugging Face model folder");
+    harness.get_by_label("Go to").click();
+    harness.run_steps(2);
+    harness
+        .get_by_label("Go to")
+        .type_text(&a.path().display().to_string());
+    harness.key_press(eframe::egui::Key::Enter);
+    harness.run_steps(3);
+    let dir = harness.state().browser.as_ref().map(|b| b.2.dir.clone());
+    assert_eq!(dir.as_deref(), Some(a.path()), "the typed folder is shown");
+    harness.get_by_label("config.json");
+    harness.get_by_label("Choose folder").click();
+    step_until(&mut harness, "the model from the built-in dialog", |app| {
+        app.slots[0].info.is_some()
+    });
+    assert!(harness.state().browser.is_none(), "the dialog closed");
+    assert!(harness.state().last_error.is_none());
+}

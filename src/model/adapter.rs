@@ -126,6 +126,7 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
     let mut targets: Vec<String> = Vec::new();
     let mut parameters = 0;
     let adapted = pairs.len();
+    let layer_set: std::collections::BTreeSet<usize> = pairs.keys().map(|(l, _)| *l).collect();
     for ((layer_idx, module), (a, b)) in pairs {
         let (Some(a), Some(b)) = (a, b) else {
             return Err(Error::bad_file(
@@ -169,6 +170,7 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
         alpha: cfg.lora_alpha,
         target_modules: targets,
         adapted_layers: adapted,
+        layers: layer_set.len(),
         parameters,
     })
 }

@@ -63,6 +63,9 @@ pub struct AdapterInfo {
     pub target_modules: Vec<String>,
     /// Layers × modules that received an adapter.
     pub adapted_layers: usize,
+    /// Distinct layers with at least one adapted module.
+    #[serde(default)]
+    pub layers: usize,
     /// Adapter parameters.
     pub parameters: usize,
 }

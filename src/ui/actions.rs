@@ -91,6 +91,8 @@ pub struct PendingJob {
     pub message: String,
     /// What kind of job it is.
     pub kind: PendingKind,
+    /// While it waits for an earlier job: that job's label.
+    pub queued_behind: Option<String>,
 }
 
 /// The kinds of job the app submits, as far as the UI cares.

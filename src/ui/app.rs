@@ -14,11 +14,12 @@ use crate::model::generate::StopReason;
 use crate::model::{DeviceChoice, ModelInfo, ModelSpec};
 use crate::samples::{self, SampleSet};
 use crate::ui::actions::{Action, ExportOutcome, PendingJob, PendingKind};
-use crate::ui::dialogs::{DialogKind, Dialogs};
+use crate::ui::dialogs::{DialogKind, DialogOutcome, Dialogs};
 use crate::ui::panels;
 use crate::ui::registry::{self, AnalysisView, RunCx, ViewCx};
 use crate::ui::state::{AppState, View};
 use crate::ui::theme;
+use crate::ui::widgets::file_browser::{Closed, FileBrowser};
 use crate::ui::widgets::status;
 use crate::worker::{self, Event, Job, JobId, JobOutput, Slot, WorkerHandle};
 
@@ -79,6 +80,8 @@ pub struct TunelensApp {
         crossbeam_channel::Sender<ExportOutcome>,
         crossbeam_channel::Receiver<ExportOutcome>,
     ),
+    /// The built-in file dialog, while open: for which slot and kind.
+    pub browser: Option<(Slot, DialogKind, FileBrowser)>,
     worker: WorkerHandle,
     dialogs: Dialogs,
     actions: Vec<Action>,
@@ -135,6 +138,7 @@ impl TunelensApp {
             analyses: registry::builtin(),
             export_note: None,
             exports: crossbeam_channel::unbounded(),
+            browser: None,
             worker,
             dialogs: Dialogs::default(),
             actions: Vec::new(),
@@ -206,6 +210,7 @@ impl TunelensApp {
                         frac: None,
                         message: String::new(),
                         kind,
+                        queued_behind: None,
                     },
                 );
                 if let PendingKind::Load(slot) = kind {
@@ -253,6 +258,13 @@ impl TunelensApp {
             Ok((job, label)) => self.submit(job, label, PendingKind::Analysis(owner)),
             Err(err) => self.last_error = Some(err),
         }
+    }
+
+    /// Shows the built-in file dialog, starting in the working folder.
+    pub fn open_browser(&mut self, slot: Slot, kind: DialogKind, default_name: &str) {
+        let start = std::env::current_dir().unwrap_or_default();
+        let browser = FileBrowser::new(kind.title(), kind.browse_mode(default_name), &start);
+        self.browser = Some((slot, kind, browser));
     }
 
     fn open_dialog(&mut self, slot: Slot, kind: DialogKind) {
@@ -640,9 +652,20 @@ impl eframe::App for TunelensApp {
         for event in events {
             self.ingest(event);
         }
-        while let Ok((slot, kind, picked)) = self.dialogs.rx.try_recv() {
-            if let Some(path) = picked {
-                self.picked(slot, kind, path);
+        while let Ok((slot, kind, outcome)) = self.dialogs.rx.try_recv() {
+            match outcome {
+                DialogOutcome::Picked(Some(path)) => self.picked(slot, kind, path),
+                DialogOutcome::Picked(None) => {}
+                DialogOutcome::Unavailable(default_name) => {
+                    if std::env::var_os("TUNELENS_FILE_DIALOG").is_none() {
+                        self.last_error = Some(
+                            "The system file dialog did not open (no xdg desktop portal?): \
+                             using the built-in one"
+                                .to_owned(),
+                        );
+                    }
+                    self.open_browser(slot, kind, &default_name);
+                }
             }
         }
         while let Ok(outcome) = self.exports.1.try_recv() {
@@ -662,6 +685,11 @@ impl eframe::App for TunelensApp {
         }
         self.handle_input(ctx);
         self.apply_actions();
+        // The worker runs jobs in order: every job but the first waits behind it.
+        let first = self.pending.values().next().map(|p| p.label.clone());
+        for (i, job) in self.pending.values_mut().enumerate() {
+            job.queued_behind = if i == 0 { None } else { first.clone() };
+        }
         if !self.pending.is_empty() {
             // Keep frames coming while work runs (elapsed time, progress); events also wake us.
             ctx.request_repaint_after(Duration::from_millis(100));
@@ -721,6 +749,15 @@ impl eframe::App for TunelensApp {
                 panels::models::models_ui(ui, &self.slots, &self.state.recent, &mut actions);
             }
         });
+        if let Some((slot, kind, browser)) = &mut self.browser {
+            let (slot, kind) = (*slot, *kind);
+            if let Some(closed) = browser.ui(ui.ctx()) {
+                self.browser = None;
+                if let Closed::Picked(path) = closed {
+                    self.picked(slot, kind, path);
+                }
+            }
+        }
         self.actions.extend(actions);
         self.apply_actions();
     }

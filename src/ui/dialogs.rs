@@ -1,10 +1,13 @@
 //! Native file dialogs (rfd), run on a named thread so the UI never blocks; the chosen path comes
-//! back over a channel and goes through the same code as a typed or dropped path.
+//! back over a channel and goes through the same code as a typed or dropped path. When the
+//! system dialog cannot open, the app says so and shows its own
+//! ([`crate::ui::widgets::file_browser`]).
 
 use std::path::PathBuf;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::ui::widgets::file_browser::BrowseMode;
 use crate::worker::Slot;
 
 /// What a dialog picks.
@@ -34,8 +37,60 @@ pub enum DialogKind {
     MergedOutput,
 }
 
-/// A finished dialog: the slot it was for, what it picked, and the path (None if cancelled).
-pub type DialogResult = (Slot, DialogKind, Option<PathBuf>);
+/// How a dialog ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DialogOutcome {
+    /// The system dialog closed: the path, or `None` when cancelled.
+    Picked(Option<PathBuf>),
+    /// The system dialog could not open (it "closed" faster than a person can cancel, as rfd
+    /// does without an xdg desktop portal), or the built-in dialog was asked for: the app
+    /// shows its own. Carries the proposed file name of a save dialog.
+    Unavailable(String),
+}
+
+/// A finished dialog: the slot it was for, what it picked, and how it ended.
+pub type DialogResult = (Slot, DialogKind, DialogOutcome);
+
+/// A system dialog that returns nothing within this time did not open.
+const FALLBACK_WITHIN: std::time::Duration = std::time::Duration::from_millis(400);
+
+/// Whether `TUNELENS_FILE_DIALOG=builtin` asks for the app's own dialog.
+fn builtin_requested() -> bool {
+    std::env::var("TUNELENS_FILE_DIALOG").is_ok_and(|v| v.eq_ignore_ascii_case("builtin"))
+}
+
+impl DialogKind {
+    /// The dialog's title.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::ModelFolder => "Open a Hugging Face model folder",
+            Self::AdapterFolder => "Open a PEFT LoRA adapter folder",
+            Self::GgufFile => "Open a GGUF model",
+            Self::WordList => "Open a word list (word<TAB>frequency)",
+            Self::WordVectors => "Open word vectors (GloVe text format)",
+            Self::PairsFile => "Open paraphrase pairs (sentence1, sentence2, label)",
+            Self::FactsFile => "Open factual probes (JSON)",
+            Self::TrainData => "Open instruction data (JSONL: Alpaca, chat or prompt/completion)",
+            Self::TrainOutput => "Choose the training output folder",
+            Self::MergedOutput => "Choose an empty folder for the merged model",
+            Self::ExportFile => "Export the figure and data",
+        }
+    }
+
+    /// What the built-in dialog picks for this kind.
+    pub fn browse_mode(self, default_name: &str) -> BrowseMode {
+        match self {
+            Self::ModelFolder | Self::AdapterFolder | Self::TrainOutput | Self::MergedOutput => {
+                BrowseMode::OpenFolder
+            }
+            Self::GgufFile => BrowseMode::OpenFile(vec!["gguf"]),
+            Self::FactsFile => BrowseMode::OpenFile(vec!["json"]),
+            Self::TrainData => BrowseMode::OpenFile(vec!["jsonl", "json"]),
+            Self::WordList | Self::WordVectors | Self::PairsFile => BrowseMode::OpenFile(vec![]),
+            Self::ExportFile => BrowseMode::Save(default_name.to_owned()),
+        }
+    }
+}
 
 /// Opens dialogs off the UI thread.
 pub struct Dialogs {
@@ -79,54 +134,42 @@ impl Dialogs {
         wake: impl Fn() + Send + 'static,
     ) -> std::io::Result<()> {
         let tx = self.tx.clone();
+        if builtin_requested() {
+            let _ = tx.send((slot, kind, DialogOutcome::Unavailable(default_name)));
+            wake();
+            return Ok(());
+        }
         std::thread::Builder::new()
             .name("file_dialog".to_owned())
             .spawn(move || {
-                let dialog = rfd::FileDialog::new();
+                let started = std::time::Instant::now();
+                let dialog = rfd::FileDialog::new().set_title(kind.title());
                 let picked = match kind {
-                    DialogKind::ModelFolder => dialog
-                        .set_title("Open a Hugging Face model folder")
-                        .pick_folder(),
-                    DialogKind::AdapterFolder => dialog
-                        .set_title("Open a PEFT LoRA adapter folder")
-                        .pick_folder(),
-                    DialogKind::GgufFile => dialog
-                        .set_title("Open a GGUF model")
-                        .add_filter("GGUF", &["gguf"])
-                        .pick_file(),
-                    DialogKind::WordList => dialog
-                        .set_title("Open a word list (word<TAB>frequency)")
-                        .pick_file(),
-                    DialogKind::WordVectors => dialog
-                        .set_title("Open word vectors (GloVe text format)")
-                        .pick_file(),
-                    DialogKind::PairsFile => dialog
-                        .set_title("Open paraphrase pairs (sentence1, sentence2, label)")
-                        .pick_file(),
-                    DialogKind::FactsFile => dialog
-                        .set_title("Open factual probes (JSON)")
-                        .add_filter("JSON", &["json"])
-                        .pick_file(),
+                    DialogKind::ModelFolder
+                    | DialogKind::AdapterFolder
+                    | DialogKind::TrainOutput
+                    | DialogKind::MergedOutput => dialog.pick_folder(),
+                    DialogKind::GgufFile => dialog.add_filter("GGUF", &["gguf"]).pick_file(),
+                    DialogKind::WordList | DialogKind::WordVectors | DialogKind::PairsFile => {
+                        dialog.pick_file()
+                    }
+                    DialogKind::FactsFile => dialog.add_filter("JSON", &["json"]).pick_file(),
                     DialogKind::TrainData => dialog
-                        .set_title(
-                            "Open instruction data (JSONL: Alpaca, chat or prompt/completion)",
-                        )
                         .add_filter("JSON lines", &["jsonl", "json"])
                         .pick_file(),
-                    DialogKind::TrainOutput => dialog
-                        .set_title("Choose the training output folder")
-                        .pick_folder(),
-                    DialogKind::MergedOutput => dialog
-                        .set_title("Choose an empty folder for the merged model")
-                        .pick_folder(),
                     DialogKind::ExportFile => dialog
-                        .set_title("Export the figure and data")
                         .set_file_name(default_name.as_str())
                         .add_filter("SVG figure (PNG, CSV and JSON beside it)", &["svg"])
                         .save_file(),
                 };
+                let outcome = if picked.is_none() && started.elapsed() < FALLBACK_WITHIN {
+                    log::warn!("the system file dialog did not open; using the built-in one");
+                    DialogOutcome::Unavailable(default_name)
+                } else {
+                    DialogOutcome::Picked(picked)
+                };
                 // The UI may have closed; nothing to do then.
-                let _ = tx.send((slot, kind, picked));
+                let _ = tx.send((slot, kind, outcome));
                 wake();
             })?;
         Ok(())

@@ -39,20 +39,76 @@ pub fn default_data_path() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// `(year, month, day, hour, minute)` in UTC of a Unix time (days-from-civil inverted, after
+/// Howard Hinnant's date algorithms).
+fn utc_civil(secs: u64) -> (i64, u32, u32, u32, u32) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        year,
+        month,
+        day,
+        (rem / 3600) as u32,
+        ((rem % 3600) / 60) as u32,
+    )
+}
+
+/// A file-name-safe slug of a model or data name: letters, digits, `-`, `.`; at most 40 chars.
+fn slug(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s.trim_matches('-');
+    s.chars().take(40).collect()
+}
+
 /// A new, unique run folder under `$XDG_DATA_HOME/tunelens/runs` (or
-/// `~/.local/share/tunelens/runs`).
-pub fn new_run_dir() -> PathBuf {
+/// `~/.local/share/tunelens/runs`), named by the date, the model and the data set:
+/// `2026-11-30_1305_SmolLM2-135M-Instruct_instructions`.
+pub fn new_run_dir(model: &str, data: &str) -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    let stamp = std::time::SystemTime::now()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("tunelens")
+        .join("runs");
+    let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    base.join("tunelens")
-        .join("runs")
-        .join(format!("run-{stamp}"))
+        .map_or(0, |d| d.as_secs());
+    let (y, mo, d, h, mi) = utc_civil(secs);
+    let name = [
+        format!("{y:04}-{mo:02}-{d:02}_{h:02}{mi:02}"),
+        slug(model),
+        slug(data),
+    ]
+    .into_iter()
+    .filter(|p| !p.is_empty())
+    .collect::<Vec<_>>()
+    .join("_");
+    let mut dir = base.join(&name);
+    let mut n = 2;
+    while dir.exists() {
+        dir = base.join(format!("{name}-{n}"));
+        n += 1;
+    }
+    dir
 }
 
 /// The request's data settings with an empty path replaced by the shipped set.
@@ -403,5 +459,22 @@ impl TrainUpdate {
                 dir: dir.to_path_buf(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{slug, utc_civil};
+
+    #[test]
+    fn run_folder_names_read_as_dates() {
+        assert_eq!(utc_civil(0), (1970, 1, 1, 0, 0));
+        // 2026-11-30 13:05 UTC.
+        assert_eq!(utc_civil(1_796_043_900), (2026, 11, 30, 13, 5));
+        assert_eq!(utc_civil(951_782_400), (2000, 2, 29, 0, 0));
+        assert_eq!(
+            slug("SmolLM2 135M + lora/adapter"),
+            "SmolLM2-135M---lora-adapter"
+        );
     }
 }

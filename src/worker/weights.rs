@@ -264,6 +264,10 @@ pub fn run_concepts(
     for (i, &(slot, loaded)) in models.iter().enumerate() {
         let start = Instant::now();
         let name = loaded.info.display_name();
+        // Before the first layer: the word vectors (and the cache lookup).
+        if progress(i as f32 / n, format!("concepts of {name}: word vectors")).is_break() {
+            return Err(Error::Cancelled);
+        }
         let (concepts, cached) = with_sink(
             &mut |layer| sink(i, layer),
             &mut |frac, layer: &LayerConcepts| {
@@ -317,6 +321,16 @@ pub fn run_heads(
     for (i, &(slot, loaded)) in models.iter().enumerate() {
         let start = Instant::now();
         let name = loaded.info.display_name();
+        // Before the first layer: the semantic vectors and their thresholds (the longest
+        // quiet phase on a large vocabulary) and the cache lookup.
+        if progress(
+            i as f32 / n,
+            format!("head pairs of {name}: semantic thresholds"),
+        )
+        .is_break()
+        {
+            return Err(Error::Cancelled);
+        }
         let (pairs, cached) = with_sink(
             &mut |layer| sink(i, layer),
             &mut |frac, layer: &LayerHeads| {

@@ -16,6 +16,7 @@ use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
 use crate::ui::state::{AppState, InstructionSource};
 use crate::ui::theme;
 use crate::ui::widgets::heatmap::{bars_ui, heatmap_ui, BarsData, HeatmapData};
+use crate::ui::widgets::job_progress;
 use crate::worker::{Job, JobOutput};
 
 /// The attributions of the last run, with display caches.
@@ -280,14 +281,7 @@ fn attribution_ui(
             actions.push(Action::Run("attribution"));
         }
         if let Some(job) = running {
-            ui.add(
-                egui::ProgressBar::new(job.frac.unwrap_or(0.0))
-                    .desired_width(180.0)
-                    .show_percentage(),
-            );
-            if ui.button("Cancel").clicked() {
-                actions.push(Action::Stop);
-            }
+            job_progress(ui, job, actions);
         }
         ui.separator();
         ui.selectable_value(&mut settings.word_level, true, "Words");
@@ -355,12 +349,20 @@ fn result_ui(
     toggles: &mut Vec<(usize, usize)>,
 ) {
     // Words are decoded text already; tokens are vocabulary strings (`Ġthe`).
+    // A newline shows as ⏎ in a one-line label (words keep the byte-level `Ċ` of their
+    // tokens, tokens decode to "\n").
     let readable = |tokens: &[String]| -> Vec<String> {
-        if word_level {
-            tokens.to_vec()
-        } else {
-            tokens.iter().map(|t| display_token(t)).collect()
-        }
+        tokens
+            .iter()
+            .map(|t| {
+                let text = if word_level {
+                    t.clone()
+                } else {
+                    display_token(t)
+                };
+                text.replace(['\n', 'Ċ'], "⏎")
+            })
+            .collect()
     };
     let (rows, cols) = (readable(&a.input_tokens), readable(&a.output_tokens));
     let score = a

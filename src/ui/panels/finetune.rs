@@ -45,8 +45,15 @@ pub struct FinetuneView {
 }
 
 impl FinetuneView {
-    fn request(state: &AppState, resume: Option<PathBuf>) -> TrainRequest {
+    fn request(state: &AppState, model: &str, resume: Option<PathBuf>) -> TrainRequest {
         let f = &state.finetune;
+        let data_name = f.data_file.as_deref().map_or_else(
+            || "instructions".to_owned(),
+            |p| {
+                p.file_stem()
+                    .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
+            },
+        );
         TrainRequest {
             data: DataSettings {
                 path: f.data_file.clone().unwrap_or_default(),
@@ -61,7 +68,7 @@ impl FinetuneView {
                 Some(
                     f.out_dir
                         .clone()
-                        .unwrap_or_else(crate::worker::train::new_run_dir),
+                        .unwrap_or_else(|| crate::worker::train::new_run_dir(model, &data_name)),
                 )
             },
             resume,
@@ -70,9 +77,10 @@ impl FinetuneView {
 
     /// The job of `ask` on slot A's model.
     fn ask_job(&mut self, ask: Ask, cx: &RunCx<'_>) -> Result<(Job, String), String> {
-        if cx.slots[0].info.is_none() {
+        let Some(info) = &cx.slots[0].info else {
             return Err("Load the base model into slot A first".to_owned());
-        }
+        };
+        let model = info.display_name();
         if ask != Ask::Preview {
             cx.state
                 .finetune
@@ -85,14 +93,14 @@ impl FinetuneView {
             Ask::Preview => (
                 Job::PreviewData {
                     slot,
-                    data: Self::request(cx.state, None).data,
+                    data: Self::request(cx.state, &model, None).data,
                 },
                 "Reading the training data".to_owned(),
             ),
             Ask::Estimate => (
                 Job::EstimateTraining {
                     slot,
-                    request: Box::new(Self::request(cx.state, None)),
+                    request: Box::new(Self::request(cx.state, &model, None)),
                 },
                 "Estimating the training run".to_owned(),
             ),
@@ -108,7 +116,7 @@ impl FinetuneView {
                 (
                     Job::Train {
                         slot,
-                        request: Box::new(Self::request(cx.state, resume)),
+                        request: Box::new(Self::request(cx.state, &model, resume)),
                     },
                     "Training".to_owned(),
                 )
@@ -697,7 +705,9 @@ fn finetune_ui(
                 {
                     ask = Some(Ask::Train(resumable));
                 }
-                if let Some(job) = ctx.running {
+                if let Some(first) = ctx.running.and_then(|j| j.queued_behind.as_ref()) {
+                    ui.label(egui::RichText::new(format!("queued behind {first}")).color(theme::MUTED));
+                } else if let Some(job) = ctx.running {
                     if ui.button("Cancel").clicked() {
                         actions.push(Action::Stop);
                     }

@@ -8,6 +8,7 @@ use crate::ui::actions::Action;
 use crate::ui::app::{slot_index, SlotView};
 use crate::ui::dialogs::DialogKind;
 use crate::ui::theme;
+use crate::ui::widgets::shorten_middle;
 use crate::worker::Slot;
 
 /// Draws the Models view.
@@ -121,12 +122,16 @@ fn info_grid(ui: &mut egui::Ui, slot: Slot, info: &ModelInfo) {
         .num_columns(2)
         .striped(true)
         .show(ui, |ui| {
+            // A long path keeps its start and its end; hover shows all of it.
+            ui.label(egui::RichText::new("Source").color(theme::MUTED));
+            ui.label(shorten_middle(&info.source, 64))
+                .on_hover_text(&info.source);
+            ui.end_row();
             let mut row = |name: &str, value: String| {
                 ui.label(egui::RichText::new(name).color(theme::MUTED));
                 ui.label(value);
                 ui.end_row();
             };
-            row("Source", info.source.clone());
             row("Architecture", info.architecture.clone());
             row(
                 "Layers",
@@ -169,10 +174,11 @@ fn info_grid(ui: &mut egui::Ui, slot: Slot, info: &ModelInfo) {
                 row(
                     "LoRA adapter",
                     format!(
-                        "r {} alpha {} on {} ({} layers)",
+                        "r {} alpha {} on {} in {} layers ({} adapted modules)",
                         adapter.rank,
                         adapter.alpha,
                         adapter.target_modules.join(", "),
+                        adapter.layers,
                         adapter.adapted_layers
                     ),
                 );

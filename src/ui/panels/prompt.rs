@@ -34,7 +34,11 @@ pub fn prompt_ui(
                 .show_ui(ui, |ui| {
                     for prompt in &set.prompts {
                         let first_line = prompt.lines().next().unwrap_or_default();
-                        let short: String = first_line.chars().take(70).collect();
+                        let mut short: String = first_line.chars().take(70).collect();
+                        // An item that stands for a longer prompt says so.
+                        if short.len() < prompt.trim_end().len() {
+                            short.push('…');
+                        }
                         if ui
                             .selectable_label(false, short)
                             .on_hover_text(prompt)
@@ -88,10 +92,21 @@ pub fn prompt_ui(
     });
     ui.horizontal(|ui| {
         let any_loaded = slots.iter().any(|s| s.info.is_some());
+        let has_prompt = !state.prompt.trim().is_empty();
+        let why_not = if !any_loaded {
+            "Load a model into slot A or B first"
+        } else if !has_prompt {
+            "Type a prompt first"
+        } else {
+            "Wait for the running generation"
+        };
         if ui
-            .add_enabled(any_loaded && !generating, egui::Button::new("Generate"))
+            .add_enabled(
+                any_loaded && has_prompt && !generating,
+                egui::Button::new("Generate"),
+            )
             .on_hover_text("Generate with every loaded model (Ctrl+Enter)")
-            .on_disabled_hover_text("Load a model first, or wait for the running generation")
+            .on_disabled_hover_text(why_not)
             .clicked()
         {
             actions.push(Action::Generate);

@@ -1,5 +1,6 @@
 //! Reusable widgets over plain data.
 
+pub mod file_browser;
 pub mod heatmap;
 pub mod plot;
 pub mod status;
@@ -9,6 +10,21 @@ use eframe::egui;
 use crate::ui::actions::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
 use crate::ui::theme;
+
+/// `text` cut to at most `max` characters by replacing its middle with `…` (a path keeps its
+/// root and its file name).
+pub fn shorten_middle(text: &str, max: usize) -> String {
+    let n = text.chars().count();
+    if n <= max || max < 3 {
+        return text.to_owned();
+    }
+    let keep = max - 1;
+    let head = keep / 2;
+    let tail = keep - head;
+    let start: String = text.chars().take(head).collect();
+    let end: String = text.chars().skip(n - tail).collect();
+    format!("{start}…{end}")
+}
 
 /// A data-file row: label, the chosen file's name (or what is used by default), "Open…",
 /// and "Default" to go back to the default.
@@ -53,6 +69,23 @@ pub struct RunRow<'a> {
     pub run: Action,
 }
 
+/// A view's job: "queued behind …" while it waits, else its progress, message and Cancel.
+pub fn job_progress(ui: &mut egui::Ui, job: &PendingJob, actions: &mut Vec<Action>) {
+    if let Some(first) = &job.queued_behind {
+        ui.label(egui::RichText::new(format!("queued behind {first}")).color(theme::MUTED));
+        return;
+    }
+    ui.add(
+        egui::ProgressBar::new(job.frac.unwrap_or(0.0))
+            .desired_width(180.0)
+            .show_percentage(),
+    );
+    ui.label(egui::RichText::new(&job.message).color(theme::MUTED));
+    if ui.button("Cancel").clicked() {
+        actions.push(Action::Stop);
+    }
+}
+
 /// Run button, progress and cancel, export.
 pub fn run_row(ui: &mut egui::Ui, row: RunRow<'_>, actions: &mut Vec<Action>) {
     let RunRow {
@@ -74,15 +107,7 @@ pub fn run_row(ui: &mut egui::Ui, row: RunRow<'_>, actions: &mut Vec<Action>) {
             actions.push(run);
         }
         if let Some(job) = running {
-            ui.add(
-                egui::ProgressBar::new(job.frac.unwrap_or(0.0))
-                    .desired_width(180.0)
-                    .show_percentage(),
-            );
-            ui.label(egui::RichText::new(&job.message).color(theme::MUTED));
-            if ui.button("Cancel").clicked() {
-                actions.push(Action::Stop);
-            }
+            job_progress(ui, job, actions);
         }
         ui.separator();
         if ui
@@ -96,4 +121,19 @@ pub fn run_row(ui: &mut egui::Ui, row: RunRow<'_>, actions: &mut Vec<Action>) {
             ui.label(egui::RichText::new(note).color(theme::MUTED));
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shorten_middle;
+
+    #[test]
+    fn long_paths_keep_both_ends() {
+        assert_eq!(shorten_middle("/a/b", 10), "/a/b");
+        let long = "/home/researcher/checkpoints/llama-2-7b-chat-hf+/runs/lora-rank-8/adapter";
+        let short = shorten_middle(long, 30);
+        assert_eq!(short.chars().count(), 30);
+        assert!(short.starts_with("/home/research") && short.ends_with("rank-8/adapter"));
+        assert!(short.contains('…'));
+    }
 }
