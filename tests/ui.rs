@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use egui_kittest::kittest::Queryable as _;
+use egui_kittest::kittest::{NodeT as _, Queryable as _};
 use egui_kittest::Harness;
 use tunelens::model::generate::StopReason;
 use tunelens::model::tiny::{tiny_config, write_tiny_hf_folder};
@@ -122,15 +122,64 @@ fn a_failing_load_shows_an_error_and_the_app_keeps_working() {
     );
     harness.get_by_label_contains("corrupt.gguf");
     assert!(!harness.state().slots[0].loading);
-    // Still working: a good model loads, and the error can be dismissed.
+    // Still working: a good model loads, and its success clears the error.
     let good = tiny_folder(1, false);
     harness.state_mut().open_path(Slot::A, good.path());
     step_until(&mut harness, "the good model", |app| {
         app.slots[0].info.is_some()
     });
+    assert!(harness.state().last_error.is_none(), "a success clears it");
+    // An error can also be dismissed by hand.
+    harness.state_mut().open_path(Slot::B, &corrupt);
+    step_until(&mut harness, "the second failure", |app| {
+        app.last_error.is_some()
+    });
     harness.get_by_label("×").click();
     harness.run();
     assert!(harness.state().last_error.is_none());
+}
+
+/// Feedback (issue: feedback on every action): Generate says why it is disabled with an empty
+/// prompt, and a job waiting behind another says so instead of showing a 0% bar.
+#[test]
+fn generate_needs_a_prompt_and_queued_jobs_say_what_they_wait_for() {
+    let a = tiny_folder(61, false);
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    step_until(&mut harness, "the model", |app| app.slots[0].info.is_some());
+    harness
+        .state_mut()
+        .push_action(Action::Show(tunelens::ui::state::View::Prompt));
+    harness.state_mut().state.prompt = "   ".to_owned();
+    harness.run_steps(2);
+    assert!(
+        harness
+            .get_by_label("Generate")
+            .accesskit_node()
+            .is_disabled(),
+        "Generate is disabled with an empty prompt"
+    );
+    harness.state_mut().state.prompt = "write a poem".to_owned();
+    harness.run_steps(2);
+    assert!(!harness
+        .get_by_label("Generate")
+        .accesskit_node()
+        .is_disabled());
+    // Two jobs at once: the second waits behind the first and says so.
+    harness.state_mut().state.gen.max_new_tokens = 40;
+    harness.state_mut().push_action(Action::Generate);
+    harness.state_mut().push_action(Action::Run("concepts"));
+    harness.step();
+    let queued: Vec<Option<String>> = harness
+        .state()
+        .pending
+        .values()
+        .map(|p| p.queued_behind.clone())
+        .collect();
+    assert_eq!(queued.len(), 2, "{queued:?}");
+    assert_eq!(queued[0], None, "the first job runs");
+    assert_eq!(queued[1].as_deref(), Some("Generating"), "{queued:?}");
+    step_until(&mut harness, "both jobs", |app| app.pending.is_empty());
 }
 
 #[test]

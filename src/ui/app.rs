@@ -458,6 +458,8 @@ impl TunelensApp {
             }
             Event::Finished { job_id, output } => {
                 self.pending.remove(&job_id);
+                // A success clears the last error: it no longer describes the app's state.
+                self.last_error = None;
                 self.finished(kind, output);
             }
             Event::Cancelled { job_id } => {
