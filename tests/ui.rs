@@ -558,6 +558,9 @@ fn finetune_view_previews_estimates_trains_cancels_resumes_and_loads_as_b() {
             .as_ref()
             .is_some_and(|i| i.adapter.is_some())
     });
+    // "Load as B" confirms once slot B holds the tuned model.
+    harness.run_steps(2);
+    harness.get_by_label_contains("Loaded in slot B");
 
     let out = tempfile::tempdir().expect("temp dir");
     harness

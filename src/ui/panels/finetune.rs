@@ -35,6 +35,8 @@ enum Ask {
     Estimate,
     /// Launch, or resume the stopped run in this folder.
     Train(Option<PathBuf>),
+    /// Load base + adapter into slot B.
+    LoadAsB(String),
 }
 
 /// The Fine-tune view: settings in [`AppState::finetune`], the live and last run here.
@@ -42,6 +44,8 @@ enum Ask {
 pub struct FinetuneView {
     /// Curves, result, estimate and preview.
     pub training: TrainingView,
+    /// The spec "Load as B" loaded, to confirm it once slot B holds it.
+    pub loaded_as_b: Option<String>,
 }
 
 impl FinetuneView {
@@ -104,6 +108,9 @@ impl FinetuneView {
                 },
                 "Estimating the training run".to_owned(),
             ),
+            Ask::LoadAsB(spec) => {
+                return Err(format!("`{spec}` is loaded by the app, not as a job"));
+            }
             Ask::Train(resume) => {
                 if resume.is_none() {
                     // A new run: fresh curves, the preview and estimate stay.
@@ -163,9 +170,25 @@ impl AnalysisView for FinetuneView {
             running: cx.running,
             view: &self.training,
             note: cx.note,
+            load_as_b: self.loaded_as_b.as_ref().map(|spec| {
+                let b = cx.slots[1].info.as_ref();
+                if b.is_some_and(|info| ModelSpec::parse(&info.source) == ModelSpec::parse(spec)) {
+                    "Loaded in slot B: every view now compares it with A".to_owned()
+                } else if cx.slots[1].loading {
+                    "Loading into slot B…".to_owned()
+                } else {
+                    "Sent to slot B".to_owned()
+                }
+            }),
         };
         let ask = finetune_ui(ui, &mut cx.state.finetune, &ctx, cx.actions);
-        if let Some(ask) = ask {
+        if let Some(Ask::LoadAsB(spec)) = &ask {
+            cx.actions.push(Action::OpenSpec {
+                slot: Slot::B,
+                spec: spec.clone(),
+            });
+            self.loaded_as_b = Some(spec.clone());
+        } else if let Some(ask) = ask {
             let run_cx = RunCx {
                 state: cx.state,
                 slots: cx.slots,
@@ -619,6 +642,8 @@ pub struct FinetuneCtx<'a> {
     pub view: &'a TrainingView,
     /// Export status line.
     pub note: Option<&'a str>,
+    /// What became of "Load as B", once pressed.
+    pub load_as_b: Option<String>,
 }
 
 /// Draws the Fine-tune view; returns what its run buttons asked for.
@@ -774,10 +799,10 @@ fn finetune_ui(
                     if let Some(dir) = &result.adapter_dir {
                         ui.label(egui::RichText::new(format!("Adapter: {}", dir.display())).color(theme::MUTED));
                         if ui.button("Load as B").clicked() {
-                            actions.push(Action::OpenSpec {
-                                slot: Slot::B,
-                                spec: format!("{}+{}", result.base_model, dir.display()),
-                            });
+                            ask = Some(Ask::LoadAsB(format!("{}+{}", result.base_model, dir.display())));
+                        }
+                        if let Some(status) = &ctx.load_as_b {
+                            ui.label(egui::RichText::new(status).color(theme::MUTED));
                         }
                     }
                     if result.adapter_dir.is_some() && ui.button("Save merged model…").clicked() {
