@@ -309,7 +309,7 @@ fn concepts_ui(
             if alignment.is_some() {
                 column.label(
                     egui::RichText::new(
-                        "Best A match, |cos|, Jaccard: §2.3 extension, not in the original method",
+                        "[A#s c Jj] after each component: its best-matching A component s, their |cosine| c and the Jaccard overlap j of their top words (§2.3 extension, not in the original method)",
                     )
                     .color(theme::MUTED),
                 );
