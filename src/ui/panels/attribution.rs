@@ -349,8 +349,8 @@ fn result_ui(
     toggles: &mut Vec<(usize, usize)>,
 ) {
     // Words are decoded text already; tokens are vocabulary strings (`Ġthe`).
-    // A newline shows as ⏎ in a one-line label (words keep the byte-level `Ċ` of their
-    // tokens, tokens decode to "\n").
+    // A newline shows as ↩ in a one-line label (words keep the byte-level `Ċ` of their
+    // tokens, tokens decode to "\n"). Not ⏎: egui's bundled fonts have no glyph for it.
     let readable = |tokens: &[String]| -> Vec<String> {
         tokens
             .iter()
@@ -360,7 +360,7 @@ fn result_ui(
                 } else {
                     display_token(t)
                 };
-                text.replace(['\n', 'Ċ'], "⏎")
+                text.replace(['\n', 'Ċ'], "↩")
             })
             .collect()
     };
