@@ -813,3 +813,61 @@ fn builtin_file_dialog_opens_a_model_folder() {
     assert!(harness.state().browser.is_none(), "the dialog closed");
     assert!(harness.state().last_error.is_none());
 }
+
+/// Consistency runs a researcher can plan: a check box per measure, and only the chosen ones
+/// run; with none chosen the button is disabled.
+#[test]
+fn consistency_runs_only_the_measures_checked() {
+    let a = tiny_folder(71, false);
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    step_until(&mut harness, "the model", |app| app.slots[0].info.is_some());
+    let pairs = a.path().join("pairs.tsv");
+    std::fs::write(
+        &pairs,
+        "the cat sat on the mat\ta cat sat on the mat\t1\nthe sea is warm\tthe sea is cold\t0\n",
+    )
+    .expect("pairs");
+    harness
+        .state_mut()
+        .push_action(Action::Show(tunelens::ui::state::View::analysis(
+            "consistency",
+        )));
+    harness.state_mut().state.consistency.pairs_file = Some(pairs);
+    harness.run_steps(2);
+    for measure in [
+        "Predictions (§8)",
+        "Accuracy across instructions (§8.4, slower)",
+        "Attribute and extraction rates (§9)",
+    ] {
+        harness.get_by_label(measure).click();
+        harness.run_steps(1);
+    }
+    let c = &harness.state().state.consistency;
+    assert!(c.representations && !c.predictions && !c.spread && !c.recall);
+    harness.get_by_label("Run consistency").click();
+    step_until(&mut harness, "consistency", |app| {
+        app.view::<ConsistencyView>()
+            .is_some_and(|v| v.result.is_some())
+    });
+    let result = &harness
+        .state()
+        .view::<ConsistencyView>()
+        .and_then(|v| v.result.as_ref())
+        .expect("result")
+        .results[0];
+    assert!(result.representations.is_some(), "§7 ran");
+    assert!(
+        result.predictions.is_none() && result.spread.is_none() && result.recall.is_none(),
+        "the unchecked measures did not run"
+    );
+    harness.get_by_label("Representations (§7)").click();
+    harness.run_steps(2);
+    assert!(
+        harness
+            .get_by_label("Run consistency")
+            .accesskit_node()
+            .is_disabled(),
+        "no measure, no run"
+    );
+}

@@ -93,6 +93,17 @@ pub struct PendingJob {
     pub kind: PendingKind,
     /// While it waits for an earlier job: that job's label.
     pub queued_behind: Option<String>,
+    /// When it reported its first progress (it has started then): the time-left estimate
+    /// counts from here, not from the queue.
+    pub started: Option<Instant>,
+}
+
+impl PendingJob {
+    /// "about N s left" once the job has run long enough to tell.
+    pub fn time_left(&self) -> Option<String> {
+        let started = self.started?;
+        crate::ui::widgets::time_left(started.elapsed().as_secs_f64(), self.frac?)
+    }
 }
 
 /// The kinds of job the app submits, as far as the UI cares.

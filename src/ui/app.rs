@@ -211,6 +211,7 @@ impl TunelensApp {
                         message: String::new(),
                         kind,
                         queued_behind: None,
+                        started: None,
                     },
                 );
                 if let PendingKind::Load(slot) = kind {
@@ -444,6 +445,7 @@ impl TunelensApp {
                 if let Some(p) = self.pending.get_mut(&job_id) {
                     p.frac = Some(frac);
                     p.message = message;
+                    p.started.get_or_insert_with(Instant::now);
                 }
             }
             Event::Token { slot, token, .. } => {

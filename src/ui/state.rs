@@ -208,7 +208,8 @@ impl Default for WeightSettings {
     }
 }
 
-/// Settings of the Consistency view.
+/// Settings of the Consistency view (its check boxes are bools, as in `Measures`).
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ConsistencyUi {
@@ -218,8 +219,14 @@ pub struct ConsistencyUi {
     pub facts_file: Option<std::path::PathBuf>,
     /// Pool the last token instead of the mean.
     pub last_token: bool,
+    /// Run §7 (paraphrase representations).
+    pub representations: bool,
+    /// Run §8 (factual predictions).
+    pub predictions: bool,
     /// Run §8.4 (slow: every instruction re-runs a subset).
     pub spread: bool,
+    /// Run §9 (attribute and extraction rates; needs the §8 predictions, run with it).
+    pub recall: bool,
     /// Layer of the histograms.
     pub layer: usize,
 }
@@ -230,7 +237,10 @@ impl Default for ConsistencyUi {
             pairs_file: None,
             facts_file: None,
             last_token: false,
+            representations: true,
+            predictions: true,
             spread: true,
+            recall: true,
             layer: 0,
         }
     }

@@ -45,11 +45,17 @@ impl AnalysisView for ConsistencyView {
                 Pooling::Mean
             },
             measures: Measures {
+                representations: c.representations,
+                predictions: c.predictions,
                 spread: c.spread,
-                ..Measures::ALL
+                recall: c.recall,
             },
             ..ConsistencySettings::default()
         };
+        let m = settings.measures;
+        if !(m.representations || m.predictions || m.spread || m.recall) {
+            return Err("Choose at least one consistency measure".to_owned());
+        }
         let job = Job::Consistency {
             slots: cx.loaded()?,
             settings,
@@ -131,25 +137,33 @@ fn consistency_ui(
         DialogKind::FactsFile,
         actions,
     );
-    ui.horizontal(|ui| {
-        ui.label("Pooling");
-        ui.selectable_value(&mut settings.last_token, false, "Mean of tokens");
-        ui.selectable_value(&mut settings.last_token, true, "Last token");
-        ui.separator();
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Measures");
+        ui.checkbox(&mut settings.representations, "Representations (§7)");
+        ui.checkbox(&mut settings.predictions, "Predictions (§8)");
         ui.checkbox(
             &mut settings.spread,
             "Accuracy across instructions (§8.4, slower)",
         );
+        ui.checkbox(&mut settings.recall, "Attribute and extraction rates (§9)")
+            .on_hover_text("Runs the §8 predictions too: they pick the facts a model knows");
     });
+    ui.horizontal(|ui| {
+        ui.label("Pooling");
+        ui.selectable_value(&mut settings.last_token, false, "Mean of tokens");
+        ui.selectable_value(&mut settings.last_token, true, "Last token");
+    });
+    let any_measure =
+        settings.representations || settings.predictions || settings.spread || settings.recall;
     run_row(
         ui,
         RunRow {
             label: "Run consistency",
-            can_run: any_loaded,
+            can_run: any_loaded && any_measure,
             has_results: results.is_some(),
             running,
             note,
-            hover: "Run every measure on every loaded model",
+            hover: "Run the chosen measures on every loaded model",
             run: Action::Run("consistency"),
         },
         actions,

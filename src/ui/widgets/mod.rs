@@ -69,6 +69,23 @@ pub struct RunRow<'a> {
     pub run: Action,
 }
 
+/// "about 40 s left", from the time a job has run and the fraction it reports done; `None`
+/// before there is enough to go on (under 2 s, or under 2 % done).
+pub fn time_left(elapsed_s: f64, frac: f32) -> Option<String> {
+    let frac = f64::from(frac);
+    if elapsed_s < 2.0 || !(0.02..1.0).contains(&frac) {
+        return None;
+    }
+    let left = elapsed_s * (1.0 - frac) / frac;
+    Some(if left < 90.0 {
+        format!("about {:.0} s left", left.max(1.0))
+    } else if left < 5400.0 {
+        format!("about {:.0} min left", left / 60.0)
+    } else {
+        format!("about {:.1} h left", left / 3600.0)
+    })
+}
+
 /// A view's job: "queued behind …" while it waits, else its progress, message and Cancel.
 pub fn job_progress(ui: &mut egui::Ui, job: &PendingJob, actions: &mut Vec<Action>) {
     if let Some(first) = &job.queued_behind {
@@ -81,6 +98,9 @@ pub fn job_progress(ui: &mut egui::Ui, job: &PendingJob, actions: &mut Vec<Actio
             .show_percentage(),
     );
     ui.label(egui::RichText::new(&job.message).color(theme::MUTED));
+    if let Some(left) = job.time_left() {
+        ui.label(egui::RichText::new(left).color(theme::MUTED));
+    }
     if ui.button("Cancel").clicked() {
         actions.push(Action::Stop);
     }
@@ -125,7 +145,16 @@ pub fn run_row(ui: &mut egui::Ui, row: RunRow<'_>, actions: &mut Vec<Action>) {
 
 #[cfg(test)]
 mod tests {
-    use super::shorten_middle;
+    use super::{shorten_middle, time_left};
+
+    #[test]
+    fn time_left_extrapolates_the_rate() {
+        assert_eq!(time_left(1.0, 0.5), None, "too early");
+        assert_eq!(time_left(10.0, 0.01), None, "too little done");
+        assert_eq!(time_left(10.0, 1.0), None, "done");
+        assert_eq!(time_left(10.0, 0.5).as_deref(), Some("about 10 s left"));
+        assert_eq!(time_left(60.0, 0.25).as_deref(), Some("about 3 min left"));
+    }
 
     #[test]
     fn long_paths_keep_both_ends() {

@@ -42,10 +42,11 @@ pub fn status_ui(
             if !job.message.is_empty() {
                 ui.label(egui::RichText::new(&job.message).color(theme::MUTED));
             }
-            ui.label(
-                egui::RichText::new(format!("{:.1} s", job.submitted.elapsed().as_secs_f64()))
-                    .color(theme::MUTED),
-            );
+            let elapsed = job.submitted.elapsed().as_secs_f64();
+            let left = job
+                .time_left()
+                .map_or_else(String::new, |l| format!(", {l}"));
+            ui.label(egui::RichText::new(format!("{elapsed:.1} s{left}")).color(theme::MUTED));
             if pending.len() > 1 {
                 ui.label(
                     egui::RichText::new(format!("+{} queued", pending.len() - 1))
