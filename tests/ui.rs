@@ -53,6 +53,26 @@ fn step_until(
     harness.step();
 }
 
+/// Four labelled paraphrase pairs and two facts of one relation in the tiny vocabulary.
+fn small_consistency_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pairs = dir.join("pairs.tsv");
+    std::fs::write(
+        &pairs,
+        "the cat sat on the mat\ta cat sat on the mat\t1\nthe dog is big\tthe big dog\t1\n\
+         the sea is warm\tthe sea is cold\t0\nread a book\twrite a poem\t0\n",
+    )
+    .expect("pairs");
+    let facts = dir.join("facts.json");
+    std::fs::write(
+        &facts,
+        r#"{"instructions": ["answer", "say it"], "relations": [{"relation": "capital",
+            "templates": ["the capital of [X] is", "[X] capital city is"],
+            "facts": [{"subject": "france", "object": "paris"}, {"subject": "the house", "object": "city"}]}]}"#,
+    )
+    .expect("facts");
+    (pairs, facts)
+}
+
 fn tiny_folder(seed: u64, tied: bool) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cfg = tiny_config();
@@ -434,21 +454,7 @@ fn concepts_heads_and_consistency_views_compute_show_and_export() {
     }
 
     // Consistency on small files: histograms per model, RD by layer, relation table.
-    let pairs = a.path().join("pairs.tsv");
-    std::fs::write(
-        &pairs,
-        "the cat sat on the mat\ta cat sat on the mat\t1\nthe dog is big\tthe big dog\t1\n\
-         the sea is warm\tthe sea is cold\t0\nread a book\twrite a poem\t0\n",
-    )
-    .expect("pairs");
-    let facts = a.path().join("facts.json");
-    std::fs::write(
-        &facts,
-        r#"{"instructions": ["answer", "say it"], "relations": [{"relation": "capital",
-            "templates": ["the capital of [X] is", "[X] capital city is"],
-            "facts": [{"subject": "france", "object": "paris"}, {"subject": "the house", "object": "city"}]}]}"#,
-    )
-    .expect("facts");
+    let (pairs, facts) = small_consistency_files(a.path());
     harness.get_by_label("Consistency").click();
     harness.run();
     harness.state_mut().state.consistency.pairs_file = Some(pairs);
@@ -671,21 +677,7 @@ fn gui_export_and_cli_out_write_the_same_files() {
     harness.state_mut().state.prompt = prompt.to_owned();
     harness.state_mut().state.chat = false;
     harness.state_mut().state.attribution.max_new_tokens = 6;
-    let pairs = a.path().join("pairs.tsv");
-    std::fs::write(
-        &pairs,
-        "the cat sat on the mat\ta cat sat on the mat\t1\nthe dog is big\tthe big dog\t1\n\
-         the sea is warm\tthe sea is cold\t0\nread a book\twrite a poem\t0\n",
-    )
-    .expect("pairs");
-    let facts = a.path().join("facts.json");
-    std::fs::write(
-        &facts,
-        r#"{"instructions": ["answer", "say it"], "relations": [{"relation": "capital",
-            "templates": ["the capital of [X] is", "[X] capital city is"],
-            "facts": [{"subject": "france", "object": "paris"}, {"subject": "the house", "object": "city"}]}]}"#,
-    )
-    .expect("facts");
+    let (pairs, facts) = small_consistency_files(a.path());
     harness.state_mut().state.consistency.pairs_file = Some(pairs.clone());
     harness.state_mut().state.consistency.facts_file = Some(facts.clone());
 

@@ -176,26 +176,16 @@ pub fn run_job(
             cache,
             stream,
         } => {
-            let cancel = ctx.cancel.clone();
             let models = ctx.models(&slots)?;
-            // Progress and the layer stream both report through `emit`.
-            let emit = std::cell::RefCell::new(emit);
+            let report = LayerReporter::new(emit, job_id, &ctx.cancel, stream);
             let output = weights::run_concepts(
                 &models,
                 &words,
                 &config,
                 &cache,
-                &mut |frac, message| {
-                    progress_or_cancel(*emit.borrow_mut(), job_id, &cancel, frac, message)
-                },
+                &mut |frac, message| report.progress(frac, message),
                 &mut |model, layer| {
-                    if stream {
-                        (*emit.borrow_mut())(Event::Layer {
-                            job_id,
-                            model,
-                            layer: LayerResult::Concepts(Box::new(layer.clone())),
-                        });
-                    }
+                    report.layer(model, || LayerResult::Concepts(Box::new(layer.clone())));
                     Ok(())
                 },
             )?;
@@ -210,9 +200,8 @@ pub fn run_job(
             cache,
             stream,
         } => {
-            let cancel = ctx.cancel.clone();
             let models = ctx.models(&slots)?;
-            let emit = std::cell::RefCell::new(emit);
+            let report = LayerReporter::new(emit, job_id, &ctx.cancel, stream);
             let output = weights::run_heads(
                 &models,
                 &words,
@@ -220,17 +209,9 @@ pub fn run_job(
                 &config,
                 group_size,
                 &cache,
-                &mut |frac, message| {
-                    progress_or_cancel(*emit.borrow_mut(), job_id, &cancel, frac, message)
-                },
+                &mut |frac, message| report.progress(frac, message),
                 &mut |model, layer| {
-                    if stream {
-                        (*emit.borrow_mut())(Event::Layer {
-                            job_id,
-                            model,
-                            layer: LayerResult::Heads(Box::new(layer.clone())),
-                        });
-                    }
+                    report.layer(model, || LayerResult::Heads(Box::new(layer.clone())));
                     Ok(())
                 },
             )?;
@@ -315,6 +296,52 @@ pub fn run_job(
 }
 
 /// Reports progress; a pending cancel request breaks.
+/// Progress (with cancellation) and the finished layers of a weight-space job, both reported
+/// through the one `emit` (so the two callbacks can share it).
+struct LayerReporter<'a> {
+    emit: std::cell::RefCell<&'a mut dyn FnMut(Event)>,
+    job_id: JobId,
+    cancel: &'a AtomicBool,
+    stream: bool,
+}
+
+impl<'a> LayerReporter<'a> {
+    fn new(
+        emit: &'a mut dyn FnMut(Event),
+        job_id: JobId,
+        cancel: &'a AtomicBool,
+        stream: bool,
+    ) -> Self {
+        Self {
+            emit: std::cell::RefCell::new(emit),
+            job_id,
+            cancel,
+            stream,
+        }
+    }
+
+    fn progress(&self, frac: f32, message: String) -> ControlFlow<()> {
+        progress_or_cancel(
+            *self.emit.borrow_mut(),
+            self.job_id,
+            self.cancel,
+            frac,
+            message,
+        )
+    }
+
+    /// Sends the layer when the job streams (the clone is made only then).
+    fn layer(&self, model: usize, layer: impl FnOnce() -> LayerResult) {
+        if self.stream {
+            (*self.emit.borrow_mut())(Event::Layer {
+                job_id: self.job_id,
+                model,
+                layer: layer(),
+            });
+        }
+    }
+}
+
 fn progress_or_cancel(
     emit: &mut dyn FnMut(Event),
     job_id: JobId,
