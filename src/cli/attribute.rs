@@ -191,8 +191,11 @@ fn write_files(
     results: &[SlotAttribution],
     line_no: Option<usize>,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    let models: Vec<String> = results.iter().map(|r| r.model.clone()).collect();
-    let mut stem = export::default_file_stem("attribution", &models.join("_vs_"), prompt);
+    let mut stem = export::comparison_stem(
+        "attribution",
+        results.iter().map(|r| r.model.as_str()),
+        prompt,
+    );
     if let Some(n) = line_no {
         stem = format!("{stem}_line{n}");
     }

@@ -56,6 +56,17 @@ const STEM_PROMPT_WORDS: usize = 4;
 /// Longest file stem, in characters.
 const STEM_MAX_CHARS: usize = 80;
 
+/// The stem of an export comparing `models` (in slot order): [`default_file_stem`] of the
+/// names joined by `_vs_`. The GUI's Export and the CLI name their files with it.
+pub fn comparison_stem<'a>(
+    view: &str,
+    models: impl IntoIterator<Item = &'a str>,
+    context: &str,
+) -> String {
+    let joined = models.into_iter().collect::<Vec<_>>().join("_vs_");
+    default_file_stem(view, &joined, context)
+}
+
 /// A file name stem for an export, e.g.
 /// `attribution_SmolLM2-135M-Instruct_give-three-tips-for` for view "attribution", model
 /// "models/SmolLM2-135M-Instruct" and prompt "Give three tips for staying healthy.".
@@ -96,7 +107,8 @@ pub fn default_file_stem(view: &str, model: &str, prompt: &str) -> String {
 }
 
 /// `s` with every run of characters outside `[A-Za-z0-9_-]` replaced by one '-', trimmed.
-fn slug(s: &str) -> String {
+/// `s` as a file-name part: `[A-Za-z0-9_-]`, other runs of characters as one `-`.
+pub fn slug(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if c.is_ascii_alphanumeric() || c == '_' || c == '-' {

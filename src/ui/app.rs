@@ -329,19 +329,7 @@ impl TunelensApp {
                 }
                 Action::ExportDialog => self.export_dialog(),
                 Action::ExportTo(path) => self.export_to(&path),
-                Action::SetFile(kind, path) => match kind {
-                    DialogKind::WordList => self.state.weights.words_file = path,
-                    DialogKind::WordVectors => self.state.weights.vectors_file = path,
-                    DialogKind::PairsFile => self.state.consistency.pairs_file = path,
-                    DialogKind::FactsFile => self.state.consistency.facts_file = path,
-                    DialogKind::TrainData => self.state.finetune.data_file = path,
-                    DialogKind::TrainOutput => self.state.finetune.out_dir = path,
-                    DialogKind::MergedOutput
-                    | DialogKind::ModelFolder
-                    | DialogKind::GgufFile
-                    | DialogKind::AdapterFolder
-                    | DialogKind::ExportFile => {}
-                },
+                Action::SetFile(kind, path) => self.state.set_file(kind, path),
             }
         }
     }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::generate::{GenerateConfig, Sampling};
 use crate::model::DeviceChoice;
+use crate::ui::dialogs::DialogKind;
 
 /// Most recent model paths kept.
 pub const MAX_RECENT: usize = 10;
@@ -245,6 +246,26 @@ impl Default for ConsistencyUi {
         }
     }
 }
+impl AppState {
+    /// Sets the data file (or folder) a view setting of `kind` names; `None` goes back to the
+    /// default. Kinds that are not a view setting (models, exports) change nothing.
+    pub fn set_file(&mut self, kind: DialogKind, path: Option<std::path::PathBuf>) {
+        match kind {
+            DialogKind::WordList => self.weights.words_file = path,
+            DialogKind::WordVectors => self.weights.vectors_file = path,
+            DialogKind::PairsFile => self.consistency.pairs_file = path,
+            DialogKind::FactsFile => self.consistency.facts_file = path,
+            DialogKind::TrainData => self.finetune.data_file = path,
+            DialogKind::TrainOutput => self.finetune.out_dir = path,
+            DialogKind::MergedOutput
+            | DialogKind::ModelFolder
+            | DialogKind::GgufFile
+            | DialogKind::AdapterFolder
+            | DialogKind::ExportFile => {}
+        }
+    }
+}
+
 impl Default for AppState {
     fn default() -> Self {
         Self {

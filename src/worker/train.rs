@@ -62,20 +62,9 @@ fn utc_civil(secs: u64) -> (i64, u32, u32, u32, u32) {
     )
 }
 
-/// A file-name-safe slug of a model or data name: letters, digits, `-`, `.`; at most 40 chars.
-fn slug(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let s = s.trim_matches('-');
-    s.chars().take(40).collect()
+/// A model or data name in a run folder's name: [`crate::export::slug`], at most 40 characters.
+fn run_name_part(name: &str) -> String {
+    crate::export::slug(name).chars().take(40).collect()
 }
 
 /// A new, unique run folder under `$XDG_DATA_HOME/tunelens/runs` (or
@@ -95,8 +84,8 @@ pub fn new_run_dir(model: &str, data: &str) -> PathBuf {
     let (y, mo, d, h, mi) = utc_civil(secs);
     let name = [
         format!("{y:04}-{mo:02}-{d:02}_{h:02}{mi:02}"),
-        slug(model),
-        slug(data),
+        run_name_part(model),
+        run_name_part(data),
     ]
     .into_iter()
     .filter(|p| !p.is_empty())
@@ -464,7 +453,7 @@ impl TrainUpdate {
 
 #[cfg(test)]
 mod tests {
-    use super::{slug, utc_civil};
+    use super::{run_name_part, utc_civil};
 
     #[test]
     fn run_folder_names_read_as_dates() {
@@ -473,8 +462,8 @@ mod tests {
         assert_eq!(utc_civil(1_796_043_900), (2026, 11, 30, 13, 5));
         assert_eq!(utc_civil(951_782_400), (2000, 2, 29, 0, 0));
         assert_eq!(
-            slug("SmolLM2 135M + lora/adapter"),
-            "SmolLM2-135M---lora-adapter"
+            run_name_part("SmolLM2 135M + lora/adapter"),
+            "SmolLM2-135M-lora-adapter"
         );
     }
 }

@@ -159,10 +159,9 @@ impl AnalysisView for AttributionView {
 
     fn export_stem(&self, _state: &AppState) -> Option<String> {
         let results = self.results.as_ref()?;
-        let models: Vec<&str> = results.results.iter().map(|r| r.model.as_str()).collect();
-        Some(export::default_file_stem(
+        Some(export::comparison_stem(
             "attribution",
-            &models.join("_vs_"),
+            results.results.iter().map(|r| r.model.as_str()),
             &results.prompt,
         ))
     }

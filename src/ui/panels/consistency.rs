@@ -88,10 +88,9 @@ impl AnalysisView for ConsistencyView {
 
     fn export_stem(&self, _state: &AppState) -> Option<String> {
         let out = self.result.as_ref()?;
-        let names: Vec<&str> = out.results.iter().map(|r| r.model.as_str()).collect();
-        Some(export::default_file_stem(
+        Some(export::comparison_stem(
             "consistency",
-            &names.join("_vs_"),
+            out.results.iter().map(|r| r.model.as_str()),
             "",
         ))
     }

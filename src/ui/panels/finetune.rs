@@ -26,16 +26,23 @@ use crate::worker::{Event, Job, JobOutput, Slot};
 /// The view's id.
 const ID: &str = "finetune";
 
-/// What the view's buttons ask for besides the main "Launch".
+/// The jobs the view's buttons start on slot A's model.
 #[derive(Clone, Debug, PartialEq)]
-enum Ask {
+enum RunAsk {
     /// Render and count the data.
     Preview,
     /// Measure a few steps.
     Estimate,
     /// Launch, or resume the stopped run in this folder.
     Train(Option<PathBuf>),
-    /// Load base + adapter into slot B.
+}
+
+/// What the view's buttons ask for.
+#[derive(Clone, Debug, PartialEq)]
+enum Ask {
+    /// One of its jobs.
+    Job(RunAsk),
+    /// Load base + adapter into slot B (the app's load, not a job of the view).
     LoadAsB(String),
 }
 
@@ -79,13 +86,31 @@ impl FinetuneView {
         }
     }
 
+    /// Submits the job of a button: the buttons are enabled only when slot A is loaded and
+    /// nothing runs, so an error here is a settings error, shown like any job's.
+    fn submit(&mut self, ask: RunAsk, cx: &mut ViewCx<'_>) {
+        let run_cx = RunCx {
+            state: cx.state,
+            slots: cx.slots,
+        };
+        let action = match self.ask_job(ask, &run_cx) {
+            Ok((job, label)) => Action::Submit {
+                owner: ID,
+                job: Box::new(job),
+                label,
+            },
+            Err(err) => Action::Error(err),
+        };
+        cx.actions.push(action);
+    }
+
     /// The job of `ask` on slot A's model.
-    fn ask_job(&mut self, ask: Ask, cx: &RunCx<'_>) -> Result<(Job, String), String> {
+    fn ask_job(&mut self, ask: RunAsk, cx: &RunCx<'_>) -> Result<(Job, String), String> {
         let Some(info) = &cx.slots[0].info else {
             return Err("Load the base model into slot A first".to_owned());
         };
         let model = info.display_name();
-        if ask != Ask::Preview {
+        if ask != RunAsk::Preview {
             cx.state
                 .finetune
                 .settings
@@ -94,24 +119,21 @@ impl FinetuneView {
         }
         let slot = Slot::A;
         Ok(match ask {
-            Ask::Preview => (
+            RunAsk::Preview => (
                 Job::PreviewData {
                     slot,
                     data: Self::request(cx.state, &model, None).data,
                 },
                 "Reading the training data".to_owned(),
             ),
-            Ask::Estimate => (
+            RunAsk::Estimate => (
                 Job::EstimateTraining {
                     slot,
                     request: Box::new(Self::request(cx.state, &model, None)),
                 },
                 "Estimating the training run".to_owned(),
             ),
-            Ask::LoadAsB(spec) => {
-                return Err(format!("`{spec}` is loaded by the app, not as a job"));
-            }
-            Ask::Train(resume) => {
+            RunAsk::Train(resume) => {
                 if resume.is_none() {
                     // A new run: fresh curves, the preview and estimate stay.
                     self.training = TrainingView {
@@ -142,7 +164,7 @@ impl AnalysisView for FinetuneView {
     }
 
     fn job(&mut self, cx: &RunCx<'_>) -> Result<(Job, String), String> {
-        self.ask_job(Ask::Train(None), cx)
+        self.ask_job(RunAsk::Train(None), cx)
     }
 
     fn on_event(&mut self, event: &Event) {
@@ -181,29 +203,16 @@ impl AnalysisView for FinetuneView {
                 }
             }),
         };
-        let ask = finetune_ui(ui, &mut cx.state.finetune, &ctx, cx.actions);
-        if let Some(Ask::LoadAsB(spec)) = &ask {
-            cx.actions.push(Action::OpenSpec {
-                slot: Slot::B,
-                spec: spec.clone(),
-            });
-            self.loaded_as_b = Some(spec.clone());
-        } else if let Some(ask) = ask {
-            let run_cx = RunCx {
-                state: cx.state,
-                slots: cx.slots,
-            };
-            // The buttons are enabled only when slot A is loaded and nothing runs, so an error
-            // here is a settings error; it goes to the status line like any job's.
-            let action = match self.ask_job(ask, &run_cx) {
-                Ok((job, label)) => Action::Submit {
-                    owner: ID,
-                    job: Box::new(job),
-                    label,
-                },
-                Err(err) => Action::Error(err),
-            };
-            cx.actions.push(action);
+        match finetune_ui(ui, &mut cx.state.finetune, &ctx, cx.actions) {
+            None => {}
+            Some(Ask::LoadAsB(spec)) => {
+                cx.actions.push(Action::OpenSpec {
+                    slot: Slot::B,
+                    spec: spec.clone(),
+                });
+                self.loaded_as_b = Some(spec);
+            }
+            Some(Ask::Job(ask)) => self.submit(ask, cx),
         }
     }
 
@@ -703,21 +712,21 @@ fn finetune_ui(
                     .add_enabled(ready, egui::Button::new("Preview data"))
                     .clicked()
                 {
-                    ask = Some(Ask::Preview);
+                    ask = Some(Ask::Job(RunAsk::Preview));
                 }
                 if ui
                     .add_enabled(ready, egui::Button::new("Estimate"))
                     .on_hover_text("Runs a few steps and extrapolates time and memory")
                     .clicked()
                 {
-                    ask = Some(Ask::Estimate);
+                    ask = Some(Ask::Job(RunAsk::Estimate));
                 }
                 if ui
                     .add_enabled(ready, egui::Button::new("Launch"))
                     .on_disabled_hover_text("Load a model into slot A, or wait for the running job")
                     .clicked()
                 {
-                    ask = Some(Ask::Train(None));
+                    ask = Some(Ask::Job(RunAsk::Train(None)));
                 }
                 let resumable = view
                     .result
@@ -728,7 +737,7 @@ fn finetune_ui(
                     .add_enabled(ready && resumable.is_some(), egui::Button::new("Resume"))
                     .clicked()
                 {
-                    ask = Some(Ask::Train(resumable));
+                    ask = Some(Ask::Job(RunAsk::Train(resumable)));
                 }
                 if let Some(first) = ctx.running.and_then(|j| j.queued_behind.as_ref()) {
                     ui.label(egui::RichText::new(format!("queued behind {first}")).color(theme::MUTED));

@@ -28,11 +28,6 @@ fn word_source(w: &WeightSettings) -> WordSource {
         .map_or(WordSource::Builtin, WordSource::File)
 }
 
-/// `"A_vs_B"` from the models of a result.
-fn model_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    names.collect::<Vec<_>>().join("_vs_")
-}
-
 /// The Concepts view (METHODS.md §2): settings in [`AppState::weights`], the last result here.
 #[derive(Default)]
 pub struct ConceptsView {
@@ -89,9 +84,9 @@ impl AnalysisView for ConceptsView {
 
     fn export_stem(&self, state: &AppState) -> Option<String> {
         let out = self.result.as_ref()?;
-        Some(export::default_file_stem(
+        Some(export::comparison_stem(
             "concepts",
-            &model_names(out.results.iter().map(|r| r.model.as_str())),
+            out.results.iter().map(|r| r.model.as_str()),
             &format!("layer {}", state.weights.layer),
         ))
     }
@@ -168,9 +163,9 @@ impl AnalysisView for HeadsView {
 
     fn export_stem(&self, _state: &AppState) -> Option<String> {
         let out = self.result.as_ref()?;
-        Some(export::default_file_stem(
+        Some(export::comparison_stem(
             "heads",
-            &model_names(out.results.iter().map(|r| r.model.as_str())),
+            out.results.iter().map(|r| r.model.as_str()),
             "",
         ))
     }
