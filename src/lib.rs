@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod export;
+pub mod ivfile;
 pub mod model;
 pub mod samples;
 pub mod train;

@@ -6,6 +6,8 @@ pub mod change_rate;
 pub mod consistency;
 pub mod ffn_concepts;
 pub mod head_pairs;
+pub mod icl;
+pub mod iv;
 pub mod prediction;
 pub mod recall;
 pub mod results;

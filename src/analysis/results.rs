@@ -187,3 +187,58 @@ pub struct ConsistencyOutput {
     /// With two models: `RD_B − RD_A` per layer.
     pub rd_difference: Option<Vec<f64>>,
 }
+
+/// Where an in-context task comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskSource {
+    /// A task shipped in `sample_prompts/icl/`, by name.
+    Shipped(String),
+    /// A JSON file of `{"input", "output"}` pairs.
+    File(PathBuf),
+}
+
+impl TaskSource {
+    /// The task's name: the shipped name, or the file stem.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Shipped(name) => name.clone(),
+            Self::File(path) => path.file_stem().map_or_else(
+                || path.display().to_string(),
+                |s| s.to_string_lossy().into_owned(),
+            ),
+        }
+    }
+}
+
+/// Settings of an instruction-vector run (METHODS.md §4).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IvSettings {
+    /// The tasks; with several, the heads are the universal ones of their averaged AIE.
+    pub tasks: Vec<TaskSource>,
+    /// The procedure.
+    pub config: crate::analysis::iv::IvConfig,
+}
+
+/// The instruction vectors of one model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotIv {
+    /// Which slot.
+    pub slot: Slot,
+    /// The model's display name.
+    pub model: String,
+    /// A fingerprint of the weights the vector depends on (checked when a saved vector is loaded).
+    pub fingerprint: String,
+    /// The result.
+    pub run: crate::analysis::iv::IvRun,
+}
+
+/// An instruction-vector run of A (and B).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IvOutput {
+    /// What was run.
+    pub settings: IvSettings,
+    /// One result per model, in slot order.
+    pub results: Vec<SlotIv>,
+    /// With two models: per task, the heads in both vectors (in A's order).
+    pub shared: Vec<Vec<crate::analysis::iv::HeadId>>,
+}

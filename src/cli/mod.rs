@@ -13,10 +13,12 @@ use crate::worker::runner::{run_job, WorkerCtx};
 
 mod attribute;
 mod consistency;
+mod iv;
 mod train;
 mod weights;
 
 pub use consistency::ConsistencyArgs;
+pub use iv::IvArgs;
 pub use train::TrainArgs;
 pub use weights::{ConceptsArgs, HeadsArgs};
 
@@ -131,7 +133,24 @@ pub enum Command {
         /// Stop when this string appears (repeatable).
         #[arg(long = "stop")]
         stop: Vec<String>,
+        /// Steer with a saved instruction vector (`tunelens iv --out`): added to the output of
+        /// --iv-layer at the last prompt token.
+        #[arg(long)]
+        iv: Option<std::path::PathBuf>,
+        /// The layer the vector is added after (default: the best layer of its own sweep).
+        #[arg(long = "iv-layer", requires = "iv")]
+        iv_layer: Option<usize>,
+        /// Multiplies the vector.
+        #[arg(long = "iv-scale", requires = "iv", default_value_t = 1.0)]
+        iv_scale: f32,
+        /// Add the vector at every generated token too.
+        #[arg(long = "iv-every-token", requires = "iv")]
+        iv_every_token: bool,
     },
+    /// Instruction vectors (METHODS.md §4): the heads whose mean outputs carry an in-context
+    /// task (causal mediation), their summed vector, and zero-shot accuracy with it added at
+    /// each layer; with --model-b, A's and B's heads side by side.
+    Iv(IvArgs),
 }
 
 /// `tunelens attribute`.
@@ -214,6 +233,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Concepts(args) => weights::run_concepts(cli, args),
         Command::Heads(args) => weights::run_heads(cli, args),
         Command::Consistency(args) => consistency::run(cli, args),
+        Command::Iv(args) => iv::run(cli, args),
         Command::Train(args) => train::run(cli, args),
         Command::Merge { model, out } => {
             let spec = ModelSpec::parse(model);
@@ -271,6 +291,10 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
             top_p,
             seed,
             stop,
+            iv,
+            iv_layer,
+            iv_scale,
+            iv_every_token,
         } => {
             let sampling = match temperature {
                 None => Sampling::Greedy,
@@ -290,6 +314,12 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
                     stop_strings: stop.clone(),
                     ..GenerateConfig::default()
                 },
+                steer: iv.as_ref().map(|path| crate::worker::SteerRequest {
+                    path: path.clone(),
+                    layer: *iv_layer,
+                    scale: *iv_scale,
+                    every_token: *iv_every_token,
+                }),
             };
             single(cli, &mut ctx, &model.model, job)
         }
@@ -332,6 +362,8 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             JobOutput::SavedMerged { out, merged } => {
                 serde_json::json!({"out": out, "merged_layers": merged}).to_string()
             }
+            JobOutput::SavedIv(paths) => serde_json::to_string(paths)?,
+            JobOutput::InstructionVectors(o) => serde_json::to_string(o)?,
             JobOutput::Concepts(_)
             | JobOutput::Heads(_)
             | JobOutput::Consistency(_)
@@ -413,6 +445,12 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
                 attribute::print_text(&mut out, result)?;
             }
         }
+        JobOutput::InstructionVectors(o) => write!(out, "{}", iv::text_report(o))?,
+        JobOutput::SavedIv(paths) => {
+            for p in paths {
+                writeln!(out, "wrote {}", p.display())?;
+            }
+        }
         JobOutput::Concepts(_)
         | JobOutput::Heads(_)
         | JobOutput::Consistency(_)
@@ -427,6 +465,9 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             let Some(g) = outputs.first() else {
                 return Ok(());
             };
+            if let Some(note) = &g.steering {
+                eprintln!("[{note}]");
+            }
             let decode_tps = if g.decode_secs > 0.0 {
                 (g.new_ids.len().saturating_sub(1)) as f64 / g.decode_secs
             } else {

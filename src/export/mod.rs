@@ -15,6 +15,7 @@ mod data;
 mod figure;
 mod font;
 mod heatmap;
+pub mod iv;
 mod panels;
 mod svg_text;
 pub mod tables;

@@ -61,6 +61,18 @@ pub enum Input<'a> {
     Ids(&'a Tensor),
     /// Input embeddings, `(b, T, d)` (e.g. a `Var` for gradient attribution).
     Embeds(&'a Tensor),
+    /// The residual stream entering layer `layer` (`h^(layer)`, `(b, T, d)`): the forward runs
+    /// layers `layer..L` only. With a KV cache it continues the cached sequence; the cache must
+    /// hold the earlier tokens of every layer from `layer` on (layers below are left as they
+    /// were). A change at the last position of layer `l` leaves everything before layer `l` and
+    /// every earlier position unchanged, so an intervention there needs only this partial pass
+    /// (the instruction-vector analysis, METHODS.md §4).
+    Resid {
+        /// The first layer to run.
+        layer: usize,
+        /// `h^(layer)`, `(b, T, d)`.
+        xs: &'a Tensor,
+    },
 }
 
 /// Keys and values of earlier tokens, per layer, for incremental decoding.
@@ -297,6 +309,12 @@ impl Transformer {
             logits: LogitsAt::None,
             use_lora,
         };
+        if matches!(input, Input::Resid { .. }) {
+            return Err(Error::invalid(
+                "taped forward",
+                "starts at the embeddings, not at a layer",
+            ));
+        }
         let mut tape = Tape::default();
         let hidden = self.run_inner(input, &opts, None, &mut NoHook, Some(&mut tape))?;
         if hidden.dim(0)? != 1 {
@@ -316,7 +334,23 @@ impl Transformer {
     ) -> Result<Tensor> {
         let offset = cache.as_ref().map_or(0, |c| c.len);
         hook.set_position_offset(offset);
+        let mut first_layer = 0;
         let mut xs = match input {
+            Input::Resid { layer, xs } => {
+                let (_, _, hidden) = xs.dims3()?;
+                if hidden != self.cfg.hidden_size || layer > self.layers.len() {
+                    return Err(Error::invalid(
+                        "residual input",
+                        format!(
+                            "hidden size {hidden} at layer {layer}; the model has {} and {} layers",
+                            self.cfg.hidden_size,
+                            self.layers.len()
+                        ),
+                    ));
+                }
+                first_layer = layer;
+                xs.to_dtype(self.dtype())?
+            }
             Input::Ids(ids) => {
                 if ids.dtype() != DType::U32 {
                     return Err(Error::invalid("token ids", "expected u32 ids"));
@@ -348,14 +382,16 @@ impl Transformer {
                 max: self.cfg.max_position_embeddings,
             });
         }
-        xs = replace_if(hook, HookPoint::Embed, xs)?;
+        if first_layer == 0 {
+            xs = replace_if(hook, HookPoint::Embed, xs)?;
+        }
         let pass = self.pass_ctx(*opts, offset, seq_len)?;
         if let Some(cache) = cache.as_deref_mut() {
             if cache.layers.len() != self.layers.len() {
                 cache.layers = vec![None; self.layers.len()];
             }
         }
-        for (layer_idx, layer) in self.layers.iter().enumerate() {
+        for (layer_idx, layer) in self.layers.iter().enumerate().skip(first_layer) {
             let layer_cache = match cache.as_deref_mut() {
                 Some(c) => Some(&mut c.layers[layer_idx]),
                 None => None,

@@ -71,6 +71,8 @@ pub enum Action {
     ExportTo(PathBuf),
     /// Show a file dialog for a data file of the analysis views.
     PickFile(DialogKind),
+    /// Show a save dialog of this kind, proposing a file name.
+    SaveDialog(DialogKind, String),
     /// Use this data file (`None`: back to the default).
     SetFile(DialogKind, Option<PathBuf>),
 }

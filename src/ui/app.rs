@@ -56,6 +56,8 @@ pub struct ResponseView {
     pub tokens_per_sec: Option<f64>,
     /// Prompt tokens fed to the model.
     pub prompt_tokens: usize,
+    /// How the generation was steered, if it was.
+    pub steering: Option<String>,
 }
 
 /// The application.
@@ -304,6 +306,15 @@ impl TunelensApp {
                 }
                 Action::Dialog { slot, kind } => self.open_dialog(slot, kind),
                 Action::PickFile(kind) => self.open_dialog(Slot::A, kind),
+                Action::SaveDialog(kind, name) => {
+                    let ctx = self.ctx.clone();
+                    if let Err(err) = self
+                        .dialogs
+                        .save_as(kind, name, move || ctx.request_repaint())
+                    {
+                        self.last_error = Some(format!("Cannot open a file dialog: {err}"));
+                    }
+                }
                 Action::Unload(slot) => self.submit(
                     Job::Unload { slot },
                     format!("Unloading slot {slot:?}"),
@@ -357,6 +368,7 @@ impl TunelensApp {
             prompt: self.state.prompt.clone(),
             chat: self.state.chat,
             cfg: self.state.gen.to_config(),
+            steer: self.state.steer.request(),
         };
         self.submit(job, "Generating".to_owned(), PendingKind::Generate);
     }
@@ -514,6 +526,7 @@ impl TunelensApp {
                     response.prompt_tokens = out.prompt_ids.len();
                     response.tokens_per_sec = (out.decode_secs > 0.0)
                         .then(|| out.new_ids.len().saturating_sub(1) as f64 / out.decode_secs);
+                    response.steering = out.steering;
                 }
             }
             JobOutput::SavedMerged { out, merged } => {
@@ -521,6 +534,11 @@ impl TunelensApp {
                     "Merged {merged} adapted layers into {}",
                     out.display()
                 ));
+            }
+            JobOutput::SavedIv(paths) => {
+                self.export_note = paths
+                    .first()
+                    .map(|p| format!("Saved the vector to {} (and its .json)", p.display()));
             }
             // The CLI shows these.
             JobOutput::Tokens(_) | JobOutput::Forward(_) => {}
@@ -530,6 +548,7 @@ impl TunelensApp {
             | JobOutput::Concepts(_)
             | JobOutput::Heads(_)
             | JobOutput::Consistency(_)
+            | JobOutput::InstructionVectors(_)
             | JobOutput::Trained(_)
             | JobOutput::TrainEstimated(_)
             | JobOutput::DataPreview(_) => log::warn!("an analysis result without its view"),
@@ -547,9 +566,11 @@ impl TunelensApp {
             | DialogKind::PairsFile
             | DialogKind::FactsFile
             | DialogKind::TrainData
-            | DialogKind::TrainOutput => Action::SetFile(kind, Some(path)),
+            | DialogKind::TrainOutput
+            | DialogKind::TaskFile
+            | DialogKind::IvFile => Action::SetFile(kind, Some(path)),
             // Kinds only an analysis view asks for: the current view's answer.
-            DialogKind::MergedOutput => {
+            DialogKind::MergedOutput | DialogKind::IvSave => {
                 let Some(index) = self.current_analysis() else {
                     return;
                 };

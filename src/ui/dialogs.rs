@@ -35,6 +35,12 @@ pub enum DialogKind {
     TrainOutput,
     /// Where to write a merged model.
     MergedOutput,
+    /// An in-context task (JSON list of input/output pairs).
+    TaskFile,
+    /// A saved instruction vector to steer with.
+    IvFile,
+    /// Where to save an instruction vector.
+    IvSave,
 }
 
 /// How a dialog ended.
@@ -74,6 +80,9 @@ impl DialogKind {
             Self::TrainOutput => "Choose the training output folder",
             Self::MergedOutput => "Choose an empty folder for the merged model",
             Self::ExportFile => "Export the figure and data",
+            Self::TaskFile => "Open an in-context task (JSON list of {\"input\", \"output\"})",
+            Self::IvFile => "Open a saved instruction vector (.safetensors)",
+            Self::IvSave => "Save the instruction vector (.safetensors, with a .json beside it)",
         }
     }
 
@@ -84,7 +93,9 @@ impl DialogKind {
                 BrowseMode::OpenFolder
             }
             Self::GgufFile => BrowseMode::OpenFile(vec!["gguf"]),
-            Self::FactsFile => BrowseMode::OpenFile(vec!["json"]),
+            Self::FactsFile | Self::TaskFile => BrowseMode::OpenFile(vec!["json"]),
+            Self::IvFile => BrowseMode::OpenFile(vec!["safetensors"]),
+            Self::IvSave => BrowseMode::Save(default_name.to_owned()),
             Self::TrainData => BrowseMode::OpenFile(vec!["jsonl", "json"]),
             Self::WordList | Self::WordVectors | Self::PairsFile => BrowseMode::OpenFile(vec![]),
             Self::ExportFile => BrowseMode::Save(default_name.to_owned()),
@@ -126,6 +137,16 @@ impl Dialogs {
         self.show(Slot::A, DialogKind::ExportFile, default_name, wake)
     }
 
+    /// Shows a save dialog of `kind`, proposing `default_name`.
+    pub fn save_as(
+        &self,
+        kind: DialogKind,
+        default_name: String,
+        wake: impl Fn() + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.show(Slot::A, kind, default_name, wake)
+    }
+
     fn show(
         &self,
         slot: Slot,
@@ -153,7 +174,16 @@ impl Dialogs {
                     DialogKind::WordList | DialogKind::WordVectors | DialogKind::PairsFile => {
                         dialog.pick_file()
                     }
-                    DialogKind::FactsFile => dialog.add_filter("JSON", &["json"]).pick_file(),
+                    DialogKind::FactsFile | DialogKind::TaskFile => {
+                        dialog.add_filter("JSON", &["json"]).pick_file()
+                    }
+                    DialogKind::IvFile => dialog
+                        .add_filter("Instruction vector", &["safetensors"])
+                        .pick_file(),
+                    DialogKind::IvSave => dialog
+                        .set_file_name(default_name.as_str())
+                        .add_filter("Instruction vector", &["safetensors"])
+                        .save_file(),
                     DialogKind::TrainData => dialog
                         .add_filter("JSON lines", &["jsonl", "json"])
                         .pick_file(),

@@ -119,6 +119,7 @@ pub fn builtin() -> Vec<Box<dyn AnalysisView>> {
         Box::new(panels::weights::ConceptsView::default()),
         Box::new(panels::weights::HeadsView::default()),
         Box::new(panels::consistency::ConsistencyView::default()),
+        Box::new(panels::iv::IvView::default()),
         Box::new(panels::finetune::FinetuneView::default()),
     ]
 }

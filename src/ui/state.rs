@@ -167,6 +167,39 @@ pub struct AppState {
     pub consistency: ConsistencyUi,
     /// Fine-tune view settings.
     pub finetune: crate::ui::panels::finetune::FinetuneUi,
+    /// Instruction vector view settings.
+    pub iv: crate::ui::panels::iv::IvUi,
+    /// Steering of the Prompt view's generation with a saved instruction vector.
+    pub steer: SteerUi,
+}
+
+/// The Prompt view's steering settings (a saved instruction vector added while generating).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SteerUi {
+    /// Steer at all.
+    pub enabled: bool,
+    /// The saved vector (`.safetensors`).
+    pub path: Option<std::path::PathBuf>,
+    /// The edit layer; `None` = the vector's best layer.
+    pub layer: Option<usize>,
+    /// Multiplies the vector.
+    pub scale: f32,
+    /// Add it at every generated token too.
+    pub every_token: bool,
+}
+
+impl SteerUi {
+    /// The steering request of a generation, when steering is on and a vector is chosen.
+    pub fn request(&self) -> Option<crate::worker::SteerRequest> {
+        let path = self.path.clone().filter(|_| self.enabled)?;
+        Some(crate::worker::SteerRequest {
+            path,
+            layer: self.layer,
+            scale: if self.scale == 0.0 { 1.0 } else { self.scale },
+            every_token: self.every_token,
+        })
+    }
 }
 
 /// Settings of the Concepts and Heads views.
@@ -257,7 +290,21 @@ impl AppState {
             DialogKind::FactsFile => self.consistency.facts_file = path,
             DialogKind::TrainData => self.finetune.data_file = path,
             DialogKind::TrainOutput => self.finetune.out_dir = path,
-            DialogKind::MergedOutput
+            DialogKind::TaskFile => match path {
+                Some(p) => {
+                    if !self.iv.task_files.contains(&p) {
+                        self.iv.task_files.push(p);
+                    }
+                }
+                None => self.iv.task_files.clear(),
+            },
+            DialogKind::IvFile => {
+                self.steer.enabled = path.is_some();
+                self.steer.path = path;
+                self.steer.layer = None;
+            }
+            DialogKind::IvSave
+            | DialogKind::MergedOutput
             | DialogKind::ModelFolder
             | DialogKind::GgufFile
             | DialogKind::AdapterFolder
@@ -279,6 +326,8 @@ impl Default for AppState {
             weights: WeightSettings::default(),
             consistency: ConsistencyUi::default(),
             finetune: crate::ui::panels::finetune::FinetuneUi::default(),
+            iv: crate::ui::panels::iv::IvUi::default(),
+            steer: SteerUi::default(),
         }
     }
 }

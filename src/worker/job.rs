@@ -9,6 +9,7 @@ use crate::analysis::head_pairs::{HeadsConfig, LayerHeads};
 use crate::train::checkpoint::DataSettings;
 use crate::wordfiles::WordSource;
 use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings};
+use crate::worker::iv::{IvOutput, IvSettings};
 use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainRequest, TrainUpdate};
 use crate::worker::weights::{CachePolicy, ConceptsOutput, HeadsOutput};
 
@@ -85,6 +86,24 @@ pub enum Job {
         /// Data files, measures and settings.
         settings: ConsistencySettings,
     },
+    /// Instruction vectors by causal mediation (METHODS.md §4) of each slot's model.
+    InstructionVectors {
+        /// Model slots (A, then B).
+        slots: Vec<Slot>,
+        /// Tasks and procedure.
+        settings: IvSettings,
+    },
+    /// Write one task's vector of one model of a finished run (`.safetensors` and `.json`).
+    SaveIv {
+        /// The run.
+        output: Box<IvOutput>,
+        /// Index of the model in `output.results`.
+        model: usize,
+        /// Index of the task.
+        task: usize,
+        /// Where (the `.safetensors` path; the `.json` goes beside it).
+        path: PathBuf,
+    },
     /// LoRA fine-tuning of a slot's model (the slot keeps the plain base; the adapter is
     /// written to the output folder).
     Train {
@@ -149,7 +168,24 @@ pub enum Job {
         chat: bool,
         /// Generation settings.
         cfg: GenerateConfig,
+        /// Add a saved instruction vector while generating.
+        steer: Option<SteerRequest>,
     },
+}
+
+/// Steering of a generation with a saved instruction vector (METHODS.md §4.2 step 5): the
+/// vector times `scale` is added to the output of layer `layer` at the last prompt token, and
+/// with `every_token` at every generated token too.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SteerRequest {
+    /// The saved vector (`.safetensors`, with its `.json` beside it).
+    pub path: PathBuf,
+    /// The edit layer; `None` = the best layer of the vector's own sweep.
+    pub layer: Option<usize>,
+    /// Multiplies the vector.
+    pub scale: f32,
+    /// Add it at every generated token as well.
+    pub every_token: bool,
 }
 
 /// One layer of a weight-space analysis, streamed as it finishes.
@@ -183,6 +219,10 @@ pub enum JobOutput {
     Heads(Box<HeadsOutput>),
     /// Consistency measures.
     Consistency(Box<ConsistencyOutput>),
+    /// Instruction vectors.
+    InstructionVectors(Box<IvOutput>),
+    /// A vector was saved: the files written.
+    SavedIv(Vec<PathBuf>),
     /// A training run ended (finished, or stopped with a checkpoint).
     Trained(Box<TrainOutput>),
     /// Measured time and memory of a training run.
@@ -257,6 +297,8 @@ pub struct GenerateOutput {
     pub prefill_secs: f64,
     /// Seconds for the one-token steps.
     pub decode_secs: f64,
+    /// How the generation was steered (vector, layer, scale, and any warning), if it was.
+    pub steering: Option<String>,
 }
 
 impl GenerateOutput {
@@ -279,6 +321,7 @@ impl GenerateOutput {
             stop_reason: generation.stop_reason,
             prefill_secs: generation.prefill_secs,
             decode_secs: generation.decode_secs,
+            steering: None,
         }
     }
 }

@@ -3,11 +3,12 @@
 
 pub mod consistency;
 pub mod handle;
+pub mod iv;
 pub mod job;
 pub mod runner;
 pub mod train;
 pub mod weights;
 
 pub use handle::{spawn, spawn_with, Busy, JobRunner, WorkerHandle};
-pub use job::{Event, Job, JobId, JobOutput, LayerResult, Slot};
+pub use job::{Event, Job, JobId, JobOutput, LayerResult, Slot, SteerRequest};
 pub use runner::{run_job, WorkerCtx};

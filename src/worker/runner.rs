@@ -10,11 +10,13 @@ use candle_core::{DType, Tensor};
 use crate::analysis::attribution::{self, AttributionConfig};
 use crate::error::{Error, Result};
 use crate::model::generate::{GenerateConfig, Generator};
-use crate::model::{self, LoadOptions, LoadedModel, NoHook};
+use crate::model::{
+    self, Edit, EditOp, Editor, HookPoint, LoadOptions, LoadedModel, NoHook, Positions,
+};
 use crate::worker::consistency;
 use crate::worker::job::{
     Event, ForwardOutput, GenerateOutput, Job, JobId, JobOutput, LayerResult, Slot,
-    SlotAttribution, TokenizeOutput,
+    SlotAttribution, SteerRequest, TokenizeOutput,
 };
 use crate::worker::train::{self, TrainUpdate};
 use crate::worker::weights;
@@ -225,6 +227,39 @@ pub fn run_job(
             })?;
             Ok(JobOutput::Consistency(Box::new(output)))
         }
+        Job::InstructionVectors { slots, settings } => {
+            let cancel = ctx.cancel.clone();
+            let models = ctx.models(&slots)?;
+            let output = crate::worker::iv::run_iv(&models, &settings, &mut |frac, message| {
+                progress_or_cancel(emit, job_id, &cancel, frac, message)
+            })?;
+            Ok(JobOutput::InstructionVectors(Box::new(output)))
+        }
+        Job::SaveIv {
+            output,
+            model,
+            task,
+            path,
+        } => {
+            let Some(result) = output.results.get(model) else {
+                return Err(Error::invalid(
+                    "model",
+                    format!("no model {model} in the run"),
+                ));
+            };
+            let Some(task_iv) = result.run.tasks.get(task) else {
+                return Err(Error::invalid("task", format!("no task {task} in the run")));
+            };
+            let paths = crate::ivfile::save(
+                &path,
+                task_iv,
+                &result.model,
+                &result.fingerprint,
+                &result.run,
+                &output.settings.config,
+            )?;
+            Ok(JobOutput::SavedIv(paths))
+        }
         Job::Train { slot, request } => {
             let cancel = ctx.cancel.clone();
             let loaded = ctx.model(slot)?;
@@ -291,7 +326,17 @@ pub fn run_job(
             prompt,
             chat,
             cfg,
-        } => generate_lockstep(ctx, job_id, &slots, &prompt, chat, &cfg, emit),
+            steer,
+        } => generate_lockstep(
+            ctx,
+            job_id,
+            &slots,
+            &prompt,
+            chat,
+            &cfg,
+            steer.as_ref(),
+            emit,
+        ),
     }
 }
 
@@ -361,8 +406,81 @@ fn progress_or_cancel(
     }
 }
 
+/// The hooks of a steered generation: the vector at the last prompt token (prefill), and at
+/// every new token when asked; with a description of what was done.
+struct Steering {
+    prefill: Editor,
+    step: Editor,
+    note: String,
+}
+
+fn steering(loaded: &LoadedModel, request: &SteerRequest) -> Result<Steering> {
+    let saved = crate::ivfile::load(&request.path)?;
+    let cfg = loaded.model.config();
+    let warning = crate::ivfile::check_model(
+        &saved,
+        cfg.hidden_size,
+        loaded.model.layers.len(),
+        &crate::worker::iv::fingerprint(loaded)?,
+        &loaded.info.display_name(),
+    )?;
+    let layer = match request.layer {
+        Some(l) => l,
+        None => saved
+            .meta
+            .evaluation
+            .as_ref()
+            .map_or(loaded.model.layers.len() / 3, |e| e.best_layer),
+    };
+    if layer >= loaded.model.layers.len() {
+        return Err(Error::invalid(
+            "steering layer",
+            format!(
+                "{layer} is outside the model's {} layers",
+                loaded.model.layers.len()
+            ),
+        ));
+    }
+    if !request.scale.is_finite() {
+        return Err(Error::invalid("steering scale", "must be a finite number"));
+    }
+    let vector: Vec<f32> = saved.vector.iter().map(|v| v * request.scale).collect();
+    let value = Tensor::from_vec(vector, cfg.hidden_size, loaded.model.device())?;
+    let edit = |positions| Edit {
+        point: HookPoint::ResidPost(layer),
+        positions,
+        heads: None,
+        op: EditOp::Add(value.clone()),
+    };
+    let step = if request.every_token {
+        vec![edit(Positions::All)]
+    } else {
+        Vec::new()
+    };
+    let mut note = format!(
+        "steered with the {} vector of {} at layer {layer} × {}{}",
+        saved.meta.task,
+        saved.meta.model,
+        request.scale,
+        if request.every_token {
+            ", every token"
+        } else {
+            ", last prompt token"
+        }
+    );
+    if let Some(w) = warning {
+        note.push_str(&format!(" (warning: {w})"));
+    }
+    Ok(Steering {
+        prefill: Editor::new(vec![edit(Positions::List(vec![-1]))]),
+        step: Editor::new(step),
+        note,
+    })
+}
+
 /// Runs one generator per slot, one token each in turn, until all are done or the job is
 /// cancelled (partial responses are returned, marked cancelled).
+#[allow(clippy::too_many_arguments)]
 fn generate_lockstep(
     ctx: &WorkerCtx,
     job_id: JobId,
@@ -370,6 +488,7 @@ fn generate_lockstep(
     prompt: &str,
     chat: bool,
     cfg: &GenerateConfig,
+    steer: Option<&SteerRequest>,
     emit: &mut dyn FnMut(Event),
 ) -> Result<JobOutput> {
     if prompt.trim().is_empty() {
@@ -385,19 +504,27 @@ fn generate_lockstep(
     for &slot in slots {
         let loaded = ctx.model(slot)?;
         let (rendered, ids) = render_prompt(loaded, prompt, chat)?;
-        let generator = Generator::new(&loaded.model, &loaded.tokenizer, &ids, cfg, &mut NoHook)?;
-        runs.push((slot, rendered, generator));
+        let mut steering = steer.map(|s| steering(loaded, s)).transpose()?;
+        let generator = match steering.as_mut() {
+            Some(s) => Generator::new(&loaded.model, &loaded.tokenizer, &ids, cfg, &mut s.prefill)?,
+            None => Generator::new(&loaded.model, &loaded.tokenizer, &ids, cfg, &mut NoHook)?,
+        };
+        runs.push((slot, rendered, generator, steering));
     }
     let total = (cfg.max_new_tokens * runs.len()).max(1);
     let mut produced = 0usize;
     loop {
         let mut progressed = false;
-        for (slot, _, generator) in &mut runs {
+        for (slot, _, generator, steering) in &mut runs {
             if ctx.cancel.load(Ordering::Relaxed) {
                 generator.cancel();
                 continue;
             }
-            if let Some(token) = generator.step(&mut NoHook)? {
+            let token = match steering.as_mut() {
+                Some(s) => generator.step(&mut s.step)?,
+                None => generator.step(&mut NoHook)?,
+            };
+            if let Some(token) = token {
                 progressed = true;
                 produced += 1;
                 emit(Event::Token {
@@ -417,14 +544,11 @@ fn generate_lockstep(
         }
     }
     let mut outputs = Vec::with_capacity(runs.len());
-    for (slot, rendered, generator) in runs {
-        outputs.push(GenerateOutput::new(
-            slot,
-            prompt.to_owned(),
-            chat,
-            rendered,
-            generator.finish()?,
-        ));
+    for (slot, rendered, generator, steering) in runs {
+        let mut output =
+            GenerateOutput::new(slot, prompt.to_owned(), chat, rendered, generator.finish()?);
+        output.steering = steering.map(|s| s.note);
+        outputs.push(output);
     }
     Ok(JobOutput::Generated(outputs))
 }

@@ -4,6 +4,7 @@
 pub mod attribution;
 pub mod consistency;
 pub mod finetune;
+pub mod iv;
 pub mod models;
 pub mod prompt;
 pub mod weights;

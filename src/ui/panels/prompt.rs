@@ -90,6 +90,7 @@ pub fn prompt_ui(
                 .labelled_by(label.id);
         });
     });
+    steer_ui(ui, state, slots, actions);
     ui.horizontal(|ui| {
         let any_loaded = slots.iter().any(|s| s.info.is_some());
         let has_prompt = !state.prompt.trim().is_empty();
@@ -129,6 +130,61 @@ pub fn prompt_ui(
                 &responses[slot_index(slot)],
                 generating,
             );
+        }
+    });
+}
+
+/// The steering row: a saved instruction vector added at a layer while generating (METHODS.md
+/// §4.2 step 5), so a zero-shot prompt shows what the vector does in A and in B.
+fn steer_ui(
+    ui: &mut egui::Ui,
+    state: &mut AppState,
+    slots: &[SlotView; 2],
+    actions: &mut Vec<Action>,
+) {
+    let layers = slots
+        .iter()
+        .filter_map(|s| s.info.as_ref().map(|i| i.num_layers))
+        .min()
+        .unwrap_or(0);
+    let steer = &mut state.steer;
+    ui.horizontal_wrapped(|ui| {
+        ui.add_enabled(
+            steer.path.is_some(),
+            egui::Checkbox::new(&mut steer.enabled, "Steer with an instruction vector"),
+        )
+        .on_hover_text("Add the vector to the output of a layer at the last prompt token (Instruction vector view: Save IV…)")
+        .on_disabled_hover_text("Load a saved vector first");
+        let name = steer.path.as_ref().map_or_else(
+            || "no vector".to_owned(),
+            |p| crate::ui::widgets::shorten_middle(&p.file_name().unwrap_or_default().to_string_lossy(), 40),
+        );
+        ui.label(egui::RichText::new(name).color(theme::MUTED))
+            .on_hover_text(steer.path.as_ref().map_or_else(String::new, |p| p.display().to_string()));
+        if ui.button("Load IV…").clicked() {
+            actions.push(Action::PickFile(crate::ui::dialogs::DialogKind::IvFile));
+        }
+        if steer.path.is_some() {
+            ui.separator();
+            let mut best = steer.layer.is_none();
+            ui.checkbox(&mut best, "Its best layer")
+                .on_hover_text("The layer of best zero-shot accuracy in the vector's own sweep");
+            if best {
+                steer.layer = None;
+            } else {
+                let mut layer = steer.layer.unwrap_or(layers / 3);
+                let label = ui.label("Layer");
+                ui.add(egui::DragValue::new(&mut layer).range(0..=layers.saturating_sub(1)))
+                    .labelled_by(label.id);
+                steer.layer = Some(layer);
+            }
+            if steer.scale == 0.0 {
+                steer.scale = 1.0;
+            }
+            let label = ui.label("Scale");
+            ui.add(egui::DragValue::new(&mut steer.scale).range(-20.0..=20.0).speed(0.05))
+                .labelled_by(label.id);
+            ui.checkbox(&mut steer.every_token, "Every generated token");
         }
     });
 }
@@ -178,6 +234,9 @@ fn response_ui(
             let _ = write!(footer, " · {tps:.1} tokens/s");
         }
         ui.label(egui::RichText::new(footer).color(theme::MUTED));
+        if let Some(note) = &response.steering {
+            ui.label(egui::RichText::new(note).color(theme::INSTRUCTION));
+        }
         ui.separator();
         egui::ScrollArea::vertical()
             .id_salt(("response", slot_index(slot)))
