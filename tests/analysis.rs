@@ -462,3 +462,243 @@ fn weight_cache_keys_include_the_adapter() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A tiny in-context task in the tiny vocabulary: each word maps to the word seven places on.
+fn tiny_task_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let words = [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "write",
+        "poem",
+        "about",
+        "sea",
+        "summarize",
+        "text",
+        "in",
+        "one",
+        "sentence",
+        "translate",
+        "to",
+        "french",
+        "list",
+        "three",
+        "tips",
+        "for",
+        "study",
+        "is",
+        "was",
+        "warm",
+        "cold",
+        "red",
+        "blue",
+        "green",
+        "big",
+        "small",
+        "and",
+        "or",
+        "not",
+        "it",
+        "this",
+        "that",
+        "with",
+    ];
+    let pairs: Vec<serde_json::Value> = (0..words.len())
+        .map(|i| serde_json::json!({"input": words[i], "output": words[(i + 7) % words.len()]}))
+        .collect();
+    let path = dir.join("shift7.json");
+    std::fs::write(&path, serde_json::to_string(&pairs).unwrap()).unwrap();
+    path
+}
+
+fn tiny_iv_settings(task: std::path::PathBuf) -> tunelens::worker::iv::IvSettings {
+    let mut config = tunelens::analysis::iv::IvConfig::todd();
+    config.shots = 3;
+    config.mean_shots = 3;
+    config.eval_shots = 3;
+    config.n_mean = 6;
+    config.n_ie = 3;
+    config.n_test = Some(5);
+    config.record_trials = true;
+    tunelens::worker::iv::IvSettings {
+        tasks: vec![tunelens::worker::iv::TaskSource::File(task)],
+        config,
+    }
+}
+
+/// METHODS.md §4 end to end on base vs base + adapter, through the worker's job path: both
+/// runs complete, B's effects differ from A's, a run is reproducible from its seed, the fast
+/// effects equal Todd's full patched forwards on the recorded trials, a saved vector loads back
+/// and flags another model, and steering with it changes generation.
+#[test]
+fn instruction_vectors_of_base_and_base_plus_adapter() -> anyhow::Result<()> {
+    use tunelens::analysis::icl::PromptIds;
+    use tunelens::analysis::iv::{indirect_effects_full, PatchOp};
+    use tunelens::worker::{run_job, Job, JobOutput, Slot, SteerRequest, WorkerCtx};
+
+    let dir = tempfile::tempdir()?;
+    let task = tiny_task_file(dir.path());
+    let mut ctx = WorkerCtx {
+        a: Some(crate::common::tiny(3)),
+        b: Some(tiny_with_qk_down_adapters()),
+        ..WorkerCtx::default()
+    };
+    let job = || Job::InstructionVectors {
+        slots: vec![Slot::A, Slot::B],
+        settings: tiny_iv_settings(task.clone()),
+    };
+    let JobOutput::InstructionVectors(out) = run_job(&mut ctx, 1, job(), &mut |_| {})? else {
+        panic!("not an IV output");
+    };
+    assert_eq!(out.results.len(), 2);
+    let (a, b) = (&out.results[0].run.tasks[0], &out.results[1].run.tasks[0]);
+    assert_eq!(a.aie.len(), 3 * 4);
+    assert_eq!(a.top.len(), 10);
+    assert_eq!(a.iv.len(), 16);
+    assert!(a.iv_norm > 0.0 && a.iv_norm.is_finite());
+    assert_eq!(out.shared.len(), 1);
+    let diff = a
+        .aie
+        .iter()
+        .zip(&b.aie)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff > 1e-5, "the adapter must change the effects ({diff})");
+    assert_ne!(out.results[0].fingerprint, out.results[1].fingerprint);
+    let e = a.evaluation.as_ref().expect("evaluated");
+    assert_eq!(e.layers.len(), 3);
+    assert!(e.n > 0);
+    // Reproducible from the seed.
+    let JobOutput::InstructionVectors(again) = run_job(&mut ctx, 2, job(), &mut |_| {})? else {
+        panic!("not an IV output");
+    };
+    assert_eq!(again.results[1].run.tasks[0].aie, b.aie);
+    // The fast last-position effects equal Todd's loop on B's recorded trials.
+    let b_model = &ctx.b.as_ref().unwrap().model;
+    assert_eq!(b.ie_trials.len(), 3);
+    for trial in &b.ie_trials {
+        let prompt = PromptIds {
+            ids: trial.ids.clone(),
+            target: trial.target.clone(),
+        };
+        let (p, full) = indirect_effects_full(b_model, &prompt, &b.means, PatchOp::Replace)?;
+        assert!((p - trial.p).abs() < 1e-6);
+        for (x, y) in full.iter().zip(&trial.ie) {
+            assert!((x - y).abs() < 1e-5, "full {x} vs fast {y}");
+        }
+    }
+    // Save B's vector, load it back, check it against both models.
+    let path = dir.path().join("vectors").join("iv.safetensors");
+    let JobOutput::SavedIv(files) = run_job(
+        &mut ctx,
+        3,
+        Job::SaveIv {
+            output: out.clone(),
+            model: 1,
+            task: 0,
+            path: path.clone(),
+        },
+        &mut |_| {},
+    )?
+    else {
+        panic!("not saved");
+    };
+    assert_eq!(files.len(), 2);
+    assert!(dir.path().join("vectors").join("iv.json").exists());
+    let saved = tunelens::ivfile::load(&path)?;
+    assert_eq!(saved.vector, b.iv);
+    assert_eq!(saved.means.len(), 3 * 4 * 4);
+    assert_eq!(saved.meta.head_list.len(), 10);
+    let fp_b = &out.results[1].fingerprint;
+    assert_eq!(
+        tunelens::ivfile::check_model(&saved, 16, 3, fp_b, "B")?,
+        None
+    );
+    let warning = tunelens::ivfile::check_model(&saved, 16, 3, &out.results[0].fingerprint, "A")?;
+    assert!(warning.is_some_and(|w| w.contains("not with these weights")));
+    let err = tunelens::ivfile::check_model(&saved, 32, 3, fp_b, "other").unwrap_err();
+    assert!(err.to_string().contains("hidden size 16"), "{err}");
+    // Steering changes what B generates.
+    let generate = |steer: Option<SteerRequest>| Job::Generate {
+        slots: vec![Slot::B],
+        prompt: "the cat".to_owned(),
+        chat: false,
+        cfg: tunelens::model::generate::GenerateConfig {
+            max_new_tokens: 6,
+            stop_at_eos: false,
+            ..Default::default()
+        },
+        steer,
+    };
+    let JobOutput::Generated(plain) = run_job(&mut ctx, 4, generate(None), &mut |_| {})? else {
+        panic!("not generated");
+    };
+    let request = SteerRequest {
+        path: path.clone(),
+        layer: Some(0),
+        scale: 200.0,
+        every_token: true,
+    };
+    let JobOutput::Generated(steered) = run_job(&mut ctx, 5, generate(Some(request)), &mut |_| {})?
+    else {
+        panic!("not generated");
+    };
+    assert!(steered[0]
+        .steering
+        .as_deref()
+        .is_some_and(|n| n.contains("layer 0")));
+    assert_ne!(plain[0].new_ids, steered[0].new_ids);
+    Ok(())
+}
+
+/// Bad task files give one line naming the file and the item.
+#[test]
+fn bad_task_files_are_named() -> anyhow::Result<()> {
+    use tunelens::worker::iv::{load_task, load_tasks, TaskSource};
+    let dir = tempfile::tempdir()?;
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let cases = [
+        (write("obj.json", "{\"input\": 1}"), "JSON list"),
+        (write("empty.json", "[]"), "no examples"),
+        (
+            write(
+                "missing.json",
+                r#"[{"input":"a","output":"b"},{"input":"c"}]"#,
+            ),
+            "item 1: missing field `output`",
+        ),
+        (write("broken.json", "[{\"input\": "), "task:"),
+    ];
+    for (path, expected) in cases {
+        let err = load_task(&TaskSource::File(path.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(!err.contains('\n'));
+    }
+    // Too few examples for the shots.
+    let small = write(
+        "small.json",
+        r#"[{"input":"a","output":"b"},{"input":"c","output":"d"}]"#,
+    );
+    let settings = tunelens::worker::iv::IvSettings {
+        tasks: vec![TaskSource::File(small)],
+        config: tunelens::analysis::iv::IvConfig::todd(),
+    };
+    let err = load_tasks(&settings).unwrap_err().to_string();
+    assert!(err.contains("fewer than the 10 shots"), "{err}");
+    let err = load_task(&TaskSource::Shipped("nope".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("antonym"), "{err}");
+    Ok(())
+}

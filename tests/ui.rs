@@ -11,6 +11,7 @@ use tunelens::ui::actions::Action;
 use tunelens::ui::panels::attribution::{AttributionResults, AttributionView};
 use tunelens::ui::panels::consistency::ConsistencyView;
 use tunelens::ui::panels::finetune::{FinetuneView, TrainingView};
+use tunelens::ui::panels::iv::IvView;
 use tunelens::ui::panels::weights::{ConceptsView, HeadsView};
 use tunelens::ui::TunelensApp;
 use tunelens::worker::Slot;
@@ -601,7 +602,7 @@ fn finetune_view_previews_estimates_trains_cancels_resumes_and_loads_as_b() {
 fn without_timing(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Object(map) => {
-            for key in ["seconds", "secs", "cached"] {
+            for key in ["seconds", "secs", "cached", "timings"] {
                 map.remove(key);
             }
             map.values_mut().for_each(without_timing);
@@ -682,7 +683,10 @@ fn gui_export_and_cli_out_write_the_same_files() {
     harness.state_mut().state.consistency.facts_file = Some(facts.clone());
 
     let (pairs_arg, facts_arg) = (pairs.display().to_string(), facts.display().to_string());
-    let cases: [(&str, &str, Vec<&str>); 4] = [
+    let task = tiny_task(a.path());
+    small_iv_settings(harness.state_mut(), task.clone());
+    let task_arg = task.display().to_string();
+    let cases: [(&str, &str, Vec<&str>); 5] = [
         (
             "attribution",
             "Attribute",
@@ -709,6 +713,14 @@ fn gui_export_and_cli_out_write_the_same_files() {
             "consistency",
             "Run consistency",
             vec!["consistency", "--pairs", &pairs_arg, "--facts", &facts_arg],
+        ),
+        (
+            "iv",
+            "Find heads",
+            vec![
+                "iv", "--task", &task_arg, "--n-mean", "6", "--n-ie", "3", "--shots", "3",
+                "--n-test", "5",
+            ],
         ),
     ];
     for (id, button, cli_args) in cases {
@@ -861,5 +873,153 @@ fn consistency_runs_only_the_measures_checked() {
             .accesskit_node()
             .is_disabled(),
         "no measure, no run"
+    );
+}
+
+/// A tiny in-context task in the tiny vocabulary (each word maps to the word seven on).
+fn tiny_task(dir: &std::path::Path) -> std::path::PathBuf {
+    let words = [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "write",
+        "poem",
+        "about",
+        "sea",
+        "summarize",
+        "text",
+        "in",
+        "one",
+        "sentence",
+        "translate",
+        "to",
+        "french",
+        "list",
+        "three",
+        "tips",
+        "for",
+        "study",
+        "is",
+        "was",
+        "warm",
+        "cold",
+        "red",
+        "blue",
+        "green",
+        "big",
+        "small",
+        "and",
+        "or",
+        "not",
+        "it",
+        "this",
+        "that",
+        "with",
+    ];
+    let pairs: Vec<serde_json::Value> = (0..words.len())
+        .map(|i| serde_json::json!({"input": words[i], "output": words[(i + 7) % words.len()]}))
+        .collect();
+    let path = dir.join("shift7.json");
+    std::fs::write(&path, serde_json::to_string(&pairs).expect("json")).expect("task");
+    path
+}
+
+fn small_iv_settings(app: &mut TunelensApp, task: std::path::PathBuf) {
+    let s = &mut app.state.iv;
+    s.shipped.clear();
+    s.task_files = vec![task];
+    s.n_mean = 6;
+    s.n_ie = 3;
+    s.shots = 3;
+    s.n_test = 5;
+}
+
+/// The Instruction vector view on A and B: find the heads, see both AIE grids, the shared
+/// heads, the accuracy plot; save B's vector; steer the Prompt view's generation with it.
+#[test]
+fn instruction_vector_view_finds_heads_saves_and_steers() {
+    let a = tiny_folder(61, false);
+    let b = tiny_folder(62, false);
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    harness.state_mut().open_path(Slot::B, b.path());
+    step_until(&mut harness, "both models", |app| {
+        app.slots.iter().all(|s| s.info.is_some())
+    });
+    harness.get_by_label("Instruction vector").click();
+    harness.run();
+    let task = tiny_task(a.path());
+    small_iv_settings(harness.state_mut(), task);
+    harness.run();
+    harness.get_by_label("shift7.json");
+    harness.get_by_label("Find heads").click();
+    step_until(&mut harness, "instruction vectors", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.view::<IvView>().is_some_and(|v| v.result.is_some())
+    });
+    harness.get_by_label("AIE A");
+    harness.get_by_label("AIE B");
+    harness.get_by_label_contains("A and B share");
+    harness.get_by_label("Zero-shot accuracy by edit layer");
+    assert!(harness.query_all_by_label_contains("|IV|").count() == 2);
+    // Save B's vector (the dialog's answer given directly), then steer with it.
+    harness.get_by_label("B").scroll_to_me();
+    harness.run();
+    harness.get_by_label("B").click();
+    harness.run();
+    let out = tempfile::tempdir().expect("temp dir");
+    let path = out.path().join("iv_b.safetensors");
+    harness.state_mut().picked(
+        Slot::A,
+        tunelens::ui::dialogs::DialogKind::IvSave,
+        path.clone(),
+    );
+    step_until(&mut harness, "the saved vector", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.export_note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("Saved the vector"))
+    });
+    assert!(out.path().join("iv_b.json").exists());
+    let saved = tunelens::ivfile::load(&path).expect("loads");
+    let result = harness
+        .state()
+        .view::<IvView>()
+        .and_then(|v| v.result.clone())
+        .expect("result");
+    assert_eq!(saved.vector, result.results[1].run.tasks[0].iv);
+
+    harness
+        .state_mut()
+        .picked(Slot::A, tunelens::ui::dialogs::DialogKind::IvFile, path);
+    harness.get_by_label("Prompt").click();
+    harness.run();
+    harness.get_by_label("iv_b.safetensors");
+    {
+        let app = harness.state_mut();
+        app.state.prompt = "the cat".to_owned();
+        app.state.chat = false;
+        app.state.gen.max_new_tokens = 4;
+        app.state.steer.scale = 50.0;
+    }
+    harness.run();
+    harness.get_by_label("Generate").click();
+    step_until(&mut harness, "steered responses", |app| {
+        !app.is_generating() && app.responses.iter().all(|r| r.stop_reason.is_some())
+    });
+    assert!(
+        harness.state().last_error.is_none(),
+        "{:?}",
+        harness.state().last_error
+    );
+    assert!(
+        harness
+            .query_all_by_label_contains("steered with the shift7 vector")
+            .count()
+            == 2
     );
 }

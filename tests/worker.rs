@@ -61,6 +61,7 @@ fn load_then_generate_streams_tokens_for_both_slots() {
                 stop_at_eos: false,
                 ..GenerateConfig::default()
             },
+            steer: None,
         })
         .expect("queued");
     let (events, result) = wait_for(&worker, job_id);
@@ -112,6 +113,7 @@ fn cancel_stops_a_generation_and_the_worker_keeps_serving() {
                 stop_at_eos: false,
                 ..GenerateConfig::default()
             },
+            steer: None,
         })
         .expect("queued");
     // Cancel after the first token arrives.

@@ -202,8 +202,10 @@ pub struct IvEvaluation {
     pub n: usize,
     /// Zero-shot accuracy without the vector.
     pub zero_shot: f64,
-    /// Accuracy with `eval_shots` clean demonstrations, for reference.
+    /// Accuracy with `few_shot_shots` clean demonstrations, for reference.
     pub few_shot: f64,
+    /// Demonstrations of the few-shot reference.
+    pub few_shot_shots: usize,
     /// Zero-shot accuracy with the vector, per edit layer.
     pub layers: Vec<LayerAccuracy>,
     /// The edit layer of best accuracy (the lowest on ties).
@@ -275,6 +277,21 @@ pub struct TaskIv {
     pub mean_trials: Vec<TrialRecord>,
     /// Indirect-effect trials, when recorded.
     pub ie_trials: Vec<TrialRecord>,
+    /// Seconds per phase.
+    pub timings: IvTimings,
+}
+
+/// Wall-clock seconds of each phase of one task (the benchmark reads `ie_secs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct IvTimings {
+    /// The query filter.
+    pub filter_secs: f64,
+    /// The mean head outputs.
+    pub means_secs: f64,
+    /// The indirect effects (the whole AIE grid).
+    pub ie_secs: f64,
+    /// The zero-shot sweep and the few-shot reference.
+    pub eval_secs: f64,
 }
 
 /// The result for one model over one or more tasks.
@@ -984,7 +1001,8 @@ pub fn run_tasks(
     };
     let n_tasks = tasks.len() as f32;
     // Phase weights of one task's progress: filter, means, effects, evaluation.
-    let mut results = Vec::with_capacity(tasks.len());
+    let mut results: Vec<TaskIv> = Vec::with_capacity(tasks.len());
+    let mut prepared = Vec::with_capacity(tasks.len());
     for (t, task) in tasks.iter().enumerate() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(t as u64));
         let base = t as f32 / n_tasks;
@@ -992,10 +1010,14 @@ pub fn run_tasks(
         let phase = |from: f32, to: f32| {
             move |f: f32| base + span * (from + (to - from) * f.clamp(0.0, 1.0))
         };
+        let mut timings = IvTimings::default();
+        let clock = std::time::Instant::now();
         let p_filter = phase(0.0, 0.1);
         let prep = prepare(model, tokenizer, task, cfg, &mut rng, &mut |f, m| {
             progress(p_filter(f), m)
         })?;
+        timings.filter_secs = clock.elapsed().as_secs_f64();
+        let clock = std::time::Instant::now();
         let p_means = phase(0.1, 0.3);
         let mut mean_trials = Vec::new();
         let (means, mean_p_clean) = mean_activations(
@@ -1007,6 +1029,8 @@ pub fn run_tasks(
             &mut |f, m| progress(p_means(f), m),
             &mut mean_trials,
         )?;
+        timings.means_secs = clock.elapsed().as_secs_f64();
+        let clock = std::time::Instant::now();
         let p_ie = phase(0.3, 0.8);
         let mut aie = Vec::new();
         let mut aie_nll = Vec::new();
@@ -1076,6 +1100,7 @@ pub fn run_tasks(
             }
             mean_p_corrupted = p_sum / n;
         }
+        timings.ie_secs = clock.elapsed().as_secs_f64();
         let top = match &cfg.heads {
             Some(list) => list
                 .iter()
@@ -1087,93 +1112,14 @@ pub fn run_tasks(
                 .collect(),
             None => ranked(&aie, &aie_nll, cfg.rank_by, h, cfg.n_top),
         };
-        results.push((
-            prep,
-            means,
-            aie,
-            aie_nll,
-            top,
-            mean_p_clean,
-            mean_p_corrupted,
-            mean_trials,
-            ie_trials,
-            rng,
-        ));
-    }
-    // Universal heads: the AIE averaged over the tasks (Todd's compute_universal_function_vector).
-    let (universal_aie, universal_top) = if tasks.len() > 1 && cfg.heads.is_none() {
-        let nll = cfg.rank_by == RankBy::Nll;
-        let mut avg = vec![0f32; n_layers * h];
-        let mut avg_nll = vec![0f32; if nll { n_layers * h } else { 0 }];
-        for r in &results {
-            for (a, v) in avg.iter_mut().zip(&r.2) {
-                *a += v / n_tasks;
-            }
-            for (a, v) in avg_nll.iter_mut().zip(&r.3) {
-                *a += v / n_tasks;
-            }
-        }
-        let top = ranked(&avg, &avg_nll, cfg.rank_by, h, cfg.n_top);
-        (avg, top)
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let mut out = Vec::with_capacity(tasks.len());
-    for (
-        t,
-        (
-            prep,
-            means,
-            aie,
-            aie_nll,
-            top,
-            mean_p_clean,
-            mean_p_corrupted,
-            mean_trials,
-            ie_trials,
-            mut rng,
-        ),
-    ) in results.into_iter().enumerate()
-    {
-        let heads_used: Vec<HeadId> = if universal_top.is_empty() {
-            &top
-        } else {
-            &universal_top
-        }
-        .iter()
-        .map(|s| (s.layer, s.head))
-        .collect();
-        let iv = instruction_vector(model, &means, &heads_used)?;
-        let iv_norm = iv.iter().map(|x| x * x).sum::<f32>().sqrt();
-        let vocab = vector_vocab(model, tokenizer, &iv, cfg.vocab_top)?;
-        let base = t as f32 / n_tasks + 0.8 / n_tasks;
-        let evaluation = if cfg.evaluate {
-            Some(evaluate(
-                model,
-                tokenizer,
-                &prep,
-                cfg,
-                &iv,
-                &edit_layers,
-                &mut rng,
-                &mut |f, m| progress(base + 0.2 / n_tasks * f, m),
-            )?)
-        } else {
-            None
-        };
         let mut notes = prep.notes.clone();
         if cfg.heads.is_some() {
             notes.push("heads given, not searched: no indirect effects".to_owned());
-        } else if !universal_top.is_empty() {
-            notes.push(format!(
-                "the vector uses the universal heads of the {} tasks",
-                tasks.len()
-            ));
         }
-        out.push(TaskIv {
-            task: prep.task.name.clone(),
+        results.push(TaskIv {
+            task: task.name.clone(),
             sizes: TaskSizes {
-                items: prep.task.items.len(),
+                items: task.items.len(),
                 train: prep.split.train.len(),
                 valid: prep.split.valid.len(),
                 test: prep.split.test.len(),
@@ -1185,19 +1131,63 @@ pub fn run_tasks(
             mean_p_corrupted,
             aie,
             aie_nll,
-            top: if universal_top.is_empty() {
-                top
-            } else {
-                universal_top.clone()
-            },
-            iv,
-            iv_norm,
+            top,
+            iv: Vec::new(),
+            iv_norm: 0.0,
             means,
-            evaluation,
-            vocab,
+            evaluation: None,
+            vocab: Vec::new(),
             mean_trials,
             ie_trials,
+            timings,
         });
+        prepared.push((prep, rng));
+    }
+    // Universal heads: the AIE averaged over the tasks (Todd's compute_universal_function_vector).
+    let (universal_aie, universal_top) = if tasks.len() > 1 && cfg.heads.is_none() {
+        let nll = cfg.rank_by == RankBy::Nll;
+        let mut avg = vec![0f32; n_layers * h];
+        let mut avg_nll = vec![0f32; if nll { n_layers * h } else { 0 }];
+        for r in &results {
+            for (a, v) in avg.iter_mut().zip(&r.aie) {
+                *a += v / n_tasks;
+            }
+            for (a, v) in avg_nll.iter_mut().zip(&r.aie_nll) {
+                *a += v / n_tasks;
+            }
+        }
+        let top = ranked(&avg, &avg_nll, cfg.rank_by, h, cfg.n_top);
+        (avg, top)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    for (t, (result, (prep, mut rng))) in results.iter_mut().zip(prepared).enumerate() {
+        if !universal_top.is_empty() {
+            result.top = universal_top.clone();
+            result.notes.push(format!(
+                "the vector uses the universal heads of the {} tasks",
+                tasks.len()
+            ));
+        }
+        let heads_used: Vec<HeadId> = result.top.iter().map(|s| (s.layer, s.head)).collect();
+        result.iv = instruction_vector(model, &result.means, &heads_used)?;
+        result.iv_norm = result.iv.iter().map(|x| x * x).sum::<f32>().sqrt();
+        result.vocab = vector_vocab(model, tokenizer, &result.iv, cfg.vocab_top)?;
+        let base = t as f32 / n_tasks + 0.8 / n_tasks;
+        if cfg.evaluate {
+            let clock = std::time::Instant::now();
+            result.evaluation = Some(evaluate(
+                model,
+                tokenizer,
+                &prep,
+                cfg,
+                &result.iv,
+                &edit_layers,
+                &mut rng,
+                &mut |f, m| progress(base + 0.2 / n_tasks * f, m),
+            )?);
+            result.timings.eval_secs = clock.elapsed().as_secs_f64();
+        }
     }
     let _ = progress(1.0, "done".to_owned());
     Ok(IvRun {
@@ -1205,7 +1195,7 @@ pub fn run_tasks(
         heads: h,
         head_dim: dh,
         hidden: d,
-        tasks: out,
+        tasks: results,
         universal_aie,
         universal_top,
     })
@@ -1295,6 +1285,7 @@ fn evaluate(
         n,
         zero_shot: frac(zero),
         few_shot: frac(few),
+        few_shot_shots: cfg.eval_shots,
         layers: accs,
         best_layer: best.layer,
         best_accuracy: best.accuracy,

@@ -70,8 +70,8 @@ pub struct IvArgs {
     /// Keep every trial's prompt ids and effects in the JSON (the reference check reads them).
     #[arg(long = "record-trials")]
     record_trials: bool,
-    /// Write the figure (SVG, PNG), the tables (CSV), the JSON and every vector
-    /// (`iv_<slot>_<task>.safetensors` and `.json`) into this folder.
+    /// Write what the GUI's Export writes into this folder: the figure (SVG, PNG), the tables
+    /// (CSV), the JSON and every vector (`<stem>_iv_<slot>_<task>.safetensors` and `.json`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// File stem of the `--out` figure and tables.
@@ -111,6 +111,7 @@ pub fn settings(args: &IvArgs) -> anyhow::Result<IvSettings> {
         config.shots = n;
         if args.variant == "todd" {
             config.mean_shots = n;
+            config.eval_shots = n;
         }
     }
     if let Some(n) = args.n_top {
@@ -202,25 +203,6 @@ pub(super) fn run(cli: &Cli, args: &IvArgs) -> anyhow::Result<()> {
         for path in crate::export::iv::write_iv(dir, stem, &output, 0)? {
             eprintln!("wrote {}", path.display());
         }
-        for r in &output.results {
-            for t in &r.run.tasks {
-                let name = format!(
-                    "iv_{:?}_{}.safetensors",
-                    r.slot,
-                    crate::export::slug(&t.task)
-                );
-                for path in crate::ivfile::save(
-                    &dir.join(name),
-                    t,
-                    &r.model,
-                    &r.fingerprint,
-                    &r.run,
-                    &output.settings.config,
-                )? {
-                    eprintln!("wrote {}", path.display());
-                }
-            }
-        }
     }
     Ok(())
 }
@@ -278,7 +260,7 @@ pub fn text_report(out: &IvOutput) -> String {
                     pct(e.zero_shot),
                     pct(e.best_accuracy),
                     e.best_layer,
-                    out.settings.config.eval_shots,
+                    e.few_shot_shots,
                     pct(e.few_shot)
                 );
                 let layers: Vec<String> = e

@@ -80,7 +80,9 @@ pub fn iv_figure(out: &IvOutput, task: usize) -> Figure {
 }
 
 /// Writes `<stem>.svg`, `<stem>.png` (task `task`), `<stem>_aie.csv`, `<stem>_top_heads.csv`,
-/// `<stem>_layers.csv`, `<stem>_vocab.csv` (every task) and `<stem>.json`.
+/// `<stem>_layers.csv`, `<stem>_vocab.csv` (every task), `<stem>.json`, and every vector as
+/// `<stem>_iv_<slot>_<task>.safetensors` with its `.json` (what steering and IV-guided
+/// fine-tuning read).
 pub fn write_iv(
     dir: &Path,
     stem: &str,
@@ -152,5 +154,22 @@ pub fn write_iv(
     let path = dir.join(format!("{stem}.json"));
     write_bytes(&path, serde_json::to_string(out)?.as_bytes())?;
     written.push(path);
+    for r in &out.results {
+        for t in &r.run.tasks {
+            let name = format!(
+                "{stem}_iv_{:?}_{}.safetensors",
+                r.slot,
+                crate::export::slug(&t.task)
+            );
+            written.extend(crate::ivfile::save(
+                &dir.join(name),
+                t,
+                &r.model,
+                &r.fingerprint,
+                &r.run,
+                &out.settings.config,
+            )?);
+        }
+    }
     Ok(written)
 }

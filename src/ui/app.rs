@@ -555,8 +555,8 @@ impl TunelensApp {
         }
     }
 
-    /// A path picked in a dialog.
-    fn picked(&mut self, slot: Slot, kind: DialogKind, path: PathBuf) {
+    /// A path picked in a dialog (tests call it in place of a system dialog).
+    pub fn picked(&mut self, slot: Slot, kind: DialogKind, path: PathBuf) {
         let action = match kind {
             DialogKind::AdapterFolder => Action::AddAdapter { slot, path },
             DialogKind::ModelFolder | DialogKind::GgufFile => Action::Open { slot, path },

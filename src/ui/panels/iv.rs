@@ -86,6 +86,7 @@ impl IvUi {
         if self.variant == Variant::Todd {
             config.shots = self.shots;
             config.mean_shots = self.shots;
+            config.eval_shots = self.shots;
         }
         config.seed = self.seed;
         config.n_test = Some(self.n_test.max(1));
@@ -468,14 +469,14 @@ fn model_column(ui: &mut egui::Ui, r: &SlotIv, run: &IvRun, t: &TaskIv, shared: 
                     format!("{:.4}", s.score)
                 });
                 ui.label(if shared.contains(&(s.layer, s.head)) {
-                    "●"
+                    "yes"
                 } else {
                     ""
                 });
                 ui.end_row();
             }
         });
-    ui.label(format!("‖IV‖ = {:.3}", t.iv_norm));
+    ui.label(format!("|IV| = {:.3}", t.iv_norm));
     let tokens: Vec<String> = t
         .vocab
         .iter()
@@ -485,11 +486,11 @@ fn model_column(ui: &mut egui::Ui, r: &SlotIv, run: &IvRun, t: &TaskIv, shared: 
     if let Some(e) = &t.evaluation {
         ui.label(
             egui::RichText::new(format!(
-                "zero-shot {:.0}% → {:.0}% with the IV at layer {} · {}-shot {:.0}% ({} test queries)",
+                "zero-shot {:.0}%, with the IV {:.0}% at layer {} · {}-shot {:.0}% ({} test queries)",
                 100.0 * e.zero_shot,
                 100.0 * e.best_accuracy,
                 e.best_layer,
-                10,
+                e.few_shot_shots,
                 100.0 * e.few_shot,
                 e.n
             ))
