@@ -4,6 +4,8 @@
 use std::ops::ControlFlow;
 use std::sync::OnceLock;
 
+use candle_core::Tensor;
+
 use tunelens::model::generate::{generate, GenerateConfig};
 use tunelens::model::{load, LoadOptions, LoadedModel, ModelSpec, NoHook};
 use tunelens::worker::runner::{forward_text, render_prompt};
@@ -233,4 +235,93 @@ fn consistency_measures_run_on_the_demo_model() {
         result.macro_avg.accuracy > 0.0,
         "the demo model knows some capitals: {result:?}"
     );
+}
+
+/// METHODS.md §4 on the demo model: the shipped country-capital task splits as sklearn splits it
+/// (the first train, valid and test items computed with numpy's RandomState(42)), the model
+/// answers some valid queries top-1 with 10 demonstrations, the vector is built from 10 heads,
+/// and the fast last-position effects equal full patched forwards of the recorded trial.
+#[test]
+fn instruction_vector_on_the_demo_model() {
+    use tunelens::analysis::icl::{split_task, SplitConfig};
+    use tunelens::analysis::iv::{run_tasks, softmax, IclTask, IvConfig};
+    use tunelens::model::{Edit, EditOp, Editor, HookPoint, Positions};
+    let m = demo();
+    let task = tunelens::worker::iv::load_task(&tunelens::worker::iv::TaskSource::Shipped(
+        "country-capital".into(),
+    ))
+    .expect("shipped task");
+    let split = split_task(&task.items, &SplitConfig::default());
+    assert_eq!(
+        (split.train.len(), split.valid.len(), split.test.len()),
+        (105, 14, 31)
+    );
+    assert_eq!(
+        (
+            split.train[0].input.as_str(),
+            split.valid[0].input.as_str(),
+            split.test[0].input.as_str()
+        ),
+        ("Israel", "Central African Republic", "Guinea")
+    );
+    let cfg = IvConfig {
+        n_mean: 4,
+        n_ie: 1,
+        evaluate: false,
+        record_trials: true,
+        ..IvConfig::todd()
+    };
+    let tasks = [IclTask {
+        name: task.name.clone(),
+        items: task.items.clone(),
+    }];
+    let run = run_tasks(&m.model, &m.tokenizer, &tasks, &cfg, &mut |_, _| {
+        ControlFlow::Continue(())
+    })
+    .expect("iv run");
+    let t = &run.tasks[0];
+    assert!(
+        t.clean_accuracy > 0.0,
+        "some capitals are known with 10 shots"
+    );
+    assert!(t.sizes.filter > 0);
+    assert_eq!(t.top.len(), 10);
+    assert_eq!(t.iv.len(), 576);
+    assert!(t.iv_norm.is_finite() && t.iv_norm > 0.0);
+    let trial = &t.ie_trials[0];
+    let (h, dh) = (run.heads, run.head_dim);
+    let ids = Tensor::new(trial.ids.as_slice(), &candle_core::Device::Cpu)
+        .and_then(|x| x.unsqueeze(0))
+        .expect("ids");
+    let p_of = |editor: &mut Editor| -> f32 {
+        let logits = m
+            .model
+            .forward_hooked(&ids, editor)
+            .expect("forward")
+            .squeeze(0)
+            .and_then(|x| x.get(trial.ids.len() - 1))
+            .and_then(|x| x.to_vec1::<f32>())
+            .expect("logits");
+        softmax(&logits)[trial.target[0] as usize]
+    };
+    let p0 = p_of(&mut Editor::new(Vec::new()));
+    assert!((p0 - trial.p).abs() < 1e-5, "{p0} vs {}", trial.p);
+    let best = t.top[0];
+    for (l, k) in [(best.layer, best.head), (0, 0), (29, 8)] {
+        let start = (l * h + k) * dh;
+        let value = Tensor::from_slice(&t.means[start..start + dh], dh, &candle_core::Device::Cpu)
+            .expect("mean");
+        let mut editor = Editor::new(vec![Edit {
+            point: HookPoint::HeadOut(l),
+            positions: Positions::List(vec![trial.ids.len() as isize - 1]),
+            heads: Some(vec![k]),
+            op: EditOp::Replace(value),
+        }]);
+        let full = p_of(&mut editor) - p0;
+        let fast = trial.ie[l * h + k];
+        assert!(
+            (full - fast).abs() < 1e-5,
+            "head {l}:{k}: full {full} vs fast {fast}"
+        );
+    }
 }
