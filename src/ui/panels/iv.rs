@@ -148,7 +148,7 @@ impl AnalysisView for IvView {
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
-        settings_ui(ui, cx);
+        settings_ui(ui, cx, self.result.is_some());
         ui.add_space(theme::SECTION_GAP);
         let Some(out) = self.result.as_deref() else {
             ui.label(
@@ -214,7 +214,7 @@ impl AnalysisView for IvView {
     }
 }
 
-fn settings_ui(ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
+fn settings_ui(ui: &mut egui::Ui, cx: &mut ViewCx<'_>, has_results: bool) {
     ui.heading("Instruction vector");
     ui.label(
         egui::RichText::new(
@@ -294,7 +294,7 @@ fn settings_ui(ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
         RunRow {
             label: "Find heads",
             can_run: any_loaded && has_task,
-            has_results: true,
+            has_results,
             running: cx.running,
             note: cx.note,
             hover:
