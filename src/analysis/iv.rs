@@ -346,9 +346,9 @@ pub fn softmax(row: &[f32]) -> Vec<f32> {
 }
 
 fn log_prob(row: &[f32], id: u32) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-    row[id as usize] as f64 - max - sum.ln()
+    let max = f64::from(row.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+    let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+    f64::from(row[id as usize]) - max - sum.ln()
 }
 
 /// How many entries of `row` are larger than `row[id]` (the rank of `id`, 0 = top-1).
@@ -935,11 +935,11 @@ fn mean_activations(
         for (l, z) in run.heads.iter().enumerate() {
             let z: Vec<f32> = z.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             for (i, v) in z.iter().enumerate() {
-                sums[l * h * dh + i] += *v as f64;
+                sums[l * h * dh + i] += f64::from(*v);
             }
         }
         let p = softmax(&run.logits[0])[prompt.target[0] as usize];
-        p_sum += p as f64;
+        p_sum += f64::from(p);
         if cfg.record_trials {
             records.push(TrialRecord {
                 ids: prompt.ids.clone(),
@@ -1076,12 +1076,12 @@ pub fn run_tasks(
                     Err(e) => return Err(e),
                 };
                 let (p0, dp, dnll) = indirect_effects(model, &prompt, &means, cfg.patch, nll)?;
-                p_sum += p0 as f64;
+                p_sum += f64::from(p0);
                 for (s, v) in sum_dp.iter_mut().zip(&dp) {
-                    *s += *v as f64;
+                    *s += f64::from(*v);
                 }
                 for (s, v) in sum_nll.iter_mut().zip(&dnll) {
-                    *s += *v as f64;
+                    *s += f64::from(*v);
                 }
                 if cfg.record_trials {
                     ie_trials.push(TrialRecord {
@@ -1163,7 +1163,7 @@ pub fn run_tasks(
     };
     for (t, (result, (prep, mut rng))) in results.iter_mut().zip(prepared).enumerate() {
         if !universal_top.is_empty() {
-            result.top = universal_top.clone();
+            result.top.clone_from(&universal_top);
             result.notes.push(format!(
                 "the vector uses the universal heads of the {} tasks",
                 tasks.len()

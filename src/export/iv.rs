@@ -109,7 +109,10 @@ pub fn write_iv(
             let h = r.run.heads;
             for (i, v) in t.aie.iter().enumerate() {
                 let (l, k) = (i / h, i % h);
-                let nll = t.aie_nll.get(i).map_or(String::new(), |x| x.to_string());
+                let nll = t
+                    .aie_nll
+                    .get(i)
+                    .map_or(String::new(), std::string::ToString::to_string);
                 let inv = t.top.iter().any(|s| s.layer == l && s.head == k);
                 let _ = writeln!(aie, "{model},{name},{l},{k},{v},{nll},{inv}");
             }

@@ -95,10 +95,9 @@ impl DialogKind {
             Self::GgufFile => BrowseMode::OpenFile(vec!["gguf"]),
             Self::FactsFile | Self::TaskFile => BrowseMode::OpenFile(vec!["json"]),
             Self::IvFile => BrowseMode::OpenFile(vec!["safetensors"]),
-            Self::IvSave => BrowseMode::Save(default_name.to_owned()),
             Self::TrainData => BrowseMode::OpenFile(vec!["jsonl", "json"]),
             Self::WordList | Self::WordVectors | Self::PairsFile => BrowseMode::OpenFile(vec![]),
-            Self::ExportFile => BrowseMode::Save(default_name.to_owned()),
+            Self::ExportFile | Self::IvSave => BrowseMode::Save(default_name.to_owned()),
         }
     }
 }

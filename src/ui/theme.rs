@@ -61,6 +61,22 @@ pub fn level_color(t: f32) -> Color32 {
     Color32::from_rgb(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
+/// The colour of a signed value `t` in `-1..=1` on a blue–white–red scale (the export's
+/// diverging heatmaps use the same end points); NaN is grey.
+pub fn diverging_color(t: f32) -> Color32 {
+    if t.is_nan() {
+        return MUTED;
+    }
+    let t = t.clamp(-1.0, 1.0);
+    let mix =
+        |p: u8, q: u8, f: f32| (f32::from(p) + (f32::from(q) - f32::from(p)) * f).round() as u8;
+    if t >= 0.0 {
+        Color32::from_rgb(mix(247, 178, t), mix(247, 24, t), mix(247, 43, t))
+    } else {
+        Color32::from_rgb(mix(247, 33, -t), mix(247, 102, -t), mix(247, 172, -t))
+    }
+}
+
 /// The accent colour of a slot.
 pub fn slot_color(slot: crate::worker::Slot) -> Color32 {
     match slot {

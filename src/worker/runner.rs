@@ -1,6 +1,7 @@
 //! [`run_job`]: executes one [`Job`] against the loaded models. Shared by the GUI worker thread
 //! and the CLI, so both run exactly the same code.
 
+use std::fmt::Write as _;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -469,7 +470,7 @@ fn steering(loaded: &LoadedModel, request: &SteerRequest) -> Result<Steering> {
         }
     );
     if let Some(w) = warning {
-        note.push_str(&format!(" (warning: {w})"));
+        let _ = write!(note, " (warning: {w})");
     }
     Ok(Steering {
         prefill: Editor::new(vec![edit(Positions::List(vec![-1]))]),

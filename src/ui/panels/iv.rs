@@ -395,15 +395,13 @@ fn results_ui(
         let name = out
             .results
             .get(*save_model)
-            .and_then(|r| r.run.tasks.get(task).map(|t| (r, t)))
-            .map(|(r, t)| {
+            .and_then(|r| r.run.tasks.get(task).map(|t| (r, t))).map_or_else(|| "iv.safetensors".to_owned(), |(r, t)| {
                 format!(
                     "iv_{}_{}.safetensors",
                     export::slug(&r.model),
                     export::slug(&t.task)
                 )
-            })
-            .unwrap_or_else(|| "iv.safetensors".to_owned());
+            });
         if ui
             .button("Save IV…")
             .on_hover_text("Write the vector, its heads and mean head outputs (.safetensors) and its description (.json), for steering and IV-guided fine-tuning")
@@ -499,17 +497,6 @@ fn model_column(ui: &mut egui::Ui, r: &SlotIv, run: &IvRun, t: &TaskIv, shared: 
     }
 }
 
-/// Blue–white–red colour of `v` on a scale symmetric about zero.
-fn diverging(v: f32, max: f32) -> Color32 {
-    let t = (v / max.max(1e-12)).clamp(-1.0, 1.0);
-    let mix = |a: u8, b: u8, f: f32| (a as f32 + (b as f32 - a as f32) * f).round() as u8;
-    if t >= 0.0 {
-        Color32::from_rgb(mix(247, 178, t), mix(247, 24, t), mix(247, 43, t))
-    } else {
-        Color32::from_rgb(mix(247, 33, -t), mix(247, 102, -t), mix(247, 172, -t))
-    }
-}
-
 /// The AIE grid (layers down, heads across): the vector's heads outlined, the heads both
 /// models use marked with a dot; hover reads out the cell.
 fn aie_grid_ui(
@@ -543,7 +530,11 @@ fn aie_grid_ui(
     };
     for i in 0..rows {
         for j in 0..cols {
-            painter.rect_filled(cell_rect(i, j), 0.0, diverging(values[i * cols + j], max));
+            painter.rect_filled(
+                cell_rect(i, j),
+                0.0,
+                theme::diverging_color(values[i * cols + j] / max.max(1e-12)),
+            );
         }
         if i % 5 == 0 {
             painter.text(
