@@ -675,7 +675,7 @@ fn bad_task_files_are_named() -> anyhow::Result<()> {
             ),
             "item 1: missing field `output`",
         ),
-        (write("broken.json", "[{\"input\": "), "task:"),
+        (write("broken.json", "[{\"input\": "), "(line 1, column"),
     ];
     for (path, expected) in cases {
         let err = load_task(&TaskSource::File(path.clone()))

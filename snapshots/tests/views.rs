@@ -193,6 +193,36 @@ fn every_view_after_a_run() {
     run_view(&mut harness, "consistency", "Run consistency");
     snapshot(&mut harness, "consistency");
 
+    // Instruction vectors on a tiny task (each word maps to the word seven on).
+    let words = [
+        "the", "a", "cat", "dog", "sat", "on", "mat", "write", "poem", "about", "sea", "summarize",
+        "text", "in", "one", "sentence", "translate", "to", "french", "list", "three", "tips",
+        "for", "study", "is", "was", "warm", "cold", "red", "blue", "green", "big", "small",
+        "and", "or", "not", "it", "this", "that", "with",
+    ];
+    let pairs: Vec<String> = (0..words.len())
+        .map(|i| {
+            format!(
+                "{{\"input\": \"{}\", \"output\": \"{}\"}}",
+                words[i],
+                words[(i + 7) % words.len()]
+            )
+        })
+        .collect();
+    let task = data_dir.as_path().join("shift7.json");
+    std::fs::write(&task, format!("[{}]", pairs.join(","))).expect("task");
+    {
+        let iv = &mut harness.state_mut().state.iv;
+        iv.shipped.clear();
+        iv.task_files = vec![task];
+        iv.n_mean = 6;
+        iv.n_ie = 3;
+        iv.shots = 3;
+        iv.n_test = 5;
+    }
+    run_view(&mut harness, "iv", "Find heads");
+    snapshot(&mut harness, "iv");
+
     let train = data_dir.as_path().join("train.jsonl");
     let mut lines = String::new();
     for (q, r) in [

@@ -21,8 +21,14 @@ pub struct IclPair {
 /// Parses a task file's text: a JSON list of objects with string `input` and `output` (numbers
 /// are taken as their text). Errors name the item index (0-based) or the JSON line.
 pub fn parse_task(text: &str) -> std::result::Result<Vec<IclPair>, String> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| crate::error::json_message(&e))?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "{} (line {}, column {})",
+            crate::error::json_message(&e),
+            e.line(),
+            e.column()
+        )
+    })?;
     let serde_json::Value::Array(items) = value else {
         return Err("expected a JSON list of {\"input\", \"output\"} objects".to_owned());
     };
