@@ -322,6 +322,10 @@ pub struct IclTask {
     pub items: Vec<IclPair>,
 }
 
+/// Bytes the batched patches may spend on copies of a prompt's keys and values (a 135M model
+/// runs all heads of a layer as one batch; a 7B model in groups of about ten).
+const CACHE_BUDGET: usize = 1 << 30;
+
 /// Progress callback: fraction of this model's run and a message; `Break` cancels.
 pub type Progress<'a> = dyn FnMut(f32, String) -> ControlFlow<()> + 'a;
 
@@ -426,25 +430,35 @@ fn run_suffix(model: &Transformer, ids: &[u32], s: usize, record_heads: bool) ->
     })
 }
 
-/// At HOOK A of `layer`, for batch row `k`, puts head `k`'s mean `ā_{layer,k}` at position 0 of
-/// the call (replacing or adding): the `h` single-head patches of a layer as one batch.
+/// At HOOK A of `layer`, for batch row `r`, puts head `first + r`'s mean `ā_{layer,first+r}` at
+/// position 0 of the call (replacing or adding): single-head patches of a layer as one batch.
+/// Rows past the last head are left unpatched (padding of a last, partial group).
 struct DiagonalPatch {
     layer: usize,
     /// `(1, 1, h, d_h)`.
     means: Tensor,
-    /// `(h, s, h, 1)`: 1 at `[k, 0, k]`.
+    /// `(rows, s, h, 1)`: 1 at `[r, 0, first + r]`.
     mask: Tensor,
     op: PatchOp,
 }
 
 impl DiagonalPatch {
-    fn new(layer: usize, means: &Tensor, s: usize, op: PatchOp) -> Result<Self> {
+    fn new(
+        layer: usize,
+        means: &Tensor,
+        s: usize,
+        op: PatchOp,
+        first: usize,
+        rows: usize,
+    ) -> Result<Self> {
         let (_, _, h, _) = means.dims4()?;
-        let mut m = vec![0f32; h * s * h];
-        for k in 0..h {
-            m[k * s * h + k] = 1.0;
+        let mut m = vec![0f32; rows * s * h];
+        for r in 0..rows {
+            if first + r < h {
+                m[r * s * h + first + r] = 1.0;
+            }
         }
-        let mask = Tensor::from_vec(m, (h, s, h, 1), means.device())?;
+        let mask = Tensor::from_vec(m, (rows, s, h, 1), means.device())?;
         Ok(Self {
             layer,
             means: means.clone(),
@@ -492,6 +506,18 @@ pub fn indirect_effects(
     op: PatchOp,
     nll: bool,
 ) -> Result<(f32, Vec<f32>, Vec<f32>)> {
+    effects_within(model, prompt, means, op, nll, CACHE_BUDGET)
+}
+
+/// [`indirect_effects`] with the heads of a layer grouped so their cache copies fit `budget`.
+fn effects_within(
+    model: &Transformer,
+    prompt: &PromptIds,
+    means: &[f32],
+    op: PatchOp,
+    nll: bool,
+    budget: usize,
+) -> Result<(f32, Vec<f32>, Vec<f32>)> {
     let cfg = model.config();
     let (n_layers, h, dh) = (model.layers.len(), cfg.num_attention_heads, cfg.head_dim);
     let y = *prompt
@@ -519,7 +545,17 @@ pub fn indirect_effects(
     let nll0 = if nll { nll_of(&run.logits) } else { 0.0 };
     let device = model.device();
     let all_means = means_tensor(means, n_layers, h, dh, device)?;
-    let batch_cache = run.cache.repeat_batch(h)?;
+    // The heads of a layer run as one batch, its rows sharing the prompt's cached keys and
+    // values (copied per row); a large model's heads go in groups so those copies stay within
+    // CACHE_BUDGET bytes.
+    let row_bytes = 2
+        * n_layers
+        * cfg.num_key_value_heads
+        * (ids.len() - s)
+        * cfg.head_dim
+        * model.dtype().size_in_bytes();
+    let rows = (budget / row_bytes.max(1)).clamp(1, h);
+    let batch_cache = run.cache.repeat_batch(rows)?;
     let mut dp = vec![0f32; n_layers * h];
     let mut dnll = if nll {
         vec![0f32; n_layers * h]
@@ -528,24 +564,26 @@ pub fn indirect_effects(
     };
     for l in 0..n_layers {
         let xs = run.resid[l]
-            .broadcast_as((h, s, cfg.hidden_size))?
+            .broadcast_as((rows, s, cfg.hidden_size))?
             .contiguous()?;
         let layer_means = all_means.get(l)?.unsqueeze(0)?.unsqueeze(0)?;
-        let mut patch = DiagonalPatch::new(l, &layer_means, s, op)?;
-        let mut cache = batch_cache.clone();
-        let logits = model.run(
-            Input::Resid { layer: l, xs: &xs },
-            &opts(if nll { LogitsAt::All } else { LogitsAt::Last }),
-            Some(&mut cache),
-            &mut patch,
-        )?;
-        // (h, s', V)
-        let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        for k in 0..h {
-            let rows: Vec<Vec<f32>> = logits.get(k)?.to_vec2()?;
-            dp[l * h + k] = softmax(&rows[0])[y as usize] - p0;
-            if nll {
-                dnll[l * h + k] = (nll_of(&rows) - nll0) as f32;
+        for first in (0..h).step_by(rows) {
+            let mut patch = DiagonalPatch::new(l, &layer_means, s, op, first, rows)?;
+            let mut cache = batch_cache.clone();
+            let logits = model.run(
+                Input::Resid { layer: l, xs: &xs },
+                &opts(if nll { LogitsAt::All } else { LogitsAt::Last }),
+                Some(&mut cache),
+                &mut patch,
+            )?;
+            // (rows, s', V)
+            let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            for k in first..(first + rows).min(h) {
+                let out: Vec<Vec<f32>> = logits.get(k - first)?.to_vec2()?;
+                dp[l * h + k] = softmax(&out[0])[y as usize] - p0;
+                if nll {
+                    dnll[l * h + k] = (nll_of(&out) - nll0) as f32;
+                }
             }
         }
     }
@@ -1378,6 +1416,25 @@ mod tests {
                 full.iter().any(|v| v.abs() > 1e-4),
                 "the patches must change something"
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn grouped_heads_give_the_same_effects() -> anyhow::Result<()> {
+        // Groups of 1 and of 3 heads (the last group padded) equal one batch of all 4.
+        let m = tiny();
+        let means = some_means(&m.model);
+        let p = prompt(&[1, 8, 12, 30, 14, 9, 22], &[33, 21]);
+        let cfg = m.model.config();
+        let row = 2 * 3 * cfg.num_key_value_heads * (p.ids.len() - 1) * cfg.head_dim * 4;
+        let (_, all, _) = indirect_effects(&m.model, &p, &means, PatchOp::Replace, false)?;
+        for budget in [1, 3 * row] {
+            let (_, grouped, _) =
+                effects_within(&m.model, &p, &means, PatchOp::Replace, false, budget)?;
+            for (a, b) in all.iter().zip(&grouped) {
+                assert!((a - b).abs() < 1e-6, "budget {budget}: {a} vs {b}");
+            }
         }
         Ok(())
     }
