@@ -71,7 +71,7 @@ pub struct IvArgs {
     #[arg(long = "record-trials")]
     record_trials: bool,
     /// Write what the GUI's Export writes into this folder: the figure (SVG, PNG), the tables
-    /// (CSV), the JSON and every vector (`<stem>_iv_<slot>_<task>.safetensors` and `.json`).
+    /// (CSV), the JSON and every vector (`<stem>_<slot>_<task>.iv.safetensors` and `.iv.json`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// File stem of the `--out` figure and tables.

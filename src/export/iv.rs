@@ -81,7 +81,7 @@ pub fn iv_figure(out: &IvOutput, task: usize) -> Figure {
 
 /// Writes `<stem>.svg`, `<stem>.png` (task `task`), `<stem>_aie.csv`, `<stem>_top_heads.csv`,
 /// `<stem>_layers.csv`, `<stem>_vocab.csv` (every task), `<stem>.json`, and every vector as
-/// `<stem>_iv_<slot>_<task>.safetensors` with its `.json` (what steering and IV-guided
+/// `<stem>_<slot>_<task>.iv.safetensors` with its `.iv.json` (what steering and IV-guided
 /// fine-tuning read).
 pub fn write_iv(
     dir: &Path,
@@ -160,7 +160,7 @@ pub fn write_iv(
     for r in &out.results {
         for t in &r.run.tasks {
             let name = format!(
-                "{stem}_iv_{:?}_{}.safetensors",
+                "{stem}_{:?}_{}.iv.safetensors",
                 r.slot,
                 crate::export::slug(&t.task)
             );
