@@ -103,6 +103,64 @@ fn tiny_words(dir: &std::path::Path) -> PathBuf {
     path
 }
 
+/// A tiny in-context task for the Instruction vector view (each word maps to the word seven on).
+fn iv_task(dir: &std::path::Path) -> PathBuf {
+    let words = [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "write",
+        "poem",
+        "about",
+        "sea",
+        "summarize",
+        "text",
+        "in",
+        "one",
+        "sentence",
+        "translate",
+        "to",
+        "french",
+        "list",
+        "three",
+        "tips",
+        "for",
+        "study",
+        "is",
+        "was",
+        "warm",
+        "cold",
+        "red",
+        "blue",
+        "green",
+        "big",
+        "small",
+        "and",
+        "or",
+        "not",
+        "it",
+        "this",
+        "that",
+        "with",
+    ];
+    let pairs: Vec<String> = (0..words.len())
+        .map(|i| {
+            format!(
+                "{{\"input\": \"{}\", \"output\": \"{}\"}}",
+                words[i],
+                words[(i + 7) % words.len()]
+            )
+        })
+        .collect();
+    let task = dir.join("shift7.json");
+    std::fs::write(&task, format!("[{}]", pairs.join(","))).expect("task");
+    task
+}
+
 fn snapshot(harness: &mut Harness<'_, TunelensApp>, name: &str) {
     let allowed = if name == "prompt" {
         PROMPT_TIMING_PIXELS
@@ -193,60 +251,7 @@ fn every_view_after_a_run() {
     run_view(&mut harness, "consistency", "Run consistency");
     snapshot(&mut harness, "consistency");
 
-    // Instruction vectors on a tiny task (each word maps to the word seven on).
-    let words = [
-        "the",
-        "a",
-        "cat",
-        "dog",
-        "sat",
-        "on",
-        "mat",
-        "write",
-        "poem",
-        "about",
-        "sea",
-        "summarize",
-        "text",
-        "in",
-        "one",
-        "sentence",
-        "translate",
-        "to",
-        "french",
-        "list",
-        "three",
-        "tips",
-        "for",
-        "study",
-        "is",
-        "was",
-        "warm",
-        "cold",
-        "red",
-        "blue",
-        "green",
-        "big",
-        "small",
-        "and",
-        "or",
-        "not",
-        "it",
-        "this",
-        "that",
-        "with",
-    ];
-    let pairs: Vec<String> = (0..words.len())
-        .map(|i| {
-            format!(
-                "{{\"input\": \"{}\", \"output\": \"{}\"}}",
-                words[i],
-                words[(i + 7) % words.len()]
-            )
-        })
-        .collect();
-    let task = data_dir.as_path().join("shift7.json");
-    std::fs::write(&task, format!("[{}]", pairs.join(","))).expect("task");
+    let task = iv_task(data_dir.as_path());
     {
         let iv = &mut harness.state_mut().state.iv;
         iv.shipped.clear();
