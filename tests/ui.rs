@@ -462,8 +462,10 @@ fn concepts_heads_and_consistency_views_compute_show_and_export() {
     harness.state_mut().state.consistency.facts_file = Some(facts);
     harness.get_by_label("Run consistency").click();
     step_until(&mut harness, "consistency", |app| {
-        app.view::<ConsistencyView>()
-            .is_some_and(|v| v.result.is_some())
+        app.pending.is_empty()
+            && app
+                .view::<ConsistencyView>()
+                .is_some_and(|v| v.result.is_some())
     });
     harness.get_by_label("Distance histogram A");
     harness.get_by_label("Distance histogram B");
@@ -732,11 +734,14 @@ fn gui_export_and_cli_out_write_the_same_files() {
         harness.get_by_label(button).click();
         step_until(&mut harness, id, |app| {
             assert!(app.last_error.is_none(), "{:?}", app.last_error);
-            app.analyses
-                .iter()
-                .find(|a| a.id() == id)
-                .and_then(|a| a.export_stem(&app.state))
-                .is_some()
+            // The job has ended (a consistency run shows its sections before it ends).
+            app.pending.is_empty()
+                && app
+                    .analyses
+                    .iter()
+                    .find(|a| a.id() == id)
+                    .and_then(|a| a.export_stem(&app.state))
+                    .is_some()
         });
         let gui = tempfile::tempdir().expect("temp dir");
         let stem = format!("{id}-export");
@@ -851,8 +856,10 @@ fn consistency_runs_only_the_measures_checked() {
     assert!(c.representations && !c.predictions && !c.spread && !c.recall);
     harness.get_by_label("Run consistency").click();
     step_until(&mut harness, "consistency", |app| {
-        app.view::<ConsistencyView>()
-            .is_some_and(|v| v.result.is_some())
+        app.pending.is_empty()
+            && app
+                .view::<ConsistencyView>()
+                .is_some_and(|v| v.result.is_some())
     });
     let result = &harness
         .state()
@@ -1021,5 +1028,65 @@ fn instruction_vector_view_finds_heads_saves_and_steers() {
             .query_all_by_label_contains("steered with the shift7 vector")
             .count()
             == 2
+    );
+}
+
+/// Consistency sections arrive one by one: a partial result after each measure of each model,
+/// growing, before the final output.
+#[test]
+fn consistency_sections_arrive_as_they_finish() {
+    use tunelens::worker::consistency::{ConsistencySettings, Measures};
+    use tunelens::worker::{run_job, Event, Job, JobOutput, WorkerCtx};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (pairs, facts) = small_consistency_files(dir.path());
+    let mut ctx = WorkerCtx {
+        a: Some(crate::common::tiny(71)),
+        b: Some(crate::common::tiny(72)),
+        ..WorkerCtx::default()
+    };
+    let settings = ConsistencySettings {
+        pairs: Some(pairs),
+        facts: Some(facts),
+        measures: Measures {
+            representations: true,
+            predictions: true,
+            spread: false,
+            recall: false,
+        },
+        ..ConsistencySettings::default()
+    };
+    let mut partial: Vec<(usize, bool, bool)> = Vec::new();
+    let out = run_job(
+        &mut ctx,
+        1,
+        Job::Consistency {
+            slots: vec![Slot::A, Slot::B],
+            settings,
+        },
+        &mut |event| {
+            if let Event::Partial {
+                output: JobOutput::Consistency(o),
+                ..
+            } = event
+            {
+                let last = o.results.last().expect("a model");
+                partial.push((
+                    o.results.len(),
+                    last.representations.is_some(),
+                    last.predictions.is_some(),
+                ));
+            }
+        },
+    )
+    .expect("consistency runs");
+    assert!(matches!(out, JobOutput::Consistency(_)));
+    assert_eq!(
+        partial,
+        vec![
+            (1, true, false),
+            (1, true, true),
+            (2, true, false),
+            (2, true, true)
+        ]
     );
 }

@@ -34,6 +34,24 @@ pub struct SlotAttribution {
     pub response: String,
     /// The result at token level.
     pub attribution: Attribution,
+    /// Per prompt token, whether it comes from the chat template rather than the user's prompt
+    /// (all `false` without a template); the view can hide those rows.
+    #[serde(default)]
+    pub template_mask: Vec<bool>,
+}
+
+/// Marks the tokens of `rendered` (a chat-template rendering of `prompt`) that lie outside the
+/// user's prompt, from each token's byte span; all `false` when the prompt is not found.
+pub fn template_mask(offsets: &[(usize, usize)], rendered: &str, prompt: &str) -> Vec<bool> {
+    let prompt = prompt.trim();
+    let Some(start) = rendered.find(prompt).filter(|_| !prompt.is_empty()) else {
+        return vec![false; offsets.len()];
+    };
+    let end = start + prompt.len();
+    offsets
+        .iter()
+        .map(|&(a, b)| b <= start || a >= end || a == b)
+        .collect()
 }
 
 /// The concepts of one model.
@@ -241,4 +259,30 @@ pub struct IvOutput {
     pub results: Vec<SlotIv>,
     /// With two models: per task, the heads in both vectors (in A's order).
     pub shared: Vec<Vec<crate::analysis::iv::HeadId>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::template_mask;
+
+    #[test]
+    fn template_tokens_are_those_outside_the_prompt() {
+        // "<s>sys\nhi there\nassistant": the prompt "hi there" spans bytes 8..16.
+        let rendered = "<s>sys\n\nhi there\nassistant";
+        let offsets = [
+            (0, 3),
+            (3, 6),
+            (6, 8),
+            (8, 10),
+            (10, 16),
+            (16, 17),
+            (17, 26),
+        ];
+        assert_eq!(
+            template_mask(&offsets, rendered, " hi there "),
+            vec![true, true, true, false, false, true, true]
+        );
+        // Not found: nothing is marked.
+        assert_eq!(template_mask(&offsets, rendered, "absent"), vec![false; 7]);
+    }
 }

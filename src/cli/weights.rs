@@ -157,6 +157,7 @@ fn run_streaming(
         }
         // Nothing else streams from these jobs; a layer is not printed with --json/--out.
         Event::Layer { .. }
+        | Event::Partial { .. }
         | Event::Token { .. }
         | Event::Train { .. }
         | Event::Finished { .. }

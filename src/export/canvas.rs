@@ -431,7 +431,7 @@ pub(crate) fn sane_range(lo: f64, hi: f64) -> (f64, f64) {
 }
 
 /// `(lo, hi)` widened outwards to multiples of a nice step.
-pub(crate) fn nice_bounds(lo: f64, hi: f64, target: usize) -> (f64, f64) {
+pub fn nice_bounds(lo: f64, hi: f64, target: usize) -> (f64, f64) {
     let (lo, hi) = sane_range(lo, hi);
     let step = nice_step(hi - lo, target);
     let (a, b) = ((lo / step).floor() * step, (hi / step).ceil() * step);
@@ -443,7 +443,7 @@ pub(crate) fn nice_bounds(lo: f64, hi: f64, target: usize) -> (f64, f64) {
 }
 
 /// Tick values in `lo..=hi` and their labels.
-pub(crate) fn ticks(lo: f64, hi: f64, target: usize) -> Vec<(f64, String)> {
+pub fn ticks(lo: f64, hi: f64, target: usize) -> Vec<(f64, String)> {
     let (lo, hi) = sane_range(lo, hi);
     let step = nice_step(hi - lo, target);
     let first = (lo / step - 1e-9).ceil();

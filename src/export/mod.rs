@@ -24,11 +24,15 @@ pub mod views;
 use std::path::Path;
 
 pub use attribution::{attribution_figures, write_attribution};
+/// The numeric axes of every figure, in the app and in exports: bounds widened to round steps,
+/// and the ticks with their labels (`AXIS_TICKS` aimed for).
+pub use canvas::{nice_bounds, ticks};
 pub use data::{attribution_csv, attribution_json, csv_field, density_csv};
 pub use figure::{
     render_png, render_svg, BarChart, ColorScale, Figure, Heatmap, HistSeries, Histogram, LinePlot,
     LineSeries,
 };
+pub use panels::TICKS as AXIS_TICKS;
 
 /// Writes `fig` to `path` as SVG or PNG, chosen by the extension (`.svg` / `.png`, any case).
 pub fn write_figure(fig: &Figure, path: &Path) -> crate::Result<()> {

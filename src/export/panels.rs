@@ -22,7 +22,7 @@ pub(crate) const PANEL_W: f64 = 245.0;
 /// Preferred plot-area height of bar charts, histograms and line plots.
 const PLOT_H: f64 = 112.0;
 /// Ticks aimed for on a numeric axis.
-pub(crate) const TICKS: usize = 5;
+pub const TICKS: usize = 5;
 
 /// Finite `(min, max)` of `values`, or `None`.
 pub(crate) fn finite_range(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64)> {
@@ -465,6 +465,16 @@ fn bin(h: &Histogram) -> Option<Binned> {
     })
 }
 
+/// Where a panel's colours start in the palette: blue and orange stand for models A and B, so
+/// overlaid histograms (categories within one model: paraphrase / non-paraphrase) start at
+/// the third colour.
+fn palette_offset(key: Key) -> usize {
+    match key {
+        Key::Swatch => 2,
+        Key::Solid | Key::Stroke => 0,
+    }
+}
+
 fn legend_for(names: impl Iterator<Item = String>, key: Key) -> Vec<LegendEntry> {
     let entries: Vec<LegendEntry> = names
         .enumerate()
@@ -474,7 +484,7 @@ fn legend_for(names: impl Iterator<Item = String>, key: Key) -> Vec<LegendEntry>
             } else {
                 name
             },
-            color: series_color(i),
+            color: series_color(i + palette_offset(key)),
             key,
         })
         .collect();
@@ -523,7 +533,7 @@ pub(crate) fn draw_histogram<DB: DrawingBackend>(
         Some(b) if b.max_count > 0 => {
             let base = f.y_of(plot, 0.0);
             for (s, counts) in b.counts.iter().enumerate() {
-                let color = series_color(s);
+                let color = series_color(s + palette_offset(Key::Swatch));
                 let n = counts.len().max(1) as f64;
                 let edge =
                     |i: usize| f.x_of(plot, b.range.0 + (b.range.1 - b.range.0) * i as f64 / n);

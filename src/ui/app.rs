@@ -453,7 +453,7 @@ impl TunelensApp {
                 response.text.push_str(&token.text_delta);
                 response.tokens = token.index + 1;
             }
-            Event::Train { .. } | Event::Layer { .. } => {
+            Event::Train { .. } | Event::Layer { .. } | Event::Partial { .. } => {
                 if let Some(view) = self.owner(kind) {
                     view.on_event(&event);
                 }

@@ -126,6 +126,8 @@ pub struct AttributionSettings {
     pub spans: String,
     /// Show words (sub-tokens summed) instead of tokens.
     pub word_level: bool,
+    /// Leave the chat template's tokens out of the heatmap and the density.
+    pub hide_template: bool,
     /// New tokens when a response is generated.
     pub max_new_tokens: usize,
 }
@@ -138,6 +140,7 @@ impl Default for AttributionSettings {
             instructions: InstructionSource::Auto,
             spans: String::new(),
             word_level: true,
+            hide_template: true,
             max_new_tokens: 48,
         }
     }

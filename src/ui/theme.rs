@@ -30,6 +30,12 @@ pub const SECTION_GAP: f32 = 12.0;
 pub const BAR: Color32 = Color32::from_rgb(128, 142, 160);
 /// Bars and labels of instruction words.
 pub const INSTRUCTION: Color32 = Color32::from_rgb(213, 94, 0);
+/// First colour of a two-way comparison within one model (paraphrase pairs): Okabe–Ito bluish
+/// green, never A's blue or B's orange.
+pub const CATEGORY_1: Color32 = Color32::from_rgb(0, 158, 115);
+/// Second colour of a two-way comparison within one model (non-paraphrase pairs): Okabe–Ito
+/// reddish purple.
+pub const CATEGORY_2: Color32 = Color32::from_rgb(204, 121, 167);
 /// Outline of the hovered heatmap cell.
 pub const HOVER_OUTLINE: Color32 = Color32::from_rgb(255, 255, 255);
 /// Row-label width of heatmaps.

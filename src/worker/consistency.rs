@@ -123,11 +123,13 @@ pub fn known_probes(
 }
 
 /// Runs the chosen measures on each model. `progress` gets (fraction, message); breaking it
-/// cancels.
+/// cancels. `section` gets the results so far each time a measure of a model finishes, so a
+/// view can show each section as it comes.
 pub fn run_consistency(
     models: &[(Slot, &LoadedModel)],
     settings: &ConsistencySettings,
     progress: &mut dyn FnMut(f32, String) -> ControlFlow<()>,
+    section: &mut dyn FnMut(ConsistencyOutput),
 ) -> Result<ConsistencyOutput> {
     let data = ConsistencyData::load(settings)?;
     let m = settings.measures;
@@ -144,7 +146,12 @@ pub fn run_consistency(
     .collect();
     let total: f32 = steps.iter().map(|s| s.1).sum::<f32>().max(1e-6) * models.len().max(1) as f32;
     let mut done = 0f32;
-    let mut results = Vec::with_capacity(models.len());
+    let mut results: Vec<SlotConsistency> = Vec::with_capacity(models.len());
+    let so_far = |results: &[SlotConsistency], current: &SlotConsistency| ConsistencyOutput {
+        settings: settings.clone(),
+        results: results.iter().chain([current]).cloned().collect(),
+        rd_difference: None,
+    };
     for &(slot, loaded) in models {
         let start = Instant::now();
         let name = loaded.info.display_name();
@@ -172,6 +179,7 @@ pub fn run_consistency(
                 &mut |f| step("paraphrase representations", share, done, f),
             )?);
             done += share;
+            section(so_far(&results, &out));
         }
         if m.predictions || m.recall {
             let share = 2.0;
@@ -184,6 +192,7 @@ pub fn run_consistency(
                 &mut |f| step("factual predictions", share, done, f),
             )?);
             done += share;
+            section(so_far(&results, &out));
         }
         if m.spread && !data.facts.instructions.is_empty() {
             let share = 2.0;
@@ -206,6 +215,7 @@ pub fn run_consistency(
             }
             out.spread = Some(prediction::instruction_spread(accuracies));
             done += share;
+            section(so_far(&results, &out));
         }
         if m.recall {
             let share = 0.5;
@@ -221,6 +231,7 @@ pub fn run_consistency(
                 )?);
             }
             done += share;
+            section(so_far(&results, &out));
         }
         if !m.predictions {
             out.predictions = None;

@@ -364,6 +364,14 @@ pub enum Event {
         /// Its result.
         output: JobOutput,
     },
+    /// The results so far of a job whose sections finish one by one (the consistency
+    /// measures): shown at once, replaced by the final output.
+    Partial {
+        /// The job.
+        job_id: JobId,
+        /// The results so far.
+        output: JobOutput,
+    },
     /// One finished layer of a streaming weight-space job.
     Layer {
         /// The job.
@@ -395,6 +403,7 @@ impl Event {
             | Self::Token { job_id, .. }
             | Self::Train { job_id, .. }
             | Self::Layer { job_id, .. }
+            | Self::Partial { job_id, .. }
             | Self::Finished { job_id, .. }
             | Self::Cancelled { job_id }
             | Self::Failed { job_id, .. } => *job_id,

@@ -163,7 +163,19 @@ pub fn run_job(
                         }
                     },
                 )?;
+                let template_mask = if chat {
+                    let trimmed = rendered.trim();
+                    let (ids, offsets) = loaded.tokenizer.encode_with_offsets(trimmed, false)?;
+                    if ids == prompt_ids {
+                        crate::analysis::results::template_mask(&offsets, trimmed, &prompt)
+                    } else {
+                        vec![false; prompt_ids.len()]
+                    }
+                } else {
+                    vec![false; prompt_ids.len()]
+                };
                 results.push(SlotAttribution {
+                    template_mask,
                     slot,
                     model: loaded.info.display_name(),
                     response,
@@ -223,9 +235,20 @@ pub fn run_job(
         Job::Consistency { slots, settings } => {
             let cancel = ctx.cancel.clone();
             let models = ctx.models(&slots)?;
-            let output = consistency::run_consistency(&models, &settings, &mut |frac, message| {
-                progress_or_cancel(emit, job_id, &cancel, frac, message)
-            })?;
+            let emit = std::cell::RefCell::new(emit);
+            let output = consistency::run_consistency(
+                &models,
+                &settings,
+                &mut |frac, message| {
+                    progress_or_cancel(*emit.borrow_mut(), job_id, &cancel, frac, message)
+                },
+                &mut |partial| {
+                    (*emit.borrow_mut())(Event::Partial {
+                        job_id,
+                        output: JobOutput::Consistency(Box::new(partial)),
+                    });
+                },
+            )?;
             Ok(JobOutput::Consistency(Box::new(output)))
         }
         Job::InstructionVectors { slots, settings } => {

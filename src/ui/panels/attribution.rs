@@ -13,7 +13,7 @@ use crate::export;
 use crate::ui::actions::{Action, PendingJob};
 use crate::ui::app::SlotView;
 use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
-use crate::ui::state::{AppState, InstructionSource};
+use crate::ui::state::{AppState, AttributionSettings, InstructionSource};
 use crate::ui::theme;
 use crate::ui::widgets::heatmap::{bars_ui, heatmap_ui, BarsData, HeatmapData};
 use crate::ui::widgets::job_progress;
@@ -49,6 +49,33 @@ impl AttributionResults {
             &self.words[index]
         } else {
             &self.results[index].attribution
+        }
+    }
+
+    /// The rows of `shown(index, word_level)` to draw: all of them, or without the chat
+    /// template's tokens (a word is hidden when all its tokens are).
+    pub fn visible_rows(&self, index: usize, settings: &AttributionSettings) -> Vec<usize> {
+        let (word_level, hide_template) = (settings.word_level, settings.hide_template);
+        let Some(r) = self.results.get(index) else {
+            return Vec::new();
+        };
+        let shown = self.shown(index, word_level);
+        let n = shown.input_tokens.len();
+        let template = |t: usize| r.template_mask.get(t).copied().unwrap_or(false);
+        if !hide_template || !r.template_mask.iter().any(|&m| m) {
+            return (0..n).collect();
+        }
+        if word_level {
+            shown
+                .input_words
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| !(w.start..w.end).all(template))
+                .map(|(i, _)| i)
+                .take(n)
+                .collect()
+        } else {
+            (0..n).filter(|&t| !template(t)).collect()
         }
     }
 
@@ -285,6 +312,8 @@ fn attribution_ui(
         ui.separator();
         ui.selectable_value(&mut settings.word_level, true, "Words");
         ui.selectable_value(&mut settings.word_level, false, "Tokens");
+        ui.checkbox(&mut settings.hide_template, "Hide chat-template tokens")
+            .on_hover_text("Show only the rows of your prompt (the template's system prompt and markers are left out of the heatmap and the density)");
         ui.separator();
         if ui
             .add_enabled(results.is_some(), egui::Button::new("Export…"))
@@ -316,21 +345,36 @@ fn attribution_ui(
                     let Some(result) = results.results.get(index) else {
                         continue;
                     };
-                    let shown = results.shown(index, word_level);
+                    let all = results.shown(index, word_level);
+                    let visible = results.visible_rows(index, settings);
+                    let filtered;
+                    let shown = if visible.len() == all.input_tokens.len() {
+                        all
+                    } else {
+                        filtered = select_rows(all, &visible);
+                        &filtered
+                    };
                     let slot = result.slot;
                     column.label(
                         egui::RichText::new(format!("{slot:?} · {}", result.model))
                             .strong()
                             .color(theme::slot_color(slot)),
                     );
+                    let mut clicked = Vec::new();
                     result_ui(
                         column,
-                        index,
+                        (index, n),
                         &format!("{slot:?}"),
                         &result.response,
                         shown,
                         word_level,
-                        &mut toggles,
+                        &mut clicked,
+                    );
+                    // Rows clicked in the shown (maybe filtered) chart, as rows of the result.
+                    toggles.extend(
+                        clicked
+                            .into_iter()
+                            .filter_map(|(i, row)| visible.get(row).map(|&r| (i, r))),
                     );
                 }
             });
@@ -338,9 +382,42 @@ fn attribution_ui(
     toggles
 }
 
+/// `a` with only input rows `rows` (tokens or words), for drawing.
+fn select_rows(a: &Attribution, rows: &[usize]) -> Attribution {
+    let pick = |m: &crate::analysis::types::Matrix| {
+        if m.rows != a.input_tokens.len() {
+            return m.clone();
+        }
+        crate::analysis::types::Matrix {
+            rows: rows.len(),
+            cols: m.cols,
+            data: rows.iter().flat_map(|&r| m.row(r).to_vec()).collect(),
+        }
+    };
+    let take = |v: &[String]| rows.iter().filter_map(|&r| v.get(r).cloned()).collect();
+    Attribution {
+        input_ids: rows
+            .iter()
+            .filter_map(|&r| a.input_ids.get(r).copied())
+            .collect(),
+        input_tokens: take(&a.input_tokens),
+        raw: pick(&a.raw),
+        quantized: pick(&a.quantized),
+        density: rows
+            .iter()
+            .filter_map(|&r| a.density.get(r).copied())
+            .collect(),
+        instruction_mask: a
+            .instruction_mask
+            .as_ref()
+            .map(|m| rows.iter().filter_map(|&r| m.get(r).copied()).collect()),
+        ..a.clone()
+    }
+}
+
 fn result_ui(
     ui: &mut egui::Ui,
-    index: usize,
+    (index, columns): (usize, usize),
     slot: &str,
     response: &str,
     a: &Attribution,
@@ -381,7 +458,7 @@ fn result_ui(
         .copied()
         .fold(0.0f32, f32::max)
         .max(1.0);
-    heatmap_ui(
+    let heat = heatmap_ui(
         ui,
         &HeatmapData {
             name: &format!("Attribution heatmap {slot}"),
@@ -393,7 +470,14 @@ fn result_ui(
             legend: "level",
         },
     );
-    ui.add_space(theme::SECTION_GAP);
+    // Line the density charts of A and B up: pad to the tallest heatmap of the last frame.
+    let id = |i: usize| egui::Id::unique(("attribution_heatmap_height", i));
+    let own = heat.rect.height();
+    ui.data_mut(|d| d.insert_temp(id(index), own));
+    let tallest = (0..columns)
+        .filter_map(|i| ui.data(|d| d.get_temp::<f32>(id(i))))
+        .fold(own, f32::max);
+    ui.add_space(theme::SECTION_GAP + (tallest - own).max(0.0));
     ui.label("Importance density (click a bar to mark an instruction word)");
     let marks = a
         .instruction_mask

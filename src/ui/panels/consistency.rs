@@ -13,7 +13,7 @@ use crate::ui::dialogs::DialogKind;
 use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
 use crate::ui::state::{AppState, ConsistencyUi};
 use crate::ui::theme;
-use crate::ui::widgets::plot::{box_plot_ui, histogram_ui, line_plot_ui, Series};
+use crate::ui::widgets::plot::{box_plot_ui, histogram_ui, line_plot_ui, Dash, Series};
 use crate::ui::widgets::{file_row, run_row, RunRow};
 use crate::worker::{Job, JobOutput};
 
@@ -61,6 +61,17 @@ impl AnalysisView for ConsistencyView {
             settings,
         };
         Ok((job, "Running consistency measures".to_owned()))
+    }
+
+    fn on_event(&mut self, event: &crate::worker::Event) {
+        // Each measure's section appears as soon as it finishes.
+        if let crate::worker::Event::Partial {
+            output: JobOutput::Consistency(out),
+            ..
+        } = event
+        {
+            self.result = Some(out.clone());
+        }
     }
 
     fn take(&mut self, output: JobOutput, _state: &mut AppState) -> Result<(), JobOutput> {
@@ -213,8 +224,8 @@ fn consistency_ui(
                             column,
                             &format!("Distance histogram {:?}", r.slot),
                             &[
-                                ("paraphrase", theme::SLOT_A, &l.para),
-                                ("non-paraphrase", theme::INSTRUCTION, &l.non),
+                                ("paraphrase", theme::CATEGORY_1, &l.para),
+                                ("non-paraphrase", theme::CATEGORY_2, &l.non),
                             ],
                             50,
                             "cosine distance",
@@ -230,6 +241,7 @@ fn consistency_ui(
                             name: format!("{:?}: {}", r.slot, r.model),
                             color: theme::slot_color(r.slot),
                             points: rep.layers.iter().map(|l| (l.layer as f64, l.rd)).collect(),
+                            dash: Dash::Solid,
                         })
                     })
                     .collect();
@@ -353,16 +365,19 @@ fn consistency_ui(
                         name: format!("{:?} attribute rate", r.slot),
                         color: c,
                         points: pts(&x.attribute_rate),
+                        dash: Dash::Solid,
                     });
                     series.push(Series {
                         name: format!("{:?} ER attention", r.slot),
-                        color: c.gamma_multiply(0.6),
+                        color: c,
                         points: pts(&x.extraction_attn),
+                        dash: Dash::Dashed,
                     });
                     series.push(Series {
                         name: format!("{:?} ER MLP", r.slot),
-                        color: c.gamma_multiply(0.35),
+                        color: c,
                         points: pts(&x.extraction_mlp),
+                        dash: Dash::Dotted,
                     });
                     ui.label(format!(
                         "{:?}: {} known-fact prompts, {} with descriptions",

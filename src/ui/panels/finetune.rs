@@ -475,6 +475,24 @@ fn curve(points: impl Iterator<Item = (f64, f64)>) -> PlotPoints<'static> {
         .collect::<PlotPoints<'static>>()
 }
 
+/// A grid or read-out number with as many decimals as its step needs (`0.0001`, `0.00005`,
+/// `12`, `2.5`), never `0.000` for a small non-zero value.
+fn grid_number(value: f64, step: f64) -> String {
+    if value == 0.0 {
+        return "0".to_owned();
+    }
+    let step = if step > 0.0 && step.is_finite() {
+        step
+    } else {
+        value.abs()
+    };
+    let decimals = (-step.log10().floor()).clamp(0.0, 10.0) as usize;
+    if value.abs() >= 1e6 || value.abs() < 1e-6 {
+        return format!("{value:.1e}");
+    }
+    format!("{value:.decimals$}")
+}
+
 /// One titled curve panel of the live training plots.
 struct CurvePanel<'a> {
     id: &'a str,
@@ -499,7 +517,10 @@ fn curve_panel(
             .height(size.y)
             .include_x(0.0)
             .include_x(x_max)
-            .x_axis_label("step");
+            .x_axis_label("step")
+            .y_axis_label(panel.title)
+            .x_axis_formatter(|mark, _| grid_number(mark.value, mark.step_size))
+            .y_axis_formatter(|mark, _| grid_number(mark.value, mark.step_size));
         if panel.from_zero {
             plot = plot.include_y(0.0);
         }

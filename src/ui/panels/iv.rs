@@ -16,7 +16,7 @@ use crate::ui::dialogs::DialogKind;
 use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
 use crate::ui::state::AppState;
 use crate::ui::theme;
-use crate::ui::widgets::plot::{line_plot_ui, Series};
+use crate::ui::widgets::plot::{line_plot_ui, Dash, Series};
 use crate::ui::widgets::{run_row, RunRow};
 use crate::worker::iv::SHIPPED_TASKS;
 use crate::worker::{Job, JobOutput};
@@ -363,6 +363,7 @@ fn results_ui(
                 .iter()
                 .map(|l| (l.layer as f64, 100.0 * l.accuracy))
                 .collect(),
+            dash: Dash::Solid,
         });
         let (lo, hi) = (
             e.layers.first().map_or(0, |l| l.layer) as f64,
@@ -370,8 +371,9 @@ fn results_ui(
         );
         series.push(Series {
             name: format!("{:?} without", r.slot),
-            color: color.gamma_multiply(0.45),
+            color,
             points: vec![(lo, 100.0 * e.zero_shot), (hi, 100.0 * e.zero_shot)],
+            dash: Dash::Dashed,
         });
     }
     if !series.is_empty() {

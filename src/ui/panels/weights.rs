@@ -271,6 +271,7 @@ fn concepts_ui(
                     .enumerate()
                     .map(|(i, &v)| ((i + 1) as f64, v * 100.0))
                     .collect(),
+                dash: crate::ui::widgets::plot::Dash::Solid,
             })
         })
         .collect();
@@ -347,6 +348,27 @@ fn mean_std(s: &crate::analysis::stats::Summary) -> String {
 }
 
 /// Kept pairs per (layer, head) of one result.
+/// The `(layer, head)` cells with a word pair containing `needle` (lower case); none for an
+/// empty needle.
+fn heads_with_word(r: &SlotHeads, needle: &str) -> Vec<(usize, usize)> {
+    if needle.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (li, l) in r.pairs.layers.iter().enumerate() {
+        for d in &l.dims {
+            let hit = d
+                .pairs
+                .iter()
+                .any(|p| r.pairs.pair_text(p).to_lowercase().contains(needle));
+            if hit && !out.contains(&(li, d.head)) {
+                out.push((li, d.head));
+            }
+        }
+    }
+    out
+}
+
 fn pair_counts(r: &SlotHeads) -> Matrix {
     let mut m = Matrix::zeros(r.pairs.layers.len(), r.pairs.heads);
     for (li, l) in r.pairs.layers.iter().enumerate() {
@@ -420,11 +442,21 @@ fn heads_ui(
         if let Some(first) = out.results.first() {
             ui.label(egui::RichText::new(first.pairs.source.label()).color(theme::MUTED));
         }
+        ui.horizontal(|ui| {
+            let l = ui.label("Find word");
+            ui.add(egui::TextEdit::singleline(&mut settings.search).desired_width(160.0)).labelled_by(l.id)
+                .on_hover_text("Outlines the heads whose word pairs contain it, and filters the selected head's table");
+        });
+        let needle = settings.search.trim().to_lowercase();
         ui.columns(out.results.len().max(1), |columns| {
             for (index, (column, r)) in columns.iter_mut().zip(&out.results).enumerate() {
                 column.label(egui::RichText::new(format!("{:?} · {}{}", r.slot, r.model, if r.cached { " (cached)" } else { "" })).strong().color(theme::slot_color(r.slot)));
                 let selected = settings.head.filter(|h| h.0 == index).map(|h| (h.1, h.2));
-                let (_, clicked) = count_grid_ui(column, &format!("Head pair counts {:?}", r.slot), &pair_counts(r), "layer", "head", selected);
+                let matches = heads_with_word(r, &needle);
+                if !needle.is_empty() {
+                    column.label(egui::RichText::new(format!("{} heads have a pair with '{}'", matches.len(), settings.search.trim())).color(theme::MUTED));
+                }
+                let (_, clicked) = count_grid_ui(column, &format!("Head pair counts {:?}", r.slot), &pair_counts(r), ("layer", "head"), selected, &matches);
                 if let Some((layer, head)) = clicked {
                     settings.head = Some((index, layer, head));
                 }
@@ -434,11 +466,6 @@ fn heads_ui(
             if let Some(r) = out.results.get(index) {
                 ui.add_space(theme::SECTION_GAP);
                 ui.label(egui::RichText::new(format!("{:?} · layer {layer}, head {head}", r.slot)).strong());
-                ui.horizontal(|ui| {
-                    let l = ui.label("Find word");
-                    ui.add(egui::TextEdit::singleline(&mut settings.search).desired_width(160.0)).labelled_by(l.id);
-                });
-                let needle = settings.search.trim().to_lowercase();
                 let rows: Vec<String> = r
                     .pairs
                     .layers
