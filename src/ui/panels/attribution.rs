@@ -458,6 +458,14 @@ fn result_ui(
         .copied()
         .fold(0.0f32, f32::max)
         .max(1.0);
+    let unit = if word_level { "words" } else { "tokens" };
+    ui.label(
+        egui::RichText::new(format!(
+            "Rows: prompt {unit} (input); columns: response {unit} (output); colour: attribution level 0-10"
+        ))
+        .small()
+        .color(theme::MUTED),
+    );
     let heat = heatmap_ui(
         ui,
         &HeatmapData {
