@@ -319,12 +319,17 @@ pub fn line_plot_ui(
             .collect();
         stroke_line(&painter, line, Stroke::new(1.8, s.color), s.dash);
     }
-    let same = coinciding(series);
+    // Within half a pixel's worth of the axis, one curve would hide the other.
+    let tolerance = 0.5 * (y1 - y0) / f64::from(plot.height().max(1.0));
+    let same = coinciding(series, &ty, tolerance);
     if !same.is_empty() {
         ui.label(
-            egui::RichText::new(format!("{}: the curves coincide", same.join("; ")))
-                .small()
-                .color(theme::MUTED),
+            egui::RichText::new(format!(
+                "{}: the curves coincide (within half a pixel), one drawn over the other",
+                same.join("; ")
+            ))
+            .small()
+            .color(theme::MUTED),
         );
     }
     if let Some(pos) = response.hover_pos() {
@@ -345,16 +350,18 @@ pub fn line_plot_ui(
     response
 }
 
-/// Pairs of series with the same points (within 1e-9 relative), as "X = Y".
-fn coinciding(series: &[Series]) -> Vec<String> {
+/// Pairs of series whose points agree within `tolerance` on the plotted scale (`ty` maps a
+/// value to it), as "X = Y".
+fn coinciding(series: &[Series], ty: &dyn Fn(f64) -> f64, tolerance: f64) -> Vec<String> {
     let mut out = Vec::new();
     for (i, a) in series.iter().enumerate() {
         for b in &series[i + 1..] {
             let same = !a.points.is_empty()
                 && a.points.len() == b.points.len()
                 && a.points.iter().zip(&b.points).all(|(p, q)| {
+                    let (yp, yq) = (ty(p.1), ty(q.1));
                     (p.0 - q.0).abs() <= 1e-12 * p.0.abs().max(1.0)
-                        && (p.1 - q.1).abs() <= 1e-9 * p.1.abs().max(q.1.abs()).max(1.0)
+                        && ((yp - yq).abs() <= tolerance || (yp.is_nan() && yq.is_nan()))
                 });
             if same {
                 out.push(format!("{} = {}", a.name, b.name));
@@ -796,7 +803,11 @@ mod tests {
         let a = series("A", &[(0.0, 1.0), (1.0, 2.0)]);
         let b = series("B", &[(0.0, 1.0), (1.0, 2.0 + 1e-12)]);
         let c = series("C", &[(0.0, 1.0), (1.0, 2.5)]);
-        assert_eq!(coinciding(&[a, b, c]), vec!["A = B".to_owned()]);
+        let same = |y: f64| y;
+        assert_eq!(
+            coinciding(&[a, b, c], &same, 1e-9),
+            vec!["A = B".to_owned()]
+        );
     }
 
     #[test]
