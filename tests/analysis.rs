@@ -463,55 +463,10 @@ fn weight_cache_keys_include_the_adapter() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A tiny in-context task in the tiny vocabulary: each word maps to the word seven places on.
+/// A tiny in-context task in the tiny vocabulary, written to `dir`.
 fn tiny_task_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let words = [
-        "the",
-        "a",
-        "cat",
-        "dog",
-        "sat",
-        "on",
-        "mat",
-        "write",
-        "poem",
-        "about",
-        "sea",
-        "summarize",
-        "text",
-        "in",
-        "one",
-        "sentence",
-        "translate",
-        "to",
-        "french",
-        "list",
-        "three",
-        "tips",
-        "for",
-        "study",
-        "is",
-        "was",
-        "warm",
-        "cold",
-        "red",
-        "blue",
-        "green",
-        "big",
-        "small",
-        "and",
-        "or",
-        "not",
-        "it",
-        "this",
-        "that",
-        "with",
-    ];
-    let pairs: Vec<serde_json::Value> = (0..words.len())
-        .map(|i| serde_json::json!({"input": words[i], "output": words[(i + 7) % words.len()]}))
-        .collect();
     let path = dir.join("shift7.json");
-    std::fs::write(&path, serde_json::to_string(&pairs).unwrap()).unwrap();
+    std::fs::write(&path, tunelens::model::tiny::tiny_icl_task_json()).unwrap();
     path
 }
 

@@ -883,55 +883,10 @@ fn consistency_runs_only_the_measures_checked() {
     );
 }
 
-/// A tiny in-context task in the tiny vocabulary (each word maps to the word seven on).
+/// A tiny in-context task in the tiny vocabulary, written to `dir`.
 fn tiny_task(dir: &std::path::Path) -> std::path::PathBuf {
-    let words = [
-        "the",
-        "a",
-        "cat",
-        "dog",
-        "sat",
-        "on",
-        "mat",
-        "write",
-        "poem",
-        "about",
-        "sea",
-        "summarize",
-        "text",
-        "in",
-        "one",
-        "sentence",
-        "translate",
-        "to",
-        "french",
-        "list",
-        "three",
-        "tips",
-        "for",
-        "study",
-        "is",
-        "was",
-        "warm",
-        "cold",
-        "red",
-        "blue",
-        "green",
-        "big",
-        "small",
-        "and",
-        "or",
-        "not",
-        "it",
-        "this",
-        "that",
-        "with",
-    ];
-    let pairs: Vec<serde_json::Value> = (0..words.len())
-        .map(|i| serde_json::json!({"input": words[i], "output": words[(i + 7) % words.len()]}))
-        .collect();
     let path = dir.join("shift7.json");
-    std::fs::write(&path, serde_json::to_string(&pairs).expect("json")).expect("task");
+    std::fs::write(&path, tunelens::model::tiny::tiny_icl_task_json()).expect("task");
     path
 }
 

@@ -103,61 +103,10 @@ fn tiny_words(dir: &std::path::Path) -> PathBuf {
     path
 }
 
-/// A tiny in-context task for the Instruction vector view (each word maps to the word seven on).
+/// A tiny in-context task for the Instruction vector view, written to `dir`.
 fn iv_task(dir: &std::path::Path) -> PathBuf {
-    let words = [
-        "the",
-        "a",
-        "cat",
-        "dog",
-        "sat",
-        "on",
-        "mat",
-        "write",
-        "poem",
-        "about",
-        "sea",
-        "summarize",
-        "text",
-        "in",
-        "one",
-        "sentence",
-        "translate",
-        "to",
-        "french",
-        "list",
-        "three",
-        "tips",
-        "for",
-        "study",
-        "is",
-        "was",
-        "warm",
-        "cold",
-        "red",
-        "blue",
-        "green",
-        "big",
-        "small",
-        "and",
-        "or",
-        "not",
-        "it",
-        "this",
-        "that",
-        "with",
-    ];
-    let pairs: Vec<String> = (0..words.len())
-        .map(|i| {
-            format!(
-                "{{\"input\": \"{}\", \"output\": \"{}\"}}",
-                words[i],
-                words[(i + 7) % words.len()]
-            )
-        })
-        .collect();
     let task = dir.join("shift7.json");
-    std::fs::write(&task, format!("[{}]", pairs.join(","))).expect("task");
+    std::fs::write(&task, tunelens::model::tiny::tiny_icl_task_json()).expect("task");
     task
 }
 

@@ -80,6 +80,16 @@ const WORDS: [&str; 59] = [
 /// The special tokens of the tiny vocabulary (ids 0..5).
 const SPECIAL: [&str; 5] = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"];
 
+/// An in-context task in the tiny vocabulary, as the function-vectors JSON format (a list of
+/// `{"input", "output"}`): each of the first 40 words maps to the word seven places on.
+pub fn tiny_icl_task_json() -> String {
+    let words = &WORDS[..40];
+    let pairs: Vec<serde_json::Value> = (0..words.len())
+        .map(|i| serde_json::json!({"input": words[i], "output": words[(i + 7) % words.len()]}))
+        .collect();
+    serde_json::Value::Array(pairs).to_string()
+}
+
 /// The tiny chat template (user turns, then the assistant marker).
 pub const TINY_CHAT_TEMPLATE: &str = "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} {% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
 
