@@ -525,24 +525,18 @@ fn effects_within(
         .first()
         .ok_or_else(|| Error::invalid("target", "no target token"))?;
     // With the NLL the suffix is the last prompt token and the target tokens but its last.
-    let mut ids = prompt.ids.clone();
-    let s = if nll {
-        ids.extend_from_slice(&prompt.target[..prompt.target.len() - 1]);
-        prompt.target.len()
+    let (ids, s) = if nll {
+        with_target(prompt)
     } else {
-        1
+        (prompt.ids.clone(), 1)
     };
     let run = run_suffix(model, &ids, s, false)?;
     let p0 = softmax(&run.logits[0])[y as usize];
-    let nll_of = |rows: &[Vec<f32>]| -> f64 {
-        prompt
-            .target
-            .iter()
-            .zip(rows)
-            .map(|(&t, row)| -log_prob(row, t))
-            .sum()
+    let nll0 = if nll {
+        target_nll(&prompt.target, &run.logits)
+    } else {
+        0.0
     };
-    let nll0 = if nll { nll_of(&run.logits) } else { 0.0 };
     let device = model.device();
     let all_means = means_tensor(means, n_layers, h, dh, device)?;
     // The heads of a layer run as one batch, its rows sharing the prompt's cached keys and
@@ -582,7 +576,7 @@ fn effects_within(
                 let out: Vec<Vec<f32>> = logits.get(k - first)?.to_vec2()?;
                 dp[l * h + k] = softmax(&out[0])[y as usize] - p0;
                 if nll {
-                    dnll[l * h + k] = (nll_of(&out) - nll0) as f32;
+                    dnll[l * h + k] = (target_nll(&prompt.target, &out) - nll0) as f32;
                 }
             }
         }
@@ -764,6 +758,57 @@ struct Prepared<'t> {
     task: &'t IclTask,
 }
 
+/// The prompt followed by its target but the last token, and the suffix length that covers
+/// the last prompt token and those target tokens: teacher forcing of the whole target.
+fn with_target(prompt: &PromptIds) -> (Vec<u32>, usize) {
+    let mut ids = prompt.ids.clone();
+    ids.extend_from_slice(&prompt.target[..prompt.target.len().saturating_sub(1)]);
+    (ids, prompt.target.len().max(1))
+}
+
+/// `−Σ log p(target_j)` over the suffix rows of [`with_target`].
+fn target_nll(target: &[u32], rows: &[Vec<f32>]) -> f64 {
+    target
+        .iter()
+        .zip(rows)
+        .map(|(&t, row)| -log_prob(row, t))
+        .sum()
+}
+
+/// Draws a trial: a query of the filter set and `shots` train demonstrations (labels shuffled
+/// when asked). A draw whose answer cannot be tokenized apart from its prompt is redrawn, up to
+/// ten times.
+fn draw_trial(
+    tokenizer: &Tokenizer,
+    cfg: &IvConfig,
+    prep: &Prepared<'_>,
+    shots: usize,
+    shuffle: bool,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<PromptIds> {
+    for _ in 0..10 {
+        let q = prep.filter[icl::sample_indices(rng, prep.filter.len(), 1)[0]];
+        match make_prompt(
+            tokenizer,
+            cfg,
+            &prep.split.train,
+            &prep.split.valid[q],
+            shots,
+            shuffle,
+            rng,
+        ) {
+            Ok(p) => return Ok(p),
+            // An answer that cannot be told apart from its prompt: draw again.
+            Err(Error::InvalidArgument { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::invalid(
+        "task",
+        format!("`{}`: too few prompts could be tokenized", prep.task.name),
+    ))
+}
+
 /// Builds a prompt of `shots` demonstrations from train (labels shuffled when asked) for `query`.
 fn make_prompt(
     tokenizer: &Tokenizer,
@@ -854,18 +899,10 @@ fn prepare<'t>(
             }
             Err(e) => return Err(e),
         };
-        let mut ids = prompt.ids.clone();
-        ids.extend_from_slice(&prompt.target[..prompt.target.len() - 1]);
-        let s = prompt.target.len();
+        let (ids, s) = with_target(&prompt);
         let run = run_suffix(model, &ids, s, false)?;
         let rank = rank_of(&run.logits[0], prompt.target[0]);
-        let nll: f64 = prompt
-            .target
-            .iter()
-            .zip(&run.logits)
-            .map(|(&t, row)| -log_prob(row, t))
-            .sum();
-        scored.push((i, rank, nll));
+        scored.push((i, rank, target_nll(&prompt.target, &run.logits)));
     }
     if skipped > 0 {
         notes.push(format!(
@@ -935,16 +972,7 @@ fn mean_activations(
     let (n_layers, h, dh) = (model.layers.len(), c.num_attention_heads, c.head_dim);
     let mut sums = vec![0f64; n_layers * h * dh];
     let mut p_sum = 0f64;
-    let mut done = 0usize;
-    let mut attempts = 0usize;
-    while done < cfg.n_mean {
-        attempts += 1;
-        if attempts > cfg.n_mean * 4 + 10 {
-            return Err(Error::invalid(
-                "task",
-                format!("`{}`: too few prompts could be tokenized", prep.task.name),
-            ));
-        }
+    for done in 0..cfg.n_mean {
         check_cancel(
             progress,
             done as f32 / cfg.n_mean.max(1) as f32,
@@ -955,20 +983,7 @@ fn mean_activations(
                 cfg.n_mean
             ),
         )?;
-        let q = prep.filter[icl::sample_indices(rng, prep.filter.len(), 1)[0]];
-        let prompt = match make_prompt(
-            tokenizer,
-            cfg,
-            &prep.split.train,
-            &prep.split.valid[q],
-            cfg.mean_shots,
-            false,
-            rng,
-        ) {
-            Ok(p) => p,
-            Err(Error::InvalidArgument { .. }) => continue,
-            Err(e) => return Err(e),
-        };
+        let prompt = draw_trial(tokenizer, cfg, prep, cfg.mean_shots, false, rng)?;
         let run = run_suffix(model, &prompt.ids, 1, true)?;
         for (l, z) in run.heads.iter().enumerate() {
             let z: Vec<f32> = z.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
@@ -986,7 +1001,6 @@ fn mean_activations(
                 ie: Vec::new(),
             });
         }
-        done += 1;
     }
     let n = cfg.n_mean.max(1) as f64;
     Ok((
@@ -1079,16 +1093,7 @@ pub fn run_tasks(
             let mut sum_dp = vec![0f64; n_layers * h];
             let mut sum_nll = vec![0f64; n_layers * h];
             let mut p_sum = 0f64;
-            let mut done = 0usize;
-            let mut attempts = 0usize;
-            while done < cfg.n_ie {
-                attempts += 1;
-                if attempts > cfg.n_ie * 4 + 10 {
-                    return Err(Error::invalid(
-                        "task",
-                        format!("`{}`: too few prompts could be tokenized", task.name),
-                    ));
-                }
+            for done in 0..cfg.n_ie {
                 check_cancel(
                     &mut |f, m| progress(p_ie(f), m),
                     done as f32 / cfg.n_ie.max(1) as f32,
@@ -1099,20 +1104,14 @@ pub fn run_tasks(
                         cfg.n_ie
                     ),
                 )?;
-                let q = prep.filter[icl::sample_indices(&mut rng, prep.filter.len(), 1)[0]];
-                let prompt = match make_prompt(
+                let prompt = draw_trial(
                     tokenizer,
                     cfg,
-                    &prep.split.train,
-                    &prep.split.valid[q],
+                    &prep,
                     cfg.shots,
                     cfg.shuffle_labels,
                     &mut rng,
-                ) {
-                    Ok(p) => p,
-                    Err(Error::InvalidArgument { .. }) => continue,
-                    Err(e) => return Err(e),
-                };
+                )?;
                 let (p0, dp, dnll) = indirect_effects(model, &prompt, &means, cfg.patch, nll)?;
                 p_sum += f64::from(p0);
                 for (s, v) in sum_dp.iter_mut().zip(&dp) {
@@ -1129,7 +1128,6 @@ pub fn run_tasks(
                         ie: dp,
                     });
                 }
-                done += 1;
             }
             let n = cfg.n_ie.max(1) as f64;
             aie = sum_dp.iter().map(|s| (s / n) as f32).collect();
@@ -1387,12 +1385,19 @@ mod tests {
         }
     }
 
-    /// Mean outputs from a few prompts of the tiny model.
-    fn some_means(model: &Transformer) -> Vec<f32> {
-        let run = run_suffix(model, &[1, 7, 9, 11, 5, 20], 1, true).unwrap();
+    /// A prompt's last-token head outputs, `L × h × d_h`.
+    fn last_head_outputs(model: &Transformer, ids: &[u32]) -> Vec<f32> {
+        let run = run_suffix(model, ids, 1, true).unwrap();
         run.heads
             .iter()
             .flat_map(|z| z.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    }
+
+    /// Mean outputs from a few prompts of the tiny model.
+    fn some_means(model: &Transformer) -> Vec<f32> {
+        last_head_outputs(model, &[1, 7, 9, 11, 5, 20])
+            .into_iter()
             .map(|v| v * 8.0 + 0.5)
             .collect()
     }
@@ -1444,12 +1449,7 @@ mod tests {
         let m = tiny();
         let p = prompt(&[1, 8, 12, 30, 14, 9], &[33]);
         // The prompt's own last-token head outputs as the "means".
-        let run = run_suffix(&m.model, &p.ids, 1, true)?;
-        let own: Vec<f32> = run
-            .heads
-            .iter()
-            .flat_map(|z| z.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .collect();
+        let own = last_head_outputs(&m.model, &p.ids);
         let (_, ie, _) = indirect_effects(&m.model, &p, &own, PatchOp::Replace, false)?;
         let worst = ie.iter().fold(0f32, |w, v| w.max(v.abs()));
         assert!(worst < 1e-6, "null patch IE {worst}");

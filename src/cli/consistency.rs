@@ -3,7 +3,6 @@
 //! attribute/extraction rates, for one model or A beside B.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -13,8 +12,7 @@ use crate::analysis::prediction::PredictionMode;
 use crate::cli::{Cli, ModelArg};
 use crate::error::Error;
 use crate::worker::consistency::{self, ConsistencyOutput, ConsistencySettings, Measures};
-use crate::worker::runner::{run_job, WorkerCtx};
-use crate::worker::{Event, Job, JobOutput};
+use crate::worker::{Job, JobOutput};
 
 /// `tunelens consistency`.
 #[derive(Debug, Args)]
@@ -117,31 +115,14 @@ pub(super) fn run(cli: &Cli, args: &ConsistencyArgs) -> anyhow::Result<()> {
     let settings = settings(args)?;
     // Bad data files fail before any model is loaded.
     consistency::ConsistencyData::load(&settings)?;
-    let mut ctx = WorkerCtx::default();
-    let slots = super::load_models(cli, &mut ctx, &args.model.model, args.model_b.as_deref())?;
-    let output = run_job(
-        &mut ctx,
-        1,
-        Job::Consistency { slots, settings },
-        &mut |event| {
-            if let Event::Progress { frac, message, .. } = event {
-                let _ = super::weights::progress_line(frac, &message);
-            }
-        },
-    )?;
-    eprintln!();
+    let output =
+        super::run_with_progress(cli, &args.model.model, args.model_b.as_deref(), |slots| {
+            Job::Consistency { slots, settings }
+        })?;
     let JobOutput::Consistency(output) = output else {
         anyhow::bail!("the consistency job returned another result");
     };
-    if cli.json {
-        writeln!(
-            std::io::stdout().lock(),
-            "{}",
-            serde_json::to_string(&output)?
-        )?;
-    } else {
-        write!(std::io::stdout().lock(), "{}", text_report(&output))?;
-    }
+    super::print_report(cli, output.as_ref(), text_report)?;
     if let Some(dir) = &args.out {
         // The GUI's Export writer: figure, every measure as CSV, JSON of everything.
         let stem = args.stem.as_deref().unwrap_or("consistency");

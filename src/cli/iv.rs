@@ -2,7 +2,6 @@
 //! for one model or A beside B, with the saved vectors and the figure written by `--out`.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -12,8 +11,7 @@ use crate::analysis::iv::{self, IvConfig, PatchOp, RankBy};
 use crate::cli::{Cli, ModelArg};
 use crate::error::Error;
 use crate::worker::iv::{IvOutput, IvSettings, TaskSource, SHIPPED_TASKS};
-use crate::worker::runner::{run_job, WorkerCtx};
-use crate::worker::{Event, Job, JobOutput};
+use crate::worker::{Job, JobOutput};
 
 /// `tunelens iv`.
 #[derive(Debug, Args)]
@@ -173,31 +171,14 @@ pub(super) fn run(cli: &Cli, args: &IvArgs) -> anyhow::Result<()> {
     let settings = settings(args)?;
     // Bad task files fail before any model is loaded.
     crate::worker::iv::load_tasks(&settings)?;
-    let mut ctx = WorkerCtx::default();
-    let slots = super::load_models(cli, &mut ctx, &args.model.model, args.model_b.as_deref())?;
-    let output = run_job(
-        &mut ctx,
-        1,
-        Job::InstructionVectors { slots, settings },
-        &mut |event| {
-            if let Event::Progress { frac, message, .. } = event {
-                let _ = super::weights::progress_line(frac, &message);
-            }
-        },
-    )?;
-    eprintln!();
+    let output =
+        super::run_with_progress(cli, &args.model.model, args.model_b.as_deref(), |slots| {
+            Job::InstructionVectors { slots, settings }
+        })?;
     let JobOutput::InstructionVectors(output) = output else {
         anyhow::bail!("the instruction-vector job returned another result");
     };
-    if cli.json {
-        writeln!(
-            std::io::stdout().lock(),
-            "{}",
-            serde_json::to_string(&output)?
-        )?;
-    } else {
-        write!(std::io::stdout().lock(), "{}", text_report(&output))?;
-    }
+    super::print_report(cli, output.as_ref(), text_report)?;
     if let Some(dir) = &args.out {
         let stem = args.stem.as_deref().unwrap_or("iv");
         for path in crate::export::iv::write_iv(dir, stem, &output, 0)? {

@@ -224,6 +224,40 @@ pub(crate) fn load_models(
     Ok(specs.into_iter().map(|(slot, _)| slot).collect())
 }
 
+/// Loads `--model` (and `--model-b`), runs the job `job(slots)` builds with a progress bar on
+/// stderr, and returns its output.
+pub(crate) fn run_with_progress(
+    cli: &Cli,
+    model: &str,
+    model_b: Option<&str>,
+    job: impl FnOnce(Vec<Slot>) -> Job,
+) -> anyhow::Result<JobOutput> {
+    let mut ctx = WorkerCtx::default();
+    let slots = load_models(cli, &mut ctx, model, model_b)?;
+    let output = run_job(&mut ctx, 1, job(slots), &mut |event| {
+        if let crate::worker::Event::Progress { frac, message, .. } = event {
+            let _ = weights::progress_line(frac, &message);
+        }
+    })?;
+    eprintln!();
+    Ok(output)
+}
+
+/// Prints a result as JSON (`--json`) or as its text report.
+pub(crate) fn print_report<T: serde::Serialize>(
+    cli: &Cli,
+    output: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if cli.json {
+        writeln!(out, "{}", serde_json::to_string(output)?)?;
+    } else {
+        write!(out, "{}", text(output))?;
+    }
+    Ok(())
+}
+
 /// Runs a subcommand, printing to stdout. Every subcommand runs through the worker's job path
 /// ([`run_job`]), as the GUI's jobs do.
 pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {

@@ -438,11 +438,14 @@ struct Steering {
     note: String,
 }
 
-fn steering(loaded: &LoadedModel, request: &SteerRequest) -> Result<Steering> {
-    let saved = crate::ivfile::load(&request.path)?;
+fn steering(
+    loaded: &LoadedModel,
+    request: &SteerRequest,
+    saved: &crate::ivfile::SavedIv,
+) -> Result<Steering> {
     let cfg = loaded.model.config();
     let warning = crate::ivfile::check_model(
-        &saved,
+        saved,
         cfg.hidden_size,
         loaded.model.layers.len(),
         &crate::worker::iv::fingerprint(loaded)?,
@@ -524,11 +527,18 @@ fn generate_lockstep(
             "no model slot to generate with",
         ));
     }
+    // The saved vector is read once and checked against each model.
+    let saved = steer
+        .map(|s| Ok::<_, Error>((s, crate::ivfile::load(&s.path)?)))
+        .transpose()?;
     let mut runs = Vec::with_capacity(slots.len());
     for &slot in slots {
         let loaded = ctx.model(slot)?;
         let (rendered, ids) = render_prompt(loaded, prompt, chat)?;
-        let mut steering = steer.map(|s| steering(loaded, s)).transpose()?;
+        let mut steering = saved
+            .as_ref()
+            .map(|(request, iv)| steering(loaded, request, iv))
+            .transpose()?;
         let generator = match steering.as_mut() {
             Some(s) => Generator::new(&loaded.model, &loaded.tokenizer, &ids, cfg, &mut s.prefill)?,
             None => Generator::new(&loaded.model, &loaded.tokenizer, &ids, cfg, &mut NoHook)?,

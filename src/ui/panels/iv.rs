@@ -574,12 +574,7 @@ fn aie_grid_ui(
             }
         }
     }
-    let at = |p: Pos2| {
-        let v = p - origin;
-        let (i, j) = ((v.y / cell.y).floor(), (v.x / cell.x).floor());
-        (v.x >= 0.0 && v.y >= 0.0 && (i as usize) < rows && (j as usize) < cols)
-            .then_some((i as usize, j as usize))
-    };
+    let at = |p: Pos2| crate::ui::widgets::plot::grid_cell_at(origin, cell, (rows, cols), p);
     if let Some((i, j)) = response.hover_pos().and_then(at) {
         let rank = t
             .top

@@ -451,6 +451,19 @@ pub fn histogram_ui(
     response
 }
 
+/// The `(row, column)` of a grid of `cell`-sized cells from `origin` under `p`, if any.
+pub fn grid_cell_at(
+    origin: Pos2,
+    cell: Vec2,
+    (rows, cols): (usize, usize),
+    p: Pos2,
+) -> Option<(usize, usize)> {
+    let v = p - origin;
+    let (i, j) = ((v.y / cell.y).floor(), (v.x / cell.x).floor());
+    (v.x >= 0.0 && v.y >= 0.0 && (i as usize) < rows && (j as usize) < cols)
+        .then_some((i as usize, j as usize))
+}
+
 /// A grid of counts (rows × columns) in the viridis scale, with row labels at the left, column
 /// labels below, a colour scale, and `highlighted` cells outlined (e.g. the heads whose pairs
 /// contain a searched word); returns the clicked cell.
@@ -576,12 +589,7 @@ pub fn count_grid_ui(
         font,
         theme::MUTED,
     );
-    let at = |p: Pos2| {
-        let v = p - origin;
-        let (i, j) = ((v.y / cell.y).floor(), (v.x / cell.x).floor());
-        (v.x >= 0.0 && v.y >= 0.0 && (i as usize) < rows && (j as usize) < cols)
-            .then_some((i as usize, j as usize))
-    };
+    let at = |p: Pos2| grid_cell_at(origin, cell, (rows, cols), p);
     let clicked = if response.clicked() {
         response.interact_pointer_pos().and_then(at)
     } else {
