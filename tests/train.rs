@@ -9,8 +9,12 @@ use tunelens::train::checkpoint::{
     find_checkpoint, read_state, restore, write_peft_adapter, DataSettings,
 };
 use tunelens::train::dataset::{self, Example, PromptTemplate, Renderer, SplitOptions};
-use tunelens::train::lora_trainer::{LossContext, LossTerm, StepError, TrainSettings, Trainer};
+use tunelens::train::guidance::Guidance;
+use tunelens::train::lora_trainer::{
+    Gradients, LossContext, LossTerm, StepError, TrainSettings, Trainer, TARGETABLE,
+};
 use tunelens::train::run::{new_state, run, TrainEvent};
+use tunelens::train::settings::{GuidanceSettings, Progressive};
 
 use crate::common::{ids_tensor, max_abs_diff, tiny, tiny_f64};
 
@@ -410,4 +414,228 @@ fn steps_keep_no_autograd_graph_alive() {
             }
         }
     }
+}
+
+/// A guidance for the tiny model: a seeded vector of norm `norm` at layer 1, four heads.
+fn tiny_guidance(lm: &LoadedModel, settings: GuidanceSettings, norm: f32) -> Guidance {
+    let d = lm.model.config().hidden_size;
+    #[allow(clippy::cast_precision_loss)]
+    let raw: Vec<f32> = (0..d).map(|i| ((i * 7 + 3) % 11) as f32 - 5.0).collect();
+    let len = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let vector: Vec<f32> = raw.iter().map(|v| v * norm / len).collect();
+    Guidance::new(
+        settings,
+        &vector,
+        vec![(0, 1), (1, 2), (2, 0), (1, 3)],
+        &lm.model,
+    )
+    .unwrap()
+}
+
+fn guided_settings() -> GuidanceSettings {
+    GuidanceSettings {
+        layer: 1,
+        ..GuidanceSettings::code("tiny-iv.safetensors".into())
+    }
+}
+
+/// Gives every adapter a non-zero `B`, so the adapted model differs from the reference.
+fn perturb_adapters(trainer: &Trainer) {
+    for (i, p) in trainer.params().iter().enumerate() {
+        let shape = p.b.dims().to_vec();
+        let n: usize = shape.iter().product();
+        #[allow(clippy::cast_precision_loss)]
+        let values: Vec<f32> = (0..n)
+            .map(|j| (((i * 17 + j * 5) % 11) as f32 - 5.0) * 0.2)
+            .collect();
+        let value = Tensor::from_vec(values, shape, p.b.device()).unwrap();
+        p.b.set(&value.to_dtype(p.b.dtype()).unwrap()).unwrap();
+    }
+}
+
+fn assert_grads_close(fast: &Gradients, reference: &Gradients, rel: f64) {
+    for ((fa, fb), (ra, rb)) in fast.grads.iter().zip(&reference.grads) {
+        for (f, r) in [(fa, ra), (fb, rb)] {
+            let scale = max_abs_diff(r, &r.zeros_like().unwrap()).max(1e-12);
+            assert!(
+                max_abs_diff(f, r) <= rel * scale + 1e-9,
+                "{} vs scale {}",
+                max_abs_diff(f, r),
+                scale
+            );
+        }
+    }
+}
+
+fn all_targets() -> Vec<String> {
+    TARGETABLE.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn fresh_adapters_and_a_zero_vector_add_nothing() {
+    // METHODS.md §5.6: B = 0 and IV = 0 give logits == logits_ref, so kl1 = kl2 = 0, the
+    // thresholded terms are 0, and the gradient is the cross-entropy's alone.
+    let lm = tiny(5);
+    let mut s = settings(1);
+    s.batch_size = 4;
+    s.lora.targets = all_targets();
+    let mut plain = Trainer::new(lm.model.clone(), s.clone(), examples(&lm), vec![], 0).unwrap();
+    let mut guided = Trainer::new(lm.model.clone(), s, examples(&lm), vec![], 0).unwrap();
+    guided.set_guidance(tiny_guidance(&lm, guided_settings(), 0.0));
+    assert_eq!(guided.term_names(), ["ce", "kl1", "kl2", "pr"]);
+    let reference = plain.gradients().unwrap();
+    let with_iv = guided.gradients().unwrap();
+    let raw: std::collections::HashMap<_, _> = with_iv.metrics.iter().cloned().collect();
+    assert!(raw["kl1_raw"].abs() < 1e-6, "{raw:?}");
+    assert!(raw["kl2_raw"].abs() < 1e-5, "{raw:?}");
+    assert!(raw["mse_raw"].abs() < 1e-10, "{raw:?}");
+    for (name, value) in &with_iv.terms[1..] {
+        assert_eq!(*value, 0.0, "{name}");
+    }
+    assert!((with_iv.terms[0].1 - reference.terms[0].1).abs() < 1e-6);
+    assert_grads_close(&with_iv, &reference, 1e-5);
+}
+
+#[test]
+fn terms_below_their_thresholds_contribute_nothing() {
+    let lm = tiny(5);
+    let mut s = settings(1);
+    s.batch_size = 4;
+    let mut plain = Trainer::new(lm.model.clone(), s.clone(), examples(&lm), vec![], 0).unwrap();
+    let mut guided = Trainer::new(lm.model.clone(), s, examples(&lm), vec![], 0).unwrap();
+    perturb_adapters(&plain);
+    perturb_adapters(&guided);
+    let g = GuidanceSettings {
+        kl_threshold: 1e9,
+        mse_threshold: 1e9,
+        ..guided_settings()
+    };
+    guided.set_guidance(tiny_guidance(&lm, g, 3.0));
+    let reference = plain.gradients().unwrap();
+    let with_iv = guided.gradients().unwrap();
+    let raw: std::collections::HashMap<_, _> = with_iv.metrics.iter().cloned().collect();
+    assert!(
+        raw["kl2_raw"] > 1e-3,
+        "the terms are not trivially zero: {raw:?}"
+    );
+    assert!(raw["mse_raw"] > 1e-6, "{raw:?}");
+    for (name, value) in &with_iv.terms[1..] {
+        assert_eq!(*value, 0.0, "{name}");
+    }
+    assert_grads_close(&with_iv, &reference, 1e-5);
+}
+
+#[test]
+fn guided_hand_written_gradients_match_autograd_term_by_term() {
+    // In f64, so the comparison measures the backward, not f32 rounding.
+    let lm = tiny_f64(6);
+    let zero = GuidanceSettings {
+        kl_alpha1: 0.0,
+        kl_alpha2: 0.0,
+        pr_alpha: 0.0,
+        kl_threshold: 0.0,
+        mse_threshold: 0.0,
+        ..guided_settings()
+    };
+    let cases = [
+        (
+            "kl1",
+            GuidanceSettings {
+                kl_alpha1: 20.0,
+                ..zero.clone()
+            },
+        ),
+        (
+            "kl2",
+            GuidanceSettings {
+                kl_alpha2: 0.5,
+                ..zero.clone()
+            },
+        ),
+        (
+            "pr",
+            GuidanceSettings {
+                pr_alpha: 1.0,
+                ..zero.clone()
+            },
+        ),
+        (
+            "progressive",
+            GuidanceSettings {
+                kl_alpha2: 0.05,
+                progressive: Some(Progressive::Linear),
+                ..zero.clone()
+            },
+        ),
+        (
+            "all",
+            GuidanceSettings {
+                kl_alpha1: 1.0,
+                kl_alpha2: 0.1,
+                pr_alpha: 1.0,
+                ..zero
+            },
+        ),
+    ];
+    for (name, g) in cases {
+        let mut s = settings(4);
+        s.batch_size = 3;
+        s.grad_accum = 2;
+        s.lora.targets = all_targets();
+        s.lora.dropout = 0.1;
+        let mut trainer = Trainer::new(lm.model.clone(), s, examples(&lm), vec![], 0).unwrap();
+        perturb_adapters(&trainer);
+        trainer.set_guidance(tiny_guidance(&lm, g, 2.0));
+        if name == "progressive" {
+            // A step in the middle of the run, where the scale is 0.5.
+            trainer.step().unwrap();
+            trainer.step().unwrap();
+        }
+        assert!(trainer.uses_fast_backward());
+        let fast = trainer.gradients().unwrap();
+        trainer.set_autograd(true);
+        let reference = trainer.gradients().unwrap();
+        for ((n, f), (_, r)) in fast.terms.iter().zip(&reference.terms) {
+            assert!(
+                (f - r).abs() <= 1e-5 * r.abs().max(1e-3),
+                "{name}: term {n} {f} vs {r}"
+            );
+        }
+        let active: Vec<&(String, f64)> = fast.terms.iter().filter(|(_, v)| *v > 0.0).collect();
+        assert!(active.len() >= 2, "{name}: {:?}", fast.terms);
+        if name == "progressive" {
+            assert!(fast
+                .metrics
+                .iter()
+                .any(|(n, v)| n == "iv_scale" && (*v - 0.5).abs() < 1e-12));
+        }
+        assert_grads_close(&fast, &reference, 1e-9);
+    }
+}
+
+#[test]
+fn guided_steps_change_only_the_adapters() {
+    let lm = tiny(7);
+    let mut s = settings(3);
+    s.lora.targets = all_targets();
+    let before = lm.model.layers[1].self_attn.o_proj.weight.clone();
+    let mut trainer = Trainer::new(lm.model.clone(), s, examples(&lm), vec![], 0).unwrap();
+    let g = GuidanceSettings {
+        kl_threshold: 0.0,
+        mse_threshold: 0.0,
+        ..guided_settings()
+    };
+    trainer.set_guidance(tiny_guidance(&lm, g, 2.0));
+    let start = params_of(&trainer);
+    for _ in 0..3 {
+        let report = trainer.step().unwrap();
+        assert_eq!(report.terms.len(), 4);
+        assert!(
+            report.terms.iter().skip(1).any(|(_, v)| *v > 0.0),
+            "{report:?}"
+        );
+    }
+    assert_ne!(params_of(&trainer), start);
+    let after = &trainer.model().layers[1].self_attn.o_proj.weight;
+    assert_eq!(max_abs_diff(&before, after), 0.0);
 }

@@ -304,6 +304,18 @@ impl Transformer {
     /// A fast (non-differentiable) forward of one sequence that also records the activations
     /// [`Transformer::input_vjp`] needs; returns the final-norm hidden states `(1, T, d)`.
     pub fn run_taped(&self, input: Input<'_>, use_lora: bool) -> Result<(Tensor, Tape)> {
+        self.run_taped_hooked(input, use_lora, &mut NoHook)
+    }
+
+    /// [`Transformer::run_taped`] calling `hook` at every hook point. A hook that adds a
+    /// constant (a steering vector) leaves the backward as it is; the tape records the edited
+    /// activations.
+    pub fn run_taped_hooked(
+        &self,
+        input: Input<'_>,
+        use_lora: bool,
+        hook: &mut dyn Hook,
+    ) -> Result<(Tensor, Tape)> {
         let opts = ForwardOptions {
             differentiable: false,
             logits: LogitsAt::None,
@@ -316,7 +328,7 @@ impl Transformer {
             ));
         }
         let mut tape = Tape::default();
-        let hidden = self.run_inner(input, &opts, None, &mut NoHook, Some(&mut tape))?;
+        let hidden = self.run_inner(input, &opts, None, hook, Some(&mut tape))?;
         if hidden.dim(0)? != 1 {
             return Err(Error::invalid("taped forward", "expects one sequence"));
         }

@@ -137,7 +137,21 @@ impl Transformer {
         &self,
         tape: &Tape,
         cot: &Tensor,
+        sink: Option<&mut LoraGrads>,
+    ) -> Result<Tensor> {
+        self.input_vjp_with(tape, cot, sink, &[])
+    }
+
+    /// [`Transformer::input_vjp_lora`] with extra cotangents on the heads' concatenated outputs
+    /// (HOOK A, the input of `o_proj`): `z_cots` holds `(layer, (k, T_z, n_heads · head_dim))`
+    /// with `T_z ≥ T'`, added to the gradient that reaches `z` of that layer from above. A loss
+    /// on head outputs (the head-preservation term of METHODS.md §5.2) enters here.
+    pub fn input_vjp_with(
+        &self,
+        tape: &Tape,
+        cot: &Tensor,
         mut sink: Option<&mut LoraGrads>,
+        z_cots: &[(usize, Tensor)],
     ) -> Result<Tensor> {
         let (k_sz, t_len, hidden) = cot.dims3()?;
         let cfg = self.config();
@@ -222,6 +236,11 @@ impl Transformer {
             grad = rms_norm_vjp_add(&layer.post_attention_layernorm, &x_mid, &d_normed, &grad)?;
 
             // Attention: x_mid = x_in + o(attn(norm1(x_in))).
+            let z_cot = z_cots
+                .iter()
+                .filter(|(l, _)| *l == layer_idx)
+                .map(|(_, t)| t.narrow(1, 0, t_len))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
             let d_normed = self.attention_vjp(
                 layer_idx,
                 layer,
@@ -231,6 +250,7 @@ impl Transformer {
                 &neg_sin,
                 use_lora,
                 sink.as_deref_mut(),
+                &z_cot,
             )?;
             let x_in = first(taped(lt.x_in.as_ref(), "layer input")?, 1, t_len)?;
             grad = rms_norm_vjp_add(&layer.input_layernorm, &x_in, &d_normed, &grad)?;
@@ -252,6 +272,7 @@ impl Transformer {
         neg_sin: &Tensor,
         use_lora: bool,
         mut sink: Option<&mut LoraGrads>,
+        z_cot: &[Tensor],
     ) -> Result<Tensor> {
         let cfg = self.config();
         let (k_sz, t_len, _) = d_out.dims3()?;
@@ -280,6 +301,10 @@ impl Transformer {
                 inputs.as_ref().map(|i| &i.1),
             ),
         )?;
+        let mut d_z = d_z;
+        for extra in z_cot {
+            d_z = (d_z + extra.to_dtype(d_out.dtype())?)?;
+        }
         let dims = AttnDims {
             k_sz,
             t_len,
@@ -675,7 +700,10 @@ fn linear_vjp(
             let dy_b = d2.matmul(&b)?; // (k·T, r)
             let mut delta = (dy_b.matmul(&a)? * lora.scale)?;
             let mask = match &lora.dropout {
-                Some(dropout) => dropout.mask(delta.shape(), delta.device())?,
+                Some(dropout) => dropout
+                    .mask(delta.shape(), delta.device())?
+                    .map(|m| m.to_dtype(delta.dtype()))
+                    .transpose()?,
                 None => None,
             };
             if let Some(mask) = &mask {

@@ -25,6 +25,9 @@ use crate::model::lora::{LoraAdapter, LoraDropout, DROPOUT_OFF};
 use crate::model::transformer::{ForwardOptions, Input, LogitsAt, Transformer};
 use crate::model::vjp::LoraGrads;
 use crate::train::dataset::{shuffle, Example, SplitMix64};
+use crate::train::guidance::{Guidance, GUIDED_TERMS};
+
+mod guided;
 use crate::train::optim::adamw_update;
 
 pub use crate::train::batch::{make_batch, Batch};
@@ -72,6 +75,8 @@ pub struct Gradients {
     pub grads: Vec<(Tensor, Tensor)>,
     /// Tokens processed (no padding).
     pub tokens: usize,
+    /// Values with their own curves that are not loss terms ([`StepReport::metrics`]).
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// Why a step failed.
@@ -111,6 +116,7 @@ pub struct Trainer {
     terms: Vec<Box<dyn LossTerm>>,
     dropout_seed: Arc<AtomicU64>,
     autograd: bool,
+    guidance: Option<Guidance>,
 }
 
 /// Mixes values into a seed.
@@ -217,6 +223,7 @@ impl Trainer {
             terms: vec![Box::new(CrossEntropy)],
             dropout_seed,
             autograd: false,
+            guidance: None,
         })
     }
 
@@ -227,7 +234,24 @@ impl Trainer {
 
     /// Names of the loss terms, in order.
     pub fn term_names(&self) -> Vec<String> {
+        if self.guidance.is_some() {
+            return std::iter::once("ce")
+                .chain(GUIDED_TERMS)
+                .map(str::to_owned)
+                .collect();
+        }
         self.terms.iter().map(|t| t.name().to_owned()).collect()
+    }
+
+    /// Guides the run with an instruction vector (METHODS.md §5.2/§5.4): the loss becomes
+    /// `ce + kl1 + kl2 + pr`, each computed by [`crate::train::guidance`].
+    pub fn set_guidance(&mut self, guidance: Guidance) {
+        self.guidance = Some(guidance);
+    }
+
+    /// The guidance, when the run has one.
+    pub fn guidance(&self) -> Option<&Guidance> {
+        self.guidance.as_ref()
     }
 
     /// The settings.
@@ -371,12 +395,15 @@ impl Trainer {
     /// Whether steps use the hand-written backward: only the cross-entropy term is present
     /// (other terms need the autograd graph) and autograd was not forced.
     pub fn uses_fast_backward(&self) -> bool {
-        !self.autograd && self.terms.len() == 1
+        !self.autograd && (self.terms.len() == 1 || self.guidance.is_some())
     }
 
     /// The loss terms (averaged over micro-batches) and the gradients of the total loss for
     /// the next optimizer step, without updating anything.
     pub fn gradients(&mut self) -> std::result::Result<Gradients, StepError> {
+        if self.guidance.is_some() {
+            return self.guided_gradients();
+        }
         if self.uses_fast_backward() {
             return self.fast_gradients();
         }
@@ -443,6 +470,7 @@ impl Trainer {
             terms,
             grads: grads.into_iter().flatten().collect(),
             tokens,
+            metrics: Vec::new(),
         })
     }
 
@@ -528,6 +556,18 @@ impl Trainer {
             }
             ce_total += mean;
         }
+        #[allow(clippy::cast_precision_loss)]
+        Ok(Gradients {
+            terms: vec![("ce".to_owned(), ce_total / accum as f64)],
+            grads: self.collect_grads(sink)?,
+            tokens,
+            metrics: Vec::new(),
+        })
+    }
+
+    /// The hand-written backward's adapter gradients in [`Trainer::params`] order (zeros for an
+    /// adapter the loss does not reach).
+    fn collect_grads(&self, mut sink: LoraGrads) -> Result<Vec<(Tensor, Tensor)>> {
         let mut grads = Vec::with_capacity(self.params.len());
         for param in &self.params {
             let module = TARGETABLE
@@ -544,12 +584,15 @@ impl Trainer {
             };
             grads.push((da, db));
         }
-        #[allow(clippy::cast_precision_loss)]
-        Ok(Gradients {
-            terms: vec![("ce".to_owned(), ce_total / accum as f64)],
-            grads,
-            tokens,
-        })
+        Ok(grads)
+    }
+
+    fn non_finite(&self, value: f64) -> StepError {
+        StepError::NonFinite {
+            what: if value.is_nan() { "NaN" } else { "infinite" },
+            step: self.step + 1,
+            last_good: self.step,
+        }
     }
 
     /// One optimizer step: `grad_accum` micro-batches, clipping, AdamW. On a non-finite loss or
@@ -560,6 +603,7 @@ impl Trainer {
             terms,
             grads,
             tokens,
+            metrics,
         } = self.gradients()?;
         let mut sq = 0f64;
         for (ga, gb) in &grads {
@@ -612,6 +656,7 @@ impl Trainer {
             grad_norm,
             tokens_per_s: tokens as f64 / seconds.max(1e-9),
             seconds,
+            metrics,
         })
     }
 

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod dataset;
+pub mod guidance;
 pub mod lora_trainer;
 pub mod loss;
 pub mod optim;

@@ -107,6 +107,10 @@ pub struct StepReport {
     pub tokens_per_s: f64,
     /// Wall time of the step.
     pub seconds: f64,
+    /// Other per-step values with their own curves (IV-guided runs: the raw `kl1`, `kl2`,
+    /// mean head MSE before weights and thresholds, and the IV scale of the trainable pass).
+    #[serde(default)]
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// A validation result.
