@@ -11,9 +11,12 @@ use std::time::Instant;
 use anyhow::Context as _;
 use serde_json::{json, Value};
 use tunelens::model::device::{device, DeviceChoice};
+use tunelens::model::transformer::Transformer;
 use tunelens::model::{load, LoadOptions, ModelSpec};
 use tunelens::train::dataset::Example;
+use tunelens::train::guidance::Guidance;
 use tunelens::train::lora_trainer::{TrainSettings, Trainer};
+use tunelens::train::settings::GuidanceSettings;
 
 const WARMUP: usize = 2;
 const BATCH: usize = 4;
@@ -28,8 +31,10 @@ fn main() -> anyhow::Result<()> {
     let mut prompts_path = PathBuf::from("bench/prompts.json");
     let mut reps = 5usize;
     let mut choice = DeviceChoice::Cpu;
+    let mut guided = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--guided" => guided = true,
             "--model" => model_path = args.next().context("--model PATH")?.into(),
             "--prompts" => prompts_path = args.next().context("--prompts FILE")?.into(),
             "--reps" => reps = args.next().context("--reps N")?.parse()?,
@@ -70,6 +75,9 @@ fn main() -> anyhow::Result<()> {
         ..TrainSettings::default()
     };
     settings.lora.dropout = 0.0;
+    if guided {
+        return guided_ratio(loaded.model, settings, &examples, reps, &dev, choice);
+    }
     let mut trainer = Trainer::new(loaded.model, settings, examples, vec![], 0)?;
     let trainable: usize = trainer
         .params()
@@ -104,6 +112,92 @@ fn main() -> anyhow::Result<()> {
         "losses": losses,
         "peak_rss_mb": peak_rss_mb(),
         "description": "LoRA r=8, alpha=16, dropout=0, q_proj+v_proj; AdamW lr=1e-4; step = forward + causal-LM loss on every token + backward + update; batch = 4 cyclic shifts of the 128-token long prompt",
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// Median seconds per step of `trainer` over `reps` steps after the warm-up.
+fn time_steps(
+    trainer: &mut Trainer,
+    reps: usize,
+    dev: &candle_core::Device,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let mut times = Vec::new();
+    for i in 0..WARMUP + reps {
+        let started = Instant::now();
+        trainer.step()?;
+        dev.synchronize()?;
+        if i >= WARMUP {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok((median(times.clone()), times))
+}
+
+/// `--guided`: an IV-guided step (METHODS.md §5.2, the code version's settings, a seeded vector
+/// of norm 5 at layer 9 and ten heads) against a plain step on the same batch, whose loss
+/// covers the second half of each sequence (so `t_b` is position 63).
+fn guided_ratio(
+    model: Transformer,
+    settings: TrainSettings,
+    examples: &[Example],
+    reps: usize,
+    dev: &candle_core::Device,
+    choice: DeviceChoice,
+) -> anyhow::Result<()> {
+    let examples: Vec<Example> = examples
+        .iter()
+        .map(|e| Example {
+            is_label: (0..e.ids.len()).map(|t| t >= e.ids.len() / 2).collect(),
+            ..e.clone()
+        })
+        .collect();
+    let cfg = model.config().clone();
+    let seq_len = examples.first().map_or(0, |e| e.ids.len());
+    let mut plain = Trainer::new(model.clone(), settings.clone(), examples.clone(), vec![], 0)?;
+    let (plain_s, plain_all) = time_steps(&mut plain, reps, dev)?;
+    let d = cfg.hidden_size;
+    #[allow(clippy::cast_precision_loss)]
+    let raw: Vec<f32> = (0..d)
+        .map(|i| ((i * 37 + 11) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let vector: Vec<f32> = raw.iter().map(|v| v * 5.0 / norm).collect();
+    let heads: Vec<(usize, usize)> = (0..10)
+        .map(|i| {
+            (
+                cfg.num_hidden_layers / 2 + i % 5,
+                (i * 7) % cfg.num_attention_heads,
+            )
+        })
+        .collect();
+    let g = GuidanceSettings::code(PathBuf::from("synthetic"));
+    // First epoch: every reference pass runs (the cache is off).
+    let guidance = Guidance::new(g.clone(), &vector, heads.clone(), &model)?;
+    guidance.set_cache_budget(0);
+    let mut first = Trainer::new(model.clone(), settings.clone(), examples.clone(), vec![], 0)?;
+    first.set_guidance(guidance);
+    let (guided_s, guided_all) = time_steps(&mut first, reps, dev)?;
+    // Later epochs: each example's reference comes from the cache.
+    let mut later = Trainer::new(model.clone(), settings, examples, vec![], 0)?;
+    later.set_guidance(Guidance::new(g, &vector, heads, &model)?);
+    let (cached_s, cached_all) = time_steps(&mut later, reps, dev)?;
+    let report = json!({
+        "tool": "tunelens",
+        "device": format!("{choice:?}").to_lowercase(),
+        "threads": candle_core::utils::get_num_threads(),
+        "batch": [BATCH, seq_len],
+        "reps": reps,
+        "plain_seconds_per_step": plain_s,
+        "guided_seconds_per_step": guided_s,
+        "ratio": guided_s / plain_s,
+        "guided_cached_seconds_per_step": cached_s,
+        "ratio_cached": cached_s / plain_s,
+        "plain_all_s": plain_all,
+        "guided_all_s": guided_all,
+        "guided_cached_all_s": cached_all,
+        "description": "IV-guided step (code version: reference pass with the IV at layer 9, head-reference pass, ce + kl1 + kl2 + pr, thresholds 0.1/0.01) vs a plain LoRA step on the same batch; labels on the second half of each 128-token sequence. ratio: every reference pass runs (an example's first epoch); ratio_cached: the reference passes come from the per-run cache (later epochs)",
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -639,3 +639,29 @@ fn guided_steps_change_only_the_adapters() {
     let after = &trainer.model().layers[1].self_attn.o_proj.weight;
     assert_eq!(max_abs_diff(&before, after), 0.0);
 }
+
+#[test]
+fn guided_fused_f32_kernels_match_autograd() {
+    // f32 on the CPU takes the fused loss kernels; autograd stays candle's ops.
+    let lm = tiny(6);
+    let mut s = settings(1);
+    s.batch_size = 4;
+    s.lora.targets = all_targets();
+    let mut trainer = Trainer::new(lm.model.clone(), s, examples(&lm), vec![], 0).unwrap();
+    perturb_adapters(&trainer);
+    let g = GuidanceSettings {
+        kl_alpha1: 1.0,
+        kl_alpha2: 0.1,
+        kl_threshold: 0.0,
+        mse_threshold: 0.0,
+        ..guided_settings()
+    };
+    trainer.set_guidance(tiny_guidance(&lm, g, 2.0));
+    let fast = trainer.gradients().unwrap();
+    trainer.set_autograd(true);
+    let reference = trainer.gradients().unwrap();
+    for ((n, f), (_, r)) in fast.terms.iter().zip(&reference.terms) {
+        assert!((f - r).abs() <= 1e-4 * r.abs().max(1e-3), "{n} {f} vs {r}");
+    }
+    assert_grads_close(&fast, &reference, 1e-4);
+}

@@ -13,6 +13,7 @@ use crate::worker::runner::{run_job, WorkerCtx};
 
 mod attribute;
 mod consistency;
+mod forgetting;
 mod iv;
 mod train;
 mod weights;
@@ -151,6 +152,10 @@ pub enum Command {
     /// task (causal mediation), their summed vector, and zero-shot accuracy with it added at
     /// each layer; with --model-b, A's and B's heads side by side.
     Iv(IvArgs),
+    /// The forgetting evaluation (METHODS.md §5.5): general, in-context and task scores
+    /// (ROUGE-L F1 of greedy answers) and P_know / P_inst of a base model and of each stage
+    /// built on it (--adapter per stage).
+    Forgetting(forgetting::ForgettingArgs),
 }
 
 /// `tunelens attribute`.
@@ -268,6 +273,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Heads(args) => weights::run_heads(cli, args),
         Command::Consistency(args) => consistency::run(cli, args),
         Command::Iv(args) => iv::run(cli, args),
+        Command::Forgetting(args) => forgetting::run(cli, args),
         Command::Train(args) => train::run(cli, args),
         Command::Merge { model, out } => {
             let spec = ModelSpec::parse(model);
@@ -398,6 +404,7 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             }
             JobOutput::SavedIv(paths) => serde_json::to_string(paths)?,
             JobOutput::InstructionVectors(o) => serde_json::to_string(o)?,
+            JobOutput::Forgetting(r) => serde_json::to_string(r)?,
             JobOutput::Concepts(_)
             | JobOutput::Heads(_)
             | JobOutput::Consistency(_)
@@ -480,6 +487,7 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             }
         }
         JobOutput::InstructionVectors(o) => write!(out, "{}", iv::text_report(o))?,
+        JobOutput::Forgetting(r) => write!(out, "{}", forgetting::text_report(r))?,
         JobOutput::SavedIv(paths) => {
             for p in paths {
                 writeln!(out, "wrote {}", p.display())?;

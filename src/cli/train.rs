@@ -11,6 +11,7 @@ use crate::error::Error;
 use crate::train::checkpoint::DataSettings;
 use crate::train::dataset::PromptTemplate;
 use crate::train::lora_trainer::{Schedule, TrainSettings};
+use crate::train::settings::{GuidanceSettings, Progressive};
 use crate::worker::runner::{run_job, WorkerCtx};
 use crate::worker::train::{TrainRequest, TrainUpdate};
 use crate::worker::{Event, Job, JobOutput, Slot};
@@ -88,6 +89,83 @@ pub struct TrainArgs {
     /// Seed of initialisation, data order and dropout.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// IV-guided training (METHODS.md §5.2): a saved instruction vector (`tunelens iv
+    /// --save`); its head list is the head-preservation list.
+    #[arg(long)]
+    iv: Option<PathBuf>,
+    /// Guidance version: code (FvForgetting's released code) or paper (the paper's
+    /// description, reconstructed: progressive IV and λ·KL with λ = 0.05). Sets the defaults
+    /// of the options below.
+    #[arg(long, default_value = "code", requires = "iv")]
+    guidance: String,
+    /// The layer whose o_proj output gets the IV at the last prompt token.
+    #[arg(long, requires = "iv")]
+    iv_layer: Option<usize>,
+    /// α1: weight of kl1 (last-prompt-token rows).
+    #[arg(long, requires = "iv")]
+    kl_alpha1: Option<f64>,
+    /// α2: weight of kl2 (all rows).
+    #[arg(long, requires = "iv")]
+    kl_alpha2: Option<f64>,
+    /// α_pr: weight of each head's preservation MSE.
+    #[arg(long, requires = "iv")]
+    pr_alpha: Option<f64>,
+    /// Temperature of both KL terms.
+    #[arg(long, requires = "iv")]
+    tau: Option<f64>,
+    /// A KL term counts only above this value.
+    #[arg(long, requires = "iv")]
+    kl_threshold: Option<f64>,
+    /// A head's MSE counts only above this value.
+    #[arg(long, requires = "iv")]
+    mse_threshold: Option<f64>,
+    /// Add the IV to the trainable pass with a scale going 1 → 0: linear, cosine, step:F
+    /// (1 until fraction F of the run, then 0), or none.
+    #[arg(long, requires = "iv")]
+    progressive: Option<String>,
+}
+
+/// The guidance settings of the IV options (`None` without `--iv`).
+fn guidance(args: &TrainArgs) -> anyhow::Result<Option<GuidanceSettings>> {
+    let Some(path) = &args.iv else {
+        return Ok(None);
+    };
+    let mut g = match args.guidance.as_str() {
+        "code" => GuidanceSettings::code(path.clone()),
+        "paper" => GuidanceSettings::paper(path.clone()),
+        other => {
+            return Err(
+                Error::invalid("--guidance", format!("`{other}` (expected code or paper)")).into(),
+            )
+        }
+    };
+    let set = |slot: &mut f64, value: Option<f64>| {
+        if let Some(v) = value {
+            *slot = v;
+        }
+    };
+    set(&mut g.kl_alpha1, args.kl_alpha1);
+    set(&mut g.kl_alpha2, args.kl_alpha2);
+    set(&mut g.pr_alpha, args.pr_alpha);
+    set(&mut g.tau, args.tau);
+    set(&mut g.kl_threshold, args.kl_threshold);
+    set(&mut g.mse_threshold, args.mse_threshold);
+    if let Some(layer) = args.iv_layer {
+        g.layer = layer;
+    }
+    if let Some(p) = &args.progressive {
+        g.progressive = if p == "none" {
+            None
+        } else {
+            Some(Progressive::parse(p).ok_or_else(|| {
+                Error::invalid(
+                    "--progressive",
+                    format!("`{p}` (expected linear, cosine, step:F with F in [0, 1], or none)"),
+                )
+            })?)
+        };
+    }
+    Ok(Some(g))
 }
 
 fn request(args: &TrainArgs) -> anyhow::Result<TrainRequest> {
@@ -121,6 +199,7 @@ fn request(args: &TrainArgs) -> anyhow::Result<TrainRequest> {
     settings.lora.alpha = args.alpha;
     settings.lora.dropout = args.dropout;
     settings.lora.targets = args.targets.iter().map(|t| t.trim().to_owned()).collect();
+    settings.guidance = guidance(args)?;
     settings.validate()?;
     let out = args.out.clone().or_else(|| {
         if args.resume.is_some() {
@@ -142,6 +221,15 @@ fn request(args: &TrainArgs) -> anyhow::Result<TrainRequest> {
         out,
         resume: args.resume.clone(),
     })
+}
+
+/// ` (ce 1.23 kl1 0.40 ...)` when the loss has more than one term.
+fn term_summary(terms: &[(String, f64)]) -> String {
+    if terms.len() < 2 {
+        return String::new();
+    }
+    let parts: Vec<String> = terms.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
+    format!(" ({})", parts.join(" "))
 }
 
 pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
@@ -214,8 +302,14 @@ pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
                 let _ = super::weights::progress_line(
                     frac,
                     &format!(
-                        "step {}/{total} loss {:.4} lr {:.2e} |g| {:.3} {:.2} s/step {:.0} tok/s",
-                        r.step, r.loss, r.learning_rate, r.grad_norm, r.seconds, r.tokens_per_s
+                        "step {}/{total} loss {:.4}{} lr {:.2e} |g| {:.3} {:.2} s/step {:.0} tok/s",
+                        r.step,
+                        r.loss,
+                        term_summary(&r.terms),
+                        r.learning_rate,
+                        r.grad_norm,
+                        r.seconds,
+                        r.tokens_per_s
                     ),
                 );
             }

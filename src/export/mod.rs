@@ -14,6 +14,7 @@ mod canvas;
 mod data;
 mod figure;
 mod font;
+pub mod forgetting;
 mod heatmap;
 pub mod iv;
 mod panels;

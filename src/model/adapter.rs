@@ -175,6 +175,37 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
     })
 }
 
+/// Folds every attached adapter into its layer's weight (`W ← W + scale · B A`, in f32, then
+/// the model's dtype) and removes it: the continual-learning step of METHODS.md §5.3 before a
+/// new stage's fresh adapter. Returns how many layers changed.
+pub fn merge_adapters(model: &mut Transformer) -> Result<usize> {
+    let dtype = model.dtype();
+    let modules = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let mut merged = 0;
+    for layer in 0..model.layers.len() {
+        for module in modules {
+            let Some(linear) = module_mut(model, layer, module) else {
+                continue;
+            };
+            if linear.lora.is_none() {
+                continue;
+            }
+            linear.weight = linear.effective_weight()?.to_dtype(dtype)?;
+            linear.lora = None;
+            merged += 1;
+        }
+    }
+    Ok(merged)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -298,7 +298,22 @@ impl Transformer {
         cache: Option<&mut KvCache>,
         hook: &mut dyn Hook,
     ) -> Result<Tensor> {
-        self.run_inner(input, opts, cache, hook, None)
+        self.run_inner(input, opts, cache, hook, None, None)
+    }
+
+    /// Runs layers up to (not including) `end` and returns the residual stream entering layer
+    /// `end`, `(b, T, d)`, skipping the rest of the model: for passes that only read early
+    /// activations through a hook. With a cache, the layers from `end` on are left holding the
+    /// earlier tokens only, so the cache must not be continued afterwards.
+    pub fn run_until(
+        &self,
+        input: Input<'_>,
+        opts: &ForwardOptions,
+        cache: Option<&mut KvCache>,
+        hook: &mut dyn Hook,
+        end: usize,
+    ) -> Result<Tensor> {
+        self.run_inner(input, opts, cache, hook, None, Some(end))
     }
 
     /// A fast (non-differentiable) forward of one sequence that also records the activations
@@ -328,7 +343,7 @@ impl Transformer {
             ));
         }
         let mut tape = Tape::default();
-        let hidden = self.run_inner(input, &opts, None, hook, Some(&mut tape))?;
+        let hidden = self.run_inner(input, &opts, None, hook, Some(&mut tape), None)?;
         if hidden.dim(0)? != 1 {
             return Err(Error::invalid("taped forward", "expects one sequence"));
         }
@@ -343,6 +358,7 @@ impl Transformer {
         mut cache: Option<&mut KvCache>,
         hook: &mut dyn Hook,
         mut tape: Option<&mut Tape>,
+        end: Option<usize>,
     ) -> Result<Tensor> {
         let offset = cache.as_ref().map_or(0, |c| c.len);
         hook.set_position_offset(offset);
@@ -404,6 +420,9 @@ impl Transformer {
             }
         }
         for (layer_idx, layer) in self.layers.iter().enumerate().skip(first_layer) {
+            if end.is_some_and(|e| layer_idx >= e) {
+                return Ok(xs);
+            }
             let layer_cache = match cache.as_deref_mut() {
                 Some(c) => Some(&mut c.layers[layer_idx]),
                 None => None,
@@ -425,6 +444,9 @@ impl Transformer {
                 *opts,
                 layer_tape,
             )?;
+        }
+        if end.is_some() {
+            return Ok(xs);
         }
         if let Some(tape) = tape {
             tape.x_final = Some(xs.clone());

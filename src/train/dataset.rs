@@ -278,6 +278,16 @@ pub struct Renderer<'a> {
 /// Text pieces; `true` marks response text.
 type Pieces = Vec<(String, bool)>;
 
+/// The source text of METHODS.md §5.1 without the BOS: `Definition: … Now complete the
+/// following example -\nInput: …\nOutput:` (a final period added where punctuation is missing).
+pub fn definition_source(definition: &str, input: &str) -> String {
+    format!(
+        "Definition: {}\n\nNow complete the following example -\nInput: {}\nOutput:",
+        with_period(definition),
+        with_period(input)
+    )
+}
+
 impl Renderer<'_> {
     /// Renders a record as text pieces, response pieces marked.
     pub fn pieces(&self, record: &Record) -> std::result::Result<Pieces, String> {
@@ -377,11 +387,7 @@ impl Renderer<'_> {
             .as_ref()
             .map(|(text, _)| text.clone())
             .unwrap_or_default();
-        let source = format!(
-            "{bos}Definition: {}\n\nNow complete the following example -\nInput: {}\nOutput:",
-            with_period(definition),
-            with_period(input)
-        );
+        let source = format!("{bos}{}", definition_source(definition, input));
         // §5.1 tokenises the target on its own, which with SentencePiece vocabularies starts it
         // with a word boundary; with byte-level BPE the same boundary is a leading space.
         let target = format!(" {}{eos}", output.trim_start());

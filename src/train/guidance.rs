@@ -4,8 +4,7 @@
 //!
 //! Per example `b` of a micro-batch of `B` (each example runs unpadded; see below):
 //! - reference pass: adapters off, `IV` added to the `o_proj` output (HOOK B) of the edit layer
-//!   at `t_b` (the last prompt token), scale 1; its logits at every row, as
-//!   `log q = log_softmax(ref / τ)`;
+//!   at `t_b` (the last prompt token), scale 1; its logits at every row;
 //! - head-reference pass: adapters off, no IV; `z` of each listed head at `t_b`;
 //! - trainable pass: adapters on (plus `s · IV` at the same place in the paper version).
 //!
@@ -23,8 +22,8 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::hooks::{Edit, EditOp, Editor, HookPoint, NoHook, Positions, Recorder};
-use crate::model::transformer::{ForwardOptions, Input, LogitsAt, Transformer};
+use crate::model::hooks::{Chain, Edit, EditOp, Editor, HookPoint, NoHook, Positions, Recorder};
+use crate::model::transformer::{ForwardOptions, Input, KvCache, LogitsAt, Transformer};
 use crate::train::dataset::Example;
 use crate::train::settings::GuidanceSettings;
 
@@ -40,13 +39,32 @@ pub struct Guidance {
     iv: Tensor,
     /// Heads `(layer, head)` whose `t_b` outputs are preserved.
     heads: Vec<(usize, usize)>,
+    /// The reference side of examples already seen, shared by clones (see [`RefCache`]).
+    cache: std::sync::Arc<std::sync::Mutex<RefCache>>,
 }
+
+/// Reference passes do not depend on the adapters being trained (they run the frozen model),
+/// so each example's reference is computed once per run and reused in later epochs: its
+/// final-norm hidden states (`T × d`, from which the logits are one product away) and its
+/// head outputs, within a memory budget; examples past the budget are recomputed each time.
+#[derive(Debug, Default)]
+pub struct RefCache {
+    entries: std::collections::HashMap<(usize, Vec<u32>), (Tensor, Vec<Tensor>)>,
+    bytes: usize,
+    /// Largest total size kept.
+    pub budget: usize,
+    /// Lookups answered from the cache.
+    pub hits: usize,
+}
+
+/// The default memory budget of [`RefCache`]: 1 GiB.
+pub const REF_CACHE_BUDGET: usize = 1 << 30;
 
 /// The reference side of one example.
 #[derive(Clone, Debug)]
 pub struct Reference {
-    /// `log_softmax(logits_ref / τ)` at every row, `(T, V)` f32.
-    pub log_q: Tensor,
+    /// The reference logits at every row, `(T, V)` (f32, or f64 for an f64 model).
+    pub logits: Tensor,
     /// `z` of each head at `t_b`, `(d_h,)` f32, in [`Guidance::heads`] order.
     pub z: Vec<Tensor>,
 }
@@ -114,7 +132,27 @@ impl Guidance {
             settings,
             iv,
             heads,
+            cache: std::sync::Arc::new(std::sync::Mutex::new(RefCache {
+                budget: REF_CACHE_BUDGET,
+                ..RefCache::default()
+            })),
         })
+    }
+
+    /// Sets the reference cache's budget in bytes (0 turns it off).
+    pub fn set_cache_budget(&self, bytes: usize) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.budget = bytes;
+            if cache.bytes > bytes {
+                cache.entries.clear();
+                cache.bytes = 0;
+            }
+        }
+    }
+
+    /// How many reference lookups the cache answered.
+    pub fn cache_hits(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.hits)
     }
 
     /// The heads preserved by `L_pr`.
@@ -150,50 +188,157 @@ impl Guidance {
     }
 
     /// The two reference passes of one example (`ids` `(1, T)`), adapters off, no graph.
-    /// With the head term on, the head pass runs first and the IV pass continues from its
-    /// residual stream at the edit layer (the layers below are the same in both).
+    ///
+    /// Causality makes most of the work shared. Rows before `t_b` are the same in both passes
+    /// (no IV yet, no adapter), so the prompt before `t_b` runs once into a KV cache, and its
+    /// logits serve as the reference's. Rows `t_b..T` are the same in both passes below the
+    /// edit layer `ℓ` (the IV enters at `ℓ`'s `o_proj` output), so they run once up to `ℓ`;
+    /// from there the IV pass runs to the logits, and the head pass (no IV) only as far as
+    /// the last listed head above `ℓ`. Heads at or below `ℓ` are read from the shared part
+    /// (`z` of layer `ℓ` is taken before the IV is added).
     pub fn reference(&self, model: &Transformer, ids: &Tensor, t_b: usize) -> Result<Reference> {
         let opts = ForwardOptions {
             differentiable: false,
             logits: LogitsAt::All,
             use_lora: false,
         };
-        let layer = self.settings.layer;
-        let mut z = Vec::new();
-        let mut editor = self.edit(t_b, 1.0)?;
-        let logits = if self.preserves_heads() {
-            let mut points: Vec<HookPoint> = self
-                .heads
-                .iter()
-                .map(|&(l, _)| HookPoint::HeadOut(l))
-                .collect();
-            points.push(HookPoint::ResidPre(layer));
-            let mut recorder = Recorder::new(points);
-            let head_opts = ForwardOptions {
-                logits: LogitsAt::None,
-                ..opts
-            };
-            model.run(Input::Ids(ids), &head_opts, None, &mut recorder)?;
-            for &(l, h) in &self.heads {
-                // (1, T, h, d_h) -> (d_h,)
-                let head = recorder
-                    .get(HookPoint::HeadOut(l))?
-                    .get(0)?
-                    .get(t_b)?
-                    .get(h)?
-                    .to_dtype(loss_dtype(model.dtype()))?;
-                z.push(head);
+        let key = (t_b, ids.flatten_all()?.to_vec1::<u32>()?);
+        let cached = self.cache.lock().ok().and_then(|mut c| {
+            let hit = c.entries.get(&key).cloned();
+            if hit.is_some() {
+                c.hits += 1;
             }
-            let resid = recorder.get(HookPoint::ResidPre(layer))?.clone();
-            model.run(Input::Resid { layer, xs: &resid }, &opts, None, &mut editor)?
-        } else {
-            model.run(Input::Ids(ids), &opts, None, &mut editor)?
+            hit
+        });
+        let (hidden, z) = match cached {
+            Some(entry) => entry,
+            None => {
+                let (hidden, z) = self.reference_hidden(model, ids, t_b)?;
+                if let Ok(mut c) = self.cache.lock() {
+                    let bytes = hidden.elem_count() * hidden.dtype().size_in_bytes()
+                        + z.iter().map(|t| t.elem_count() * 8).sum::<usize>();
+                    if c.bytes + bytes <= c.budget {
+                        c.bytes += bytes;
+                        c.entries.insert(key, (hidden.clone(), z.clone()));
+                    }
+                }
+                (hidden, z)
+            }
         };
-        let scaled = (logits.squeeze(0)?.to_dtype(loss_dtype(model.dtype()))? / self.settings.tau)?;
+        let logits = model.lm_logits(&hidden, &opts)?;
         Ok(Reference {
-            log_q: candle_nn::ops::log_softmax(&scaled, D::Minus1)?,
+            logits: logits.to_dtype(loss_dtype(model.dtype()))?,
             z,
         })
+    }
+
+    /// The reference passes themselves: final-norm hidden states `(T, d)` and head outputs.
+    fn reference_hidden(
+        &self,
+        model: &Transformer,
+        ids: &Tensor,
+        t_b: usize,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let seq_len = ids.dim(1)?;
+        if t_b >= seq_len {
+            return Err(Error::invalid(
+                "last prompt position",
+                format!("{t_b} is past the {seq_len} tokens"),
+            ));
+        }
+        let opts = ForwardOptions {
+            differentiable: false,
+            logits: LogitsAt::All,
+            use_lora: false,
+        };
+        let hidden_opts = ForwardOptions {
+            logits: LogitsAt::None,
+            ..opts
+        };
+        let layer = self.settings.layer;
+        let heads: &[(usize, usize)] = if self.preserves_heads() {
+            &self.heads
+        } else {
+            &[]
+        };
+        let head_points = |keep: &dyn Fn(usize) -> bool| -> Vec<HookPoint> {
+            heads
+                .iter()
+                .filter(|&&(l, _)| keep(l))
+                .map(|&(l, _)| HookPoint::HeadOut(l))
+                .collect()
+        };
+        let mut cache = KvCache::new();
+        let prefix_hidden = if t_b > 0 {
+            let prefix = ids.narrow(1, 0, t_b)?;
+            Some(model.run(
+                Input::Ids(&prefix),
+                &hidden_opts,
+                Some(&mut cache),
+                &mut NoHook,
+            )?)
+        } else {
+            None
+        };
+        // Rows t_b.. up to the edit layer; the cache's layers from ℓ on keep the prefix only.
+        let suffix = ids.narrow(1, t_b, seq_len - t_b)?;
+        let mut below = Recorder::new(head_points(&|l| l < layer));
+        let resid = model.run_until(
+            Input::Ids(&suffix),
+            &hidden_opts,
+            Some(&mut cache),
+            &mut below,
+            layer,
+        )?;
+        let mut at = Recorder::new(head_points(&|l| l == layer));
+        let mut editor = self.edit(t_b, 1.0)?;
+        let suffix_hidden = {
+            let mut ref_cache = cache.clone();
+            let mut chain = Chain(vec![&mut at, &mut editor]);
+            model.run(
+                Input::Resid { layer, xs: &resid },
+                &hidden_opts,
+                Some(&mut ref_cache),
+                &mut chain,
+            )?
+        };
+        let mut above = Recorder::new(head_points(&|l| l > layer));
+        if let Some(end) = heads
+            .iter()
+            .map(|&(l, _)| l + 1)
+            .max()
+            .filter(|&e| e > layer + 1)
+        {
+            model.run_until(
+                Input::Resid { layer, xs: &resid },
+                &hidden_opts,
+                Some(&mut cache),
+                &mut above,
+                end,
+            )?;
+        }
+        let mut z = Vec::with_capacity(heads.len());
+        for &(l, h) in heads {
+            let recorder = match l.cmp(&layer) {
+                std::cmp::Ordering::Less => &below,
+                std::cmp::Ordering::Equal => &at,
+                std::cmp::Ordering::Greater => &above,
+            };
+            // (1, T − t_b, h, d_h): row 0 is t_b.
+            z.push(
+                recorder
+                    .get(HookPoint::HeadOut(l))?
+                    .get(0)?
+                    .get(0)?
+                    .get(h)?
+                    .to_dtype(loss_dtype(model.dtype()))?,
+            );
+        }
+        let hidden = match prefix_hidden {
+            Some(prefix) => Tensor::cat(&[&prefix, &suffix_hidden], 1)?,
+            None => suffix_hidden,
+        };
+        Ok((hidden.squeeze(0)?, z))
     }
 
     /// A hook for the trainable pass: the progressive IV, or nothing.
@@ -209,10 +354,19 @@ impl Guidance {
     }
 }
 
-/// Per-row `KL(softmax(x/τ) ‖ q)` of trainable logits `x` `(n, V)` against `log q` `(n, V)`,
-/// `(n,)`, and its gradient with respect to `x`, `(n, V)`, in closed form (in `log q`'s dtype).
-pub fn kd_rows(logits: &Tensor, log_q: &Tensor, tau: f64) -> Result<(Tensor, Tensor)> {
-    let x = (logits.to_dtype(log_q.dtype())? / tau)?;
+/// Per-row `KL(softmax(x/τ) ‖ softmax(r/τ))` of trainable logits `x` `(n, V)` against
+/// reference logits `r` `(n, V)`, `(n,)`, and its gradient with respect to `x`, `(n, V)`, in
+/// closed form. On the CPU in f32 one fused pass per row (rows split across cores): the
+/// separate candle ops cost about as much as the transformer body at 128 rows of a 49k
+/// vocabulary. Elsewhere (f64, GPU) candle's ops, which the tests compare it with.
+pub fn kd_rows(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<(Tensor, Tensor)> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 && ref_logits.dtype() == DType::F32
+    {
+        return kd_rows_cpu(logits, ref_logits, tau);
+    }
+    let dtype = loss_dtype(logits.dtype());
+    let log_q = candle_nn::ops::log_softmax(&(ref_logits.to_dtype(dtype)? / tau)?, D::Minus1)?;
+    let x = (logits.to_dtype(dtype)? / tau)?;
     let log_p = candle_nn::ops::log_softmax(&x, D::Minus1)?;
     let p = log_p.exp()?;
     let ell = (&log_p - log_q)?;
@@ -221,9 +375,209 @@ pub fn kd_rows(logits: &Tensor, log_q: &Tensor, tau: f64) -> Result<(Tensor, Ten
     Ok((kl.squeeze(D::Minus1)?, grad))
 }
 
+/// `max` and `log Σ exp` of `row / τ`.
+#[allow(clippy::cast_possible_truncation)]
+fn log_sum_exp(row: &[f32], inv_tau: f32) -> f32 {
+    let m = row
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v * inv_tau));
+    let s: f64 = row
+        .iter()
+        .map(|&v| f64::from((v * inv_tau - m).exp()))
+        .sum();
+    m + s.ln() as f32
+}
+
+fn kd_rows_cpu(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<(Tensor, Tensor)> {
+    use rayon::prelude::*;
+    let (n, v) = logits.dims2()?;
+    if ref_logits.dims() != [n, v] {
+        return Err(Error::invalid(
+            "reference logits",
+            format!("shape {:?}, expected {:?}", ref_logits.dims(), [n, v]),
+        ));
+    }
+    let x = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let r = ref_logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    #[allow(clippy::cast_possible_truncation)]
+    let inv_tau = (1.0 / tau) as f32;
+    let mut grad = vec![0f32; n * v];
+    let kl: Vec<f32> = grad
+        .par_chunks_mut(v.max(1))
+        .zip(x.par_chunks(v.max(1)))
+        .zip(r.par_chunks(v.max(1)))
+        .map(|((g, xr), rr)| {
+            let lse_x = log_sum_exp(xr, inv_tau);
+            let lse_r = log_sum_exp(rr, inv_tau);
+            let mut kl = 0f64;
+            for ((gv, &xv), &rv) in g.iter_mut().zip(xr).zip(rr) {
+                let log_p = xv * inv_tau - lse_x;
+                let ell = log_p - (rv * inv_tau - lse_r);
+                let p = log_p.exp();
+                *gv = ell;
+                kl += f64::from(p * ell);
+            }
+            #[allow(clippy::cast_possible_truncation)]
+            let kl32 = kl as f32;
+            for (gv, &xv) in g.iter_mut().zip(xr) {
+                let p = (xv * inv_tau - lse_x).exp();
+                *gv = p * (*gv - kl32) * inv_tau;
+            }
+            kl32
+        })
+        .collect();
+    let device = logits.device();
+    Ok((
+        Tensor::from_vec(kl, n, device)?,
+        Tensor::from_vec(grad, (n, v), device)?,
+    ))
+}
+
+/// Per-row KL values of [`kd_rows`] (no gradient), with the row statistics the fused
+/// gradient of [`logit_grads`] reuses.
+#[derive(Clone, Debug, Default)]
+pub struct KlRows {
+    /// `KL_t`, per row.
+    pub kl: Vec<f64>,
+    /// `log Σ exp(x/τ)` and `log Σ exp(r/τ)` per row (CPU f32 path only).
+    lse: Vec<(f32, f32)>,
+}
+
+/// Per-row `KL(softmax(x/τ) ‖ softmax(r/τ))` values only (no gradient), as [`kd_rows`].
+pub fn kl_values(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<KlRows> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 && ref_logits.dtype() == DType::F32
+    {
+        use rayon::prelude::*;
+        let (n, v) = logits.dims2()?;
+        if ref_logits.dims() != [n, v] {
+            return Err(Error::invalid(
+                "reference logits",
+                "shape differs from the logits",
+            ));
+        }
+        let x = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let r = ref_logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        #[allow(clippy::cast_possible_truncation)]
+        let inv_tau = (1.0 / tau) as f32;
+        let rows: Vec<(f64, (f32, f32))> = x
+            .par_chunks(v.max(1))
+            .zip(r.par_chunks(v.max(1)))
+            .map(|(xr, rr)| {
+                let lse_x = log_sum_exp(xr, inv_tau);
+                let lse_r = log_sum_exp(rr, inv_tau);
+                let shift = lse_r - lse_x;
+                let mut acc = [0f32; 8];
+                for (i, (&xv, &rv)) in xr.iter().zip(rr).enumerate() {
+                    let log_p = xv * inv_tau - lse_x;
+                    acc[i % 8] += log_p.exp() * ((xv - rv) * inv_tau + shift);
+                }
+                (acc.iter().copied().map(f64::from).sum(), (lse_x, lse_r))
+            })
+            .collect();
+        let (kl, lse) = rows.into_iter().unzip();
+        return Ok(KlRows { kl, lse });
+    }
+    let (kl, _) = kd_rows(logits, ref_logits, tau)?;
+    Ok(KlRows {
+        kl: kl.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        lse: Vec::new(),
+    })
+}
+
+/// The gradient of one example's loss at its trainable logits `x` `(T, V)`:
+/// `w_t · ∂KL_t/∂x_t` for every row (`kl_weight[t]`; `rows` from [`kl_values`] on the same
+/// logits) plus `ce_norm · (softmax(x_t) − onehot(y_t))` at each label row `(t, y_t)` of
+/// `labels`. On the CPU in f32 one fused pass per row; elsewhere candle's ops.
+pub fn logit_grads(
+    logits: &Tensor,
+    ref_logits: &Tensor,
+    tau: f64,
+    rows: &KlRows,
+    kl_weight: &[f64],
+    labels: &[(usize, u32)],
+    ce_norm: f64,
+) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if kl_weight.len() != n
+        || rows.kl.len() != n
+        || labels.iter().any(|&(t, y)| t >= n || y as usize >= v)
+    {
+        return Err(Error::invalid(
+            "loss rows",
+            "rows or labels outside the logits",
+        ));
+    }
+    let device = logits.device();
+    let fused = device.is_cpu()
+        && logits.dtype() == DType::F32
+        && ref_logits.dtype() == DType::F32
+        && rows.lse.len() == n;
+    if fused {
+        use rayon::prelude::*;
+        let x = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let r = ref_logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut target = vec![None; n];
+        for &(t, y) in labels {
+            target[t] = Some(y as usize);
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        let (inv_tau, norm) = ((1.0 / tau) as f32, ce_norm as f32);
+        let per_row: Vec<(f32, f32, (f32, f32), Option<usize>)> = (0..n)
+            .map(|t| {
+                #[allow(clippy::cast_possible_truncation)]
+                let w = (kl_weight[t] / tau) as f32;
+                #[allow(clippy::cast_possible_truncation)]
+                let kl = rows.kl[t] as f32;
+                (w, kl, rows.lse[t], target[t])
+            })
+            .collect();
+        let mut grad = vec![0f32; n * v];
+        grad.par_chunks_mut(v.max(1))
+            .zip(x.par_chunks(v.max(1)))
+            .zip(r.par_chunks(v.max(1)))
+            .zip(per_row.par_iter())
+            .for_each(|(((g, xr), rr), &(w, kl, (lse_x, lse_r), y))| {
+                if w != 0.0 {
+                    let shift = lse_r - lse_x;
+                    for (gv, (&xv, &rv)) in g.iter_mut().zip(xr.iter().zip(rr)) {
+                        let p = (xv * inv_tau - lse_x).exp();
+                        *gv = w * p * ((xv - rv) * inv_tau + shift - kl);
+                    }
+                }
+                if let Some(y) = y {
+                    let lse = log_sum_exp(xr, 1.0);
+                    for (gv, &xv) in g.iter_mut().zip(xr) {
+                        *gv += norm * (xv - lse).exp();
+                    }
+                    g[y] -= norm;
+                }
+            });
+        return Ok(Tensor::from_vec(grad, (n, v), device)?);
+    }
+    let dtype = loss_dtype(logits.dtype());
+    let (_, kd) = kd_rows(logits, ref_logits, tau)?;
+    let weights = Tensor::from_vec(kl_weight.to_vec(), (n, 1), device)?.to_dtype(dtype)?;
+    let mut grad = kd.broadcast_mul(&weights)?;
+    if !labels.is_empty() {
+        #[allow(clippy::cast_possible_truncation)]
+        let rows: Vec<u32> = labels.iter().map(|&(t, _)| t as u32).collect();
+        let targets: Vec<u32> = labels.iter().map(|&(_, y)| y).collect();
+        let rows = Tensor::from_vec(rows, labels.len(), device)?;
+        let targets = Tensor::from_vec(targets, (labels.len(), 1), device)?;
+        let picked = logits.to_dtype(dtype)?.index_select(&rows, 0)?;
+        let probs = candle_nn::ops::softmax(&picked, D::Minus1)?;
+        let ones = Tensor::ones((labels.len(), 1), dtype, device)?;
+        let onehot = probs.zeros_like()?.scatter_add(&targets, &ones, 1)?;
+        grad = grad.index_add(&rows, &((probs - onehot)? * ce_norm)?, 0)?;
+    }
+    Ok(grad)
+}
+
 /// The same per-row KL on candle's autograd graph (the tests' reference).
-pub fn kd_rows_autograd(logits: &Tensor, log_q: &Tensor, tau: f64) -> Result<Tensor> {
-    let x = (logits.to_dtype(log_q.dtype())? / tau)?;
+pub fn kd_rows_autograd(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<Tensor> {
+    let dtype = loss_dtype(logits.dtype());
+    let log_q = candle_nn::ops::log_softmax(&(ref_logits.to_dtype(dtype)? / tau)?, D::Minus1)?;
+    let x = (logits.to_dtype(dtype)? / tau)?;
     let log_p = candle_nn::ops::log_softmax(&x, D::Minus1)?;
     Ok((log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)?)
 }
@@ -324,14 +678,24 @@ mod tests {
         let dev = Device::Cpu;
         let new = Tensor::new(&[[2f32, 0.0, -1.0]], &dev)?;
         let reference = Tensor::new(&[[1f32, 1.0, -1.0]], &dev)?;
-        let log_q = candle_nn::ops::log_softmax(&(reference / 2.0)?, D::Minus1)?;
         let p = candle_nn::ops::softmax(&(&new / 2.0)?, D::Minus1)?.to_vec2::<f32>()?;
         for (got, want) in p[0].iter().zip([0.6285f32, 0.2312, 0.1402]) {
             assert!((got - want).abs() < 1e-4, "{got} vs {want}");
         }
-        let (kl, _) = kd_rows(&new, &log_q, 2.0)?;
+        let q = candle_nn::ops::softmax(&(&reference / 2.0)?, D::Minus1)?.to_vec2::<f32>()?;
+        for (got, want) in q[0].iter().zip([0.4223f32, 0.4223, 0.1554]) {
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        }
+        // The fused f32 kernel and the f64 candle path.
+        let (kl, _) = kd_rows(&new, &reference, 2.0)?;
         let kl = kl.to_vec1::<f32>()?[0];
-        assert!((kl - 0.09628).abs() < 5e-5, "{kl}");
+        assert!((kl - 0.09628).abs() < 5e-6, "{kl}");
+        let (kl64, _) = kd_rows(
+            &new.to_dtype(DType::F64)?,
+            &reference.to_dtype(DType::F64)?,
+            2.0,
+        )?;
+        assert!((kl64.to_vec1::<f64>()?[0] - 0.09628).abs() < 5e-6);
         Ok(())
     }
 
@@ -341,16 +705,58 @@ mod tests {
         let x = candle_core::Var::new(&[[0.3f64, -1.2, 2.0, 0.1], [1.0, 1.0, -0.5, 0.0]], &dev)?;
         let q = Tensor::new(&[[0.5f64, 0.5, -1.0, 2.0], [0.0, 0.2, 0.1, -0.3]], &dev)?;
         let tau = 2.0;
-        let log_q = candle_nn::ops::log_softmax(&(q / tau)?, D::Minus1)?.to_dtype(DType::F32)?;
-        let (_, grad) = kd_rows(x.as_tensor(), &log_q, tau)?;
-        let auto = kd_rows_autograd(x.as_tensor(), &log_q, tau)?.sum_all()?;
-        let store = auto.backward()?;
-        let reference = store
-            .get(x.as_tensor())
-            .expect("gradient")
-            .to_dtype(DType::F32)?;
-        let diff = (grad - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "{diff}");
+        let (kl, grad) = kd_rows(x.as_tensor(), &q, tau)?;
+        let auto = kd_rows_autograd(x.as_tensor(), &q, tau)?;
+        let store = auto.sum_all()?.backward()?;
+        let reference = store.get(x.as_tensor()).expect("gradient");
+        let diff = (&grad - reference)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "{diff}");
+        // The fused f32 kernels agree with the f64 path.
+        let (x32, q32) = (x.as_tensor().to_dtype(DType::F32)?, q.to_dtype(DType::F32)?);
+        let (kl32, grad32) = kd_rows(&x32, &q32, tau)?;
+        let dk = (kl32.to_dtype(DType::F64)? - &kl)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        let dg = (grad32.to_dtype(DType::F64)? - &grad)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(dk < 1e-6 && dg < 1e-6, "{dk} {dg}");
+        let rows = kl_values(&x32, &q32, tau)?;
+        for (a, b) in rows.kl.iter().zip(kl.to_vec1::<f64>()?) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        // The fused gradient with per-row weights and a CE row.
+        let fused = logit_grads(&x32, &q32, tau, &rows, &[0.5, 2.0], &[(1, 3)], 0.25)?;
+        let plain = logit_grads(
+            x.as_tensor(),
+            &q,
+            tau,
+            &kl_values(x.as_tensor(), &q, tau)?,
+            &[0.5, 2.0],
+            &[(1, 3)],
+            0.25,
+        )?;
+        let df = (fused.to_dtype(DType::F64)? - plain)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(df < 1e-6, "{df}");
+        // Central finite differences of the summed KL.
+        let base = x.as_tensor().to_vec2::<f64>()?;
+        let h = 1e-6;
+        for (i, j) in [(0, 0), (0, 2), (1, 3)] {
+            let shifted = |delta: f64| -> anyhow::Result<f64> {
+                let mut v = base.clone();
+                v[i][j] += delta;
+                let t = Tensor::new(v, &dev)?;
+                Ok(kd_rows(&t, &q, tau)?.0.sum_all()?.to_scalar::<f64>()?)
+            };
+            let fd = (shifted(h)? - shifted(-h)?) / (2.0 * h);
+            let g = reference.to_vec2::<f64>()?[i][j];
+            assert!((fd - g).abs() < 1e-7, "({i},{j}) {fd} vs {g}");
+        }
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod dataset;
+pub mod forgetting;
 pub mod guidance;
 pub mod lora_trainer;
 pub mod loss;

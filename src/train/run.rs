@@ -67,14 +67,31 @@ pub fn curves_csv(state: &TrainerState) -> String {
         .first()
         .map(|r| r.terms.iter().map(|(n, _)| n.clone()).collect())
         .unwrap_or_default();
+    let metric_names: Vec<String> = state
+        .history
+        .first()
+        .map(|r| r.metrics.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
     let mut out = String::from("step,loss");
     for name in &term_names {
         let _ = write!(out, ",loss_{name}");
+    }
+    for name in &metric_names {
+        let _ = write!(out, ",{name}");
     }
     out.push_str(",learning_rate,grad_norm,tokens_per_s,seconds,validation_loss\n");
     for report in &state.history {
         let _ = write!(out, "{},{}", report.step, report.loss);
         for (_, value) in &report.terms {
+            let _ = write!(out, ",{value}");
+        }
+        for name in &metric_names {
+            let value = report
+                .metrics
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_default();
             let _ = write!(out, ",{value}");
         }
         let val = state

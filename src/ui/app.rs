@@ -551,6 +551,7 @@ impl TunelensApp {
             | JobOutput::InstructionVectors(_)
             | JobOutput::Trained(_)
             | JobOutput::TrainEstimated(_)
+            | JobOutput::Forgetting(_)
             | JobOutput::DataPreview(_) => log::warn!("an analysis result without its view"),
         }
     }

@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::ffn_concepts::{ConceptsConfig, LayerConcepts};
 use crate::analysis::head_pairs::{HeadsConfig, LayerHeads};
 use crate::train::checkpoint::DataSettings;
+use crate::train::forgetting::ForgettingReport;
 use crate::wordfiles::WordSource;
 use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings};
+use crate::worker::forgetting::ForgettingRequest;
 use crate::worker::iv::{IvOutput, IvSettings};
 use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainRequest, TrainUpdate};
 use crate::worker::weights::{CachePolicy, ConceptsOutput, HeadsOutput};
@@ -119,6 +121,13 @@ pub enum Job {
         /// The run to estimate.
         request: Box<TrainRequest>,
     },
+    /// The forgetting evaluation (METHODS.md §5.5) of a slot's model and of stages built on it.
+    Forgetting {
+        /// The base model's slot.
+        slot: Slot,
+        /// Sets and stages.
+        request: Box<ForgettingRequest>,
+    },
     /// Render and count a training data file.
     PreviewData {
         /// The slot whose tokenizer and template are used.
@@ -227,6 +236,8 @@ pub enum JobOutput {
     Trained(Box<TrainOutput>),
     /// Measured time and memory of a training run.
     TrainEstimated(TrainEstimate),
+    /// Scores of the base and each stage.
+    Forgetting(Box<ForgettingReport>),
     /// A rendered training data file.
     DataPreview(Box<DataPreview>),
     /// A merged model was written.

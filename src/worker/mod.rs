@@ -2,6 +2,7 @@
 //! and the tests call it directly. Results are plain data (no tensors).
 
 pub mod consistency;
+pub mod forgetting;
 pub mod handle;
 pub mod iv;
 pub mod job;

@@ -251,6 +251,16 @@ pub fn run_job(
             )?;
             Ok(JobOutput::Consistency(Box::new(output)))
         }
+        Job::Forgetting { slot, request } => {
+            let cancel = ctx.cancel.clone();
+            let loaded = ctx.model(slot)?;
+            let report = crate::worker::forgetting::run_forgetting(
+                loaded,
+                &request,
+                &mut |frac, message| progress_or_cancel(emit, job_id, &cancel, frac, message),
+            )?;
+            Ok(JobOutput::Forgetting(Box::new(report)))
+        }
         Job::InstructionVectors { slots, settings } => {
             let cancel = ctx.cancel.clone();
             let models = ctx.models(&slots)?;

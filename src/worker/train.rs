@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 use crate::train::checkpoint::{find_checkpoint, read_state, restore, DataSettings, TrainerState};
 use crate::train::dataset::{self, Dataset, Renderer, SplitOptions};
+use crate::train::guidance::Guidance;
 use crate::train::lora_trainer::{EvalReport, StepReport, TrainSettings, Trainer};
 use crate::train::run::{new_state, run, TrainEvent};
 
@@ -236,6 +237,33 @@ fn pad_id(loaded: &LoadedModel) -> u32 {
     loaded.tokenizer.eos.as_ref().map_or(0, |(_, id)| *id)
 }
 
+/// The guidance of a run's settings, its vector read from disk and checked against the model
+/// (a vector of another hidden size or depth is an error; one made with other weights, e.g.
+/// the base of the model being tuned, is logged).
+pub fn load_guidance(loaded: &LoadedModel, settings: &TrainSettings) -> Result<Option<Guidance>> {
+    let Some(g) = &settings.guidance else {
+        return Ok(None);
+    };
+    let saved = crate::ivfile::load(&g.iv_path)?;
+    let cfg = loaded.model.config();
+    if let Some(warning) = crate::ivfile::check_model(
+        &saved,
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        &crate::worker::iv::fingerprint(loaded)?,
+        &loaded.info.display_name(),
+    )? {
+        log::info!("{}: {warning}", g.iv_path.display());
+    }
+    Guidance::new(
+        g.clone(),
+        &saved.vector,
+        saved.meta.head_list.clone(),
+        &loaded.model,
+    )
+    .map(Some)
+}
+
 /// Builds the trainer for a request: fresh adapters, or the state of the checkpoint to resume.
 fn build(
     loaded: &LoadedModel,
@@ -271,6 +299,9 @@ fn build(
             data.validation.clone(),
             pad_id(loaded),
         )?;
+        if let Some(g) = load_guidance(loaded, &state.settings)? {
+            trainer.set_guidance(g);
+        }
         restore(&ckpt, &mut trainer, &state)?;
         // A resumed run keeps writing into the folder it came from.
         let out = request.out.clone().or_else(|| {
@@ -284,13 +315,16 @@ fn build(
     }
     let data_settings = resolve_data(&request.data)?;
     let data = prepare(loaded, &data_settings, request.settings.seed)?;
-    let trainer = Trainer::new(
+    let mut trainer = Trainer::new(
         loaded.model.clone(),
         request.settings.clone(),
         data.train.clone(),
         data.validation.clone(),
         pad_id(loaded),
     )?;
+    if let Some(g) = load_guidance(loaded, &request.settings)? {
+        trainer.set_guidance(g);
+    }
     let state = new_state(&trainer, data_settings, &base);
     Ok((trainer, state, data, request.out.clone()))
 }

@@ -16,7 +16,8 @@ use crate::model::transformer::{ForwardOptions, Input, LogitsAt};
 use crate::model::vjp::{LoraGrads, Tape};
 use crate::train::dataset::Example;
 use crate::train::guidance::{
-    batch_terms, kd_rows, kd_rows_autograd, last_prompt_position, loss_dtype, BatchTerms, Guidance,
+    batch_terms, kd_rows_autograd, kl_values, last_prompt_position, logit_grads, loss_dtype,
+    BatchTerms, Guidance, KlRows,
 };
 
 /// One example after its forward passes, waiting for the batch's thresholds.
@@ -26,14 +27,14 @@ struct Pending {
     tape: Tape,
     t_b: usize,
     seq_len: usize,
-    /// Label rows `t − 1` and their targets.
-    positions: Tensor,
-    targets: Tensor,
-    /// `softmax(logits)` at the label rows, `(n, V)` f32.
-    label_probs: Tensor,
-    /// The per-row KL gradient at the logits, `(T, V)` f32.
-    kd_grad: Tensor,
-    /// `z_cur − z_ref` per head, `(d_h,)` f32.
+    /// `(t − 1, label_t)` for each label `t`.
+    labels: Vec<(usize, u32)>,
+    /// Trainable and reference logits at every row, `(T, V)`.
+    logits: Tensor,
+    ref_logits: Tensor,
+    /// Per-row KL and statistics.
+    kl: KlRows,
+    /// `z_cur − z_ref` per head, `(d_h,)`.
     z_diff: Vec<Tensor>,
 }
 
@@ -191,14 +192,19 @@ impl Trainer {
                 .model
                 .lm_logits(&hidden.squeeze(0)?, &opts)?
                 .to_dtype(wd)?;
-            let positions = Tensor::from_vec(positions, n, &device)?;
+            let labels: Vec<(usize, u32)> = positions
+                .iter()
+                .zip(&targets)
+                .map(|(&t, &y)| (t as usize, y))
+                .collect();
+            let rows = Tensor::from_vec(positions, n, &device)?;
             let targets = Tensor::from_vec(targets, (n, 1), &device)?;
             let log_probs =
-                candle_nn::ops::log_softmax(&logits.index_select(&positions, 0)?, D::Minus1)?;
+                candle_nn::ops::log_softmax(&logits.index_select(&rows, 0)?, D::Minus1)?;
             ce_sum -= scalar(&log_probs.gather(&targets, 1)?.sum_all()?)?;
-            let (kl_rows, kd_grad) = kd_rows(&logits, &reference.log_q, tau)?;
-            kl1_sum += scalar(&kl_rows.get(t_b)?)?;
-            kl2_sum += scalar(&kl_rows.sum_all()?)?;
+            let kl = kl_values(&logits, &reference.logits, tau)?;
+            kl1_sum += kl.kl[t_b];
+            kl2_sum += kl.kl.iter().sum::<f64>();
             let mut z_diff = Vec::with_capacity(heads.len());
             for (i, &(l, h)) in heads.iter().enumerate() {
                 let z = tape
@@ -220,10 +226,10 @@ impl Trainer {
                 seq_len: example.ids.len(),
                 tape,
                 t_b,
-                positions,
-                targets,
-                label_probs: log_probs.exp()?,
-                kd_grad,
+                labels,
+                logits,
+                ref_logits: reference.logits,
+                kl,
                 z_diff,
             });
         }
@@ -242,20 +248,18 @@ impl Trainer {
         let n_heads = cfg.num_attention_heads;
         for part in pending {
             let t_len = part.seq_len;
-            // KL rows: c2 everywhere, plus c1 at t_b.
+            // KL rows: c2 everywhere, plus c1 at t_b; CE rows: (softmax − onehot) · norm.
             let mut weights = vec![terms.c2 / accum; t_len];
             weights[part.t_b] += terms.c1 / accum;
-            let weights = Tensor::from_vec(weights, (t_len, 1), &device)?.to_dtype(wd)?;
-            let d_logits = part.kd_grad.broadcast_mul(&weights)?;
-            // CE rows: (softmax − onehot) · norm.
-            let n = part.positions.dim(0)?;
-            let ones = Tensor::ones((n, 1), wd, &device)?;
-            let onehot = part
-                .label_probs
-                .zeros_like()?
-                .scatter_add(&part.targets, &ones, 1)?;
-            let d_ce = ((&part.label_probs - onehot)? * norm)?;
-            let d_logits = d_logits.index_add(&part.positions, &d_ce, 0)?;
+            let d_logits = logit_grads(
+                &part.logits,
+                &part.ref_logits,
+                tau,
+                &part.kl,
+                &weights,
+                &part.labels,
+                norm,
+            )?;
             let d_rows = d_logits
                 .to_dtype(self.model.dtype())?
                 .matmul(&self.model.lm_head.weight)?
@@ -359,7 +363,7 @@ impl Trainer {
             let ce = log_probs.gather(&targets, 1)?.sum_all()?.neg()?;
             ce_sum += scalar(&ce)?;
             ce_terms.push(ce);
-            let kl = kd_rows_autograd(&logits, &reference.log_q, tau)?;
+            let kl = kd_rows_autograd(&logits, &reference.logits, tau)?;
             let kl1 = kl.get(t_b)?;
             let kl2 = kl.sum_all()?;
             kl1_sum += scalar(&kl1)?;
