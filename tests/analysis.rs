@@ -657,3 +657,203 @@ fn bad_task_files_are_named() -> anyhow::Result<()> {
     assert!(err.contains("antonym"), "{err}");
     Ok(())
 }
+
+/// METHODS.md §5.3 and §5.5 through the job path on the tiny model: a vector found and saved
+/// as a researcher would, a two-stage plan (plain, then IV-guided) trained, each stage's
+/// combined adapter equal to merging the stages in order, a finished plan found finished on
+/// rerun, and the forgetting evaluation of the base and both stages.
+#[test]
+fn continual_stages_with_guidance_and_forgetting() -> anyhow::Result<()> {
+    use tunelens::model::adapter::{attach_peft_adapter, merge_adapters};
+    use tunelens::train::checkpoint::DataSettings;
+    use tunelens::train::dataset::PromptTemplate;
+    use tunelens::train::settings::{GuidanceSettings, TrainSettings};
+    use tunelens::train::stages::{read_plan, write_plan, Stage, StagePlan};
+    use tunelens::worker::forgetting::ForgettingRequest;
+    use tunelens::worker::{run_job, Job, JobOutput, Slot, WorkerCtx};
+
+    let dir = tempfile::tempdir()?;
+    let task = tiny_task_file(dir.path());
+    let mut ctx = WorkerCtx {
+        a: Some(crate::common::tiny(3)),
+        ..WorkerCtx::default()
+    };
+    let JobOutput::InstructionVectors(out) = run_job(
+        &mut ctx,
+        1,
+        Job::InstructionVectors {
+            slots: vec![Slot::A],
+            settings: tiny_iv_settings(task.clone()),
+        },
+        &mut |_| {},
+    )?
+    else {
+        panic!("not an IV output");
+    };
+    let iv = dir.path().join("shift7.iv.safetensors");
+    run_job(
+        &mut ctx,
+        2,
+        Job::SaveIv {
+            output: out,
+            model: 0,
+            task: 0,
+            path: iv.clone(),
+        },
+        &mut |_| {},
+    )?;
+    // Training data: the task's pairs with a definition (the §5.1 template).
+    let pairs: Vec<serde_json::Value> =
+        serde_json::from_str(&tunelens::model::tiny::tiny_icl_task_json())?;
+    let data = dir.path().join("train.jsonl");
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|p| {
+            serde_json::json!({"instruction": "shift the word", "input": p["input"], "output": p["output"]})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n"))?;
+    let mut settings = TrainSettings {
+        steps: 2,
+        batch_size: 2,
+        learning_rate: 1e-2,
+        eval_every: 0,
+        save_every: 1,
+        ..TrainSettings::default()
+    };
+    settings.lora.dropout = 0.0;
+    let stage = |name: &str, guidance: Option<GuidanceSettings>| Stage {
+        name: name.to_owned(),
+        data: DataSettings {
+            path: data.clone(),
+            template: PromptTemplate::Definition,
+            max_len: 64,
+            validation_fraction: 0.0,
+        },
+        settings: TrainSettings {
+            guidance,
+            ..settings.clone()
+        },
+    };
+    let guided = GuidanceSettings {
+        layer: 1,
+        kl_threshold: 0.0,
+        mse_threshold: 0.0,
+        ..GuidanceSettings::code(iv.clone())
+    };
+    let plan = StagePlan {
+        stages: vec![stage("first", None), stage("second", Some(guided))],
+    };
+    // The plan file round-trips.
+    let plan_path = dir.path().join("plan.json");
+    write_plan(&plan_path, &plan)?;
+    assert_eq!(read_plan(&plan_path)?, plan);
+    let out_dir = dir.path().join("run");
+    let job = || Job::TrainStages {
+        slot: Slot::A,
+        plan: Box::new(plan.clone()),
+        out: out_dir.clone(),
+    };
+    let mut stages_seen = Vec::new();
+    let JobOutput::StagesTrained(first) = run_job(&mut ctx, 3, job(), &mut |e| {
+        if let tunelens::worker::Event::Train {
+            update: tunelens::worker::train::TrainUpdate::Stage { index, .. },
+            ..
+        } = e
+        {
+            stages_seen.push(index);
+        }
+    })?
+    else {
+        panic!("not a stages output");
+    };
+    assert_eq!(stages_seen, [0, 1]);
+    assert_eq!(first.runs.len(), 2);
+    assert!(!first.cancelled);
+    assert_eq!(first.runs[0].1.state.history[0].terms.len(), 1);
+    let guided_terms: Vec<&str> = first.runs[1].1.state.history[0]
+        .terms
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(guided_terms, ["ce", "kl1", "kl2", "pr"]);
+    assert!(first.runs[1]
+        .1
+        .state
+        .history
+        .iter()
+        .all(|r| r.terms[2].1 > 0.0));
+    // Stage 2's combined adapter equals the base with both stages merged in order.
+    let base = ctx.a.as_ref().unwrap().model.clone();
+    let mut merged = base.clone();
+    for adapter in &first.adapters {
+        attach_peft_adapter(&mut merged, adapter)?;
+        merge_adapters(&mut merged)?;
+    }
+    let mut combined = base.clone();
+    attach_peft_adapter(&mut combined, &first.combined[1])?;
+    let ids = crate::common::ids_tensor(&[1, 5, 9, 13, 17, 21]);
+    let (m, c) = (merged.forward(&ids)?, combined.forward(&ids)?);
+    assert!(crate::common::max_abs_diff(&m, &c) < 1e-4);
+    assert!(crate::common::max_abs_diff(&m, &base.forward(&ids)?) > 1e-4);
+    // A finished plan is found finished.
+    let JobOutput::StagesTrained(again) = run_job(&mut ctx, 4, job(), &mut |_| {})? else {
+        panic!("not a stages output");
+    };
+    assert!(again.runs.is_empty());
+    assert_eq!(again.combined, first.combined);
+    // Forgetting: base and both stages on an evaluation set in FvForgetting's format.
+    let set = dir.path().join("task_shift.json");
+    let items: Vec<serde_json::Value> = pairs
+        .iter()
+        .take(6)
+        .map(|p| serde_json::json!({"input": p["input"], "output": p["output"]}))
+        .collect();
+    std::fs::write(&set, serde_json::to_string(&items)?)?;
+    let stages: Vec<(String, std::path::PathBuf)> = first
+        .adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("stage {}", i + 1), a.clone()))
+        .collect();
+    let JobOutput::Forgetting(report) = run_job(
+        &mut ctx,
+        5,
+        Job::Forgetting {
+            slot: Slot::A,
+            request: Box::new(ForgettingRequest {
+                sets: vec![set],
+                stages,
+                max_items: 0,
+            }),
+        },
+        &mut |_| {},
+    )?
+    else {
+        panic!("not a forgetting report");
+    };
+    assert_eq!(report.models.len(), 3);
+    assert_eq!(report.models[0].label, "base");
+    let base_scores = &report.models[0];
+    assert!(base_scores.task.is_some() && base_scores.general.is_none());
+    assert_eq!(base_scores.forgetting(base_scores), [None, None, Some(0.0)]);
+    for m in &report.models {
+        assert_eq!(m.sets[0].items, 6);
+        assert!((0.0..=1.0).contains(&m.sets[0].score));
+        assert!(m.p_know > 0.0 && m.p_know <= 1.0);
+    }
+    // The stages changed the model: some probability moved.
+    assert!((report.models[2].p_know - base_scores.p_know).abs() > 1e-6);
+    // A bad set names its item before any model work.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"[{"input": "a", "output": "b"}, {"input": 1}]"#)?;
+    let err = tunelens::worker::forgetting::load_sets(&ForgettingRequest {
+        sets: vec![bad],
+        ..ForgettingRequest::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("bad.json") && err.contains("item 1"), "{err}");
+    Ok(())
+}

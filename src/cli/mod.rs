@@ -409,6 +409,7 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             | JobOutput::Heads(_)
             | JobOutput::Consistency(_)
             | JobOutput::Trained(_)
+            | JobOutput::StagesTrained(_)
             | JobOutput::TrainEstimated(_)
             | JobOutput::DataPreview(_)
             | JobOutput::Unloaded { .. }
@@ -497,6 +498,7 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
         | JobOutput::Heads(_)
         | JobOutput::Consistency(_)
         | JobOutput::Trained(_)
+        | JobOutput::StagesTrained(_)
         | JobOutput::TrainEstimated(_)
         | JobOutput::DataPreview(_)
         | JobOutput::Unloaded { .. }

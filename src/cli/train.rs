@@ -12,6 +12,7 @@ use crate::train::checkpoint::DataSettings;
 use crate::train::dataset::PromptTemplate;
 use crate::train::lora_trainer::{Schedule, TrainSettings};
 use crate::train::settings::{GuidanceSettings, Progressive};
+use crate::train::stages::{read_plan, StagePlan};
 use crate::worker::runner::{run_job, WorkerCtx};
 use crate::worker::train::{TrainRequest, TrainUpdate};
 use crate::worker::{Event, Job, JobOutput, Slot};
@@ -23,8 +24,14 @@ pub struct TrainArgs {
     model: ModelArg,
     /// Instruction data, JSONL: Alpaca (instruction, input, output), chat (messages) or
     /// prompt/completion lines.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, required_unless_present_any = ["resume", "stages"])]
     data: Option<PathBuf>,
+    /// Continual training (METHODS.md §5.3): a stage plan (JSON: {"stages": [{"name", "data",
+    /// "settings"}]}, as the Fine-tune view saves it); each stage trains a fresh LoRA on the
+    /// model with the earlier stages merged. Rerun with the same --out (or --resume the
+    /// folder) to continue a stopped plan.
+    #[arg(long, conflicts_with = "data")]
+    stages: Option<PathBuf>,
     /// Output folder (default: `tunelens-runs/run-<unix time>`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -223,6 +230,125 @@ fn request(args: &TrainArgs) -> anyhow::Result<TrainRequest> {
     })
 }
 
+/// A training update on stderr: a progress line per step, a line per validation, checkpoint
+/// and stage.
+fn print_update(update: TrainUpdate, total: &mut usize) {
+    match update {
+        TrainUpdate::Stage { index, total, name } => {
+            eprintln!("stage {} of {total}: {name}", index + 1);
+        }
+        TrainUpdate::Started { done, total: t, .. } => {
+            *total = t;
+            if done > 0 {
+                eprintln!("resuming at step {done} of {t}");
+            }
+        }
+        TrainUpdate::Step(r) => {
+            #[allow(clippy::cast_precision_loss)]
+            let frac = r.step as f32 / (*total).max(1) as f32;
+            let _ = super::weights::progress_line(
+                frac,
+                &format!(
+                    "step {}/{total} loss {:.4}{} lr {:.2e} |g| {:.3} {:.2} s/step {:.0} tok/s",
+                    r.step,
+                    r.loss,
+                    term_summary(&r.terms),
+                    r.learning_rate,
+                    r.grad_norm,
+                    r.seconds,
+                    r.tokens_per_s
+                ),
+            );
+        }
+        TrainUpdate::Eval(e) => {
+            eprintln!("step {}: validation loss {:.4}", e.step, e.loss);
+        }
+        TrainUpdate::Saved { step, dir } => {
+            eprintln!("step {step}: checkpoint {}", dir.display());
+        }
+    }
+}
+
+/// `tunelens train --stages PLAN.json` (or `--resume` of a plan's folder).
+fn run_stages(cli: &Cli, args: &TrainArgs, plan: StagePlan, out: PathBuf) -> anyhow::Result<()> {
+    let mut ctx = WorkerCtx::default();
+    super::load_models(cli, &mut ctx, &args.model.model, None)?;
+    eprintln!(
+        "{} stages into {}: {}",
+        plan.stages.len(),
+        out.display(),
+        plan.stages
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut total = 0;
+    let job = Job::TrainStages {
+        slot: Slot::A,
+        plan: Box::new(plan),
+        out,
+    };
+    let output = run_job(&mut ctx, 2, job, &mut |event| {
+        if let Event::Train { update, .. } = event {
+            print_update(update, &mut total);
+        }
+    })?;
+    let JobOutput::StagesTrained(output) = output else {
+        anyhow::bail!("the continual training job returned another result");
+    };
+    let mut stdout = std::io::stdout().lock();
+    if cli.json {
+        writeln!(stdout, "{}", serde_json::to_string(&output)?)?;
+        return Ok(());
+    }
+    for (i, run) in &output.runs {
+        writeln!(
+            stdout,
+            "stage {} ({}): {} steps in {:.1} s{}",
+            i + 1,
+            output.names.get(*i).map_or("", String::as_str),
+            run.state.step,
+            run.seconds,
+            if run.cancelled { ", stopped" } else { "" }
+        )?;
+    }
+    for (i, dir) in output.combined.iter().enumerate() {
+        writeln!(stdout, "after stage {}: {}", i + 1, dir.display())?;
+    }
+    if output.cancelled {
+        writeln!(
+            stdout,
+            "stopped; continue with: tunelens train --model {} --resume {}",
+            args.model.model,
+            output.out.display()
+        )?;
+    } else {
+        let stages: Vec<String> = (0..output.names.len())
+            .map(|i| {
+                format!(
+                    "--adapter {}",
+                    output
+                        .out
+                        .join(format!(
+                            "stage-{:02}-{}/adapter",
+                            i + 1,
+                            crate::export::slug(&output.names[i])
+                        ))
+                        .display()
+                )
+            })
+            .collect();
+        writeln!(
+            stdout,
+            "forgetting: tunelens forgetting --model {} {}",
+            args.model.model,
+            stages.join(" ")
+        )?;
+    }
+    Ok(())
+}
+
 /// ` (ce 1.23 kl1 0.40 ...)` when the loss has more than one term.
 fn term_summary(terms: &[(String, f64)]) -> String {
     if terms.len() < 2 {
@@ -233,6 +359,24 @@ fn term_summary(terms: &[(String, f64)]) -> String {
 }
 
 pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.stages {
+        let plan = read_plan(path)?;
+        let out = args.out.clone().unwrap_or_else(|| {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            PathBuf::from(format!("tunelens-runs/stages-{stamp}"))
+        });
+        return run_stages(cli, args, plan, out);
+    }
+    if let Some(dir) = args
+        .resume
+        .as_ref()
+        .filter(|d| d.join("stages.json").exists())
+    {
+        let plan = read_plan(&dir.join("stages.json"))?;
+        return run_stages(cli, args, plan, dir.clone());
+    }
     let mut request = request(args)?;
     let mut ctx = WorkerCtx::default();
     super::load_models(cli, &mut ctx, &args.model.model, None)?;
@@ -286,39 +430,8 @@ pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
         request: Box::new(request),
     };
     let output = run_job(&mut ctx, 2, job, &mut |event| {
-        let Event::Train { update, .. } = event else {
-            return;
-        };
-        match update {
-            TrainUpdate::Started { done, total: t, .. } => {
-                total = t;
-                if done > 0 {
-                    eprintln!("resuming at step {done} of {t}");
-                }
-            }
-            TrainUpdate::Step(r) => {
-                #[allow(clippy::cast_precision_loss)]
-                let frac = r.step as f32 / total.max(1) as f32;
-                let _ = super::weights::progress_line(
-                    frac,
-                    &format!(
-                        "step {}/{total} loss {:.4}{} lr {:.2e} |g| {:.3} {:.2} s/step {:.0} tok/s",
-                        r.step,
-                        r.loss,
-                        term_summary(&r.terms),
-                        r.learning_rate,
-                        r.grad_norm,
-                        r.seconds,
-                        r.tokens_per_s
-                    ),
-                );
-            }
-            TrainUpdate::Eval(e) => {
-                eprintln!("step {}: validation loss {:.4}", e.step, e.loss);
-            }
-            TrainUpdate::Saved { step, dir } => {
-                eprintln!("step {step}: checkpoint {}", dir.display());
-            }
+        if let Event::Train { update, .. } = event {
+            print_update(update, &mut total);
         }
     })?;
     let JobOutput::Trained(output) = output else {

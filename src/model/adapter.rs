@@ -61,8 +61,16 @@ fn parse_key(key: &str) -> Option<(usize, String, char)> {
     Some((layer_idx, module, which))
 }
 
-/// Loads the adapter in `dir` and attaches it to `model`.
-pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<AdapterInfo> {
+/// The tensors of a PEFT adapter folder: its config's rank and alpha, its weights file, and
+/// `A`/`B` per `(layer, module)` (`None` where the file lacks one of the two).
+#[allow(clippy::type_complexity)]
+struct PeftFiles {
+    cfg: PeftConfig,
+    weights_path: std::path::PathBuf,
+    pairs: BTreeMap<(usize, String), (Option<candle_core::Tensor>, Option<candle_core::Tensor>)>,
+}
+
+fn read_peft_files(dir: &Path) -> Result<PeftFiles> {
     if !dir.exists() {
         return Err(Error::NotFound {
             path: dir.to_path_buf(),
@@ -121,6 +129,53 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
             entry.1 = Some(tensor);
         }
     }
+    Ok(PeftFiles {
+        cfg,
+        weights_path,
+        pairs,
+    })
+}
+
+/// One adapted layer of a PEFT adapter: `(layer, module, A (r, in), B (out, r), scale)`.
+pub type AdapterTensors = (usize, String, candle_core::Tensor, candle_core::Tensor, f64);
+
+/// Reads a PEFT adapter folder without attaching it (f32 on the CPU), e.g. to combine the
+/// adapters of continual stages.
+pub fn read_peft_adapter(dir: &Path) -> Result<Vec<AdapterTensors>> {
+    let files = read_peft_files(dir)?;
+    let mut out = Vec::with_capacity(files.pairs.len());
+    for ((layer, module), (a, b)) in files.pairs {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(Error::bad_file(
+                &files.weights_path,
+                format!("layer {layer} {module}: lora_A and lora_B must both be present"),
+            ));
+        };
+        let rank = a.dims().first().copied().unwrap_or(files.cfg.r);
+        #[allow(clippy::cast_precision_loss)]
+        let scale = if files.cfg.use_rslora {
+            files.cfg.lora_alpha / (rank as f64).sqrt()
+        } else {
+            files.cfg.lora_alpha / rank as f64
+        };
+        out.push((
+            layer,
+            module,
+            a.to_dtype(candle_core::DType::F32)?,
+            b.to_dtype(candle_core::DType::F32)?,
+            scale,
+        ));
+    }
+    Ok(out)
+}
+
+/// Loads the adapter in `dir` and attaches it to `model`.
+pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<AdapterInfo> {
+    let PeftFiles {
+        cfg,
+        weights_path,
+        pairs,
+    } = read_peft_files(dir)?;
     let device = model.device().clone();
     let dtype = model.dtype();
     let mut targets: Vec<String> = Vec::new();

@@ -12,3 +12,4 @@ pub mod optim;
 pub mod results;
 pub mod run;
 pub mod settings;
+pub mod stages;

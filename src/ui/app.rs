@@ -552,6 +552,7 @@ impl TunelensApp {
             | JobOutput::Trained(_)
             | JobOutput::TrainEstimated(_)
             | JobOutput::Forgetting(_)
+            | JobOutput::StagesTrained(_)
             | JobOutput::DataPreview(_) => log::warn!("an analysis result without its view"),
         }
     }
@@ -569,6 +570,10 @@ impl TunelensApp {
             | DialogKind::TrainData
             | DialogKind::TrainOutput
             | DialogKind::TaskFile
+            | DialogKind::GuidanceIv
+            | DialogKind::EvalSet
+            | DialogKind::StagePlanOpen
+            | DialogKind::StagePlanSave
             | DialogKind::IvFile => Action::SetFile(kind, Some(path)),
             // Kinds only an analysis view asks for: the current view's answer.
             DialogKind::MergedOutput | DialogKind::IvSave => {

@@ -41,6 +41,14 @@ pub enum DialogKind {
     IvFile,
     /// Where to save an instruction vector.
     IvSave,
+    /// The instruction vector that guides fine-tuning.
+    GuidanceIv,
+    /// A forgetting evaluation set (JSON).
+    EvalSet,
+    /// A continual-training stage plan to open (JSON).
+    StagePlanOpen,
+    /// Where to save the stage plan (JSON).
+    StagePlanSave,
 }
 
 /// How a dialog ended.
@@ -83,6 +91,10 @@ impl DialogKind {
             Self::TaskFile => "Open an in-context task (JSON list of {\"input\", \"output\"})",
             Self::IvFile => "Open a saved instruction vector (.safetensors)",
             Self::IvSave => "Save the instruction vector (.safetensors, with a .json beside it)",
+            Self::GuidanceIv => "Open the instruction vector that guides training (.safetensors)",
+            Self::EvalSet => "Open an evaluation set (JSON list of {\"input\", \"output\"})",
+            Self::StagePlanOpen => "Open a stage plan (JSON)",
+            Self::StagePlanSave => "Save the stage plan (JSON)",
         }
     }
 
@@ -93,11 +105,15 @@ impl DialogKind {
                 BrowseMode::OpenFolder
             }
             Self::GgufFile => BrowseMode::OpenFile(vec!["gguf"]),
-            Self::FactsFile | Self::TaskFile => BrowseMode::OpenFile(vec!["json"]),
-            Self::IvFile => BrowseMode::OpenFile(vec!["safetensors"]),
+            Self::FactsFile | Self::TaskFile | Self::EvalSet | Self::StagePlanOpen => {
+                BrowseMode::OpenFile(vec!["json"])
+            }
+            Self::IvFile | Self::GuidanceIv => BrowseMode::OpenFile(vec!["safetensors"]),
             Self::TrainData => BrowseMode::OpenFile(vec!["jsonl", "json"]),
             Self::WordList | Self::WordVectors | Self::PairsFile => BrowseMode::OpenFile(vec![]),
-            Self::ExportFile | Self::IvSave => BrowseMode::Save(default_name.to_owned()),
+            Self::ExportFile | Self::IvSave | Self::StagePlanSave => {
+                BrowseMode::Save(default_name.to_owned())
+            }
         }
     }
 }
@@ -173,10 +189,15 @@ impl Dialogs {
                     DialogKind::WordList | DialogKind::WordVectors | DialogKind::PairsFile => {
                         dialog.pick_file()
                     }
-                    DialogKind::FactsFile | DialogKind::TaskFile => {
-                        dialog.add_filter("JSON", &["json"]).pick_file()
-                    }
-                    DialogKind::IvFile => dialog
+                    DialogKind::FactsFile
+                    | DialogKind::TaskFile
+                    | DialogKind::EvalSet
+                    | DialogKind::StagePlanOpen => dialog.add_filter("JSON", &["json"]).pick_file(),
+                    DialogKind::StagePlanSave => dialog
+                        .set_file_name(default_name.as_str())
+                        .add_filter("JSON", &["json"])
+                        .save_file(),
+                    DialogKind::IvFile | DialogKind::GuidanceIv => dialog
                         .add_filter("Instruction vector", &["safetensors"])
                         .pick_file(),
                     DialogKind::IvSave => dialog

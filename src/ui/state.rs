@@ -306,6 +306,42 @@ impl AppState {
                 self.steer.path = path;
                 self.steer.layer = None;
             }
+            DialogKind::GuidanceIv => {
+                if let Some(p) = path {
+                    self.finetune.guidance.iv_path = p;
+                }
+            }
+            DialogKind::EvalSet => match path {
+                Some(p) => {
+                    if !self.finetune.eval_sets.contains(&p) {
+                        self.finetune.eval_sets.push(p);
+                    }
+                }
+                None => self.finetune.eval_sets.clear(),
+            },
+            DialogKind::StagePlanOpen => {
+                if let Some(p) = path {
+                    match crate::train::stages::read_plan(&p) {
+                        Ok(plan) => {
+                            self.finetune.stages = plan.stages;
+                            self.finetune.plan_note = Some(format!("Opened {}", p.display()));
+                        }
+                        Err(err) => self.finetune.plan_note = Some(err.to_string()),
+                    }
+                }
+            }
+            DialogKind::StagePlanSave => {
+                if let Some(p) = path {
+                    let plan = crate::train::stages::StagePlan {
+                        stages: self.finetune.stages.clone(),
+                    };
+                    self.finetune.plan_note =
+                        Some(match crate::train::stages::write_plan(&p, &plan) {
+                            Ok(()) => format!("Saved {}", p.display()),
+                            Err(err) => err.to_string(),
+                        });
+                }
+            }
             DialogKind::IvSave
             | DialogKind::MergedOutput
             | DialogKind::ModelFolder

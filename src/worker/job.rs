@@ -8,10 +8,12 @@ use crate::analysis::ffn_concepts::{ConceptsConfig, LayerConcepts};
 use crate::analysis::head_pairs::{HeadsConfig, LayerHeads};
 use crate::train::checkpoint::DataSettings;
 use crate::train::forgetting::ForgettingReport;
+use crate::train::stages::StagePlan;
 use crate::wordfiles::WordSource;
 use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings};
 use crate::worker::forgetting::ForgettingRequest;
 use crate::worker::iv::{IvOutput, IvSettings};
+use crate::worker::train::StagesOutput;
 use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainRequest, TrainUpdate};
 use crate::worker::weights::{CachePolicy, ConceptsOutput, HeadsOutput};
 
@@ -113,6 +115,16 @@ pub enum Job {
         slot: Slot,
         /// Data, settings, output folder, resume point.
         request: Box<TrainRequest>,
+    },
+    /// Continual training: the stages of a plan in order (METHODS.md §5.3), each on the
+    /// slot's model with the earlier stages merged; resumes a stopped plan in `out`.
+    TrainStages {
+        /// The base model's slot.
+        slot: Slot,
+        /// The stages.
+        plan: Box<StagePlan>,
+        /// The plan's output folder.
+        out: PathBuf,
     },
     /// A few measured training steps to estimate a run's time and memory.
     EstimateTraining {
@@ -238,6 +250,8 @@ pub enum JobOutput {
     TrainEstimated(TrainEstimate),
     /// Scores of the base and each stage.
     Forgetting(Box<ForgettingReport>),
+    /// A continual run ended.
+    StagesTrained(Box<StagesOutput>),
     /// A rendered training data file.
     DataPreview(Box<DataPreview>),
     /// A merged model was written.

@@ -310,6 +310,38 @@ pub fn run_job(
             })?;
             Ok(JobOutput::Trained(Box::new(output)))
         }
+        Job::TrainStages { slot, plan, out } => {
+            let cancel = ctx.cancel.clone();
+            let loaded = ctx.model(slot)?;
+            let mut last_stage = usize::MAX;
+            let output = train::run_stages(loaded, &plan, &out, &mut |p| {
+                if p.stage != last_stage {
+                    last_stage = p.stage;
+                    emit(Event::Train {
+                        job_id,
+                        update: TrainUpdate::Stage {
+                            index: p.stage,
+                            total: p.stages,
+                            name: plan
+                                .stages
+                                .get(p.stage)
+                                .map(|s| s.name.clone())
+                                .unwrap_or_default(),
+                        },
+                    });
+                }
+                emit(Event::Train {
+                    job_id,
+                    update: TrainUpdate::from_progress(&p.progress),
+                });
+                if cancel.load(Ordering::Relaxed) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })?;
+            Ok(JobOutput::StagesTrained(Box::new(output)))
+        }
         Job::EstimateTraining { slot, request } => {
             let cancel = ctx.cancel.clone();
             let loaded = ctx.model(slot)?;

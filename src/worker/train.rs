@@ -9,12 +9,14 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::adapter::{attach_peft_adapter, merge_adapters};
 use crate::model::LoadedModel;
 use crate::train::checkpoint::{find_checkpoint, read_state, restore, DataSettings, TrainerState};
 use crate::train::dataset::{self, Dataset, Renderer, SplitOptions};
 use crate::train::guidance::Guidance;
 use crate::train::lora_trainer::{EvalReport, StepReport, TrainSettings, Trainer};
 use crate::train::run::{new_state, run, TrainEvent};
+use crate::train::stages::{write_combined_adapter, write_plan, StagePlan};
 
 pub use crate::train::results::{DataPreview, DataSummary, PreviewRow, TrainEstimate, TrainOutput};
 
@@ -385,6 +387,99 @@ pub fn run_training(
     Ok(output)
 }
 
+/// The result of a continual run: each stage's run (finished, or the one that stopped).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StagesOutput {
+    /// The plan's output folder.
+    pub out: PathBuf,
+    /// Stage names, in order.
+    pub names: Vec<String>,
+    /// The runs done in this invocation, as `(stage index, run)`; stages found finished on
+    /// disk are skipped and not listed.
+    pub runs: Vec<(usize, TrainOutput)>,
+    /// Each finished stage's own adapter (relative to the model with the earlier stages
+    /// merged), by stage.
+    pub adapters: Vec<PathBuf>,
+    /// Each finished stage's combined adapter (base + stages 1..=k merged), by stage.
+    pub combined: Vec<PathBuf>,
+    /// Whether the run was stopped before the last stage finished.
+    pub cancelled: bool,
+}
+
+/// Progress of a continual run: the stage, and its run's own progress.
+#[derive(Clone, Debug)]
+pub struct StageProgress<'a> {
+    /// 0-based stage index.
+    pub stage: usize,
+    /// Stages in the plan.
+    pub stages: usize,
+    /// The stage's run progress.
+    pub progress: TrainProgress<'a>,
+}
+
+/// Runs a plan (or resumes it: finished stages are recognised by their `adapter/`, a stopped
+/// stage resumes from its last checkpoint). Before each stage, the earlier stages' adapters are
+/// merged into a copy of the slot's model (METHODS.md §5.3); each stage trains a fresh LoRA.
+pub fn run_stages(
+    loaded: &LoadedModel,
+    plan: &StagePlan,
+    out: &Path,
+    on_progress: &mut dyn FnMut(StageProgress<'_>) -> ControlFlow<()>,
+) -> Result<StagesOutput> {
+    check_base(loaded)?;
+    plan.validate()?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::bad_file(out, format!("cannot create the output folder ({e})")))?;
+    write_plan(&out.join("stages.json"), plan)?;
+    let mut current = loaded.clone();
+    let mut output = StagesOutput {
+        out: out.to_path_buf(),
+        names: plan.stages.iter().map(|s| s.name.clone()).collect(),
+        runs: Vec::new(),
+        adapters: Vec::new(),
+        combined: Vec::new(),
+        cancelled: false,
+    };
+    let mut adapters = Vec::new();
+    for (i, stage) in plan.stages.iter().enumerate() {
+        let dir = plan.stage_dir(out, i);
+        let adapter = dir.join("adapter");
+        if !adapter.join("adapter_model.safetensors").exists() {
+            let resume = dir.exists() && find_checkpoint(&dir).is_ok();
+            let request = TrainRequest {
+                data: stage.data.clone(),
+                settings: stage.settings.clone(),
+                out: Some(dir.clone()),
+                resume: resume.then(|| dir.clone()),
+            };
+            let run = run_training(&current, &request, &mut |progress| {
+                on_progress(StageProgress {
+                    stage: i,
+                    stages: plan.stages.len(),
+                    progress,
+                })
+            })
+            .map_err(|e| {
+                Error::invalid(format!("stage {} ({})", i + 1, stage.name), e.to_string())
+            })?;
+            let cancelled = run.cancelled;
+            output.runs.push((i, run));
+            if cancelled {
+                output.cancelled = true;
+                return Ok(output);
+            }
+        }
+        adapters.push(adapter.clone());
+        let combined = dir.join("combined-adapter");
+        write_combined_adapter(&adapters, &combined, &base_spec(loaded))?;
+        output.combined.push(combined);
+        output.adapters.push(adapter.clone());
+        attach_peft_adapter(&mut current.model, &adapter)?;
+        merge_adapters(&mut current.model)?;
+    }
+    Ok(output)
+}
+
 fn rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -444,6 +539,15 @@ pub fn estimate(
 /// Compact forms of loop events for channels (owned, serialisable).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TrainUpdate {
+    /// A stage of a continual run starts (its run's own updates follow).
+    Stage {
+        /// 0-based index.
+        index: usize,
+        /// Stages in the plan.
+        total: usize,
+        /// Its name.
+        name: String,
+    },
     /// The run started (resumed runs start at `done > 0`).
     Started {
         /// Steps done.

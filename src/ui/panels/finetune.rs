@@ -12,15 +12,20 @@ use crate::export;
 use crate::model::ModelSpec;
 use crate::train::checkpoint::DataSettings;
 use crate::train::dataset::PromptTemplate;
+use crate::train::forgetting::ForgettingReport;
 use crate::train::results::{DataPreview, EvalReport, StepReport, TrainEstimate, TrainOutput};
-use crate::train::settings::{Schedule, TrainSettings, TARGETABLE};
+use crate::train::settings::{
+    GuidanceMode, GuidanceSettings, Progressive, Schedule, TrainSettings, TARGETABLE,
+};
+use crate::train::stages::{Stage, StagePlan};
 use crate::ui::actions::{Action, PendingJob};
 use crate::ui::dialogs::DialogKind;
 use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
 use crate::ui::state::AppState;
 use crate::ui::theme;
 use crate::ui::widgets::file_row;
-use crate::worker::train::{TrainRequest, TrainUpdate};
+use crate::worker::forgetting::ForgettingRequest;
+use crate::worker::train::{StagesOutput, TrainRequest, TrainUpdate};
 use crate::worker::{Event, Job, JobOutput, Slot};
 
 /// The view's id.
@@ -35,6 +40,10 @@ enum RunAsk {
     Estimate,
     /// Launch, or resume the stopped run in this folder.
     Train(Option<PathBuf>),
+    /// Run the stage list (or continue it in this folder).
+    Stages(Option<PathBuf>),
+    /// Evaluate forgetting on the base and each stage of the last run.
+    Forgetting,
 }
 
 /// What the view's buttons ask for.
@@ -53,6 +62,12 @@ pub struct FinetuneView {
     pub training: TrainingView,
     /// The spec "Load as B" loaded, to confirm it once slot B holds it.
     pub loaded_as_b: Option<String>,
+    /// The last continual run.
+    pub stages_result: Option<StagesOutput>,
+    /// The last forgetting evaluation.
+    pub forgetting: Option<ForgettingReport>,
+    /// The guidance vector's description, read from its `.json`: path and text.
+    iv_info: Option<(PathBuf, String)>,
 }
 
 impl FinetuneView {
@@ -72,7 +87,7 @@ impl FinetuneView {
                 max_len: f.max_len,
                 validation_fraction: f.validation_fraction,
             },
-            settings: f.settings.clone(),
+            settings: f.train_settings(),
             out: if resume.is_some() {
                 None
             } else {
@@ -110,10 +125,10 @@ impl FinetuneView {
             return Err("Load the base model into slot A first".to_owned());
         };
         let model = info.display_name();
-        if ask != RunAsk::Preview {
+        if matches!(ask, RunAsk::Estimate | RunAsk::Train(None)) {
             cx.state
                 .finetune
-                .settings
+                .train_settings()
                 .validate()
                 .map_err(|err| err.to_string())?;
         }
@@ -150,7 +165,111 @@ impl FinetuneView {
                     "Training".to_owned(),
                 )
             }
+            RunAsk::Stages(resume) => {
+                let plan = StagePlan {
+                    stages: cx.state.finetune.stages.clone(),
+                };
+                plan.validate().map_err(|err| err.to_string())?;
+                let out = resume.unwrap_or_else(|| {
+                    cx.state
+                        .finetune
+                        .out_dir
+                        .clone()
+                        .unwrap_or_else(|| crate::worker::train::new_run_dir(&model, "stages"))
+                });
+                self.training = TrainingView::default();
+                self.stages_result = None;
+                (
+                    Job::TrainStages {
+                        slot,
+                        plan: Box::new(plan),
+                        out,
+                    },
+                    "Training the stages".to_owned(),
+                )
+            }
+            RunAsk::Forgetting => {
+                let stages = self.evaluated_stages();
+                let f = &cx.state.finetune;
+                (
+                    Job::Forgetting {
+                        slot,
+                        request: Box::new(ForgettingRequest {
+                            sets: f.eval_sets.clone(),
+                            stages,
+                            max_items: f.eval_max_items,
+                        }),
+                    },
+                    "Evaluating forgetting".to_owned(),
+                )
+            }
         })
+    }
+
+    /// The stages "Evaluate forgetting" scores after the base: the last continual run's
+    /// finished stages, else the last single run's adapter.
+    fn evaluated_stages(&self) -> Vec<(String, PathBuf)> {
+        if let Some(out) = &self.stages_result {
+            return out
+                .adapters
+                .iter()
+                .enumerate()
+                .map(|(i, dir)| {
+                    let name = out.names.get(i).cloned().unwrap_or_default();
+                    (format!("{} {name}", i + 1), dir.clone())
+                })
+                .collect();
+        }
+        self.training
+            .result
+            .as_ref()
+            .and_then(|r| r.adapter_dir.clone())
+            .map(|dir| vec![("tuned".to_owned(), dir)])
+            .unwrap_or_default()
+    }
+
+    /// The description of the chosen guidance vector (read once per path).
+    fn iv_info(&mut self, path: &std::path::Path) -> &str {
+        if self.iv_info.as_ref().is_none_or(|(p, _)| p != path) {
+            let text = iv_description(path);
+            self.iv_info = Some((path.to_path_buf(), text));
+        }
+        self.iv_info.as_ref().map_or("", |(_, t)| t.as_str())
+    }
+}
+
+/// "task, made with MODEL, best layer L, heads L14.H3 …" from a vector's `.json`, or why not.
+fn iv_description(path: &std::path::Path) -> String {
+    if path.as_os_str().is_empty() {
+        return "choose a saved vector (Instruction vector view: Save vector…)".to_owned();
+    }
+    let json = crate::ivfile::meta_path(&crate::ivfile::vector_path(path));
+    let meta = std::fs::read_to_string(&json)
+        .map_err(|e| format!("{}: {e}", json.display()))
+        .and_then(|t| {
+            serde_json::from_str::<crate::ivfile::IvMeta>(&t)
+                .map_err(|e| format!("{}: not a vector description ({e})", json.display()))
+        });
+    match meta {
+        Err(err) => err,
+        Ok(m) => {
+            let heads: Vec<String> = m
+                .head_list
+                .iter()
+                .map(|(l, h)| format!("L{l}.H{h}"))
+                .collect();
+            let best = m
+                .evaluation
+                .as_ref()
+                .map_or_else(String::new, |e| format!(", best layer {}", e.best_layer));
+            format!(
+                "{}, made with {}{best}, |IV| {:.2}, heads {}",
+                m.task,
+                m.model,
+                m.norm,
+                heads.join(" ")
+            )
+        }
     }
 }
 
@@ -178,13 +297,26 @@ impl AnalysisView for FinetuneView {
             JobOutput::Trained(out) => self.training.finished(*out),
             JobOutput::TrainEstimated(estimate) => self.training.estimate = Some(estimate),
             JobOutput::DataPreview(preview) => self.training.preview = Some(*preview),
+            JobOutput::StagesTrained(out) => {
+                if let Some((_, run)) = out.runs.last() {
+                    self.training.finished(run.clone());
+                }
+                self.stages_result = Some(*out);
+            }
+            JobOutput::Forgetting(report) => self.forgetting = Some(*report),
             other => return Err(other),
         }
         Ok(())
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
+        let iv_path = cx.state.finetune.guidance.iv_path.clone();
+        let iv_info = self.iv_info(&iv_path).to_owned();
         let ctx = FinetuneCtx {
+            iv_info,
+            stages_result: self.stages_result.as_ref(),
+            forgetting: self.forgetting.as_ref(),
+            base_source: cx.slots[0].info.as_ref().map(|i| i.source.clone()),
             base: cx.slots[0]
                 .info
                 .as_ref()
@@ -217,14 +349,31 @@ impl AnalysisView for FinetuneView {
     }
 
     fn export_stem(&self, _state: &AppState) -> Option<String> {
-        let out = self.training.result.as_ref()?;
-        Some(export::default_file_stem("training", &out.base_model, ""))
+        match &self.training.result {
+            Some(out) => Some(export::default_file_stem("training", &out.base_model, "")),
+            None => self.forgetting.as_ref().map(|_| "forgetting".to_owned()),
+        }
     }
 
+    /// The curves (`<stem>.*`) and, after "Evaluate forgetting", the forgetting figure and
+    /// tables (`<stem>_forgetting.*`): what `tunelens train` and `tunelens forgetting --out`
+    /// write.
     fn exporter(&self, _state: &AppState) -> Option<Exporter> {
-        let out = self.training.result.clone()?;
+        let out = self.training.result.clone();
+        let report = self.forgetting.clone();
+        if out.is_none() && report.is_none() {
+            return None;
+        }
         Some(Box::new(move |dir: &std::path::Path, stem: &str| {
-            export::views::write_training(dir, stem, &out)
+            let mut written = Vec::new();
+            if let Some(out) = &out {
+                written.extend(export::views::write_training(dir, stem, out)?);
+            }
+            if let Some(report) = &report {
+                let stem = format!("{stem}_forgetting");
+                written.extend(export::forgetting::write_forgetting(dir, &stem, report)?);
+            }
+            Ok(written)
         }))
     }
 
@@ -265,6 +414,53 @@ pub struct FinetuneUi {
     pub validation_fraction: f64,
     /// Trainer settings.
     pub settings: TrainSettings,
+    /// Guidance: none, or the code or paper version.
+    pub guidance_mode: Option<GuidanceMode>,
+    /// Guidance settings (kept while guidance is off).
+    pub guidance: GuidanceSettings,
+    /// The continual stage list.
+    pub stages: Vec<Stage>,
+    /// Evaluation sets of "Evaluate forgetting" (empty: the shipped sets).
+    pub eval_sets: Vec<PathBuf>,
+    /// At most this many items per evaluation set (0: all).
+    pub eval_max_items: usize,
+    /// Result of the last plan open or save.
+    #[serde(skip)]
+    pub plan_note: Option<String>,
+}
+
+impl FinetuneUi {
+    /// The trainer settings with the chosen guidance.
+    pub fn train_settings(&self) -> TrainSettings {
+        let mut settings = self.settings.clone();
+        settings.guidance = self.guidance_mode.map(|mode| GuidanceSettings {
+            mode,
+            ..self.guidance.clone()
+        });
+        settings
+    }
+
+    /// The current data and settings as a new stage.
+    pub fn as_stage(&self) -> Stage {
+        let name = self
+            .data_file
+            .as_deref()
+            .and_then(std::path::Path::file_stem)
+            .map_or_else(
+                || "instructions".to_owned(),
+                |s| s.to_string_lossy().into_owned(),
+            );
+        Stage {
+            name,
+            data: DataSettings {
+                path: self.data_file.clone().unwrap_or_default(),
+                template: self.template,
+                max_len: self.max_len,
+                validation_fraction: self.validation_fraction,
+            },
+            settings: self.train_settings(),
+        }
+    }
 }
 
 impl Default for FinetuneUi {
@@ -277,6 +473,12 @@ impl Default for FinetuneUi {
             max_len: data.max_len,
             validation_fraction: data.validation_fraction,
             settings: TrainSettings::default(),
+            guidance_mode: None,
+            guidance: GuidanceSettings::code(PathBuf::new()),
+            stages: Vec::new(),
+            eval_sets: Vec::new(),
+            eval_max_items: 0,
+            plan_note: None,
         }
     }
 }
@@ -300,6 +502,8 @@ pub struct TrainingView {
     pub estimate: Option<TrainEstimate>,
     /// The last data preview.
     pub preview: Option<DataPreview>,
+    /// The stage of a continual run being trained: index, count, name.
+    pub stage: Option<(usize, usize, String)>,
 }
 
 impl TrainingView {
@@ -320,6 +524,12 @@ impl TrainingView {
             TrainUpdate::Step(report) => self.steps.push(report),
             TrainUpdate::Eval(report) => self.evals.push(report),
             TrainUpdate::Saved { step, dir } => self.checkpoints.push((step, dir)),
+            TrainUpdate::Stage { index, total, name } => {
+                self.stage = Some((index, total, name));
+                self.steps.clear();
+                self.evals.clear();
+                self.checkpoints.clear();
+            }
         }
     }
 
@@ -468,6 +678,287 @@ fn settings_grid(ui: &mut egui::Ui, s: &mut FinetuneUi) {
         });
 }
 
+fn drag_f64(
+    ui: &mut egui::Ui,
+    label: &str,
+    value: &mut f64,
+    range: std::ops::RangeInclusive<f64>,
+    speed: f64,
+) {
+    let l = ui.label(label);
+    ui.add(egui::DragValue::new(value).range(range).speed(speed))
+        .labelled_by(l.id);
+}
+
+/// The guidance section: none / code / paper, the vector, and every weight of §5.2 and §5.4.
+fn guidance_ui(ui: &mut egui::Ui, s: &mut FinetuneUi, iv_info: &str, actions: &mut Vec<Action>) {
+    ui.horizontal(|ui| {
+        ui.label("Guidance");
+        let before = s.guidance_mode;
+        ui.selectable_value(&mut s.guidance_mode, None, "none (plain LoRA)");
+        ui.selectable_value(&mut s.guidance_mode, Some(GuidanceMode::Code), GuidanceMode::Code.label())
+            .on_hover_text("FvForgetting's released code (METHODS.md §5.2): the IV in the reference pass, kl1 + kl2 + head preservation");
+        ui.selectable_value(&mut s.guidance_mode, Some(GuidanceMode::Paper), GuidanceMode::Paper.label())
+            .on_hover_text("The paper's description, reconstructed (§5.4): progressive IV in the trainable pass, λ·KL with λ = 0.05; not in the released code");
+        if s.guidance_mode != before {
+            if let Some(mode) = s.guidance_mode {
+                // The preset of the version, keeping the vector and the edit layer.
+                let (path, layer) = (s.guidance.iv_path.clone(), s.guidance.layer);
+                s.guidance = match mode {
+                    GuidanceMode::Code => GuidanceSettings::code(path),
+                    GuidanceMode::Paper => GuidanceSettings::paper(path),
+                };
+                s.guidance.layer = layer;
+            }
+        }
+    });
+    if s.guidance_mode.is_none() {
+        return;
+    }
+    let path = (!s.guidance.iv_path.as_os_str().is_empty()).then_some(s.guidance.iv_path.as_path());
+    ui.horizontal(|ui| {
+        ui.label("Instruction vector");
+        let name = path.and_then(|p| p.file_name()).map_or_else(
+            || "none chosen".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        ui.label(egui::RichText::new(name).strong());
+        if ui.button("Open…").clicked() {
+            actions.push(Action::PickFile(DialogKind::GuidanceIv));
+        }
+    });
+    ui.label(egui::RichText::new(iv_info).color(theme::MUTED));
+    let g = &mut s.guidance;
+    egui::Grid::new("finetune_guidance")
+        .num_columns(6)
+        .spacing([12.0, 4.0])
+        .show(ui, |ui| {
+            let l = ui.label("Edit layer");
+            ui.add(egui::DragValue::new(&mut g.layer).range(0..=200))
+                .labelled_by(l.id)
+                .on_hover_text(
+                    "The IV is added to this layer's o_proj output at the last prompt token",
+                );
+            drag_f64(ui, "τ", &mut g.tau, 0.1..=20.0, 0.05);
+            drag_f64(ui, "α_pr", &mut g.pr_alpha, 0.0..=100.0, 0.05);
+            ui.end_row();
+            drag_f64(
+                ui,
+                "α1 (kl1, t_b rows)",
+                &mut g.kl_alpha1,
+                0.0..=1000.0,
+                0.1,
+            );
+            drag_f64(
+                ui,
+                "α2 (kl2, all rows)",
+                &mut g.kl_alpha2,
+                0.0..=100.0,
+                0.01,
+            );
+            drag_f64(ui, "KL threshold", &mut g.kl_threshold, 0.0..=10.0, 0.01);
+            ui.end_row();
+            drag_f64(ui, "MSE threshold", &mut g.mse_threshold, 0.0..=10.0, 0.001);
+            ui.label("IV in the trainable pass");
+            ui.horizontal(|ui| {
+                let step = match g.progressive {
+                    Some(Progressive::Step(at)) => at,
+                    _ => 0.5,
+                };
+                ui.selectable_value(&mut g.progressive, None, "off");
+                ui.selectable_value(
+                    &mut g.progressive,
+                    Some(Progressive::Linear),
+                    "linear 1 → 0",
+                );
+                ui.selectable_value(
+                    &mut g.progressive,
+                    Some(Progressive::Cosine),
+                    "cosine 1 → 0",
+                );
+                ui.selectable_value(&mut g.progressive, Some(Progressive::Step(step)), "step");
+                if let Some(Progressive::Step(at)) = &mut g.progressive {
+                    ui.add(egui::DragValue::new(at).range(0.0..=1.0).speed(0.01))
+                        .on_hover_text("The scale is 1 until this fraction of the run, then 0");
+                }
+            });
+            ui.end_row();
+        });
+}
+
+/// The continual stage list: rows with their data and vector, add / remove / reorder, open and
+/// save a plan, run it.
+fn stages_ui(
+    ui: &mut egui::Ui,
+    s: &mut FinetuneUi,
+    ready: bool,
+    actions: &mut Vec<Action>,
+) -> Option<Ask> {
+    let mut ask = None;
+    let mut remove = None;
+    let mut swap = None;
+    let n = s.stages.len();
+    for (i, stage) in s.stages.iter_mut().enumerate() {
+        ui.horizontal(|ui| {
+            ui.label(format!("{}.", i + 1));
+            ui.add(egui::TextEdit::singleline(&mut stage.name).desired_width(140.0));
+            let data = stage.data.path.file_name().map_or_else(
+                || "shipped set".to_owned(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            let guidance = stage.settings.guidance.as_ref().map_or_else(
+                || "plain LoRA".to_owned(),
+                |g| {
+                    format!(
+                        "{} with {}",
+                        g.mode.label(),
+                        g.iv_path
+                            .file_name()
+                            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+                    )
+                },
+            );
+            ui.label(
+                egui::RichText::new(format!(
+                    "{data} · {} steps · {guidance}",
+                    stage.settings.steps
+                ))
+                .color(theme::MUTED),
+            );
+            if ui.add_enabled(i > 0, egui::Button::new("↑")).clicked() {
+                swap = Some(i);
+            }
+            if ui.add_enabled(i + 1 < n, egui::Button::new("↓")).clicked() {
+                swap = Some(i + 1);
+            }
+            if ui.button("Remove").clicked() {
+                remove = Some(i);
+            }
+        });
+    }
+    if let Some(i) = swap {
+        s.stages.swap(i - 1, i);
+    }
+    if let Some(i) = remove {
+        s.stages.remove(i);
+    }
+    ui.horizontal_wrapped(|ui| {
+        if ui
+            .button("Add stage from the settings above")
+            .on_hover_text("The data file, template, settings and guidance above become the next stage")
+            .clicked()
+        {
+            let stage = s.as_stage();
+            s.stages.push(stage);
+        }
+        if ui.button("Open plan…").clicked() {
+            actions.push(Action::PickFile(DialogKind::StagePlanOpen));
+        }
+        if ui.add_enabled(!s.stages.is_empty(), egui::Button::new("Save plan…")).clicked() {
+            actions.push(Action::SaveDialog(DialogKind::StagePlanSave, "stages.json".to_owned()));
+        }
+        if ui
+            .add_enabled(ready && !s.stages.is_empty(), egui::Button::new("Run stages"))
+            .on_hover_text("Each stage trains a fresh LoRA on the model with the earlier stages merged (METHODS.md §5.3)")
+            .clicked()
+        {
+            ask = Some(Ask::Job(RunAsk::Stages(None)));
+        }
+        if let Some(note) = &s.plan_note {
+            ui.label(egui::RichText::new(note).color(theme::MUTED));
+        }
+    });
+    ask
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".to_owned(), |x| format!("{:.1}", 100.0 * x))
+}
+
+/// The forgetting table and plot: general / in-context / task score, `P_know` and `P_inst`
+/// by stage, base first, and the forgetting of each stage.
+fn forgetting_ui(ui: &mut egui::Ui, report: &ForgettingReport) {
+    ui.label(
+        egui::RichText::new(format!(
+            "ROUGE-L F1 of greedy answers and length-normalised probabilities, in %; forgetting = base − stage. Decoding: {}",
+            report.decoding
+        ))
+        .color(theme::MUTED),
+    );
+    let base = report.models.first();
+    egui::Grid::new("forgetting_table")
+        .striped(true)
+        .num_columns(9)
+        .spacing([14.0, 3.0])
+        .show(ui, |ui| {
+            for head in [
+                "stage",
+                "general",
+                "in-context",
+                "task",
+                "P_know",
+                "P_inst",
+                "Δ general",
+                "Δ in-context",
+                "Δ task",
+            ] {
+                ui.label(egui::RichText::new(head).strong());
+            }
+            ui.end_row();
+            for m in &report.models {
+                let f = base.map_or([None; 3], |b| m.forgetting(b));
+                ui.label(&m.label);
+                for v in [
+                    m.general,
+                    m.icl,
+                    m.task,
+                    Some(m.p_know),
+                    m.p_inst,
+                    f[0],
+                    f[1],
+                    f[2],
+                ] {
+                    ui.label(pct(v));
+                }
+                ui.end_row();
+            }
+        });
+    let size = egui::vec2((ui.available_width() / 2.0 - 12.0).max(220.0), 180.0);
+    let series = |get: &dyn Fn(&crate::train::forgetting::ModelScores) -> Option<f64>| {
+        curve(
+            report
+                .models
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| get(m).map(|v| (i as f64, 100.0 * v))),
+        )
+    };
+    let x_max = report.models.len().saturating_sub(1).max(1) as f64;
+    ui.horizontal(|ui| {
+        let scores = CurvePanel {
+            id: "forgetting_scores",
+            title: "Score by stage (%)",
+            from_zero: true,
+            legend: true,
+        };
+        curve_panel(ui, &scores, size, x_max, |plot| {
+            plot.line(Line::new("general", series(&|m| m.general)).color(theme::LOSS_TERMS[0]));
+            plot.line(Line::new("in-context", series(&|m| m.icl)).color(theme::LOSS_TERMS[1]));
+            plot.line(Line::new("task", series(&|m| m.task)).color(theme::LOSS_TERMS[2]));
+        });
+        let probs = CurvePanel {
+            id: "forgetting_probs",
+            title: "Answer probability by stage (%)",
+            from_zero: true,
+            legend: true,
+        };
+        curve_panel(ui, &probs, size, x_max, |plot| {
+            plot.line(Line::new("P_know", series(&|m| Some(m.p_know))).color(theme::SLOT_A));
+            plot.line(Line::new("P_inst", series(&|m| m.p_inst)).color(theme::SLOT_B));
+        });
+    });
+}
+
 fn curve(points: impl Iterator<Item = (f64, f64)>) -> PlotPoints<'static> {
     points
         .filter(|p| p.1.is_finite())
@@ -604,6 +1095,42 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
             plot.line(series("grad norm", |s| s.grad_norm, theme::BAR));
         });
     });
+    let metric_names: Vec<String> = steps
+        .first()
+        .map(|s| s.metrics.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
+    if !metric_names.is_empty() {
+        let raw = CurvePanel {
+            id: "train_guidance",
+            title: "Guidance terms before weights and thresholds, IV scale",
+            from_zero: true,
+            legend: true,
+        };
+        curve_panel(
+            ui,
+            &raw,
+            egui::vec2(size.x * 2.0 + 12.0, size.y),
+            x_max,
+            |plot| {
+                for (i, name) in metric_names.iter().enumerate() {
+                    plot.line(
+                        Line::new(
+                            name.clone(),
+                            curve(steps.iter().map(|s| {
+                                let v = s
+                                    .metrics
+                                    .iter()
+                                    .find(|(n, _)| n == name)
+                                    .map_or(f64::NAN, |m| m.1);
+                                (s.step as f64, v)
+                            })),
+                        )
+                        .color(theme::LOSS_TERMS[(i + 1) % theme::LOSS_TERMS.len()]),
+                    );
+                }
+            },
+        );
+    }
 }
 
 fn preview_ui(ui: &mut egui::Ui, preview: &DataPreview) {
@@ -674,6 +1201,14 @@ pub struct FinetuneCtx<'a> {
     pub note: Option<&'a str>,
     /// What became of "Load as B", once pressed.
     pub load_as_b: Option<String>,
+    /// The guidance vector's description.
+    pub iv_info: String,
+    /// The last continual run.
+    pub stages_result: Option<&'a StagesOutput>,
+    /// The last forgetting evaluation.
+    pub forgetting: Option<&'a ForgettingReport>,
+    /// Slot A's `--model` form, for "Load as B" of a stage.
+    pub base_source: Option<String>,
 }
 
 /// Draws the Fine-tune view; returns what its run buttons asked for.
@@ -722,6 +1257,8 @@ fn finetune_ui(
             );
             ui.add_space(4.0);
             settings_grid(ui, settings);
+            ui.add_space(4.0);
+            guidance_ui(ui, settings, &ctx.iv_info, actions);
             ui.horizontal(|ui| {
                 if ui.button("Defaults").clicked() {
                     let keep = (settings.data_file.clone(), settings.out_dir.clone());
@@ -778,6 +1315,14 @@ fn finetune_ui(
                     );
                 }
             });
+            egui::CollapsingHeader::new(format!("Continual stages ({})", settings.stages.len()))
+                .id_salt("finetune_stages")
+                .default_open(!settings.stages.is_empty())
+                .show(ui, |ui| {
+                    if let Some(a) = stages_ui(ui, settings, ctx.base.is_some() && !busy, actions) {
+                        ask = Some(a);
+                    }
+                });
             if let Some(e) = &view.estimate {
                 ui.label(format!(
                     "Estimate: {:.2} s per step (median of {} measured), so {:.1} min for {} steps; about {:.0} MB more memory; {} trainable parameters",
@@ -796,6 +1341,9 @@ fn finetune_ui(
                     .show(ui, |ui| preview_ui(ui, preview));
             }
             ui.add_space(theme::SECTION_GAP);
+            if let Some((index, total, name)) = &view.stage {
+                ui.label(egui::RichText::new(format!("Stage {} of {total}: {name}", index + 1)).strong());
+            }
             if let Some(last) = view.steps.last() {
                 ui.horizontal_wrapped(|ui| {
                     ui.label(
@@ -854,6 +1402,67 @@ fn finetune_ui(
                     egui::RichText::new(format!("Last checkpoint: step {step}, {}", dir.display()))
                         .color(theme::MUTED),
                 );
+            }
+            if let Some(out) = ctx.stages_result {
+                ui.add_space(theme::SECTION_GAP);
+                ui.label(egui::RichText::new(format!("Continual run in {}", out.out.display())).strong());
+                for (i, combined) in out.combined.iter().enumerate() {
+                    ui.horizontal(|ui| {
+                        let name = out.names.get(i).map_or("", String::as_str);
+                        ui.label(format!("after stage {} ({name})", i + 1));
+                        if ui.button("Load as B").on_hover_text("The base with every stage up to this one merged").clicked() {
+                            if let Some(base) = &ctx.base_source {
+                                ask = Some(Ask::LoadAsB(format!("{base}+{}", combined.display())));
+                            }
+                        }
+                    });
+                }
+                if out.cancelled {
+                    let resume = out.out.clone();
+                    if ui.add_enabled(ctx.base.is_some() && !busy, egui::Button::new("Continue the stages")).clicked() {
+                        ask = Some(Ask::Job(RunAsk::Stages(Some(resume))));
+                    }
+                }
+            }
+            ui.add_space(theme::SECTION_GAP);
+            ui.horizontal_wrapped(|ui| {
+                let can_eval = ctx.base.is_some() && !busy && (ctx.stages_result.is_some() || view.result.as_ref().is_some_and(|r| r.adapter_dir.is_some()));
+                if ui
+                    .add_enabled(can_eval, egui::Button::new("Evaluate forgetting"))
+                    .on_hover_text("General, in-context and task scores and P_know / P_inst of the base and each stage (METHODS.md §5.5)")
+                    .on_disabled_hover_text("Finish a run or a continual run first")
+                    .clicked()
+                {
+                    ask = Some(Ask::Job(RunAsk::Forgetting));
+                }
+                let sets = if settings.eval_sets.is_empty() {
+                    "shipped sets (general, icl, task-present-past, task-singular-plural)".to_owned()
+                } else {
+                    settings
+                        .eval_sets
+                        .iter()
+                        .filter_map(|p| p.file_name())
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                ui.label(egui::RichText::new(sets).color(theme::MUTED));
+                if ui.button("Add set…").clicked() {
+                    actions.push(Action::PickFile(DialogKind::EvalSet));
+                }
+                if !settings.eval_sets.is_empty() && ui.button("Shipped sets").clicked() {
+                    actions.push(Action::SetFile(DialogKind::EvalSet, None));
+                }
+                let l = ui.label("items per set");
+                ui.add(egui::DragValue::new(&mut settings.eval_max_items).range(0..=100_000))
+                    .labelled_by(l.id)
+                    .on_hover_text("0: all items");
+            });
+            if let Some(report) = ctx.forgetting {
+                forgetting_ui(ui, report);
+                if ui.button("Export…").clicked() {
+                    actions.push(Action::ExportDialog);
+                }
             }
         });
     ask
