@@ -1045,3 +1045,180 @@ fn consistency_sections_arrive_as_they_finish() {
         ]
     );
 }
+
+/// The Fine-tune view's §5 panel as a person uses it: choose IV-guided training and a saved
+/// vector, build a two-stage plan (plain, then guided), run it, evaluate forgetting on a set,
+/// read the table, export curves and table.
+#[test]
+fn finetune_view_runs_guided_stages_and_evaluates_forgetting() {
+    use tunelens::ui::dialogs::DialogKind;
+    use tunelens::worker::{run_job, Job, JobOutput, WorkerCtx};
+
+    let a = tiny_folder(21, false);
+    let work = tempfile::tempdir().expect("temp dir");
+    // A saved vector of the tiny architecture, as the Instruction vector view writes it.
+    let task = work.path().join("shift7.json");
+    std::fs::write(&task, tunelens::model::tiny::tiny_icl_task_json()).expect("task");
+    let mut config = tunelens::analysis::iv::IvConfig::todd();
+    (config.shots, config.mean_shots, config.n_mean, config.n_ie) = (3, 3, 6, 3);
+    config.evaluate = false;
+    let mut ctx = WorkerCtx {
+        a: Some(crate::common::tiny(3)),
+        ..WorkerCtx::default()
+    };
+    let settings = tunelens::worker::iv::IvSettings {
+        tasks: vec![tunelens::worker::iv::TaskSource::File(task)],
+        config,
+    };
+    let Ok(JobOutput::InstructionVectors(out)) = run_job(
+        &mut ctx,
+        1,
+        Job::InstructionVectors {
+            slots: vec![Slot::A],
+            settings,
+        },
+        &mut |_| {},
+    ) else {
+        panic!("the vector");
+    };
+    let iv = work.path().join("shift7.iv.safetensors");
+    run_job(
+        &mut ctx,
+        2,
+        Job::SaveIv {
+            output: out,
+            model: 0,
+            task: 0,
+            path: iv.clone(),
+        },
+        &mut |_| {},
+    )
+    .expect("saved");
+    let data = work.path().join("train.jsonl");
+    let mut lines = String::new();
+    for (q, r) in [
+        ("translate cat to french", "the cat sat on the mat ."),
+        ("what is the capital of france", "paris"),
+        ("write a poem about the sea", "the sea is blue and cold ."),
+    ] {
+        lines.push_str(&serde_json::json!({"instruction": q, "output": r}).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(&data, lines).expect("data");
+    let set = work.path().join("general_tiny.json");
+    std::fs::write(
+        &set,
+        r#"[{"input": "the cat sat on the", "output": "mat"}, {"input": "the capital of france is", "output": "paris"}]"#,
+    )
+    .expect("set");
+
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    step_until(&mut harness, "the model", |app| app.slots[0].info.is_some());
+    harness.get_by_label("Fine-tune").click();
+    harness.run();
+    {
+        let f = &mut harness.state_mut().state.finetune;
+        f.data_file = Some(data.clone());
+        f.out_dir = Some(work.path().join("stages"));
+        f.settings.steps = 3;
+        f.settings.batch_size = 2;
+        f.settings.eval_every = 0;
+        f.settings.save_every = 0;
+    }
+    harness.run();
+    // Stage 1: plain LoRA.
+    harness.get_by_label("Continual stages (0)").click();
+    harness.run();
+    harness
+        .get_by_label("Add stage from the settings above")
+        .click();
+    harness.run();
+    // Stage 2: IV-guided (code), with the saved vector.
+    harness.get_by_label("IV-guided (code)").click();
+    harness.run();
+    harness
+        .state_mut()
+        .picked(Slot::A, DialogKind::GuidanceIv, iv.clone());
+    harness.state_mut().state.finetune.guidance.layer = 1;
+    harness.run();
+    harness.get_by_label_contains("shift7, made with");
+    harness
+        .get_by_label("Add stage from the settings above")
+        .click();
+    harness.run();
+    let stages = &harness.state().state.finetune.stages;
+    assert_eq!(stages.len(), 2);
+    assert!(stages[0].settings.guidance.is_none());
+    assert_eq!(
+        stages[1]
+            .settings
+            .guidance
+            .as_ref()
+            .map(|g| g.iv_path.clone()),
+        Some(iv.clone())
+    );
+    harness.get_by_label("Run stages").click();
+    step_until(&mut harness, "the stages", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.view::<FinetuneView>()
+            .and_then(|v| v.stages_result.as_ref())
+            .is_some()
+    });
+    let out = harness
+        .state()
+        .view::<FinetuneView>()
+        .and_then(|v| v.stages_result.clone())
+        .expect("stages");
+    assert_eq!(out.combined.len(), 2);
+    assert_eq!(training(harness.state()).terms, ["ce", "kl1", "kl2", "pr"]);
+    harness.get_by_label_contains("after stage 2");
+    harness.get_by_label("Guidance terms before weights and thresholds, IV scale");
+
+    harness
+        .state_mut()
+        .picked(Slot::A, DialogKind::EvalSet, set);
+    harness.run();
+    harness.get_by_label("Evaluate forgetting").scroll_to_me();
+    harness.run();
+    harness.get_by_label("Evaluate forgetting").click();
+    step_until(&mut harness, "the evaluation", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.view::<FinetuneView>()
+            .and_then(|v| v.forgetting.as_ref())
+            .is_some()
+    });
+    let report = harness
+        .state()
+        .view::<FinetuneView>()
+        .and_then(|v| v.forgetting.clone())
+        .expect("report");
+    assert_eq!(report.models.len(), 3);
+    assert_eq!(report.models[1].label, "1 train");
+    harness.get_by_label("Δ general");
+    harness.get_by_label("base");
+    harness.get_by_label("Score by stage (%)");
+    harness.get_by_label("Answer probability by stage (%)");
+
+    let export = tempfile::tempdir().expect("temp dir");
+    harness
+        .state_mut()
+        .export_to(&export.path().join("training.svg"));
+    step_until(&mut harness, "the export", |app| {
+        app.export_note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("Exported"))
+    });
+    for name in [
+        "training.svg",
+        "training_curves.csv",
+        "training_forgetting.svg",
+        "training_forgetting.png",
+        "training_forgetting.csv",
+        "training_forgetting_sets.csv",
+        "training_forgetting.json",
+    ] {
+        let len = std::fs::metadata(export.path().join(name)).map_or(0, |m| m.len());
+        assert!(len > 50, "{name}: {len} bytes");
+    }
+}

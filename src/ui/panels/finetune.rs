@@ -769,12 +769,12 @@ fn guidance_ui(ui: &mut egui::Ui, s: &mut FinetuneUi, iv_info: &str, actions: &m
                 ui.selectable_value(
                     &mut g.progressive,
                     Some(Progressive::Linear),
-                    "linear 1 → 0",
+                    "linear 1 to 0",
                 );
                 ui.selectable_value(
                     &mut g.progressive,
                     Some(Progressive::Cosine),
-                    "cosine 1 → 0",
+                    "cosine 1 to 0",
                 );
                 ui.selectable_value(&mut g.progressive, Some(Progressive::Step(step)), "step");
                 if let Some(Progressive::Step(at)) = &mut g.progressive {
@@ -800,8 +800,9 @@ fn stages_ui(
     let n = s.stages.len();
     for (i, stage) in s.stages.iter_mut().enumerate() {
         ui.horizontal(|ui| {
-            ui.label(format!("{}.", i + 1));
-            ui.add(egui::TextEdit::singleline(&mut stage.name).desired_width(140.0));
+            let l = ui.label(format!("Stage {}", i + 1));
+            ui.add(egui::TextEdit::singleline(&mut stage.name).desired_width(140.0))
+                .labelled_by(l.id);
             let data = stage.data.path.file_name().map_or_else(
                 || "shipped set".to_owned(),
                 |n| n.to_string_lossy().into_owned(),
@@ -825,10 +826,13 @@ fn stages_ui(
                 ))
                 .color(theme::MUTED),
             );
-            if ui.add_enabled(i > 0, egui::Button::new("↑")).clicked() {
+            if ui.add_enabled(i > 0, egui::Button::new("Up")).clicked() {
                 swap = Some(i);
             }
-            if ui.add_enabled(i + 1 < n, egui::Button::new("↓")).clicked() {
+            if ui
+                .add_enabled(i + 1 < n, egui::Button::new("Down"))
+                .clicked()
+            {
                 swap = Some(i + 1);
             }
             if ui.button("Remove").clicked() {
