@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     };
     settings.lora.dropout = 0.0;
     if guided {
-        return guided_ratio(loaded.model, settings, &examples, reps, &dev, choice);
+        return guided_ratio(&loaded.model, settings, &examples, reps, &dev, choice);
     }
     let mut trainer = Trainer::new(loaded.model, settings, examples, vec![], 0)?;
     let trainable: usize = trainer
@@ -139,7 +139,7 @@ fn time_steps(
 /// of norm 5 at layer 9 and ten heads) against a plain step on the same batch, whose loss
 /// covers the second half of each sequence (so `t_b` is position 63).
 fn guided_ratio(
-    model: Transformer,
+    model: &Transformer,
     settings: TrainSettings,
     examples: &[Example],
     reps: usize,
@@ -174,14 +174,14 @@ fn guided_ratio(
         .collect();
     let g = GuidanceSettings::code(PathBuf::from("synthetic"));
     // First epoch: every reference pass runs (the cache is off).
-    let guidance = Guidance::new(g.clone(), &vector, heads.clone(), &model)?;
+    let guidance = Guidance::new(g.clone(), &vector, heads.clone(), model)?;
     guidance.set_cache_budget(0);
     let mut first = Trainer::new(model.clone(), settings.clone(), examples.clone(), vec![], 0)?;
     first.set_guidance(guidance);
     let (guided_s, guided_all) = time_steps(&mut first, reps, dev)?;
     // Later epochs: each example's reference comes from the cache.
     let mut later = Trainer::new(model.clone(), settings, examples, vec![], 0)?;
-    later.set_guidance(Guidance::new(g, &vector, heads, &model)?);
+    later.set_guidance(Guidance::new(g, &vector, heads, model)?);
     let (cached_s, cached_all) = time_steps(&mut later, reps, dev)?;
     let report = json!({
         "tool": "tunelens",

@@ -446,7 +446,7 @@ pub fn evaluate(
             let generation = generate(model, tokenizer, &prompt, &cfg, &mut NoHook, &mut |_| {
                 ControlFlow::Continue(())
             })
-            .map_err(|e| Error::invalid(&format!("{} item {i}", set.name), e.to_string()))?;
+            .map_err(|e| Error::invalid(format!("{} item {i}", set.name), e.to_string()))?;
             let answer = post_process(&generation.text, &set.post);
             // The reference as a continuation: a leading space, as FvForgetting's targets.
             let target = tokenizer.encode(&format!(" {}", item.outputs[0].trim_start()), false)?;
@@ -480,6 +480,7 @@ pub fn evaluate(
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)]
 mod tests {
     use super::*;
 

@@ -210,20 +210,19 @@ impl Guidance {
             }
             hit
         });
-        let (hidden, z) = match cached {
-            Some(entry) => entry,
-            None => {
-                let (hidden, z) = self.reference_hidden(model, ids, t_b)?;
-                if let Ok(mut c) = self.cache.lock() {
-                    let bytes = hidden.elem_count() * hidden.dtype().size_in_bytes()
-                        + z.iter().map(|t| t.elem_count() * 8).sum::<usize>();
-                    if c.bytes + bytes <= c.budget {
-                        c.bytes += bytes;
-                        c.entries.insert(key, (hidden.clone(), z.clone()));
-                    }
+        let (hidden, z) = if let Some(entry) = cached {
+            entry
+        } else {
+            let (hidden, z) = self.reference_hidden(model, ids, t_b)?;
+            if let Ok(mut c) = self.cache.lock() {
+                let bytes = hidden.elem_count() * hidden.dtype().size_in_bytes()
+                    + z.iter().map(|t| t.elem_count() * 8).sum::<usize>();
+                if c.bytes + bytes <= c.budget {
+                    c.bytes += bytes;
+                    c.entries.insert(key, (hidden.clone(), z.clone()));
                 }
-                (hidden, z)
             }
+            (hidden, z)
         };
         let logits = model.lm_logits(&hidden, &opts)?;
         Ok(Reference {
@@ -484,6 +483,9 @@ pub fn kl_values(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<KlRow
     })
 }
 
+/// Per row of [`logit_grads`]'s fused pass: KL weight / τ, KL, `(lse_x, lse_r)`, label.
+type FusedRow = (f32, f32, (f32, f32), Option<usize>);
+
 /// The gradient of one example's loss at its trainable logits `x` `(T, V)`:
 /// `w_t · ∂KL_t/∂x_t` for every row (`kl_weight[t]`; `rows` from [`kl_values`] on the same
 /// logits) plus `ce_norm · (softmax(x_t) − onehot(y_t))` at each label row `(t, y_t)` of
@@ -522,7 +524,7 @@ pub fn logit_grads(
         }
         #[allow(clippy::cast_possible_truncation)]
         let (inv_tau, norm) = ((1.0 / tau) as f32, ce_norm as f32);
-        let per_row: Vec<(f32, f32, (f32, f32), Option<usize>)> = (0..n)
+        let per_row: Vec<FusedRow> = (0..n)
             .map(|t| {
                 #[allow(clippy::cast_possible_truncation)]
                 let w = (kl_weight[t] / tau) as f32;
@@ -666,6 +668,7 @@ pub fn batch_terms(
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)]
 mod tests {
     use candle_core::Device;
 

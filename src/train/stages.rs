@@ -109,15 +109,14 @@ pub fn write_combined_adapter(dirs: &[PathBuf], out: &Path, base_model: &str) ->
         let mut a_blocks = Vec::new();
         let mut b_blocks = Vec::new();
         for (stage, &rank) in stages.iter().zip(&ranks) {
-            match stage.iter().find(|(l, m, ..)| l == layer && m == module) {
-                Some((_, _, a, b, scale)) => {
-                    a_blocks.push(a.clone());
-                    b_blocks.push((b * *scale)?);
-                }
-                None => {
-                    a_blocks.push(Tensor::zeros((rank, *in_dim), DType::F32, &Device::Cpu)?);
-                    b_blocks.push(Tensor::zeros((*out_dim, rank), DType::F32, &Device::Cpu)?);
-                }
+            if let Some((_, _, a, b, scale)) =
+                stage.iter().find(|(l, m, ..)| l == layer && m == module)
+            {
+                a_blocks.push(a.clone());
+                b_blocks.push((b * *scale)?);
+            } else {
+                a_blocks.push(Tensor::zeros((rank, *in_dim), DType::F32, &Device::Cpu)?);
+                b_blocks.push(Tensor::zeros((*out_dim, rank), DType::F32, &Device::Cpu)?);
             }
         }
         let block = if matches!(module.as_str(), "gate_proj" | "up_proj" | "down_proj") {
