@@ -665,3 +665,20 @@ fn guided_fused_f32_kernels_match_autograd() {
     }
     assert_grads_close(&fast, &reference, 1e-4);
 }
+
+#[test]
+fn rouge_l_equals_rouge_score_on_fixed_pairs() {
+    // tests/golden/rouge_l.json: Google's rouge-score (scripts/gen-rouge-golden).
+    let golden = crate::common::golden("rouge_l.json");
+    let pairs = golden["pairs"].as_array().expect("pairs");
+    assert!(pairs.len() >= 20);
+    for pair in pairs {
+        let (p, r) = (
+            pair["prediction"].as_str().unwrap(),
+            pair["reference"].as_str().unwrap(),
+        );
+        let want = pair["rougeL_f1"].as_f64().unwrap();
+        let got = tunelens::train::forgetting::rouge_l(p, r);
+        assert!((got - want).abs() < 1e-9, "{p:?} vs {r:?}: {got} != {want}");
+    }
+}

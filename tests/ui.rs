@@ -1173,7 +1173,7 @@ fn finetune_view_runs_guided_stages_and_evaluates_forgetting() {
     assert_eq!(out.combined.len(), 2);
     assert_eq!(training(harness.state()).terms, ["ce", "kl1", "kl2", "pr"]);
     harness.get_by_label_contains("after stage 2");
-    harness.get_by_label("Guidance terms before weights and thresholds, IV scale");
+    harness.get_by_label("Raw guidance terms");
 
     harness
         .state_mut()
@@ -1197,8 +1197,8 @@ fn finetune_view_runs_guided_stages_and_evaluates_forgetting() {
     assert_eq!(report.models[1].label, "1 train");
     harness.get_by_label("Δ general");
     harness.get_by_label("base");
-    harness.get_by_label("Score by stage (%)");
-    harness.get_by_label("Answer probability by stage (%)");
+    harness.get_by_label("Score (%)");
+    harness.get_by_label("Answer probability (%)");
 
     let export = tempfile::tempdir().expect("temp dir");
     harness

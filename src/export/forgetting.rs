@@ -42,7 +42,7 @@ pub fn forgetting_figure(report: &ForgettingReport) -> Figure {
             series: keep(scores),
         }),
         Figure::Line(LinePlot {
-            title: "Length-normalised answer probability by stage".to_owned(),
+            title: "Length-normalised probability".to_owned(),
             x_label: "stage".to_owned(),
             y_label: "probability (%)".to_owned(),
             series: keep(probs),

@@ -219,6 +219,9 @@ struct FrameSpec<'a> {
     y_range: (f64, f64),
     /// `Err(labels, count)` for categories, `Ok(range)` for a numeric axis.
     x: Result<(f64, f64), (&'a [String], usize)>,
+    /// Whether the numeric x values are whole numbers (stages, layers): ticks between them are
+    /// dropped.
+    integer_x: bool,
 }
 
 fn frame(spec: &FrameSpec<'_>, width: f64) -> Frame {
@@ -238,7 +241,17 @@ fn frame(spec: &FrameSpec<'_>, width: f64) -> Frame {
     let (x, x_block) = match spec.x {
         Ok(range) => {
             let range = sane_range(range.0, range.1);
-            let t = ticks(range.0, range.1, TICKS);
+            let mut t = ticks(range.0, range.1, TICKS);
+            if spec.integer_x {
+                let whole: Vec<(f64, String)> = t
+                    .iter()
+                    .filter(|(v, _)| (v - v.round()).abs() < 1e-9)
+                    .map(|(v, _)| (*v, format!("{v:.0}")))
+                    .collect();
+                if whole.len() >= 2 {
+                    t = whole;
+                }
+            }
             (
                 XAxis::Numeric { range, ticks: t },
                 TICK_LEN + 2.0 + line_h(TICK_PT),
@@ -362,6 +375,7 @@ fn bar_spec(b: &BarChart) -> (FrameSpec<'_>, Vec<LegendEntry>) {
         legend: &[],
         y_range: nice_bounds(lo, hi, TICKS),
         x: Err((&b.labels, b.values.len())),
+        integer_x: false,
     };
     (spec, legend)
 }
@@ -510,6 +524,7 @@ fn histogram_spec<'a>(
         legend,
         y_range: nice_bounds(0.0, f64::from(max_count), TICKS),
         x: Ok(x),
+        integer_x: false,
     }
 }
 
@@ -574,6 +589,7 @@ fn line_spec<'a>(l: &'a LinePlot, legend: &'a [LegendEntry]) -> FrameSpec<'a> {
         legend,
         y_range: nice_bounds(ylo, yhi, TICKS),
         x: Ok(x),
+        integer_x: points().all(|&(x, _)| x.fract() == 0.0),
     }
 }
 

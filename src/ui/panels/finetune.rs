@@ -730,7 +730,7 @@ fn guidance_ui(ui: &mut egui::Ui, s: &mut FinetuneUi, iv_info: &str, actions: &m
     ui.label(egui::RichText::new(iv_info).color(theme::MUTED));
     let g = &mut s.guidance;
     egui::Grid::new("finetune_guidance")
-        .num_columns(6)
+        .num_columns(4)
         .spacing([12.0, 4.0])
         .show(ui, |ui| {
             let l = ui.label("Edit layer");
@@ -740,7 +740,6 @@ fn guidance_ui(ui: &mut egui::Ui, s: &mut FinetuneUi, iv_info: &str, actions: &m
                     "The IV is added to this layer's o_proj output at the last prompt token",
                 );
             drag_f64(ui, "τ", &mut g.tau, 0.1..=20.0, 0.05);
-            drag_f64(ui, "α_pr", &mut g.pr_alpha, 0.0..=100.0, 0.05);
             ui.end_row();
             drag_f64(
                 ui,
@@ -756,34 +755,38 @@ fn guidance_ui(ui: &mut egui::Ui, s: &mut FinetuneUi, iv_info: &str, actions: &m
                 0.0..=100.0,
                 0.01,
             );
+            ui.end_row();
+            drag_f64(ui, "α_pr (each head)", &mut g.pr_alpha, 0.0..=100.0, 0.05);
             drag_f64(ui, "KL threshold", &mut g.kl_threshold, 0.0..=10.0, 0.01);
             ui.end_row();
             drag_f64(ui, "MSE threshold", &mut g.mse_threshold, 0.0..=10.0, 0.001);
-            ui.label("IV in the trainable pass");
-            ui.horizontal(|ui| {
-                let step = match g.progressive {
-                    Some(Progressive::Step(at)) => at,
-                    _ => 0.5,
-                };
-                ui.selectable_value(&mut g.progressive, None, "off");
-                ui.selectable_value(
-                    &mut g.progressive,
-                    Some(Progressive::Linear),
-                    "linear 1 to 0",
-                );
-                ui.selectable_value(
-                    &mut g.progressive,
-                    Some(Progressive::Cosine),
-                    "cosine 1 to 0",
-                );
-                ui.selectable_value(&mut g.progressive, Some(Progressive::Step(step)), "step");
-                if let Some(Progressive::Step(at)) = &mut g.progressive {
-                    ui.add(egui::DragValue::new(at).range(0.0..=1.0).speed(0.01))
-                        .on_hover_text("The scale is 1 until this fraction of the run, then 0");
-                }
-            });
             ui.end_row();
         });
+    ui.horizontal(|ui| {
+        ui.label("IV in the trainable pass");
+        let step = match g.progressive {
+            Some(Progressive::Step(at)) => at,
+            _ => 0.5,
+        };
+        ui.selectable_value(&mut g.progressive, None, "off");
+        ui.selectable_value(
+            &mut g.progressive,
+            Some(Progressive::Linear),
+            "linear 1 to 0",
+        );
+        ui.selectable_value(
+            &mut g.progressive,
+            Some(Progressive::Cosine),
+            "cosine 1 to 0",
+        );
+        ui.selectable_value(&mut g.progressive, Some(Progressive::Step(step)), "step");
+        if let Some(Progressive::Step(at)) = &mut g.progressive {
+            let l = ui.label("at");
+            ui.add(egui::DragValue::new(at).range(0.0..=1.0).speed(0.01))
+                .labelled_by(l.id)
+                .on_hover_text("The scale is 1 until this fraction of the run, then 0");
+        }
+    });
 }
 
 /// The continual stage list: rows with their data and vector, add / remove / reorder, open and
@@ -941,7 +944,8 @@ fn forgetting_ui(ui: &mut egui::Ui, report: &ForgettingReport) {
     ui.horizontal(|ui| {
         let scores = CurvePanel {
             id: "forgetting_scores",
-            title: "Score by stage (%)",
+            x_label: "stage",
+            title: "Score (%)",
             from_zero: true,
             legend: true,
         };
@@ -952,7 +956,8 @@ fn forgetting_ui(ui: &mut egui::Ui, report: &ForgettingReport) {
         });
         let probs = CurvePanel {
             id: "forgetting_probs",
-            title: "Answer probability by stage (%)",
+            x_label: "stage",
+            title: "Answer probability (%)",
             from_zero: true,
             legend: true,
         };
@@ -995,6 +1000,8 @@ struct CurvePanel<'a> {
     /// Whether the y axis starts at 0.
     from_zero: bool,
     legend: bool,
+    /// The x axis's title.
+    x_label: &'a str,
 }
 
 fn curve_panel(
@@ -1012,7 +1019,7 @@ fn curve_panel(
             .height(size.y)
             .include_x(0.0)
             .include_x(x_max)
-            .x_axis_label("step")
+            .x_axis_label(panel.x_label)
             .y_axis_label(panel.title)
             .x_axis_formatter(|mark, _| grid_number(mark.value, mark.step_size))
             .y_axis_formatter(|mark, _| grid_number(mark.value, mark.step_size));
@@ -1040,6 +1047,7 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
     ui.horizontal(|ui| {
         let loss = CurvePanel {
             id: "train_loss",
+            x_label: "step",
             title: "Loss",
             from_zero: false,
             legend: true,
@@ -1071,6 +1079,7 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
         });
         let lr = CurvePanel {
             id: "train_lr",
+            x_label: "step",
             title: "Learning rate",
             from_zero: true,
             legend: false,
@@ -1082,6 +1091,7 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
     ui.horizontal(|ui| {
         let tps = CurvePanel {
             id: "train_tps",
+            x_label: "step",
             title: "Tokens per second",
             from_zero: true,
             legend: false,
@@ -1091,6 +1101,7 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
         });
         let grad = CurvePanel {
             id: "train_grad",
+            x_label: "step",
             title: "Gradient norm (before clipping)",
             from_zero: true,
             legend: false,
@@ -1104,9 +1115,11 @@ fn curves_ui(ui: &mut egui::Ui, view: &TrainingView) {
         .map(|s| s.metrics.iter().map(|(n, _)| n.clone()).collect())
         .unwrap_or_default();
     if !metric_names.is_empty() {
+        // The raw terms before weights and thresholds, and the IV scale of the trainable pass.
         let raw = CurvePanel {
             id: "train_guidance",
-            title: "Guidance terms before weights and thresholds, IV scale",
+            x_label: "step",
+            title: "Raw guidance terms",
             from_zero: true,
             legend: true,
         };
