@@ -1135,6 +1135,8 @@ fn finetune_view_runs_guided_stages_and_evaluates_forgetting() {
         .click();
     harness.run();
     // Stage 2: IV-guided (code), with the saved vector.
+    harness.get_by_label("IV-guided (code)").scroll_to_me();
+    harness.run();
     harness.get_by_label("IV-guided (code)").click();
     harness.run();
     harness
@@ -1158,6 +1160,8 @@ fn finetune_view_runs_guided_stages_and_evaluates_forgetting() {
             .map(|g| g.iv_path.clone()),
         Some(iv.clone())
     );
+    harness.get_by_label("Run stages").scroll_to_me();
+    harness.run();
     harness.get_by_label("Run stages").click();
     step_until(&mut harness, "the stages", |app| {
         assert!(app.last_error.is_none(), "{:?}", app.last_error);
