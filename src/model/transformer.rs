@@ -316,8 +316,10 @@ impl Transformer {
         self.run_inner(input, opts, cache, hook, None, Some(end))
     }
 
-    /// A fast (non-differentiable) forward of one sequence that also records the activations
-    /// [`Transformer::input_vjp`] needs; returns the final-norm hidden states `(1, T, d)`.
+    /// A fast (non-differentiable) forward that also records the activations
+    /// [`Transformer::input_vjp`] needs; returns the final-norm hidden states `(b, T, d)`. One
+    /// sequence (`b = 1`) takes any number of cotangents in the backward; a batch takes one per
+    /// sequence (LoRA training).
     pub fn run_taped(&self, input: Input<'_>, use_lora: bool) -> Result<(Tensor, Tape)> {
         self.run_taped_hooked(input, use_lora, &mut NoHook)
     }
@@ -344,9 +346,6 @@ impl Transformer {
         }
         let mut tape = Tape::default();
         let hidden = self.run_inner(input, &opts, None, hook, Some(&mut tape), None)?;
-        if hidden.dim(0)? != 1 {
-            return Err(Error::invalid("taped forward", "expects one sequence"));
-        }
         tape.use_lora = use_lora;
         Ok((hidden, tape))
     }

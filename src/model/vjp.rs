@@ -98,6 +98,14 @@ pub struct Tape {
 }
 
 impl Tape {
+    /// Sequences recorded (the batch of the taped forward).
+    pub fn batch(&self) -> usize {
+        self.x_final
+            .as_ref()
+            .and_then(|x| x.dim(0).ok())
+            .unwrap_or(1)
+    }
+
     /// Positions recorded.
     pub fn seq_len(&self) -> usize {
         self.x_final
@@ -130,7 +138,8 @@ impl Transformer {
     }
 
     /// [`Transformer::input_vjp`] that also accumulates the gradients of every attached LoRA
-    /// adapter into `sink` (one cotangent only: `cot` is `(1, T', d)`). The frozen weights get
+    /// adapter into `sink` (one cotangent per taped sequence: `cot` is `(b, T', d)` for a tape
+    /// of `b` sequences). The frozen weights get
     /// no gradient; dropout masks are regenerated from the adapters' current seed, so the
     /// backward must run before the seed changes.
     pub fn input_vjp_lora(
@@ -166,10 +175,19 @@ impl Transformer {
                 ),
             ));
         }
-        if sink.is_some() && k_sz != 1 {
+        let tape_batch = tape.batch();
+        if tape_batch > 1 && k_sz != tape_batch {
             return Err(Error::invalid(
                 "cotangent",
-                "adapter gradients need exactly one cotangent",
+                format!(
+                    "a tape of {tape_batch} sequences takes one cotangent per sequence, got {k_sz}"
+                ),
+            ));
+        }
+        if sink.is_some() && tape_batch == 1 && k_sz != 1 {
+            return Err(Error::invalid(
+                "cotangent",
+                "adapter gradients need exactly one cotangent per taped sequence",
             ));
         }
         if tape.layers.len() != self.layers.len() {
@@ -313,9 +331,39 @@ impl Transformer {
             head_dim,
             scale,
         };
-        let (d_q, d_k, d_v) = match attention_core_blas(lt, &d_z, cos, neg_sin, dims)? {
-            Some(grads) => grads,
-            None => attention_core(lt, &d_z, cos, neg_sin, dims)?,
+        let tape_batch = taped(lt.q.as_ref(), "queries")?.dim(0)?;
+        let (d_q, d_k, d_v) = if tape_batch == 1 {
+            attention_core_any(lt, &d_z, cos, neg_sin, dims)?
+        } else {
+            // A batch of sequences (one cotangent each): the attention core per sequence,
+            // every linear product above and below it batched over all of them.
+            let mut parts = (Vec::new(), Vec::new(), Vec::new());
+            for b in 0..tape_batch {
+                let one = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                    Ok(match t {
+                        Some(t) => Some(t.narrow(0, b, 1)?),
+                        None => None,
+                    })
+                };
+                let lt_b = LayerTape {
+                    q: one(&lt.q)?,
+                    k: one(&lt.k)?,
+                    v: one(&lt.v)?,
+                    probs: one(&lt.probs)?,
+                    ..LayerTape::default()
+                };
+                let dims_b = AttnDims { k_sz: 1, ..dims };
+                let (dq, dk, dv) =
+                    attention_core_any(&lt_b, &d_z.narrow(0, b, 1)?, cos, neg_sin, dims_b)?;
+                parts.0.push(dq);
+                parts.1.push(dk);
+                parts.2.push(dv);
+            }
+            (
+                Tensor::cat(&parts.0, 0)?,
+                Tensor::cat(&parts.1, 0)?,
+                Tensor::cat(&parts.2, 0)?,
+            )
         };
         let n1 = inputs.as_ref().map(|i| &i.0);
         let d_in = (linear_vjp(
@@ -336,6 +384,20 @@ impl Transformer {
                 use_lora,
                 lora_target(&mut sink, layer_idx, "v_proj", n1),
             )?)?)
+    }
+}
+
+/// [`attention_core_blas`] where it applies, else [`attention_core`] (one taped sequence).
+fn attention_core_any(
+    lt: &LayerTape,
+    d_z: &Tensor,
+    cos: &Tensor,
+    neg_sin: &Tensor,
+    dims: AttnDims,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    match attention_core_blas(lt, d_z, cos, neg_sin, dims)? {
+        Some(grads) => Ok(grads),
+        None => attention_core(lt, d_z, cos, neg_sin, dims),
     }
 }
 
@@ -710,7 +772,8 @@ fn linear_vjp(
                 delta = delta.mul(mask)?;
             }
             if let Some(target) = target {
-                let x = target.input.reshape((t_len, linear.in_features()))?;
+                let rows = target.input.dim(0)? * t_len;
+                let x = target.input.reshape((rows, linear.in_features()))?;
                 let x = match &mask {
                     Some(mask) => x.mul(mask)?,
                     None => x,

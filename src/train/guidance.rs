@@ -340,16 +340,54 @@ impl Guidance {
         Ok((hidden.squeeze(0)?, z))
     }
 
-    /// A hook for the trainable pass: the progressive IV, or nothing.
+    /// A hook for the trainable pass of a right-padded batch: `scale · IV` added to the edit
+    /// layer's `o_proj` output at each row's `t_b` (`t_b[b]`), or nothing without a scale.
     pub fn trainable_hook(
         &self,
-        t_b: usize,
+        t_b: &[usize],
         scale: Option<f64>,
     ) -> Result<Box<dyn crate::model::hooks::Hook>> {
         Ok(match scale {
-            Some(s) => Box::new(self.edit(t_b, s)?),
+            Some(s) => Box::new(AddAtRows {
+                point: HookPoint::AttnOut(self.settings.layer),
+                rows: t_b.to_vec(),
+                value: (&self.iv * s)?,
+            }),
             None => Box::new(NoHook),
         })
+    }
+}
+
+/// Adds `value` `(d,)` at position `rows[b]` of batch row `b` of one hook point.
+struct AddAtRows {
+    point: HookPoint,
+    rows: Vec<usize>,
+    value: Tensor,
+}
+
+impl crate::model::hooks::Hook for AddAtRows {
+    fn on(&mut self, point: HookPoint, xs: &Tensor) -> Result<Option<Tensor>> {
+        if point != self.point {
+            return Ok(None);
+        }
+        let (b_sz, t_len, _) = xs.dims3()?;
+        if b_sz != self.rows.len() || self.rows.iter().any(|&t| t >= t_len) {
+            return Err(Error::invalid(
+                "IV rows",
+                format!("{} rows for a batch of {b_sz} × {t_len}", self.rows.len()),
+            ));
+        }
+        let mut mask = vec![0f32; b_sz * t_len];
+        for (b, &t) in self.rows.iter().enumerate() {
+            mask[b * t_len + t] = 1.0;
+        }
+        let mask = Tensor::from_vec(mask, (b_sz, t_len, 1), xs.device())?.to_dtype(xs.dtype())?;
+        let value = self.value.to_dtype(xs.dtype())?;
+        Ok(Some(xs.broadcast_add(&mask.broadcast_mul(&value)?)?))
+    }
+
+    fn wants(&self, point: HookPoint) -> bool {
+        point == self.point
     }
 }
 

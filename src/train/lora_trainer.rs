@@ -474,9 +474,12 @@ impl Trainer {
         })
     }
 
-    /// [`Trainer::gradients`] through one taped fast forward per example and the hand-written
-    /// backward of [`Transformer::input_vjp_lora`]; the cross-entropy's gradient at the logits
-    /// is taken in closed form, `(softmax − onehot) / n`.
+    /// [`Trainer::gradients`] through one taped fast forward per micro-batch (right-padded:
+    /// causal attention keeps padding out of every real position, and padding rows get no
+    /// cotangent) and the hand-written backward of [`Transformer::input_vjp_lora`], which
+    /// carries the whole batch through each weight product at once; the cross-entropy's
+    /// gradient at the logits is taken in closed form, `(softmax − onehot) / n`. The dropout
+    /// masks are those of the autograd path (one seed per micro-batch, the batch's shape).
     fn fast_gradients(&mut self) -> std::result::Result<Gradients, StepError> {
         let accum = self.settings.grad_accum;
         let device = self.model.device().clone();
@@ -490,69 +493,50 @@ impl Trainer {
         let mut tokens = 0;
         for micro in 0..accum {
             let k = self.step * accum + micro;
-            let examples: Vec<Example> = self.micro_batch(k).into_iter().cloned().collect();
-            let n_labels: usize = examples.iter().map(Example::label_count).sum();
-            if n_labels == 0 {
-                return Err(Error::invalid("batch", "no label tokens").into());
-            }
+            let examples = self.micro_batch(k);
+            let batch = make_batch(&examples, self.pad_id, &device)?;
+            tokens += batch.tokens;
+            let n = batch.label_tokens;
             #[allow(clippy::cast_precision_loss)]
-            let norm = 1.0 / (n_labels * accum) as f64;
-            let mut ce_micro = 0f64;
-            for (j, example) in examples.iter().enumerate() {
-                tokens += example.ids.len();
-                let (positions, targets): (Vec<u32>, Vec<u32>) = (1..example.ids.len())
-                    .filter(|&t| example.is_label[t])
-                    .map(|t| {
-                        #[allow(clippy::cast_possible_truncation)]
-                        ((t - 1) as u32, example.ids[t])
-                    })
-                    .unzip();
-                let Some(&last) = positions.last() else {
-                    continue;
-                };
-                let n = positions.len();
-                self.dropout_seed.store(
-                    mix(self.settings.seed, &[k as u64, j as u64, 0xD]) & !1,
-                    Ordering::Relaxed,
-                );
-                let result = (|| -> Result<f64> {
-                    let ids = Tensor::new(example.ids.as_slice(), &device)?.unsqueeze(0)?;
-                    let (hidden, tape) = self.model.run_taped(Input::Ids(&ids), true)?;
-                    let positions = Tensor::from_vec(positions, n, &device)?;
-                    let targets = Tensor::from_vec(targets, (n, 1), &device)?;
-                    let rows = hidden.squeeze(0)?.index_select(&positions, 0)?;
-                    let logits = self.model.lm_logits(&rows, &opts)?.to_dtype(DType::F32)?;
-                    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-                    let ce = log_probs
-                        .gather(&targets, 1)?
-                        .sum_all()?
-                        .neg()?
-                        .to_dtype(DType::F64)?
-                        .to_scalar::<f64>()?;
-                    // d(Σ CE · norm)/d logits = (softmax − onehot) · norm.
-                    let ones = Tensor::ones((n, 1), DType::F32, &device)?;
-                    let onehot = log_probs.zeros_like()?.scatter_add(&targets, &ones, 1)?;
-                    let d_logits =
-                        ((log_probs.exp()? - onehot)? * norm)?.to_dtype(self.model.dtype())?;
-                    let d_rows = d_logits.matmul(&self.model.lm_head.weight)?;
-                    let t_len = last as usize + 1;
-                    let cot = Tensor::zeros((t_len, rows.dim(1)?), self.model.dtype(), &device)?
-                        .index_add(&positions, &d_rows, 0)?
-                        .unsqueeze(0)?;
-                    self.model.input_vjp_lora(&tape, &cot, Some(&mut sink))?;
-                    Ok(ce)
-                })();
-                self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
-                ce_micro += result?;
-            }
+            let norm = 1.0 / (n * accum) as f64;
+            self.dropout_seed.store(
+                mix(self.settings.seed, &[k as u64, 0xD]) & !1,
+                Ordering::Relaxed,
+            );
+            let result = (|| -> Result<f64> {
+                let (hidden, tape) = self.model.run_taped(Input::Ids(&batch.ids), true)?;
+                let (b_sz, t_len, d) = hidden.dims3()?;
+                let rows = hidden
+                    .reshape((b_sz * t_len, d))?
+                    .index_select(&batch.positions, 0)?;
+                let logits = self.model.lm_logits(&rows, &opts)?.to_dtype(DType::F32)?;
+                let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                let targets = batch.targets.unsqueeze(1)?;
+                let ce = log_probs
+                    .gather(&targets, 1)?
+                    .sum_all()?
+                    .neg()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                // d(Σ CE · norm)/d logits = (softmax − onehot) · norm.
+                let ones = Tensor::ones((n, 1), DType::F32, &device)?;
+                let onehot = log_probs.zeros_like()?.scatter_add(&targets, &ones, 1)?;
+                let d_logits =
+                    ((log_probs.exp()? - onehot)? * norm)?.to_dtype(self.model.dtype())?;
+                let d_rows = d_logits.matmul(&self.model.lm_head.weight)?;
+                // Every position of the batch (the dropout masks are regenerated for the
+                // forward's shape).
+                let cot = Tensor::zeros((b_sz * t_len, d), self.model.dtype(), &device)?
+                    .index_add(&batch.positions, &d_rows, 0)?
+                    .reshape((b_sz, t_len, d))?;
+                self.model.input_vjp_lora(&tape, &cot, Some(&mut sink))?;
+                Ok(ce)
+            })();
+            self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
             #[allow(clippy::cast_precision_loss)]
-            let mean = ce_micro / n_labels as f64;
+            let mean = result? / n as f64;
             if !mean.is_finite() {
-                return Err(StepError::NonFinite {
-                    what: if mean.is_nan() { "NaN" } else { "infinite" },
-                    step: self.step + 1,
-                    last_good: self.step,
-                });
+                return Err(self.non_finite(mean));
             }
             ce_total += mean;
         }

@@ -1,9 +1,9 @@
 //! The gradients of an IV-guided step (METHODS.md §5.2): the hand-written path and candle's
-//! autograd as its reference. Both run each example of a micro-batch on its own (no padding):
-//! first every example's reference passes and trainable pass, then the batch-level thresholds,
-//! then each example's backward.
+//! autograd as its reference. Each example's reference passes run on their own (and are cached
+//! for the run, [`crate::train::guidance`]); the trainable pass of a micro-batch is one
+//! right-padded forward (causal attention keeps padding out of every real position), the
+//! thresholds are applied to the batch's sums, and the hand-written backward is one pass.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Tensor, D};
@@ -13,40 +13,32 @@ use crate::error::{Error, Result};
 use crate::model::hooks::{Chain, HookPoint, Recorder};
 use crate::model::lora::DROPOUT_OFF;
 use crate::model::transformer::{ForwardOptions, Input, LogitsAt};
-use crate::model::vjp::{LoraGrads, Tape};
+use crate::model::vjp::LoraGrads;
+use crate::train::batch::{make_batch, Batch};
 use crate::train::dataset::Example;
 use crate::train::guidance::{
     batch_terms, kd_rows_autograd, kl_values, last_prompt_position, logit_grads, loss_dtype,
-    BatchTerms, Guidance, KlRows,
+    BatchTerms, Guidance, Reference,
 };
 
-/// One example after its forward passes, waiting for the batch's thresholds.
-struct Pending {
-    /// Index in the micro-batch (for its dropout seed).
-    j: usize,
-    tape: Tape,
-    t_b: usize,
-    seq_len: usize,
-    /// `(t − 1, label_t)` for each label `t`.
-    labels: Vec<(usize, u32)>,
-    /// Trainable and reference logits at every row, `(T, V)`.
-    logits: Tensor,
-    ref_logits: Tensor,
-    /// Per-row KL and statistics.
-    kl: KlRows,
-    /// `z_cur − z_ref` per head, `(d_h,)`.
-    z_diff: Vec<Tensor>,
+/// A micro-batch's examples with labels, their references and the padded batch.
+struct Prepared {
+    /// `t_b` per batch row.
+    t_b: Vec<usize>,
+    /// Tokens per batch row.
+    lens: Vec<usize>,
+    /// `(t − 1, label_t)` per batch row, rows local to the example.
+    labels: Vec<Vec<(usize, u32)>>,
+    refs: Vec<Reference>,
+    batch: Batch,
 }
 
 /// Label rows and targets of an example.
-fn label_rows(example: &Example) -> (Vec<u32>, Vec<u32>) {
+fn label_rows(example: &Example) -> Vec<(usize, u32)> {
     (1..example.ids.len())
         .filter(|&t| example.is_label[t])
-        .map(|t| {
-            #[allow(clippy::cast_possible_truncation)]
-            ((t - 1) as u32, example.ids[t])
-        })
-        .unzip()
+        .map(|t| (t - 1, example.ids[t]))
+        .collect()
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -54,13 +46,6 @@ fn scalar(t: &Tensor) -> Result<f64> {
 }
 
 impl Trainer {
-    fn set_seed(&self, k: usize, j: usize) {
-        self.dropout_seed.store(
-            mix(self.settings.seed, &[k as u64, j as u64, 0xD]) & !1,
-            Ordering::Relaxed,
-        );
-    }
-
     /// [`Trainer::gradients`] of a guided run.
     pub(super) fn guided_gradients(&mut self) -> std::result::Result<Gradients, StepError> {
         let Some(guidance) = self.guidance.clone() else {
@@ -145,6 +130,39 @@ impl Trainer {
         })
     }
 
+    /// The references, labels and padded batch of a micro-batch (examples without labels are
+    /// left out).
+    fn prepare(&self, guidance: &Guidance, examples: &[Example]) -> Result<Prepared> {
+        let device = self.model.device().clone();
+        let kept: Vec<(&Example, usize)> = examples
+            .iter()
+            .filter_map(|e| last_prompt_position(e).map(|t| (e, t)))
+            .collect();
+        if kept.is_empty() {
+            return Err(Error::invalid("batch", "no example with a label"));
+        }
+        let mut refs = Vec::with_capacity(kept.len());
+        for (example, t_b) in &kept {
+            let ids = Tensor::new(example.ids.as_slice(), &device)?.unsqueeze(0)?;
+            refs.push(guidance.reference(&self.model, &ids, *t_b)?);
+        }
+        let rows: Vec<&Example> = kept.iter().map(|(e, _)| *e).collect();
+        Ok(Prepared {
+            t_b: kept.iter().map(|(_, t)| *t).collect(),
+            lens: rows.iter().map(|e| e.ids.len()).collect(),
+            labels: rows.iter().map(|e| label_rows(e)).collect(),
+            batch: make_batch(&rows, self.pad_id, &device)?,
+            refs,
+        })
+    }
+
+    fn set_batch_seed(&self, k: usize) {
+        self.dropout_seed.store(
+            mix(self.settings.seed, &[k as u64, 0xD]) & !1,
+            Ordering::Relaxed,
+        );
+    }
+
     /// One micro-batch through the hand-written backward; returns its mean CE and its terms.
     #[allow(clippy::too_many_lines)]
     fn guided_micro_fast(
@@ -159,7 +177,7 @@ impl Trainer {
         let device = self.model.device().clone();
         let wd = loss_dtype(self.model.dtype());
         let cfg = self.model.config();
-        let head_dim = cfg.head_dim;
+        let (head_dim, n_heads) = (cfg.head_dim, cfg.num_attention_heads);
         let tau = guidance.settings.tau;
         let opts = ForwardOptions {
             differentiable: false,
@@ -171,41 +189,40 @@ impl Trainer {
         } else {
             Vec::new()
         };
-        let mut pending = Vec::with_capacity(examples.len());
-        let (mut ce_sum, mut kl1_sum, mut kl2_sum) = (0f64, 0f64, 0f64);
+        let prep = self.prepare(guidance, examples)?;
+        let mut hook = guidance.trainable_hook(&prep.t_b, scale)?;
+        self.set_batch_seed(k);
+        let taped = self
+            .model
+            .run_taped_hooked(Input::Ids(&prep.batch.ids), true, hook.as_mut());
+        self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
+        let (hidden, tape) = taped?;
+        let (b_sz, t_len, d) = hidden.dims3()?;
+        let logits = self
+            .model
+            .lm_logits(&hidden.reshape((b_sz * t_len, d))?, &opts)?
+            .to_dtype(wd)?;
+        let log_probs = candle_nn::ops::log_softmax(
+            &logits.index_select(&prep.batch.positions, 0)?,
+            D::Minus1,
+        )?;
+        let ce_sum = -scalar(
+            &log_probs
+                .gather(&prep.batch.targets.unsqueeze(1)?, 1)?
+                .sum_all()?,
+        )?;
+        let (mut kl1_sum, mut kl2_sum) = (0f64, 0f64);
         let mut sq_sums = vec![0f64; heads.len()];
-        for (j, example) in examples.iter().enumerate() {
-            let Some(t_b) = last_prompt_position(example) else {
-                continue;
-            };
-            let (positions, targets) = label_rows(example);
-            let n = positions.len();
-            let ids = Tensor::new(example.ids.as_slice(), &device)?.unsqueeze(0)?;
-            let reference = guidance.reference(&self.model, &ids, t_b)?;
-            self.set_seed(k, j);
-            let mut hook = guidance.trainable_hook(t_b, scale)?;
-            let (hidden, tape) =
-                self.model
-                    .run_taped_hooked(Input::Ids(&ids), true, hook.as_mut())?;
-            self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
-            let logits = self
-                .model
-                .lm_logits(&hidden.squeeze(0)?, &opts)?
-                .to_dtype(wd)?;
-            let labels: Vec<(usize, u32)> = positions
-                .iter()
-                .zip(&targets)
-                .map(|(&t, &y)| (t as usize, y))
-                .collect();
-            let rows = Tensor::from_vec(positions, n, &device)?;
-            let targets = Tensor::from_vec(targets, (n, 1), &device)?;
-            let log_probs =
-                candle_nn::ops::log_softmax(&logits.index_select(&rows, 0)?, D::Minus1)?;
-            ce_sum -= scalar(&log_probs.gather(&targets, 1)?.sum_all()?)?;
-            let kl = kl_values(&logits, &reference.logits, tau)?;
+        let mut kls = Vec::with_capacity(b_sz);
+        let mut z_diff: Vec<Vec<Tensor>> = Vec::with_capacity(b_sz);
+        for b in 0..b_sz {
+            let (t_b, len) = (prep.t_b[b], prep.lens[b]);
+            let rows = logits.narrow(0, b * t_len, len)?;
+            let kl = kl_values(&rows, &prep.refs[b].logits, tau)?;
             kl1_sum += kl.kl[t_b];
             kl2_sum += kl.kl.iter().sum::<f64>();
-            let mut z_diff = Vec::with_capacity(heads.len());
+            kls.push(kl);
+            let mut diffs = Vec::with_capacity(heads.len());
             for (i, &(l, h)) in heads.iter().enumerate() {
                 let z = tape
                     .layers
@@ -213,25 +230,15 @@ impl Trainer {
                     .and_then(|lt| lt.z.as_ref())
                     .ok_or_else(|| Error::invalid("tape", "no head outputs recorded"))?;
                 let cur = z
-                    .get(0)?
+                    .get(b)?
                     .get(t_b)?
                     .narrow(0, h * head_dim, head_dim)?
                     .to_dtype(wd)?;
-                let diff = (cur - &reference.z[i])?;
+                let diff = (cur - &prep.refs[b].z[i])?;
                 sq_sums[i] += scalar(&diff.sqr()?.sum_all()?)?;
-                z_diff.push(diff);
+                diffs.push(diff);
             }
-            pending.push(Pending {
-                j,
-                seq_len: example.ids.len(),
-                tape,
-                t_b,
-                labels,
-                logits,
-                ref_logits: reference.logits,
-                kl,
-                z_diff,
-            });
+            z_diff.push(diffs);
         }
         let terms = batch_terms(
             &guidance.settings,
@@ -245,64 +252,72 @@ impl Trainer {
         let accum = self.settings.grad_accum as f64;
         #[allow(clippy::cast_precision_loss)]
         let norm = 1.0 / (n_labels as f64 * accum);
-        let n_heads = cfg.num_attention_heads;
-        for part in pending {
-            let t_len = part.seq_len;
-            // KL rows: c2 everywhere, plus c1 at t_b; CE rows: (softmax − onehot) · norm.
-            let mut weights = vec![terms.c2 / accum; t_len];
-            weights[part.t_b] += terms.c1 / accum;
-            let d_logits = logit_grads(
-                &part.logits,
-                &part.ref_logits,
+        // The gradient at every row's logits: KL rows (c2 everywhere, plus c1 at t_b) and CE
+        // rows per example, zero on padding.
+        let vocab = logits.dim(1)?;
+        let mut blocks = Vec::with_capacity(2 * b_sz);
+        for (b, kl) in kls.iter().enumerate() {
+            let (t_b, len) = (prep.t_b[b], prep.lens[b]);
+            let mut weights = vec![terms.c2 / accum; len];
+            weights[t_b] += terms.c1 / accum;
+            blocks.push(logit_grads(
+                &logits.narrow(0, b * t_len, len)?,
+                &prep.refs[b].logits,
                 tau,
-                &part.kl,
+                kl,
                 &weights,
-                &part.labels,
+                &prep.labels[b],
                 norm,
-            )?;
-            let d_rows = d_logits
-                .to_dtype(self.model.dtype())?
-                .matmul(&self.model.lm_head.weight)?
-                .unsqueeze(0)?;
-            let mut by_layer: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-            for (i, &(l, h)) in heads.iter().enumerate() {
-                let c = terms.c_pr[i] / accum;
-                if c == 0.0 {
-                    continue;
-                }
-                let row = by_layer
-                    .entry(l)
-                    .or_insert_with(|| vec![0f64; n_heads * head_dim]);
-                let diff = part.z_diff[i].to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                for (slot, d) in row[h * head_dim..(h + 1) * head_dim].iter_mut().zip(diff) {
-                    *slot += d * c;
-                }
+            )?);
+            if len < t_len {
+                blocks.push(Tensor::zeros((t_len - len, vocab), wd, &device)?);
             }
-            let mut z_cots = Vec::with_capacity(by_layer.len());
-            for (l, row) in by_layer {
-                let row = Tensor::from_vec(row, (1, 1, n_heads * head_dim), &device)?
-                    .to_dtype(self.model.dtype())?;
-                let full =
-                    Tensor::zeros((1, t_len, n_heads * head_dim), self.model.dtype(), &device)?
-                        .slice_assign(
-                            &[0..1, part.t_b..part.t_b + 1, 0..n_heads * head_dim],
-                            &row,
-                        )?;
-                z_cots.push((l, full));
-            }
-            self.set_seed(k, part.j);
-            let result = self
-                .model
-                .input_vjp_with(&part.tape, &d_rows, Some(sink), &z_cots);
-            self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
-            result?;
         }
+        let d_rows = Tensor::cat(&blocks, 0)?
+            .to_dtype(self.model.dtype())?
+            .matmul(&self.model.lm_head.weight)?
+            .reshape((b_sz, t_len, d))?;
+        // The head term enters at the o_proj input of each listed head's layer.
+        let width = n_heads * head_dim;
+        let mut by_layer: std::collections::BTreeMap<usize, Vec<f64>> =
+            std::collections::BTreeMap::new();
+        for (i, &(l, h)) in heads.iter().enumerate() {
+            let c = terms.c_pr[i] / accum;
+            if c == 0.0 {
+                continue;
+            }
+            let grid = by_layer
+                .entry(l)
+                .or_insert_with(|| vec![0f64; b_sz * t_len * width]);
+            for (b, diffs) in z_diff.iter().enumerate() {
+                let diff = diffs[i].to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let at = (b * t_len + prep.t_b[b]) * width + h * head_dim;
+                for (slot, v) in grid[at..at + head_dim].iter_mut().zip(diff) {
+                    *slot += v * c;
+                }
+            }
+        }
+        let mut z_cots = Vec::with_capacity(by_layer.len());
+        for (l, grid) in by_layer {
+            z_cots.push((
+                l,
+                Tensor::from_vec(grid, (b_sz, t_len, width), &device)?
+                    .to_dtype(self.model.dtype())?,
+            ));
+        }
+        self.set_batch_seed(k);
+        let result = self
+            .model
+            .input_vjp_with(&tape, &d_rows, Some(sink), &z_cots);
+        self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
+        result?;
         #[allow(clippy::cast_precision_loss)]
         Ok((ce_sum / n_labels as f64, terms))
     }
 
-    /// One micro-batch through candle's autograd (the reference); adds the gradients of
-    /// `total / accum` to `grads`.
+    /// One micro-batch through candle's autograd (the reference): the same batched forward on
+    /// the graph; adds the gradients of `total / accum` to `grads`.
+    #[allow(clippy::too_many_lines)]
     fn guided_micro_autograd(
         &self,
         guidance: &Guidance,
@@ -312,7 +327,6 @@ impl Trainer {
         scale: Option<f64>,
         grads: &mut [Option<(Tensor, Tensor)>],
     ) -> Result<(f64, BatchTerms)> {
-        let device = self.model.device().clone();
         let wd = loss_dtype(self.model.dtype());
         let cfg = self.model.config();
         let head_dim = cfg.head_dim;
@@ -327,43 +341,43 @@ impl Trainer {
         } else {
             Vec::new()
         };
-        let mut ce_terms = Vec::new();
+        let prep = self.prepare(guidance, examples)?;
+        let mut hook = guidance.trainable_hook(&prep.t_b, scale)?;
+        let mut recorder = Recorder::new(heads.iter().map(|&(l, _)| HookPoint::HeadOut(l)));
+        self.set_batch_seed(k);
+        let hidden = {
+            let mut chain = Chain(vec![hook.as_mut(), &mut recorder]);
+            self.model
+                .run(Input::Ids(&prep.batch.ids), &opts, None, &mut chain)
+        };
+        self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
+        let hidden = hidden?;
+        let (b_sz, t_len, d) = hidden.dims3()?;
+        let logits = self
+            .model
+            .lm_logits(&hidden.reshape((b_sz * t_len, d))?, &opts)?
+            .to_dtype(wd)?;
+        let log_probs = candle_nn::ops::log_softmax(
+            &logits.index_select(&prep.batch.positions, 0)?,
+            D::Minus1,
+        )?;
+        let ce = log_probs
+            .gather(&prep.batch.targets.unsqueeze(1)?, 1)?
+            .sum_all()?
+            .neg()?;
+        let ce_sum = scalar(&ce)?;
         let mut kl1_terms = Vec::new();
         let mut kl2_terms = Vec::new();
         let mut sq_terms: Vec<Vec<Tensor>> = vec![Vec::new(); heads.len()];
-        let (mut ce_sum, mut kl1_sum, mut kl2_sum) = (0f64, 0f64, 0f64);
+        let (mut kl1_sum, mut kl2_sum) = (0f64, 0f64);
         let mut sq_sums = vec![0f64; heads.len()];
-        for (j, example) in examples.iter().enumerate() {
-            let Some(t_b) = last_prompt_position(example) else {
-                continue;
-            };
-            let (positions, targets) = label_rows(example);
-            let n = positions.len();
-            let ids = Tensor::new(example.ids.as_slice(), &device)?.unsqueeze(0)?;
-            let reference = guidance.reference(&self.model, &ids, t_b)?;
-            let mut editor = guidance.edit(t_b, scale.unwrap_or(0.0))?;
-            if scale.is_none() {
-                editor.edits.clear();
-            }
-            let mut recorder = Recorder::new(heads.iter().map(|&(l, _)| HookPoint::HeadOut(l)));
-            self.set_seed(k, j);
-            let hidden = {
-                let mut chain = Chain(vec![&mut editor, &mut recorder]);
-                self.model.run(Input::Ids(&ids), &opts, None, &mut chain)
-            };
-            self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
-            let logits = self
-                .model
-                .lm_logits(&hidden?.squeeze(0)?, &opts)?
-                .to_dtype(wd)?;
-            let positions = Tensor::from_vec(positions, n, &device)?;
-            let targets = Tensor::from_vec(targets, (n, 1), &device)?;
-            let log_probs =
-                candle_nn::ops::log_softmax(&logits.index_select(&positions, 0)?, D::Minus1)?;
-            let ce = log_probs.gather(&targets, 1)?.sum_all()?.neg()?;
-            ce_sum += scalar(&ce)?;
-            ce_terms.push(ce);
-            let kl = kd_rows_autograd(&logits, &reference.logits, tau)?;
+        for b in 0..b_sz {
+            let (t_b, len) = (prep.t_b[b], prep.lens[b]);
+            let kl = kd_rows_autograd(
+                &logits.narrow(0, b * t_len, len)?,
+                &prep.refs[b].logits,
+                tau,
+            )?;
             let kl1 = kl.get(t_b)?;
             let kl2 = kl.sum_all()?;
             kl1_sum += scalar(&kl1)?;
@@ -373,11 +387,11 @@ impl Trainer {
             for (i, &(l, h)) in heads.iter().enumerate() {
                 let cur = recorder
                     .get(HookPoint::HeadOut(l))?
-                    .get(0)?
+                    .get(b)?
                     .get(t_b)?
                     .get(h)?
                     .to_dtype(wd)?;
-                let sq = (cur - &reference.z[i])?.sqr()?.sum_all()?;
+                let sq = (cur - &prep.refs[b].z[i])?.sqr()?.sum_all()?;
                 sq_sums[i] += scalar(&sq)?;
                 sq_terms[i].push(sq);
             }
@@ -399,7 +413,7 @@ impl Trainer {
             iter.try_fold(first, |acc, t| Ok((acc + t)?))
         };
         #[allow(clippy::cast_precision_loss)]
-        let mut total = (sum(&ce_terms)? / n_labels as f64)?;
+        let mut total = (ce / n_labels as f64)?;
         if terms.c1 > 0.0 {
             total = (total + (sum(&kl1_terms)? * terms.c1)?)?;
         }
