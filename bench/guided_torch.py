@@ -5,8 +5,8 @@ re-implementation of FvForgetting's `CustomSeq2SeqTrainer.training_step`.
 Reads what `examples/guided_reference.rs` wrote (argv[1]): the examples (ids, label mask, t_b),
 the instruction vector and its heads, the adapter before the step (a PEFT folder), tunelens's
 loss terms and its adapter gradients. Loads the demo model through transformers (GGUF, f32),
-attaches the adapter with PEFT and computes, per example (no padding, as tunelens does; see
-the note on kl2 in src/train/guidance.rs):
+attaches the adapter with PEFT and computes, per example, unpadded (tunelens leaves padding
+rows out of kl2; see the note on kl2 in src/train/guidance.rs):
 
 * the reference pass: adapters disabled, the IV added to layer 9's o_proj output at t_b;
 * the head-reference pass: adapters disabled, z of each listed head at t_b (o_proj's input);

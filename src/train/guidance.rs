@@ -2,11 +2,12 @@
 //! §5.4 paper version reconstructed): the reference passes, the KL terms with their closed-form
 //! gradients at the logits, and the head-preservation term whose gradient enters at HOOK A.
 //!
-//! Per example `b` of a micro-batch of `B` (each example runs unpadded; see below):
+//! Per example `b` of a micro-batch of `B`:
 //! - reference pass: adapters off, `IV` added to the `o_proj` output (HOOK B) of the edit layer
 //!   at `t_b` (the last prompt token), scale 1; its logits at every row;
 //! - head-reference pass: adapters off, no IV; `z` of each listed head at `t_b`;
-//! - trainable pass: adapters on (plus `s · IV` at the same place in the paper version).
+//! - trainable pass: adapters on (plus `s · IV` at the same place in the paper version), the
+//!   micro-batch right-padded in one forward.
 //!
 //! `KD(rows) = (1/B) Σ_rows Σ_v p (log p − log q)`, `p = softmax(logits / τ)`, no τ² factor
 //! (the direction `F.kl_div(log_softmax(ref/τ), softmax(cur/τ))` computes). Its gradient at the
@@ -16,8 +17,10 @@
 //!
 //! Deviation (stated in the note and the README): FvForgetting left-pads the batch and its
 //! `kl2` also sums the padding rows, whose logits depend on how the attention implementation
-//! treats fully masked rows. Here every example runs without padding, so `kl2` sums the real
-//! rows of each example (still divided by `B`); with equal-length examples the two agree.
+//! treats fully masked rows. Here padding rows are left out (the reference passes run each
+//! example unpadded, the trainable pass pads on the right, where causal attention keeps the
+//! padding out of every real row), so `kl2` sums the real rows of each example (still divided
+//! by `B`); with equal-length examples the two agree.
 
 use candle_core::{DType, Tensor, D};
 
