@@ -27,6 +27,17 @@ struct PeftConfig {
     use_dora: bool,
 }
 
+/// The modules a LoRA adapter can adapt, by their PEFT names.
+pub const LORA_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// The linear layer of `model` that a PEFT module path names.
 pub fn module_mut<'a>(
     model: &'a mut Transformer,
@@ -235,18 +246,9 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
 /// new stage's fresh adapter. Returns how many layers changed.
 pub fn merge_adapters(model: &mut Transformer) -> Result<usize> {
     let dtype = model.dtype();
-    let modules = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
     let mut merged = 0;
     for layer in 0..model.layers.len() {
-        for module in modules {
+        for module in LORA_MODULES {
             let Some(linear) = module_mut(model, layer, module) else {
                 continue;
             };

@@ -168,6 +168,15 @@ impl Guidance {
         self.settings.pr_alpha > 0.0 && !self.heads.is_empty()
     }
 
+    /// The heads `L_pr` covers: the vector's heads, or none when the term is off.
+    pub fn preserved_heads(&self) -> &[(usize, usize)] {
+        if self.preserves_heads() {
+            &self.heads
+        } else {
+            &[]
+        }
+    }
+
     /// The IV's scale in the trainable pass at optimizer step `step` of `steps` (`None` in the
     /// code version, which adds it to the reference pass only).
     pub fn trainable_scale(&self, step: usize, steps: usize) -> Option<f64> {
@@ -258,11 +267,7 @@ impl Guidance {
             ..opts
         };
         let layer = self.settings.layer;
-        let heads: &[(usize, usize)] = if self.preserves_heads() {
-            &self.heads
-        } else {
-            &[]
-        };
+        let heads = self.preserved_heads();
         let head_points = |keep: &dyn Fn(usize) -> bool| -> Vec<HookPoint> {
             heads
                 .iter()

@@ -444,20 +444,7 @@ impl Trainer {
             };
             #[allow(clippy::cast_precision_loss)]
             let store = (total / accum as f64)?.backward()?;
-            for (slot, param) in grads.iter_mut().zip(&self.params) {
-                let ga = store
-                    .get(param.a.as_tensor())
-                    .cloned()
-                    .map_or_else(|| param.a.as_tensor().zeros_like(), Ok)?;
-                let gb = store
-                    .get(param.b.as_tensor())
-                    .cloned()
-                    .map_or_else(|| param.b.as_tensor().zeros_like(), Ok)?;
-                *slot = Some(match slot.take() {
-                    None => (ga, gb),
-                    Some((a, b)) => ((a + ga)?, (b + gb)?),
-                });
-            }
+            self.add_store_grads(&store, &mut grads)?;
         }
         #[allow(clippy::cast_precision_loss)]
         let terms: Vec<(String, f64)> = self
@@ -547,6 +534,30 @@ impl Trainer {
             tokens,
             metrics: Vec::new(),
         })
+    }
+
+    /// Adds the adapter gradients of an autograd backward to `grads` (per [`Trainer::params`];
+    /// zeros for an adapter the loss does not reach). Detached: moments must hold no graph.
+    fn add_store_grads(
+        &self,
+        store: &candle_core::backprop::GradStore,
+        grads: &mut [Option<(Tensor, Tensor)>],
+    ) -> Result<()> {
+        for (slot, param) in grads.iter_mut().zip(&self.params) {
+            let get = |v: &Var| -> Result<Tensor> {
+                Ok(store
+                    .get(v.as_tensor())
+                    .cloned()
+                    .map_or_else(|| v.as_tensor().zeros_like(), Ok)?
+                    .detach())
+            };
+            let (ga, gb) = (get(&param.a)?, get(&param.b)?);
+            *slot = Some(match slot.take() {
+                None => (ga, gb),
+                Some((a, b)) => ((a + ga)?, (b + gb)?),
+            });
+        }
+        Ok(())
     }
 
     /// The hand-written backward's adapter gradients in [`Trainer::params`] order (zeros for an

@@ -7,15 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Modules a LoRA adapter can target.
-pub const TARGETABLE: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub use crate::model::adapter::LORA_MODULES as TARGETABLE;
 
 /// Adapter shape and placement.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -184,11 +184,7 @@ impl Trainer {
             logits: LogitsAt::None,
             use_lora: true,
         };
-        let heads = if guidance.preserves_heads() {
-            guidance.heads().to_vec()
-        } else {
-            Vec::new()
-        };
+        let heads = guidance.preserved_heads().to_vec();
         let prep = self.prepare(guidance, examples)?;
         let mut hook = guidance.trainable_hook(&prep.t_b, scale)?;
         self.set_batch_seed(k);
@@ -336,11 +332,7 @@ impl Trainer {
             logits: LogitsAt::None,
             use_lora: true,
         };
-        let heads = if guidance.preserves_heads() {
-            guidance.heads().to_vec()
-        } else {
-            Vec::new()
-        };
+        let heads = guidance.preserved_heads().to_vec();
         let prep = self.prepare(guidance, examples)?;
         let mut hook = guidance.trainable_hook(&prep.t_b, scale)?;
         let mut recorder = Recorder::new(heads.iter().map(|&(l, _)| HookPoint::HeadOut(l)));
@@ -427,22 +419,7 @@ impl Trainer {
         }
         #[allow(clippy::cast_precision_loss)]
         let store = (total / self.settings.grad_accum as f64)?.backward()?;
-        for (slot, param) in grads.iter_mut().zip(&self.params) {
-            let ga = store
-                .get(param.a.as_tensor())
-                .cloned()
-                .map_or_else(|| param.a.as_tensor().zeros_like(), Ok)?
-                .detach();
-            let gb = store
-                .get(param.b.as_tensor())
-                .cloned()
-                .map_or_else(|| param.b.as_tensor().zeros_like(), Ok)?
-                .detach();
-            *slot = Some(match slot.take() {
-                None => (ga, gb),
-                Some((a, b)) => ((a + ga)?, (b + gb)?),
-            });
-        }
+        self.add_store_grads(&store, grads)?;
         #[allow(clippy::cast_precision_loss)]
         Ok((ce_sum / n_labels as f64, terms))
     }
