@@ -346,17 +346,7 @@ fn nan_loss_stops_without_touching_parameters() {
 fn hand_written_backward_matches_autograd() {
     let lm = tiny(4);
     let mut s = settings(1);
-    s.lora.targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    s.lora.targets = all_targets();
     s.batch_size = 4;
     s.grad_accum = 2;
     let mut trainer = Trainer::new(lm.model.clone(), s, examples(&lm), vec![], 0).unwrap();

@@ -269,6 +269,15 @@ fn print_update(update: TrainUpdate, total: &mut usize) {
     }
 }
 
+/// Runs a training job, its updates on stderr.
+fn run_training_job(ctx: &mut WorkerCtx, job: Job, total: &mut usize) -> anyhow::Result<JobOutput> {
+    Ok(run_job(ctx, 2, job, &mut |event| {
+        if let Event::Train { update, .. } = event {
+            print_update(update, total);
+        }
+    })?)
+}
+
 /// `tunelens train --stages PLAN.json` (or `--resume` of a plan's folder).
 fn run_stages(cli: &Cli, args: &TrainArgs, plan: StagePlan, out: PathBuf) -> anyhow::Result<()> {
     let mut ctx = WorkerCtx::default();
@@ -289,11 +298,7 @@ fn run_stages(cli: &Cli, args: &TrainArgs, plan: StagePlan, out: PathBuf) -> any
         plan: Box::new(plan),
         out,
     };
-    let output = run_job(&mut ctx, 2, job, &mut |event| {
-        if let Event::Train { update, .. } = event {
-            print_update(update, &mut total);
-        }
-    })?;
+    let output = run_training_job(&mut ctx, job, &mut total)?;
     let JobOutput::StagesTrained(output) = output else {
         anyhow::bail!("the continual training job returned another result");
     };
@@ -429,11 +434,7 @@ pub(super) fn run(cli: &Cli, args: &TrainArgs) -> anyhow::Result<()> {
         slot: Slot::A,
         request: Box::new(request),
     };
-    let output = run_job(&mut ctx, 2, job, &mut |event| {
-        if let Event::Train { update, .. } = event {
-            print_update(update, &mut total);
-        }
-    })?;
+    let output = run_training_job(&mut ctx, job, &mut total)?;
     let JobOutput::Trained(output) = output else {
         anyhow::bail!("the training job returned another result");
     };

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::Ordering;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use super::{mix, Gradients, StepError, Trainer};
 use crate::error::{Error, Result};
@@ -20,6 +20,7 @@ use crate::train::guidance::{
     batch_terms, kd_rows_autograd, kl_values, last_prompt_position, logit_grads, loss_dtype,
     BatchTerms, Guidance, Reference,
 };
+use crate::train::loss::cross_entropy;
 
 /// A micro-batch's examples with labels, their references and the padded batch.
 struct Prepared {
@@ -67,14 +68,7 @@ impl Trainer {
             }
             tokens += examples.iter().map(|e| e.ids.len()).sum::<usize>();
             let result = if self.autograd {
-                self.guided_micro_autograd(
-                    &guidance,
-                    &examples,
-                    k,
-                    n_labels,
-                    scale,
-                    &mut auto_grads,
-                )
+                self.guided_micro_autograd(&guidance, &examples, k, scale, &mut auto_grads)
             } else {
                 self.guided_micro_fast(&guidance, &examples, k, n_labels, scale, &mut sink)
             };
@@ -156,6 +150,24 @@ impl Trainer {
         })
     }
 
+    /// The logits at every row of a batch's final hidden states `(b, T, d)`, `(b·T, V)` in the
+    /// loss dtype, and the mean cross-entropy over its label rows (on the graph when `opts`
+    /// is differentiable).
+    fn logits_and_ce(
+        &self,
+        hidden: &Tensor,
+        opts: &ForwardOptions,
+        batch: &Batch,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b_sz, t_len, d) = hidden.dims3()?;
+        let logits = self
+            .model
+            .lm_logits(&hidden.reshape((b_sz * t_len, d))?, opts)?
+            .to_dtype(loss_dtype(self.model.dtype()))?;
+        let ce = cross_entropy(&logits.index_select(&batch.positions, 0)?, &batch.targets)?;
+        Ok((logits, ce))
+    }
+
     fn set_batch_seed(&self, k: usize) {
         self.dropout_seed.store(
             mix(self.settings.seed, &[k as u64, 0xD]) & !1,
@@ -194,19 +206,8 @@ impl Trainer {
         self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
         let (hidden, tape) = taped?;
         let (b_sz, t_len, d) = hidden.dims3()?;
-        let logits = self
-            .model
-            .lm_logits(&hidden.reshape((b_sz * t_len, d))?, &opts)?
-            .to_dtype(wd)?;
-        let log_probs = candle_nn::ops::log_softmax(
-            &logits.index_select(&prep.batch.positions, 0)?,
-            D::Minus1,
-        )?;
-        let ce_sum = -scalar(
-            &log_probs
-                .gather(&prep.batch.targets.unsqueeze(1)?, 1)?
-                .sum_all()?,
-        )?;
+        let (logits, ce) = self.logits_and_ce(&hidden, &opts, &prep.batch)?;
+        let ce_mean = scalar(&ce)?;
         let (mut kl1_sum, mut kl2_sum) = (0f64, 0f64);
         let mut sq_sums = vec![0f64; heads.len()];
         let mut kls = Vec::with_capacity(b_sz);
@@ -307,8 +308,7 @@ impl Trainer {
             .input_vjp_with(&tape, &d_rows, Some(sink), &z_cots);
         self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
         result?;
-        #[allow(clippy::cast_precision_loss)]
-        Ok((ce_sum / n_labels as f64, terms))
+        Ok((ce_mean, terms))
     }
 
     /// One micro-batch through candle's autograd (the reference): the same batched forward on
@@ -319,7 +319,6 @@ impl Trainer {
         guidance: &Guidance,
         examples: &[Example],
         k: usize,
-        n_labels: usize,
         scale: Option<f64>,
         grads: &mut [Option<(Tensor, Tensor)>],
     ) -> Result<(f64, BatchTerms)> {
@@ -344,20 +343,9 @@ impl Trainer {
         };
         self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
         let hidden = hidden?;
-        let (b_sz, t_len, d) = hidden.dims3()?;
-        let logits = self
-            .model
-            .lm_logits(&hidden.reshape((b_sz * t_len, d))?, &opts)?
-            .to_dtype(wd)?;
-        let log_probs = candle_nn::ops::log_softmax(
-            &logits.index_select(&prep.batch.positions, 0)?,
-            D::Minus1,
-        )?;
-        let ce = log_probs
-            .gather(&prep.batch.targets.unsqueeze(1)?, 1)?
-            .sum_all()?
-            .neg()?;
-        let ce_sum = scalar(&ce)?;
+        let (b_sz, t_len, _) = hidden.dims3()?;
+        let (logits, ce) = self.logits_and_ce(&hidden, &opts, &prep.batch)?;
+        let ce_mean = scalar(&ce)?;
         let mut kl1_terms = Vec::new();
         let mut kl2_terms = Vec::new();
         let mut sq_terms: Vec<Vec<Tensor>> = vec![Vec::new(); heads.len()];
@@ -404,8 +392,7 @@ impl Trainer {
                 .ok_or_else(|| Error::invalid("batch", "no example with a label"))?;
             iter.try_fold(first, |acc, t| Ok((acc + t)?))
         };
-        #[allow(clippy::cast_precision_loss)]
-        let mut total = (ce / n_labels as f64)?;
+        let mut total = ce;
         if terms.c1 > 0.0 {
             total = (total + (sum(&kl1_terms)? * terms.c1)?)?;
         }
@@ -420,7 +407,6 @@ impl Trainer {
         #[allow(clippy::cast_precision_loss)]
         let store = (total / self.settings.grad_accum as f64)?.backward()?;
         self.add_store_grads(&store, grads)?;
-        #[allow(clippy::cast_precision_loss)]
-        Ok((ce_sum / n_labels as f64, terms))
+        Ok((ce_mean, terms))
     }
 }
