@@ -477,6 +477,12 @@ impl Transformer {
         replace_if(hook, HookPoint::Logits, logits)
     }
 
+    /// The final RMSNorm of hidden states `(.., d)`, on the fast path: with
+    /// [`Transformer::lm_logits`], the read-out of a residual stream (a logit lens).
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.norm.forward(hidden, false)
+    }
+
     /// Logits of final-norm hidden states `(.., d)` (as [`LogitsAt::None`] returns them).
     pub fn lm_logits(&self, hidden: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
         self.lm_head.forward(
