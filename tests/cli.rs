@@ -964,3 +964,101 @@ fn weight_views_compare_base_with_base_plus_adapter() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Three questions in MMLU's CSV layout in the tiny vocabulary (one with a quoted comma).
+fn tiny_questions(dir: &std::path::Path) -> String {
+    let path = dir.join("animals_test.csv");
+    std::fs::write(
+        &path,
+        "the cat sat on the,mat,sea,tree,A\n\"the dog, the cat\",big,small,warm,B\nthe sea is,blue,red,cold,A\n",
+    )
+    .expect("questions");
+    path.display().to_string()
+}
+
+#[test]
+fn knowledge_of_a_model_against_itself_is_fully_consistent_and_writes_files() -> anyhow::Result<()>
+{
+    let (_a, path_a) = tiny_folder(81);
+    let (_b, path_b) = tiny_folder(82);
+    let data = tempfile::tempdir()?;
+    let questions = tiny_questions(data.path());
+    let out = data.path().join("out");
+    let out_arg = out.display().to_string();
+    // The tiny vocabulary has no letters: label the choices with words; one shot fits its
+    // 64-token context.
+    let common = [
+        "--questions",
+        &questions,
+        "--shots",
+        "1",
+        "--labels",
+        "red,blue,green",
+        "--tuned-template",
+        "base",
+    ];
+    let mut args = vec!["knowledge", "--model", &path_a, "--model-b", &path_a];
+    args.extend(["--model-b", &path_b, "--model-b", &path_b]);
+    args.extend(common);
+    args.extend(["--out", &out_arg, "--json"]);
+    let run = run_cli(&args);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let runs: serde_json::Value = serde_json::from_str(&run.stdout)?;
+    let runs = runs.as_array().expect("runs");
+    assert_eq!(runs.len(), 3);
+    let same = &runs[0]["overall"];
+    assert_eq!(same["questions"], 3);
+    assert!((same["rho"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{same}");
+    assert!(same["kl"].as_f64().unwrap().abs() < 1e-9, "{same}");
+    assert_eq!(same["base_accuracy"], same["tuned_accuracy"]);
+    assert!(runs[1]["overall"]["kl"].as_f64().unwrap() > 0.0);
+    for name in [
+        "knowledge.svg",
+        "knowledge.png",
+        "knowledge_questions.csv",
+        "knowledge_subjects.csv",
+        "knowledge.json",
+    ] {
+        assert!(out.join(name).exists(), "{name} missing");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("knowledge.json"))?)?;
+    assert_eq!(json["partial_correlation"]["runs"], 3);
+    let rows = std::fs::read_to_string(out.join("knowledge_questions.csv"))?;
+    assert_eq!(rows.lines().count(), 1 + 9);
+    assert!(rows.contains("\"the dog, the cat\""), "{rows}");
+
+    // The text report, and one-line errors for a bad record and for letters without tokens.
+    let mut args = vec!["knowledge", "--model", &path_a, "--model-b", &path_b];
+    args.extend(common);
+    let text = run_cli(&args);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    assert!(text.stdout.contains("mean rho"), "{}", text.stdout);
+    assert!(text.stdout.contains("animals"), "{}", text.stdout);
+    let bad = data.path().join("bad_test.csv");
+    std::fs::write(&bad, "q,a,b,A\nq,a,b,Z\n")?;
+    let bad_arg = bad.display().to_string();
+    let run = run_cli(&[
+        "knowledge",
+        "--model",
+        &path_a,
+        "--model-b",
+        &path_b,
+        "--questions",
+        &bad_arg,
+    ]);
+    assert_one_line_error(&run, "record 2 (line 2)");
+    let run = run_cli(&[
+        "knowledge",
+        "--model",
+        &path_a,
+        "--model-b",
+        &path_b,
+        "--questions",
+        &questions,
+        "--shots",
+        "1",
+    ]);
+    assert_one_line_error(&run, "same token");
+    Ok(())
+}

@@ -325,3 +325,45 @@ fn instruction_vector_on_the_demo_model() {
         );
     }
 }
+
+#[test]
+fn knowledge_consistency_on_the_demo_model_with_the_shipped_questions() {
+    use tunelens::worker::knowledge::{
+        run_knowledge, KnowledgeConfig, KnowledgeSettings, QuestionSource, TunedTemplate,
+        SHIPPED_SET,
+    };
+    let m = demo();
+    let settings = |tuned_template| KnowledgeSettings {
+        questions: vec![QuestionSource::Shipped(SHIPPED_SET.to_owned())],
+        dev: Vec::new(),
+        config: KnowledgeConfig {
+            tuned_template,
+            max_questions: Some(1),
+            ..KnowledgeConfig::default()
+        },
+    };
+    let go = |t| run_knowledge(m, m, &settings(t), &mut |_, _| ControlFlow::Continue(()));
+    // The model against itself under the same prompt: rho = 1, KL = 0.
+    let same = go(TunedTemplate::Base).expect("runs");
+    assert_eq!(same.overall.questions, 10);
+    assert_eq!(same.subjects.len(), 10);
+    for q in &same.questions {
+        assert_eq!(q.base.len(), 4);
+        assert!((q.rho - 1.0).abs() < 1e-9, "{q:?}");
+        assert!(q.kl.abs() < 1e-9, "{q:?}");
+    }
+    assert!(same
+        .example_base_prompt
+        .contains("multiple choice questions about  author. Please choose the correct answer."));
+    // Its own chat template, 0-shot: finite values, probabilities that sum to 1.
+    let chat = go(TunedTemplate::Chat).expect("runs");
+    for q in &chat.questions {
+        assert!((q.tuned.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(
+            q.rho.is_finite() && q.kl.is_finite() && q.cosine.is_finite(),
+            "{q:?}"
+        );
+    }
+    assert!(chat.example_tuned_prompt.contains("<|im_start|>user"));
+    assert!(chat.overall.kl > 0.0);
+}

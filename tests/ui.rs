@@ -12,6 +12,8 @@ use tunelens::ui::panels::attribution::{AttributionResults, AttributionView};
 use tunelens::ui::panels::consistency::ConsistencyView;
 use tunelens::ui::panels::finetune::{FinetuneView, TrainingView};
 use tunelens::ui::panels::iv::IvView;
+use tunelens::ui::panels::knowledge::KnowledgeView;
+use tunelens::ui::panels::shift::ShiftView;
 use tunelens::ui::panels::weights::{ConceptsView, HeadsView};
 use tunelens::ui::TunelensApp;
 use tunelens::worker::Slot;
@@ -1225,4 +1227,296 @@ fn finetune_view_runs_guided_stages_and_evaluates_forgetting() {
         let len = std::fs::metadata(export.path().join(name)).map_or(0, |m| m.len());
         assert!(len > 50, "{name}: {len} bytes");
     }
+}
+
+/// The Knowledge view: the base model against itself (rho = 1), then against another tuned
+/// model (a second run kept beside the first); the tables and the partial-correlation line;
+/// its export equals `tunelens knowledge --out` with the same models and settings.
+#[test]
+fn knowledge_view_keeps_runs_and_exports_what_the_cli_writes() {
+    let a = tiny_folder(91, false);
+    let b = tiny_folder(92, false);
+    let questions = a.path().join("animals_test.csv");
+    std::fs::write(
+        &questions,
+        "the cat sat on the,mat,sea,tree,A\nthe dog is,big,small,warm,B\nthe sea is,blue,red,cold,A\n",
+    )
+    .expect("questions");
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    harness.state_mut().open_path(Slot::B, a.path());
+    step_until(&mut harness, "both models", |app| {
+        app.slots.iter().all(|s| s.info.is_some())
+    });
+    harness.get_by_label("Knowledge").click();
+    harness.run();
+    harness.get_by_label("capital");
+    {
+        let s = &mut harness.state_mut().state.knowledge;
+        s.shipped.clear();
+        s.shots = 1;
+        s.labels = "red,blue,green".to_owned();
+        s.template = tunelens::analysis::knowledge::TunedTemplate::Base;
+    }
+    harness.state_mut().picked(
+        Slot::A,
+        tunelens::ui::dialogs::DialogKind::QuestionFile,
+        questions.clone(),
+    );
+    harness.run();
+    harness.get_by_label("animals_test.csv");
+    harness.get_by_label("Compare knowledge").click();
+    step_until(&mut harness, "the first run", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.view::<KnowledgeView>()
+            .is_some_and(|v| v.runs.len() == 1)
+    });
+    let first = harness.state().view::<KnowledgeView>().expect("view").runs[0].clone();
+    assert!((first.overall.rho - 1.0).abs() < 1e-9);
+    assert!(first.overall.kl.abs() < 1e-9);
+    harness.get_by_label_contains("Partial correlation: needs at least 3");
+    harness.get_by_label("Tuned acc");
+    // Another tuned model in B, run again: both runs are kept.
+    harness.state_mut().open_path(Slot::B, b.path());
+    step_until(&mut harness, "model B", |app| {
+        app.slots[1]
+            .info
+            .as_ref()
+            .is_some_and(|i| i.source.contains(&b.path().display().to_string()))
+    });
+    harness.get_by_label("Compare knowledge").click();
+    step_until(&mut harness, "the second run", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.view::<KnowledgeView>()
+            .is_some_and(|v| v.runs.len() == 2)
+    });
+    assert!(
+        harness.state().view::<KnowledgeView>().expect("view").runs[1]
+            .overall
+            .kl
+            > 0.0
+    );
+
+    let gui = tempfile::tempdir().expect("temp dir");
+    harness
+        .state_mut()
+        .export_to(&gui.path().join("knowledge-export.svg"));
+    step_until(&mut harness, "the export", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.export_note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("Exported"))
+    });
+    let cli = tempfile::tempdir().expect("temp dir");
+    let (path_a, path_b) = (
+        a.path().display().to_string(),
+        b.path().display().to_string(),
+    );
+    let (q, out) = (
+        questions.display().to_string(),
+        cli.path().display().to_string(),
+    );
+    let run = crate::common::run_cli(&[
+        "knowledge",
+        "--model",
+        &path_a,
+        "--model-b",
+        &path_a,
+        "--model-b",
+        &path_b,
+        "--questions",
+        &q,
+        "--shots",
+        "1",
+        "--labels",
+        "red,blue,green",
+        "--tuned-template",
+        "base",
+        "--out",
+        &out,
+        "--stem",
+        "knowledge-export",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for name in [
+        "knowledge-export_questions.csv",
+        "knowledge-export_subjects.csv",
+    ] {
+        let x = std::fs::read_to_string(gui.path().join(name)).expect("gui file");
+        let y = std::fs::read_to_string(cli.path().join(name)).expect("cli file");
+        assert_eq!(x, y, "{name} differs");
+    }
+    for ext in ["svg", "png", "json"] {
+        assert!(gui.path().join(format!("knowledge-export.{ext}")).exists());
+        assert!(cli.path().join(format!("knowledge-export.{ext}")).exists());
+    }
+    // Clear runs empties the view.
+    harness.get_by_label("Clear runs").click();
+    harness.run();
+    assert!(harness
+        .state()
+        .view::<KnowledgeView>()
+        .is_some_and(|v| v.runs.is_empty()));
+}
+
+#[test]
+fn token_shift_view_colours_tokens_keeps_runs_lenses_explains_and_exports() {
+    let a = tiny_folder(93, false);
+    let b = tiny_folder(94, false);
+    // AlignTDS records whose templated input is the raw prompt: with the raw base template,
+    // the same model on both sides sees the same context, so nothing can shift.
+    let data = a.path().join("responses.json");
+    std::fs::write(
+        &data,
+        r#"[{"id": "r1", "pure_input": "the cat sat on", "input": "the cat sat on", "output": ["the mat and the dog ran"]},
+            {"id": "r2", "pure_input": "the sea is", "input": "the sea is", "output": ["warm and the sky is blue"]}]"#,
+    )
+    .expect("data");
+    let mut harness = harness();
+    harness.state_mut().open_path(Slot::A, a.path());
+    harness.state_mut().open_path(Slot::B, a.path());
+    step_until(&mut harness, "both models", |app| {
+        app.slots.iter().all(|s| s.info.is_some())
+    });
+    harness.get_by_label("Token shift").click();
+    harness.run();
+    harness.state_mut().picked(
+        Slot::A,
+        tunelens::ui::dialogs::DialogKind::ShiftData,
+        data.clone(),
+    );
+    harness.run();
+    harness.get_by_label("responses.json");
+    harness.get_by_label("Raw prompt").click();
+    harness.run();
+    harness.get_by_label("Measure shift").click();
+    step_until(&mut harness, "the first run", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.view::<ShiftView>().is_some_and(|v| v.runs.len() == 1)
+    });
+    {
+        let view = harness.state().view::<ShiftView>().expect("view");
+        let s = &view.runs[0].summary;
+        assert!(s.positions > 0);
+        assert_eq!(s.counts, [s.positions, 0, 0], "the same model never shifts");
+    }
+    // Another model in B: a second run, kept beside the first.
+    harness.state_mut().open_path(Slot::B, b.path());
+    step_until(&mut harness, "model B", |app| {
+        app.slots[1]
+            .info
+            .as_ref()
+            .is_some_and(|i| i.source.contains(&b.path().display().to_string()))
+    });
+    harness.get_by_label("Measure shift").click();
+    step_until(&mut harness, "the second run", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.view::<ShiftView>().is_some_and(|v| v.runs.len() == 2)
+    });
+    let second = harness.state().view::<ShiftView>().expect("view").runs[1].clone();
+    assert!(second.summary.counts[0] < second.summary.positions);
+    harness.get_by_label("Most shifted tokens of run 2");
+    // Click a token: both top-10 tables, then the lens of both models there.
+    let piece = second.items[0].shift.pieces[1].clone();
+    harness.get_by_label(&piece).scroll_to_me();
+    harness.run();
+    harness.get_by_label(&piece).click();
+    harness.run();
+    harness.get_by_label("B (tuned) top 10");
+    harness.get_by_label("Lens at this token").scroll_to_me();
+    harness.run();
+    harness.get_by_label("Lens at this token").click();
+    step_until(&mut harness, "the lens", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.view::<ShiftView>().is_some_and(|v| v.lens.is_some())
+    });
+    {
+        let view = harness.state().view::<ShiftView>().expect("view");
+        let (_, lens) = view.lens.as_ref().expect("lens");
+        assert_eq!(lens.curves.len(), 2);
+        // B's token is B's response token at that position.
+        assert_eq!(
+            lens.curves[1].2.target_id,
+            second.items[0].shift.aligned_ids[1]
+        );
+    }
+    // Export: what `tunelens shift --out` writes for the same runs.
+    let gui = tempfile::tempdir().expect("temp dir");
+    harness
+        .state_mut()
+        .export_to(&gui.path().join("shift-export.svg"));
+    step_until(&mut harness, "the export", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        app.export_note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("Exported"))
+    });
+    for name in [
+        "shift-export.html",
+        "shift-export_lens.csv",
+        "shift-export.png",
+    ] {
+        assert!(gui.path().join(name).exists(), "{name}");
+    }
+    let cli = tempfile::tempdir().expect("temp dir");
+    let (path_a, path_b) = (
+        a.path().display().to_string(),
+        b.path().display().to_string(),
+    );
+    let (d, out) = (data.display().to_string(), cli.path().display().to_string());
+    let run = crate::common::run_cli(&[
+        "shift",
+        "--model",
+        &path_a,
+        "--model-b",
+        &path_a,
+        "--model-b",
+        &path_b,
+        "--data",
+        &d,
+        "--base-template",
+        "raw",
+        "--max-items",
+        "20",
+        "--out",
+        &out,
+        "--stem",
+        "shift-export",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for name in [
+        "shift-export_ratios.csv",
+        "shift-export_positions.csv",
+        "shift-export_tokens.csv",
+        "shift-export_by_position.csv",
+        "shift-export_relative.csv",
+    ] {
+        let x = std::fs::read_to_string(gui.path().join(name)).expect("gui file");
+        let y = std::fs::read_to_string(cli.path().join(name)).expect("cli file");
+        assert_eq!(x, y, "{name} differs");
+    }
+    // Explain this token: the Attribution view, on the response up to the token.
+    harness.get_by_label("Explain this token").scroll_to_me();
+    harness.run();
+    harness.get_by_label("Explain this token").click();
+    harness.run();
+    assert_eq!(
+        harness.state().state.attribution.response,
+        second.items[0].shift.pieces[..=1].concat()
+    );
+    assert!(harness.state().state.attribution.pin_response);
+    step_until(&mut harness, "the attribution", |app| {
+        app.last_error.is_some() || attribution(app).is_some()
+    });
+    // Clear runs empties the view.
+    harness.state_mut().state.view = tunelens::ui::state::View::analysis("shift");
+    harness.run();
+    harness.get_by_label("Clear runs").scroll_to_me();
+    harness.run();
+    harness.get_by_label("Clear runs").click();
+    harness.run();
+    assert!(harness
+        .state()
+        .view::<ShiftView>()
+        .is_some_and(|v| v.runs.is_empty()));
 }

@@ -125,6 +125,60 @@ impl Mt19937 {
         }
     }
 
+    /// Seeded as Python's `random.seed(seed)` for an integer seed below 2³²
+    /// (`init_by_array([seed])`), so [`Mt19937::python_shuffle`] draws what `random.shuffle`
+    /// draws.
+    pub fn python_seeded(seed: u32) -> Self {
+        const N: usize = 624;
+        let mut mt = Self::new(19_650_218);
+        let s = &mut mt.state;
+        let (mut i, mut j) = (1usize, 0usize);
+        for _ in 0..N {
+            let prev = s[i - 1];
+            s[i] = (s[i] ^ (prev ^ (prev >> 30)).wrapping_mul(1_664_525))
+                .wrapping_add(seed)
+                .wrapping_add(j as u32);
+            i += 1;
+            // One key word: j stays 0.
+            j = 0;
+            if i >= N {
+                s[0] = s[N - 1];
+                i = 1;
+            }
+        }
+        for _ in 0..N - 1 {
+            let prev = s[i - 1];
+            s[i] =
+                (s[i] ^ (prev ^ (prev >> 30)).wrapping_mul(1_566_083_941)).wrapping_sub(i as u32);
+            i += 1;
+            if i >= N {
+                s[0] = s[N - 1];
+                i = 1;
+            }
+        }
+        s[0] = 0x8000_0000;
+        mt.index = N;
+        mt
+    }
+
+    /// Python's `random.shuffle(list(range(n)))`: from the back, `j = randbelow(i + 1)` by
+    /// rejection of `getrandbits(k)` draws (`k` the bit length of `i + 1`).
+    pub fn python_shuffle(&mut self, n: usize) -> Vec<usize> {
+        let mut values: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let bound = (i + 1) as u32;
+            let bits = 32 - bound.leading_zeros();
+            let j = loop {
+                let r = self.next_u32() >> (32 - bits);
+                if r < bound {
+                    break r;
+                }
+            };
+            values.swap(i, j as usize);
+        }
+        values
+    }
+
     /// `RandomState.permutation(n)`: a Fisher–Yates shuffle of `0..n` from the back.
     pub fn permutation(&mut self, n: usize) -> Vec<usize> {
         let mut values: Vec<usize> = (0..n).collect();

@@ -6,6 +6,7 @@
 use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::results::Slot;
 use crate::error::{Error, Result};
 use crate::model::{ForwardOptions, HookPoint, Input, LogitsAt, Recorder, Tokenizer, Transformer};
 
@@ -135,6 +136,40 @@ pub fn logit_lens(
         target: tokenizer.tokens(&[target as u32]).concat(),
         points,
     })
+}
+
+/// What the lens reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum LensRequest {
+    /// A prompt as each model renders it, at a token position (`None`: the last).
+    Prompt {
+        /// The prompt.
+        prompt: String,
+        /// With the chat template.
+        chat: bool,
+        /// The position (0-based, in the rendered ids).
+        position: Option<usize>,
+    },
+    /// Given ids of each model (a shift run's context and response up to a position), read at
+    /// their last position, tracking B's token `target`.
+    Ids {
+        /// A's ids.
+        a: Vec<u32>,
+        /// B's ids.
+        b: Vec<u32>,
+        /// B's token at that position (an id of B's vocabulary; of A's when only A is
+        /// loaded).
+        target: u32,
+    },
+}
+
+/// The lens of each loaded model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LensOutput {
+    /// The tracked token (B's choice; A's own when only A is loaded).
+    pub target: String,
+    /// One curve per model: its slot, its name, the curve.
+    pub curves: Vec<(Slot, String, LensCurve)>,
 }
 
 #[cfg(test)]

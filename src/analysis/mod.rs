@@ -8,6 +8,7 @@ pub mod ffn_concepts;
 pub mod head_pairs;
 pub mod icl;
 pub mod iv;
+pub mod knowledge;
 pub mod lens;
 pub mod prediction;
 pub mod recall;

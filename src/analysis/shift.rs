@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
+use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -201,7 +202,7 @@ pub fn position_metrics(aligned: &[TopEntry], base: &[TopEntry], k: usize) -> Po
         jaccard,
         ws,
         tp,
-        bi_top_prob: (tp + pa_of_top_b) / 2.0,
+        bi_top_prob: f64::midpoint(tp, pa_of_top_b),
         ndcg: if idcg > 0.0 { dcg / idcg } else { 0.0 },
     }
 }
@@ -633,7 +634,146 @@ pub fn shift_responses(
     Ok(out)
 }
 
+// The plain data of a run as the worker, the CLI, the views and the exports share it.
+
+/// Where the responses come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShiftData {
+    /// A shipped prompt set by name (`sample_prompts/`, e.g. `open_qa`); B writes the
+    /// responses.
+    Shipped(String),
+    /// A prompt file (prompts separated by `---` lines, or one per line; or JSONL with a
+    /// `prompt`, `instruction` or `pure_input` field); B writes the responses.
+    Prompts(PathBuf),
+    /// AlignTDS / URIAL JSON: a list of `{id, pure_input, input, output: [o]}` with the
+    /// aligned model's responses.
+    AlignTds(PathBuf),
+}
+
+impl ShiftData {
+    /// A short name for titles and file stems.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Shipped(name) => name.clone(),
+            Self::Prompts(p) | Self::AlignTds(p) => p
+                .file_stem()
+                .map_or_else(|| p.display().to_string(), |s| s.to_string_lossy().into()),
+        }
+    }
+}
+
+/// The base model's context (§6.2 step 2).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BaseTemplate {
+    /// URIAL's `# Query: ... # Answer:` template ([`URIAL_TEMPLATE`]).
+    #[default]
+    Urial,
+    /// The prompt as it is.
+    Raw,
+    /// A text file with `{input}` where the prompt goes.
+    File(PathBuf),
+}
+
+impl BaseTemplate {
+    /// Parses `urial`, `raw` or a file path.
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "urial" => Self::Urial,
+            "raw" => Self::Raw,
+            path => Self::File(PathBuf::from(path)),
+        }
+    }
+}
+
+/// Settings of a shift run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShiftSettings {
+    /// The responses.
+    pub data: ShiftData,
+    /// The base model's context.
+    pub base_template: BaseTemplate,
+    /// `k` and the entries kept for display.
+    pub config: ShiftConfig,
+    /// New tokens of B's greedy responses (prompt sets only).
+    pub max_new_tokens: usize,
+    /// At most this many items (`None`: all).
+    pub max_items: Option<usize>,
+}
+
+impl Default for ShiftSettings {
+    fn default() -> Self {
+        Self {
+            data: ShiftData::Shipped("open_qa".to_owned()),
+            base_template: BaseTemplate::Urial,
+            config: ShiftConfig::default(),
+            max_new_tokens: 96,
+            max_items: None,
+        }
+    }
+}
+
+/// One record: a prompt, and the aligned model's response when the data has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShiftRecord {
+    /// The record's id.
+    pub id: String,
+    /// The user's prompt (`pure_input`).
+    pub prompt: String,
+    /// The prompt already in the aligned model's template (AlignTDS's `input`), if given.
+    pub input: Option<String>,
+    /// The response, if given.
+    pub output: Option<String>,
+}
+
+/// One analysed record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShiftItem {
+    /// The record's id.
+    pub id: String,
+    /// The user's prompt.
+    pub prompt: String,
+    /// The shift of its response.
+    pub shift: ResponseShift,
+}
+
+/// One tuned model against the base: every response and the aggregates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShiftRun {
+    /// The base model (A).
+    pub base_model: String,
+    /// The tuned model (B).
+    pub tuned_model: String,
+    /// The settings.
+    pub settings: ShiftSettings,
+    /// The analysed responses.
+    pub items: Vec<ShiftItem>,
+    /// §6.2 step 4.
+    pub summary: ShiftSummary,
+    /// Whether the run was stopped before the last record (the items so far are kept).
+    pub cancelled: bool,
+    /// Where the time went.
+    pub timings: ShiftTimings,
+}
+
+/// Seconds spent in a shift run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShiftTimings {
+    /// Generating B's responses.
+    pub generate_s: f64,
+    /// The two teacher-forced passes and the metrics.
+    pub shift_s: f64,
+}
+
+impl ShiftRun {
+    /// "tuned vs base".
+    pub fn title(&self) -> String {
+        format!("{} vs {}", self.tuned_model, self.base_model)
+    }
+}
+
 #[cfg(test)]
+// Exact comparisons are intended: identical lists give exactly 0 and 1.
+#[allow(clippy::float_cmp)]
 mod tests {
     use super::*;
     use crate::model::tiny::{tiny_model, tiny_options};
@@ -664,7 +804,7 @@ mod tests {
         assert!((m.ws - 0.1248).abs() < 5e-5, "WS {}", m.ws);
         assert!((m.tp - 0.0742).abs() < 5e-5, "TP {}", m.tp);
         // pA(the) = .1121, so bi_top_prob = (.0742 + .1121) / 2.
-        assert!((m.bi_top_prob - (0.0742 + 0.1121) / 2.0).abs() < 1e-4);
+        assert!((m.bi_top_prob - f64::midpoint(0.0742, 0.1121)).abs() < 1e-4);
         assert!(m.ndcg > 0.0 && m.ndcg < 1.0);
         // k = 2 truncates LB to [the, a]: LA[0] = Sure is absent.
         let m2 = position_metrics(&aligned, &base, 2);

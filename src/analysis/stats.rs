@@ -1,7 +1,9 @@
-//! Small statistics for the change-rate analysis of METHODS.md §3.5 step 8: summaries and the
+//! Small statistics: for the change-rate analysis of METHODS.md §3.5 step 8, summaries and the
 //! Welch t-test between instruction-verb and general-verb change rates, matching
 //! `scipy.stats.ttest_ind(a, b, equal_var=False)`. The Student-t CDF goes through the
-//! regularised incomplete beta function (continued fraction, modified Lentz).
+//! regularised incomplete beta function (continued fraction, modified Lentz). For knowledge
+//! consistency (§10a): average ranks, Pearson and Spearman correlations (with scipy's p-value)
+//! and the Spearman partial correlation of Ren et al.
 
 use serde::{Deserialize, Serialize};
 
@@ -171,6 +173,109 @@ pub fn student_t_cdf(t: f64, df: f64) -> f64 {
     }
 }
 
+/// Ranks of `xs` from 1, ties given the average of the ranks they span (`scipy.stats.rankdata`,
+/// `method="average"`).
+// Ties are exact equality, as scipy's.
+#[allow(clippy::float_cmp)]
+pub fn average_ranks(xs: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..xs.len()).collect();
+    order.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
+    let mut ranks = vec![0.0; xs.len()];
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start + 1;
+        while end < order.len() && xs[order[end]] == xs[order[start]] {
+            end += 1;
+        }
+        // Positions start..end (0-based) hold ranks start+1..=end; their mean:
+        let rank = (start + 1 + end) as f64 / 2.0;
+        for &i in &order[start..end] {
+            ranks[i] = rank;
+        }
+        start = end;
+    }
+    ranks
+}
+
+/// Pearson's correlation of `a` and `b`; NaN when either is constant or has fewer than two
+/// values (as `scipy.stats.pearsonr` returns NaN there).
+pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    if n < 2 {
+        return f64::NAN;
+    }
+    let (ma, mb) = (
+        a[..n].iter().sum::<f64>() / n as f64,
+        b[..n].iter().sum::<f64>() / n as f64,
+    );
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a[..n].iter().zip(&b[..n]) {
+        let (dx, dy) = (x - ma, y - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    if saa <= 0.0 || sbb <= 0.0 {
+        return f64::NAN;
+    }
+    (sab / (saa.sqrt() * sbb.sqrt())).clamp(-1.0, 1.0)
+}
+
+/// Spearman's rank correlation and its two-sided p-value as `scipy.stats.spearmanr` computes
+/// them: Pearson of the average ranks, `t = r·sqrt((n-2) / ((1+r)(1-r)))` against Student's t
+/// with `n - 2` degrees of freedom. `None` with fewer than 3 values or a constant side (scipy's
+/// NaN).
+pub fn spearman(a: &[f64], b: &[f64]) -> Option<(f64, f64)> {
+    let n = a.len().min(b.len());
+    if n < 3 {
+        return None;
+    }
+    let r = pearson(&average_ranks(&a[..n]), &average_ranks(&b[..n]));
+    if r.is_nan() {
+        return None;
+    }
+    let df = (n - 2) as f64;
+    let t = r * (df / ((r + 1.0) * (1.0 - r))).max(0.0).sqrt();
+    let p = if t.is_nan() {
+        f64::NAN
+    } else {
+        2.0 * (1.0 - student_t_cdf(t.abs(), df))
+    };
+    Some((r, p.clamp(0.0, 1.0)))
+}
+
+/// Residuals of the least-squares fit `y ≈ a + b·z` (statsmodels' `OLS(y, add_constant(z))`);
+/// with a constant `z`, `y - mean(y)` (the minimum-norm solution).
+pub fn ols_residuals(y: &[f64], z: &[f64]) -> Vec<f64> {
+    let n = y.len().min(z.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let (my, mz) = (
+        y[..n].iter().sum::<f64>() / n as f64,
+        z[..n].iter().sum::<f64>() / n as f64,
+    );
+    let szz: f64 = z[..n].iter().map(|v| (v - mz).powi(2)).sum();
+    let szy: f64 = z[..n]
+        .iter()
+        .zip(&y[..n])
+        .map(|(a, b)| (a - mz) * (b - my))
+        .sum();
+    let slope = if szz > 0.0 { szy / szz } else { 0.0 };
+    (0..n).map(|i| y[i] - my - slope * (z[i] - mz)).collect()
+}
+
+/// The Spearman partial correlation of `x` and `y` controlling for `z`, as Ren et al.'s
+/// `calculate_spearman_partial_correlation`: rank all three (average ranks), regress the ranks
+/// of `x` and of `y` on the ranks of `z` (OLS with an intercept), then Spearman's correlation
+/// of the two residual vectors with its p-value. `None` where scipy gives NaN.
+pub fn spearman_partial(x: &[f64], y: &[f64], z: &[f64]) -> Option<(f64, f64)> {
+    let rz = average_ranks(z);
+    let ex = ols_residuals(&average_ranks(x), &rz);
+    let ey = ols_residuals(&average_ranks(y), &rz);
+    spearman(&ey, &ex)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +380,61 @@ mod tests {
         assert!((s.std - (5.0f64 / 3.0).sqrt()).abs() < 1e-15);
         assert!(summarize(&[]).mean.is_nan());
         assert!(summarize(&[1.0]).std.is_nan());
+    }
+
+    /// X, Y, Z, the partial correlation and its p-value.
+    type Case<'a> = (&'a [f64], &'a [f64], &'a [f64], f64, f64);
+
+    #[test]
+    fn ranks_correlations_and_the_partial_correlation_match_scipy() {
+        // scipy.stats.rankdata([3, 1, 2, 3, 3]) = [4, 1, 2, 4, 4].
+        assert_eq!(
+            average_ranks(&[3.0, 1.0, 2.0, 3.0, 3.0]),
+            vec![4.0, 1.0, 2.0, 4.0, 4.0]
+        );
+        // scipy.stats.pearsonr([3, 1, 2, 3], [3, 1, 2, 4]).statistic = 0.9438798074485389.
+        assert!(close(
+            pearson(&[3.0, 1.0, 2.0, 3.0], &[3.0, 1.0, 2.0, 4.0]),
+            0.943_879_807_448_538_9,
+            1e-12
+        ));
+        assert!(pearson(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
+        // Expected values computed with Python 3.11, numpy 2, scipy 1.17.1:
+        //   rx, ry, rz = rankdata(X), rankdata(Y), rankdata(Z)
+        //   A = column_stack([ones_like(rz), rz])
+        //   ex = rx - A @ lstsq(A, rx)[0]; ey = ry - A @ lstsq(A, ry)[0]
+        //   spearmanr(ey, ex) -> (statistic, pvalue)
+        // (the procedure of Self-Aligning's eval/analyse/partial_correlation.py).
+        let cases: [Case<'_>; 3] = [
+            (
+                &[95.0, 80.0, 90.0, 85.0, 70.0],
+                &[0.6, 0.5, 0.4, 0.55, 0.45],
+                &[0.3, 0.3, 0.35, 0.3, 0.32],
+                0.670_820_393_249_936_8,
+                0.215_169_942_569_550_22,
+            ),
+            (
+                &[94.4, 91.0, 88.5, 90.2, 85.1, 92.3, 89.9],
+                &[0.52, 0.45, 0.49, 0.47, 0.41, 0.44, 0.50],
+                &[0.40, 0.42, 0.39, 0.41, 0.40, 0.43, 0.38],
+                0.642_857_142_857_143,
+                0.119_392_373_427_411_09,
+            ),
+            (
+                &[90.0, 80.0, 85.0, 70.0],
+                &[0.5, 0.6, 0.4, 0.45],
+                &[0.3, 0.2, 0.25, 0.22],
+                0.6,
+                0.4,
+            ),
+        ];
+        for (x, y, z, rho, p) in cases {
+            let (r, pv) = spearman_partial(x, y, z).expect("defined");
+            assert!(close(r, rho, 1e-9), "{r} vs {rho}");
+            assert!(close(pv, p, 1e-7), "{pv} vs {p}");
+        }
+        // Two values, or a constant residual: undefined.
+        assert!(spearman_partial(&[1.0, 2.0], &[1.0, 2.0], &[1.0, 2.0]).is_none());
+        assert!(spearman_partial(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]).is_none());
     }
 }

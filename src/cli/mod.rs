@@ -15,11 +15,15 @@ mod attribute;
 mod consistency;
 mod forgetting;
 mod iv;
+mod knowledge;
+mod shift;
 mod train;
 mod weights;
 
 pub use consistency::ConsistencyArgs;
 pub use iv::IvArgs;
+pub use knowledge::KnowledgeArgs;
+pub use shift::{LensArgs, ShiftArgs};
 pub use train::TrainArgs;
 pub use weights::{ConceptsArgs, HeadsArgs};
 
@@ -152,6 +156,20 @@ pub enum Command {
     /// task (causal mediation), their summed vector, and zero-shot accuracy with it added at
     /// each layer; with --model-b, A's and B's heads side by side.
     Iv(IvArgs),
+    /// Knowledge consistency (METHODS.md §10a): multiple-choice questions put to a base model
+    /// (5-shot) and each tuned model (0-shot, chat or Vicuna template); per question the rank
+    /// correlation and KL of their answer distributions, accuracies, and across 3 or more tuned
+    /// models the partial correlation of consistency and tuned accuracy given base accuracy.
+    Knowledge(KnowledgeArgs),
+    /// Token distribution shift (METHODS.md §6, §10b): for the tuned models' responses, where
+    /// the base model would have picked the same token (unshifted), nearly (marginal) or not
+    /// (shifted); ratios, the most shifted tokens, where in a response shifts sit, metrics by
+    /// position. Repeat --model-b for several fine-tunes of one base.
+    Shift(ShiftArgs),
+    /// The logit lens of one or two models at one position: the rank and probability of B's
+    /// next token when each layer's residual stream is read through the final norm and the
+    /// unembedding.
+    Lens(LensArgs),
     /// The forgetting evaluation (METHODS.md §5.5): general, in-context and task scores
     /// (ROUGE-L F1 of greedy answers) and P_know / P_inst of a base model and of each stage
     /// built on it (--adapter per stage).
@@ -273,7 +291,10 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Heads(args) => weights::run_heads(cli, args),
         Command::Consistency(args) => consistency::run(cli, args),
         Command::Iv(args) => iv::run(cli, args),
+        Command::Knowledge(args) => knowledge::run(cli, args),
         Command::Forgetting(args) => forgetting::run(cli, args),
+        Command::Shift(args) => shift::run(cli, args),
+        Command::Lens(args) => shift::run_lens(cli, args),
         Command::Train(args) => train::run(cli, args),
         Command::Merge { model, out } => {
             let spec = ModelSpec::parse(model);
@@ -404,6 +425,9 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             }
             JobOutput::SavedIv(paths) => serde_json::to_string(paths)?,
             JobOutput::InstructionVectors(o) => serde_json::to_string(o)?,
+            JobOutput::Knowledge(run) => serde_json::to_string(run)?,
+            JobOutput::Shift(run) => serde_json::to_string(run)?,
+            JobOutput::Lens(lens) => serde_json::to_string(lens)?,
             JobOutput::Forgetting(r) => serde_json::to_string(r)?,
             JobOutput::Concepts(_)
             | JobOutput::Heads(_)
@@ -488,7 +512,20 @@ fn print_output(output: &JobOutput, json: bool) -> anyhow::Result<()> {
             }
         }
         JobOutput::InstructionVectors(o) => write!(out, "{}", iv::text_report(o))?,
+        JobOutput::Knowledge(run) => {
+            write!(
+                out,
+                "{}",
+                knowledge::text_report(std::slice::from_ref(run.as_ref()))
+            )?;
+        }
         JobOutput::Forgetting(r) => write!(out, "{}", forgetting::text_report(r))?,
+        JobOutput::Shift(run) => write!(
+            out,
+            "{}",
+            shift::text_report(std::slice::from_ref(run.as_ref()))
+        )?,
+        JobOutput::Lens(lens) => write!(out, "{}", shift::lens_report(lens))?,
         JobOutput::SavedIv(paths) => {
             for p in paths {
                 writeln!(out, "wrote {}", p.display())?;

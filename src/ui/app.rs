@@ -549,6 +549,9 @@ impl TunelensApp {
             | JobOutput::Heads(_)
             | JobOutput::Consistency(_)
             | JobOutput::InstructionVectors(_)
+            | JobOutput::Knowledge(_)
+            | JobOutput::Shift(_)
+            | JobOutput::Lens(_)
             | JobOutput::Trained(_)
             | JobOutput::TrainEstimated(_)
             | JobOutput::Forgetting(_)
@@ -574,6 +577,9 @@ impl TunelensApp {
             | DialogKind::EvalSet
             | DialogKind::StagePlanOpen
             | DialogKind::StagePlanSave
+            | DialogKind::QuestionFile
+            | DialogKind::ShiftData
+            | DialogKind::ShiftTemplate
             | DialogKind::IvFile => Action::SetFile(kind, Some(path)),
             // Kinds only an analysis view asks for: the current view's answer.
             DialogKind::MergedOutput | DialogKind::IvSave => {

@@ -47,8 +47,14 @@ pub enum DialogKind {
     EvalSet,
     /// A continual-training stage plan to open (JSON).
     StagePlanOpen,
+    /// Multiple-choice questions (MMLU CSV or JSONL) for knowledge consistency.
+    QuestionFile,
     /// Where to save the stage plan (JSON).
     StagePlanSave,
+    /// Responses for the token shift: a prompt file, or AlignTDS / URIAL JSON.
+    ShiftData,
+    /// The base model's template for the token shift (text with `{input}`).
+    ShiftTemplate,
 }
 
 /// How a dialog ended.
@@ -94,7 +100,10 @@ impl DialogKind {
             Self::GuidanceIv => "Open the instruction vector that guides training (.safetensors)",
             Self::EvalSet => "Open an evaluation set (JSON list of {\"input\", \"output\"})",
             Self::StagePlanOpen => "Open a stage plan (JSON)",
+            Self::QuestionFile => "Open multiple-choice questions (MMLU CSV or JSONL)",
             Self::StagePlanSave => "Save the stage plan (JSON)",
+            Self::ShiftData => "Open prompts (text, JSONL) or AlignTDS responses (JSON)",
+            Self::ShiftTemplate => "Open a base-model template (text with {input})",
         }
     }
 
@@ -110,7 +119,11 @@ impl DialogKind {
             }
             Self::IvFile | Self::GuidanceIv => BrowseMode::OpenFile(vec!["safetensors"]),
             Self::TrainData => BrowseMode::OpenFile(vec!["jsonl", "json"]),
-            Self::WordList | Self::WordVectors | Self::PairsFile => BrowseMode::OpenFile(vec![]),
+            Self::QuestionFile => BrowseMode::OpenFile(vec!["csv", "jsonl", "json"]),
+            Self::ShiftData => BrowseMode::OpenFile(vec!["json", "jsonl", "txt"]),
+            Self::WordList | Self::WordVectors | Self::PairsFile | Self::ShiftTemplate => {
+                BrowseMode::OpenFile(vec![])
+            }
             Self::ExportFile | Self::IvSave | Self::StagePlanSave => {
                 BrowseMode::Save(default_name.to_owned())
             }
@@ -186,9 +199,10 @@ impl Dialogs {
                     | DialogKind::TrainOutput
                     | DialogKind::MergedOutput => dialog.pick_folder(),
                     DialogKind::GgufFile => dialog.add_filter("GGUF", &["gguf"]).pick_file(),
-                    DialogKind::WordList | DialogKind::WordVectors | DialogKind::PairsFile => {
-                        dialog.pick_file()
-                    }
+                    DialogKind::WordList
+                    | DialogKind::WordVectors
+                    | DialogKind::PairsFile
+                    | DialogKind::ShiftTemplate => dialog.pick_file(),
                     DialogKind::FactsFile
                     | DialogKind::TaskFile
                     | DialogKind::EvalSet
@@ -206,6 +220,12 @@ impl Dialogs {
                         .save_file(),
                     DialogKind::TrainData => dialog
                         .add_filter("JSON lines", &["jsonl", "json"])
+                        .pick_file(),
+                    DialogKind::ShiftData => dialog
+                        .add_filter("Prompts or responses", &["json", "jsonl", "txt"])
+                        .pick_file(),
+                    DialogKind::QuestionFile => dialog
+                        .add_filter("Questions", &["csv", "jsonl", "json"])
                         .pick_file(),
                     DialogKind::ExportFile => dialog
                         .set_file_name(default_name.as_str())

@@ -120,6 +120,8 @@ pub fn builtin() -> Vec<Box<dyn AnalysisView>> {
         Box::new(panels::weights::HeadsView::default()),
         Box::new(panels::consistency::ConsistencyView::default()),
         Box::new(panels::iv::IvView::default()),
+        Box::new(panels::shift::ShiftView::default()),
+        Box::new(panels::knowledge::KnowledgeView::default()),
         Box::new(panels::finetune::FinetuneView::default()),
     ]
 }

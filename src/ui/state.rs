@@ -172,6 +172,10 @@ pub struct AppState {
     pub finetune: crate::ui::panels::finetune::FinetuneUi,
     /// Instruction vector view settings.
     pub iv: crate::ui::panels::iv::IvUi,
+    /// Token shift view settings.
+    pub shift: crate::ui::panels::shift::ShiftUi,
+    /// Knowledge view settings.
+    pub knowledge: crate::ui::panels::knowledge::KnowledgeUi,
     /// Steering of the Prompt view's generation with a saved instruction vector.
     pub steer: SteerUi,
 }
@@ -311,6 +315,16 @@ impl AppState {
                     self.finetune.guidance.iv_path = p;
                 }
             }
+            DialogKind::ShiftData => self.shift.data_file = path,
+            DialogKind::ShiftTemplate => self.shift.template_file = path,
+            DialogKind::QuestionFile => match path {
+                Some(p) => {
+                    if !self.knowledge.files.contains(&p) {
+                        self.knowledge.files.push(p);
+                    }
+                }
+                None => self.knowledge.files.clear(),
+            },
             DialogKind::EvalSet => match path {
                 Some(p) => {
                     if !self.finetune.eval_sets.contains(&p) {
@@ -366,6 +380,8 @@ impl Default for AppState {
             consistency: ConsistencyUi::default(),
             finetune: crate::ui::panels::finetune::FinetuneUi::default(),
             iv: crate::ui::panels::iv::IvUi::default(),
+            shift: crate::ui::panels::shift::ShiftUi::default(),
+            knowledge: crate::ui::panels::knowledge::KnowledgeUi::default(),
             steer: SteerUi::default(),
         }
     }

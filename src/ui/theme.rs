@@ -38,6 +38,20 @@ pub const CATEGORY_1: Color32 = Color32::from_rgb(0, 158, 115);
 pub const CATEGORY_2: Color32 = Color32::from_rgb(204, 121, 167);
 /// Outline of the hovered heatmap cell.
 pub const HOVER_OUTLINE: Color32 = Color32::from_rgb(255, 255, 255);
+/// Background of marginal tokens in the Token shift view (Okabe-Ito yellow; dark text).
+pub const SHIFT_MARGINAL: Color32 = Color32::from_rgb(0xF0, 0xE4, 0x42);
+/// Background of shifted tokens (Okabe-Ito vermillion; white text). The two classes differ in
+/// lightness as well as hue, so they stay apart under every colour-vision deficiency.
+pub const SHIFT_SHIFTED: Color32 = Color32::from_rgb(0xD5, 0x5E, 0x00);
+/// Curves of successive runs of one view (Okabe-Ito).
+pub const RUNS: [Color32; 6] = [
+    Color32::from_rgb(0, 114, 178),
+    Color32::from_rgb(230, 159, 0),
+    Color32::from_rgb(0, 158, 115),
+    Color32::from_rgb(204, 121, 167),
+    Color32::from_rgb(86, 180, 233),
+    Color32::from_rgb(213, 94, 0),
+];
 /// Row-label width of heatmaps.
 pub const HEATMAP_LABEL_WIDTH: f32 = 96.0;
 

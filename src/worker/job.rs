@@ -13,6 +13,8 @@ use crate::wordfiles::WordSource;
 use crate::worker::consistency::{ConsistencyOutput, ConsistencySettings};
 use crate::worker::forgetting::ForgettingRequest;
 use crate::worker::iv::{IvOutput, IvSettings};
+use crate::worker::knowledge::{KnowledgeRun, KnowledgeSettings};
+use crate::worker::shift::{LensOutput, LensRequest, ShiftRun, ShiftSettings};
 use crate::worker::train::StagesOutput;
 use crate::worker::train::{DataPreview, TrainEstimate, TrainOutput, TrainRequest, TrainUpdate};
 use crate::worker::weights::{CachePolicy, ConceptsOutput, HeadsOutput};
@@ -96,6 +98,25 @@ pub enum Job {
         slots: Vec<Slot>,
         /// Tasks and procedure.
         settings: IvSettings,
+    },
+    /// Knowledge consistency (METHODS.md §10a): the base model in slot A and the tuned model in
+    /// slot B asked the same multiple-choice questions.
+    Knowledge {
+        /// Question files and settings.
+        settings: KnowledgeSettings,
+    },
+    /// Token distribution shift (METHODS.md §6): the tuned model in slot B against the base
+    /// model in slot A over a set of responses.
+    Shift {
+        /// Data and settings.
+        settings: Box<ShiftSettings>,
+    },
+    /// The logit lens of each listed slot's model at one position, tracking B's token.
+    Lens {
+        /// Model slots (A, then B).
+        slots: Vec<Slot>,
+        /// What to read.
+        request: Box<LensRequest>,
     },
     /// Write one task's vector of one model of a finished run (`.safetensors` and `.json`).
     SaveIv {
@@ -242,6 +263,12 @@ pub enum JobOutput {
     Consistency(Box<ConsistencyOutput>),
     /// Instruction vectors.
     InstructionVectors(Box<IvOutput>),
+    /// Knowledge consistency of A (base) and B (tuned).
+    Knowledge(Box<KnowledgeRun>),
+    /// Token distribution shift of B against A.
+    Shift(Box<ShiftRun>),
+    /// Logit lens curves.
+    Lens(Box<LensOutput>),
     /// A vector was saved: the files written.
     SavedIv(Vec<PathBuf>),
     /// A training run ended (finished, or stopped with a checkpoint).

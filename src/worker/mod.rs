@@ -6,7 +6,9 @@ pub mod forgetting;
 pub mod handle;
 pub mod iv;
 pub mod job;
+pub mod knowledge;
 pub mod runner;
+pub mod shift;
 pub mod train;
 pub mod weights;
 

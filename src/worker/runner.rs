@@ -269,6 +269,31 @@ pub fn run_job(
             })?;
             Ok(JobOutput::InstructionVectors(Box::new(output)))
         }
+        Job::Knowledge { settings } => {
+            let cancel = ctx.cancel.clone();
+            let (base, tuned) = (ctx.model(Slot::A)?, ctx.model(Slot::B)?);
+            let run = crate::worker::knowledge::run_knowledge(
+                base,
+                tuned,
+                &settings,
+                &mut |frac, message| progress_or_cancel(emit, job_id, &cancel, frac, message),
+            )?;
+            Ok(JobOutput::Knowledge(Box::new(run)))
+        }
+        Job::Shift { settings } => {
+            let cancel = ctx.cancel.clone();
+            let (base, tuned) = (ctx.model(Slot::A)?, ctx.model(Slot::B)?);
+            let run =
+                crate::worker::shift::run_shift(base, tuned, &settings, &mut |frac, message| {
+                    progress_or_cancel(emit, job_id, &cancel, frac, message)
+                })?;
+            Ok(JobOutput::Shift(Box::new(run)))
+        }
+        Job::Lens { slots, request } => {
+            let models = ctx.models(&slots)?;
+            let output = crate::worker::shift::run_lens(&models, &request)?;
+            Ok(JobOutput::Lens(Box::new(output)))
+        }
         Job::SaveIv {
             output,
             model,

@@ -5,6 +5,8 @@ pub mod attribution;
 pub mod consistency;
 pub mod finetune;
 pub mod iv;
+pub mod knowledge;
 pub mod models;
 pub mod prompt;
+pub mod shift;
 pub mod weights;
