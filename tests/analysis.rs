@@ -588,6 +588,7 @@ fn instruction_vectors_of_base_and_base_plus_adapter() -> anyhow::Result<()> {
             ..Default::default()
         },
         steer,
+        live_shift: None,
     };
     let JobOutput::Generated(plain) = run_job(&mut ctx, 4, generate(None), &mut |_| {})? else {
         panic!("not generated");

@@ -1378,6 +1378,25 @@ fn token_shift_view_colours_tokens_keeps_runs_lenses_explains_and_exports() {
     step_until(&mut harness, "both models", |app| {
         app.slots.iter().all(|s| s.info.is_some())
     });
+    // Live mode: B's tokens get their class as they stream in the Prompt view.
+    harness.get_by_label("Prompt").click();
+    harness.run();
+    harness.get_by_label("Live token shift").click();
+    harness.state_mut().state.prompt = "the cat sat on".to_owned();
+    harness.state_mut().state.chat = false;
+    harness.state_mut().state.gen.max_new_tokens = 5;
+    harness.run();
+    harness.get_by_label("Generate").click();
+    step_until(&mut harness, "the live generation", |app| {
+        assert!(app.last_error.is_none(), "{:?}", app.last_error);
+        !app.is_generating() && app.responses[1].tokens > 0
+    });
+    {
+        let b = &harness.state().responses[1];
+        assert_eq!(b.shifts.len(), b.tokens);
+        assert!(b.shifts.iter().all(Option::is_some));
+        assert!(harness.state().responses[0].shifts.is_empty());
+    }
     harness.get_by_label("Token shift").click();
     harness.run();
     harness.state_mut().picked(

@@ -62,9 +62,19 @@ fn load_then_generate_streams_tokens_for_both_slots() {
                 ..GenerateConfig::default()
             },
             steer: None,
+            live_shift: Some(10),
         })
         .expect("queued");
     let (events, result) = wait_for(&worker, job_id);
+    // Live shift: one class per B token, in order.
+    let shifts: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::TokenShift { index, .. } => Some(*index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shifts, (0..6).collect::<Vec<_>>());
     let tokens_a = events
         .iter()
         .filter(|e| matches!(e, Event::Token { slot: Slot::A, .. }))
@@ -114,6 +124,7 @@ fn cancel_stops_a_generation_and_the_worker_keeps_serving() {
                 ..GenerateConfig::default()
             },
             steer: None,
+            live_shift: None,
         })
         .expect("queued");
     // Cancel after the first token arrives.

@@ -25,7 +25,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{ForwardOptions, Input, LogitsAt, NoHook, Tokenizer, Transformer};
+use crate::model::{ForwardOptions, Input, KvCache, LogitsAt, NoHook, Tokenizer, Transformer};
 
 /// Entries stored per position (AlignTDS's `k_save`).
 pub const K_SAVE: usize = 30;
@@ -634,6 +634,92 @@ pub fn shift_responses(
     Ok(out)
 }
 
+/// Live shift while the aligned model generates: the base model follows the response one
+/// cached decode step per token and scores each new token as it streams (the Prompt view's
+/// live mode). Per token it gives what [`shift_response`] gives at that position when both
+/// models share a tokenizer (tested); with different tokenizers the token is fed to the base
+/// model as its own id of the same vocabulary string, else re-encoded from its text.
+pub struct LiveScorer<'m> {
+    model: &'m Transformer,
+    tokenizer: &'m Tokenizer,
+    cache: KvCache,
+    logits: Vec<f32>,
+    k: usize,
+}
+
+impl<'m> LiveScorer<'m> {
+    /// Runs the base model over its context (`base_context`, e.g. the URIAL template of the
+    /// prompt).
+    pub fn new(
+        model: &'m Transformer,
+        tokenizer: &'m Tokenizer,
+        base_context: &[u32],
+        k: usize,
+    ) -> Result<Self> {
+        check_lengths(model, base_context, &[])?;
+        let mut scorer = Self {
+            model,
+            tokenizer,
+            cache: KvCache::new(),
+            logits: Vec::new(),
+            k: k.clamp(1, K_SAVE),
+        };
+        scorer.feed(base_context)?;
+        Ok(scorer)
+    }
+
+    fn feed(&mut self, ids: &[u32]) -> Result<()> {
+        let len = self.cache.len() + ids.len();
+        let max = self.model.config().max_position_embeddings;
+        if len > max {
+            return Err(Error::PromptTooLong { len, max });
+        }
+        let input = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
+        let opts = ForwardOptions {
+            differentiable: false,
+            logits: LogitsAt::Last,
+            use_lora: true,
+        };
+        self.logits = self
+            .model
+            .run(
+                Input::Ids(&input),
+                &opts,
+                Some(&mut self.cache),
+                &mut NoHook,
+            )?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        Ok(())
+    }
+
+    /// Scores the aligned model's token `token_id` (chosen from `aligned_logits`, in
+    /// `aligned_tokenizer`'s vocabulary) against the base model's next-token distribution,
+    /// then feeds the token to the base model.
+    pub fn score(
+        &mut self,
+        aligned_logits: &[f32],
+        aligned_tokenizer: &Tokenizer,
+        token_id: u32,
+    ) -> Result<PositionMetrics> {
+        let a = top_entries(aligned_logits, K_SAVE, aligned_tokenizer);
+        let b = top_entries(&self.logits, K_SAVE, self.tokenizer);
+        let metrics = position_metrics(&a, &b, self.k);
+        let token = aligned_tokenizer.tokens(&[token_id]).concat();
+        let ids = if let Some(id) = self.tokenizer.token_to_id(&token) {
+            vec![id]
+        } else {
+            let text = aligned_tokenizer.decode(&[token_id], false)?;
+            self.tokenizer.encode(&text, false)?
+        };
+        if !ids.is_empty() {
+            self.feed(&ids)?;
+        }
+        Ok(metrics)
+    }
+}
+
 // The plain data of a run as the worker, the CLI, the views and the exports share it.
 
 /// Where the responses come from.
@@ -919,6 +1005,40 @@ mod tests {
         assert!((s.ratios.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         assert_eq!(s.relative_bins.iter().flatten().sum::<usize>(), s.positions);
         assert!(s.by_position.iter().all(|p| p.n == 2));
+        Ok(())
+    }
+
+    #[test]
+    fn live_scores_equal_the_teacher_forced_positions() -> Result<()> {
+        let a = tiny_model(5, &tiny_options(DType::F32))?;
+        let b = tiny_model(6, &tiny_options(DType::F32))?;
+        let ca = a.tokenizer.encode("the dog ran to", true)?;
+        let cb = b.tokenizer.encode("the cat sat on", true)?;
+        let response = "the park and the cat sat on the mat";
+        let cfg = ShiftConfig::default();
+        let fixed = shift_response(
+            ShiftSide {
+                model: &a.model,
+                tokenizer: &a.tokenizer,
+                context: &ca,
+            },
+            ShiftSide {
+                model: &b.model,
+                tokenizer: &b.tokenizer,
+                context: &cb,
+            },
+            response,
+            &cfg,
+        )?;
+        // The aligned model's logits at each response position, then the live scorer.
+        let (logits, vocab) = teacher_forced_logits(&a.model, &ca, &fixed.aligned_ids)?;
+        let mut live = LiveScorer::new(&b.model, &b.tokenizer, &cb, cfg.k)?;
+        for (t, row) in logits.chunks(vocab).enumerate() {
+            let m = live.score(row, &a.tokenizer, fixed.aligned_ids[t])?;
+            let f = &fixed.positions[t];
+            assert_eq!(m.tr, f.tr, "position {t}");
+            assert!((m.kl - f.kl).abs() < 1e-5 && (m.ndcg - f.ndcg).abs() < 1e-9);
+        }
         Ok(())
     }
 

@@ -381,6 +381,7 @@ pub fn run(cli: &Cli, command: &Command) -> anyhow::Result<()> {
                     scale: *iv_scale,
                     every_token: *iv_every_token,
                 }),
+                live_shift: None,
             };
             single(cli, &mut ctx, &model.model, job)
         }

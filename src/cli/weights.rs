@@ -159,6 +159,7 @@ fn run_streaming(
         Event::Layer { .. }
         | Event::Partial { .. }
         | Event::Token { .. }
+        | Event::TokenShift { .. }
         | Event::Train { .. }
         | Event::Finished { .. }
         | Event::Cancelled { .. }

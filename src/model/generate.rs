@@ -190,6 +190,8 @@ pub struct Generator<'m> {
     /// The last token, not yet fed to the model (fed lazily, so a token is streamed as soon as
     /// it is chosen).
     pending: Option<u32>,
+    /// The logits the last token was chosen from.
+    last_logits: Vec<f32>,
     stop_reason: Option<StopReason>,
     prefill_secs: f64,
     decode_secs: f64,
@@ -239,10 +241,17 @@ impl<'m> Generator<'m> {
             text: String::new(),
             prefill_logits: Some(logits),
             pending: None,
+            last_logits: Vec::new(),
             stop_reason: (cfg.max_new_tokens == 0).then_some(StopReason::MaxTokens),
             prefill_secs: started.elapsed().as_secs_f64(),
             decode_secs: 0.0,
         })
+    }
+
+    /// The logits (every vocabulary entry) the last streamed token was chosen from; empty
+    /// before the first step.
+    pub fn last_logits(&self) -> &[f32] {
+        &self.last_logits
     }
 
     /// Whether generation has ended.
@@ -285,6 +294,7 @@ impl<'m> Generator<'m> {
             }
         }
         let token_id = pick_token(&last, &self.cfg.sampling, &mut self.rng)?;
+        self.last_logits = last;
         self.new_ids.push(token_id);
         let full = self.tokenizer.decode(&self.new_ids, true)?;
         // A partial UTF-8 sequence decodes to U+FFFD; hold it back until the character completes.

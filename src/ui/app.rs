@@ -58,6 +58,10 @@ pub struct ResponseView {
     pub prompt_tokens: usize,
     /// How the generation was steered, if it was.
     pub steering: Option<String>,
+    /// The text of each token, in order (for the live token shift colours).
+    pub pieces: Vec<String>,
+    /// The live shift class of each token, when A scores B's tokens.
+    pub shifts: Vec<Option<crate::analysis::shift::Category>>,
 }
 
 /// The application.
@@ -369,6 +373,8 @@ impl TunelensApp {
             chat: self.state.chat,
             cfg: self.state.gen.to_config(),
             steer: self.state.steer.request(),
+            live_shift: (self.state.shift.live && self.slots.iter().all(|s| s.info.is_some()))
+                .then_some(self.state.shift.k.clamp(1, crate::analysis::shift::K_SAVE)),
         };
         self.submit(job, "Generating".to_owned(), PendingKind::Generate);
     }
@@ -452,6 +458,16 @@ impl TunelensApp {
                 let response = &mut self.responses[slot_index(slot)];
                 response.text.push_str(&token.text_delta);
                 response.tokens = token.index + 1;
+                response.pieces.push(token.text_delta);
+            }
+            Event::TokenShift {
+                index, category, ..
+            } => {
+                let shifts = &mut self.responses[slot_index(Slot::B)].shifts;
+                if shifts.len() <= index {
+                    shifts.resize(index + 1, None);
+                }
+                shifts[index] = Some(category);
             }
             Event::Train { .. } | Event::Layer { .. } | Event::Partial { .. } => {
                 if let Some(view) = self.owner(kind) {

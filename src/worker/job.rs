@@ -212,6 +212,10 @@ pub enum Job {
         cfg: GenerateConfig,
         /// Add a saved instruction vector while generating.
         steer: Option<SteerRequest>,
+        /// Live token shift (METHODS.md §6) with this `k`: while B generates, A (the base)
+        /// scores each of B's tokens with one cached decode step over the URIAL context, and
+        /// each score streams as an [`Event::TokenShift`]. Needs both slots.
+        live_shift: Option<usize>,
     },
 }
 
@@ -402,6 +406,17 @@ pub enum Event {
         /// The token.
         token: GeneratedToken,
     },
+    /// The shift class of one of B's streamed tokens (live token shift).
+    TokenShift {
+        /// The job.
+        job_id: JobId,
+        /// Index of the token among B's new tokens.
+        index: usize,
+        /// Its top rank under A.
+        tr: usize,
+        /// Its class.
+        category: crate::analysis::shift::Category,
+    },
     /// Training progress: steps, validations, checkpoints.
     Train {
         /// The job.
@@ -453,6 +468,7 @@ impl Event {
         match self {
             Self::Progress { job_id, .. }
             | Self::Token { job_id, .. }
+            | Self::TokenShift { job_id, .. }
             | Self::Train { job_id, .. }
             | Self::Layer { job_id, .. }
             | Self::Partial { job_id, .. }

@@ -418,6 +418,7 @@ pub fn run_job(
             chat,
             cfg,
             steer,
+            live_shift,
         } => generate_lockstep(
             ctx,
             job_id,
@@ -426,6 +427,7 @@ pub fn run_job(
             chat,
             &cfg,
             steer.as_ref(),
+            live_shift,
             emit,
         ),
     }
@@ -583,6 +585,7 @@ fn generate_lockstep(
     chat: bool,
     cfg: &GenerateConfig,
     steer: Option<&SteerRequest>,
+    live_shift: Option<usize>,
     emit: &mut dyn FnMut(Event),
 ) -> Result<JobOutput> {
     if prompt.trim().is_empty() {
@@ -612,6 +615,22 @@ fn generate_lockstep(
         };
         runs.push((slot, rendered, generator, steering));
     }
+    // Live shift: A follows B's response over the URIAL context of the prompt.
+    let mut live = match live_shift {
+        Some(k) if slots.contains(&Slot::A) && slots.contains(&Slot::B) => {
+            let base = ctx.model(Slot::A)?;
+            let text = crate::analysis::shift::URIAL_TEMPLATE.replace("{input}", prompt);
+            let context = base.tokenizer.encode(&text, true)?;
+            Some(crate::analysis::shift::LiveScorer::new(
+                &base.model,
+                &base.tokenizer,
+                &context,
+                k,
+            )?)
+        }
+        _ => None,
+    };
+    let b_tokenizer = ctx.model(Slot::B).ok().map(|b| &b.tokenizer);
     let total = (cfg.max_new_tokens * runs.len()).max(1);
     let mut produced = 0usize;
     loop {
@@ -628,11 +647,30 @@ fn generate_lockstep(
             if let Some(token) = token {
                 progressed = true;
                 produced += 1;
+                let index = token.index;
+                let token_id = token.token_id;
                 emit(Event::Token {
                     job_id,
                     slot: *slot,
                     token,
                 });
+                if let (Slot::B, Some(scorer), Some(tokenizer)) =
+                    (*slot, live.as_mut(), b_tokenizer)
+                {
+                    match scorer.score(generator.last_logits(), tokenizer, token_id) {
+                        Ok(m) => emit(Event::TokenShift {
+                            job_id,
+                            index,
+                            tr: m.tr,
+                            category: m.category,
+                        }),
+                        // A full context ends the live scores, not the generation.
+                        Err(err) => {
+                            log::warn!("live token shift stopped: {err}");
+                            live = None;
+                        }
+                    }
+                }
             }
         }
         emit(Event::Progress {

@@ -119,6 +119,16 @@ pub fn prompt_ui(
         {
             actions.push(Action::Stop);
         }
+        ui.separator();
+        let both = slots.iter().all(|s| s.info.is_some());
+        ui.add_enabled(
+            both,
+            egui::Checkbox::new(&mut state.shift.live, "Live token shift"),
+        )
+        .on_hover_text(
+            "While B generates, A (the base) scores each new token with one cached step over the URIAL context: marginal tokens yellow, shifted vermillion (METHODS.md §6; k from the Token shift view)",
+        )
+        .on_disabled_hover_text("Load the base into A and the tuned model into B");
     });
     ui.add_space(theme::SECTION_GAP);
     ui.columns(2, |columns| {
@@ -250,9 +260,40 @@ fn response_ui(
                         "The response appears here"
                     };
                     ui.label(egui::RichText::new(hint).color(theme::MUTED));
+                } else if response.shifts.iter().any(Option::is_some) {
+                    shifted_text_ui(ui, response);
                 } else {
                     ui.label(&response.text);
                 }
             });
+    });
+}
+
+/// A response whose tokens carry live shift classes: each token on its class's background.
+fn shifted_text_ui(ui: &mut egui::Ui, response: &ResponseView) {
+    use crate::analysis::shift::Category;
+    ui.horizontal_wrapped(|ui| {
+        ui.spacing_mut().item_spacing.x = 0.0;
+        for (i, piece) in response.pieces.iter().enumerate() {
+            for (n, line) in piece.split('\n').enumerate() {
+                if n > 0 {
+                    ui.end_row();
+                }
+                if line.is_empty() {
+                    continue;
+                }
+                let text = egui::RichText::new(line);
+                let text = match response.shifts.get(i).copied().flatten() {
+                    Some(Category::Marginal) => text
+                        .background_color(theme::SHIFT_MARGINAL)
+                        .color(egui::Color32::BLACK),
+                    Some(Category::Shifted) => text
+                        .background_color(theme::SHIFT_SHIFTED)
+                        .color(egui::Color32::WHITE),
+                    _ => text,
+                };
+                ui.label(text);
+            }
+        }
     });
 }

@@ -61,6 +61,9 @@ pub struct ShiftUi {
     pub metric: usize,
     /// The lens position in the Prompt view's prompt.
     pub lens_position: usize,
+    /// Live mode: colour B's tokens in the Prompt view by their shift against A as they
+    /// stream.
+    pub live: bool,
 }
 
 impl Default for ShiftUi {
@@ -75,6 +78,7 @@ impl Default for ShiftUi {
             max_items: 20,
             metric: METRICS.len(),
             lens_position: 0,
+            live: false,
         }
     }
 }
