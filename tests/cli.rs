@@ -1062,3 +1062,90 @@ fn knowledge_of_a_model_against_itself_is_fully_consistent_and_writes_files() ->
     assert_one_line_error(&run, "same token");
     Ok(())
 }
+
+#[test]
+fn shift_and_lens_from_the_command_line() {
+    let (dir, a) = tiny_folder(95);
+    let (_dir_b, b) = tiny_folder(96);
+    // Prompts B answers (a file with `---` separators), against the same model and another.
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "# two prompts\nthe cat sat on\n---\nthe sea is\n").expect("prompts");
+    let p = prompts.display().to_string();
+    let run = run_cli(&[
+        "--json",
+        "shift",
+        "--model",
+        &a,
+        "--model-b",
+        &a,
+        "--model-b",
+        &b,
+        "--prompts",
+        &p,
+        "--max-new-tokens",
+        "6",
+        "--base-template",
+        "raw",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let runs: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    let runs = runs.as_array().expect("one run per --model-b");
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        let ratios = r["summary"]["ratios"].as_array().expect("ratios");
+        let sum: f64 = ratios.iter().map(|v| v.as_f64().expect("ratio")).sum();
+        assert!((sum - 1.0).abs() < 1e-9);
+        assert_eq!(r["items"].as_array().expect("items").len(), 2);
+    }
+    // A bad AlignTDS record names its index; a bad k names k.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"[{"pure_input": "the cat", "output": ["sat"]}, {"pure_input": "x"}]"#,
+    )
+    .expect("bad");
+    let bad = bad.display().to_string();
+    let run = run_cli(&["shift", "--model", &a, "--model-b", &b, "--data", &bad]);
+    assert_one_line_error(&run, "record 1");
+    let run = run_cli(&[
+        "shift",
+        "--model",
+        &a,
+        "--model-b",
+        &b,
+        "--prompts",
+        &p,
+        "--k",
+        "40",
+    ]);
+    assert_one_line_error(&run, "k");
+    // The lens: one curve per model, B's token tracked in both.
+    let run = run_cli(&[
+        "--json",
+        "lens",
+        "--model",
+        &a,
+        "--model-b",
+        &b,
+        "--prompt",
+        "the cat sat on",
+        "--position",
+        "2",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let lens: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    let curves = lens["curves"].as_array().expect("curves");
+    assert_eq!(curves.len(), 2);
+    assert_eq!(curves[0][2]["position"], 2);
+    assert_eq!(curves[0][2]["target"], curves[1][2]["target"]);
+    let run = run_cli(&[
+        "lens",
+        "--model",
+        &a,
+        "--prompt",
+        "the cat",
+        "--position",
+        "99",
+    ]);
+    assert_one_line_error(&run, "position");
+}

@@ -367,3 +367,84 @@ fn knowledge_consistency_on_the_demo_model_with_the_shipped_questions() {
     assert!(chat.example_tuned_prompt.contains("<|im_start|>user"));
     assert!(chat.overall.kl > 0.0);
 }
+
+/// METHODS.md §6 on the demo model, on transformers' own greedy responses: the teacher-forced
+/// pass equals AlignTDS's per-token loop, the aligned top-1 is the greedy response token at
+/// every position (so TR's `LA[0]` is the response token), and the model against itself in
+/// the same context never shifts.
+#[test]
+fn token_shift_on_the_demo_model_against_transformers_greedy_responses() {
+    use tunelens::analysis::shift::{
+        response_tops, response_tops_loop, shift_response, ShiftConfig, ShiftSide, K_SAVE,
+    };
+    let m = demo();
+    for case in golden("generate.json")["generate"]
+        .as_array()
+        .expect("cases")
+    {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let (_, context) = render_prompt(m, prompt, true).expect("renders");
+        let new_ids = u32s(&case["new_ids"]);
+        let fast = response_tops(&m.model, &m.tokenizer, &context, &new_ids, K_SAVE).expect("tf");
+        let slow =
+            response_tops_loop(&m.model, &m.tokenizer, &context, &new_ids, K_SAVE).expect("loop");
+        for (t, (f, s)) in fast.iter().zip(&slow).enumerate() {
+            assert_eq!(f[0].id, new_ids[t], "greedy token at {t}");
+            assert_eq!(f[0].id, s[0].id);
+            for (a, b) in f.iter().zip(s) {
+                assert!(
+                    (a.logit - b.logit).abs() < 1e-3,
+                    "position {t}: {} vs {}",
+                    a.logit,
+                    b.logit
+                );
+            }
+        }
+        let side = ShiftSide {
+            model: &m.model,
+            tokenizer: &m.tokenizer,
+            context: &context,
+        };
+        let text = case["new_text"].as_str().expect("text");
+        let r = shift_response(side, side, text, &ShiftConfig::default()).expect("shift");
+        assert!(r.positions.iter().all(|p| p.tr == 0 && p.kl == 0.0));
+    }
+}
+
+/// The logit lens's last layer is the model's own read-out: its top token at every position
+/// is transformers' top-1, and the probabilities at the last position are the softmax of
+/// transformers' logits.
+#[test]
+fn logit_lens_last_layer_matches_transformers() {
+    use tunelens::analysis::lens::logit_lens;
+    let m = demo();
+    for case in golden("forward.json")["forward"].as_array().expect("cases") {
+        let ids = u32s(&case["ids"]);
+        let golden_top = case["top_k"].as_array().expect("top_k");
+        for (pos, theirs) in golden_top.iter().enumerate() {
+            let curve = logit_lens(&m.model, &m.tokenizer, &ids, pos, None).expect("lens");
+            let last = curve.points.last().expect("layers");
+            assert_eq!(
+                u64::from(curve.target_id),
+                theirs[0][0].as_u64().expect("id")
+            );
+            assert_eq!(last.rank, 1);
+            assert_eq!(curve.points.len(), m.model.layers.len());
+        }
+        let logits: Vec<f64> = case["logits_last"]
+            .as_array()
+            .expect("logits")
+            .iter()
+            .map(|v| v.as_f64().expect("f"))
+            .collect();
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = logits.iter().map(|v| (v - max).exp()).sum();
+        let top = golden_top.last().expect("positions")[0][0]
+            .as_u64()
+            .expect("id") as usize;
+        let p = (logits[top] - max).exp() / sum;
+        let curve = logit_lens(&m.model, &m.tokenizer, &ids, ids.len() - 1, None).expect("lens");
+        let ours = f64::from(curve.points.last().expect("layers").prob);
+        assert!((ours - p).abs() < 2e-3, "{ours} vs {p}");
+    }
+}
