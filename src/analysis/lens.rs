@@ -19,7 +19,7 @@ pub struct LensPoint {
     pub rank: usize,
     /// Probability of the target token (softmax over the vocabulary).
     pub prob: f32,
-    /// The top token of this layer's read-out.
+    /// The top token of this layer's read-out (decoded text).
     pub top_token: String,
     /// Its probability.
     pub top_prob: f32,
@@ -30,12 +30,15 @@ pub struct LensPoint {
 pub struct LensCurve {
     /// The position read (0-based, in this model's ids).
     pub position: usize,
-    /// The token at that position (the last one the model has seen).
+    /// The token at that position (the last one the model has seen), decoded.
     pub token_at: String,
     /// The target token's id in this model's vocabulary.
     pub target_id: u32,
-    /// The target token.
+    /// The target token (vocabulary string).
     pub target: String,
+    /// The target token decoded (what a reader sees).
+    #[serde(default)]
+    pub target_text: String,
     /// One point per layer.
     pub points: Vec<LensPoint>,
 }
@@ -124,16 +127,21 @@ pub fn logit_lens(
                 layer,
                 rank,
                 prob,
-                top_token: tokenizer.tokens(&[top as u32]).concat(),
+                top_token: tokenizer
+                    .decode(&[top as u32], false)
+                    .unwrap_or_else(|_| tokenizer.tokens(&[top as u32]).concat()),
                 top_prob,
             }
         })
         .collect();
     Ok(LensCurve {
         position,
-        token_at: tokenizer.tokens(&ids[position..=position]).concat(),
+        token_at: tokenizer.decode(&ids[position..=position], false)?,
         target_id: target as u32,
         target: tokenizer.tokens(&[target as u32]).concat(),
+        target_text: tokenizer
+            .decode(&[target as u32], false)
+            .unwrap_or_default(),
         points,
     })
 }
@@ -170,6 +178,15 @@ pub struct LensOutput {
     pub target: String,
     /// One curve per model: its slot, its name, the curve.
     pub curves: Vec<(Slot, String, LensCurve)>,
+}
+
+impl LensOutput {
+    /// The tracked token as a reader sees it (decoded by the last model's tokenizer).
+    pub fn target_text(&self) -> &str {
+        self.curves
+            .last()
+            .map_or(self.target.as_str(), |(_, _, c)| c.target_text.as_str())
+    }
 }
 
 #[cfg(test)]

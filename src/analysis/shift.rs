@@ -41,6 +41,9 @@ pub struct TopEntry {
     pub id: u32,
     /// Vocabulary string (what the two models' lists are matched by).
     pub token: String,
+    /// The token decoded on its own (what a reader sees: `" other"` for `"Ġother"`).
+    #[serde(default)]
+    pub text: String,
     /// The logit.
     pub logit: f32,
     /// Probability under the full-vocabulary softmax.
@@ -228,6 +231,9 @@ pub fn top_entries(row: &[f32], k: usize, tokenizer: &Tokenizer) -> Vec<TopEntry
             let logit = row[id as usize];
             TopEntry {
                 id,
+                text: tokenizer
+                    .decode(&[id], false)
+                    .unwrap_or_else(|_| token.clone()),
                 token,
                 logit,
                 prob: (f64::from(logit - max).exp() / sum) as f32,
@@ -871,6 +877,7 @@ mod tests {
             .map(|(i, &(token, logit))| TopEntry {
                 id: i as u32,
                 token: token.to_owned(),
+                text: token.to_owned(),
                 logit,
                 prob: 0.0,
             })

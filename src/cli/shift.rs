@@ -285,7 +285,7 @@ pub fn lens_report(lens: &LensOutput) -> String {
     let _ = writeln!(
         s,
         "# logit lens: rank and probability of {:?} by layer",
-        lens.target
+        lens.target_text()
     );
     for (slot, model, curve) in &lens.curves {
         let _ = writeln!(

@@ -160,7 +160,7 @@ pub fn shift_html(runs: &[ShiftRun]) -> String {
                 let list = |l: Option<&Vec<crate::analysis::shift::TopEntry>>| -> String {
                     l.map(|l| {
                         l.iter()
-                            .map(|e| format!("{} {:.3}", e.token, e.prob))
+                            .map(|e| format!("{:?} {:.3}", e.text, e.prob))
                             .collect::<Vec<_>>()
                             .join(", ")
                     })
@@ -229,7 +229,7 @@ pub fn write_shift(dir: &Path, stem: &str, runs: &[ShiftRun]) -> crate::Result<V
                 let values: Vec<String> = m.values().iter().map(ToString::to_string).collect();
                 let top = |l: Option<&Vec<crate::analysis::shift::TopEntry>>| {
                     l.and_then(|l| l.first())
-                        .map_or(String::new(), |e| csv_field(&e.token))
+                        .map_or(String::new(), |e| csv_field(&e.text))
                 };
                 let _ = writeln!(
                     positions,
@@ -312,13 +312,13 @@ pub fn lens_figure(lens: &LensOutput) -> Figure {
     let log_rank = |p: &crate::analysis::lens::LensPoint| (p.rank as f32).log10();
     Figure::Row(vec![
         Figure::Line(LinePlot {
-            title: format!("Rank of {:?} by layer", lens.target),
+            title: format!("Rank of {:?} by layer", lens.target_text()),
             x_label: "layer".to_owned(),
             y_label: "log10 rank (0 = top)".to_owned(),
             series: series(&log_rank),
         }),
         Figure::Line(LinePlot {
-            title: format!("Probability of {:?} by layer", lens.target),
+            title: format!("Probability of {:?} by layer", lens.target_text()),
             x_label: "layer".to_owned(),
             y_label: "probability".to_owned(),
             series: series(&|p| p.prob),
@@ -345,7 +345,7 @@ pub fn write_lens(dir: &Path, stem: &str, lens: &LensOutput) -> crate::Result<Ve
                 "{slot:?},{},{},{},{},{},{},{},{}",
                 csv_field(model),
                 curve.position,
-                csv_field(&curve.target),
+                csv_field(&curve.target_text),
                 p.layer,
                 p.rank,
                 p.prob,

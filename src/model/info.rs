@@ -72,12 +72,20 @@ pub struct AdapterInfo {
 
 impl ModelInfo {
     /// A short name for titles and file names: the last path component of the source (its
-    /// file stem for files), `+ adapter` when an adapter is attached.
+    /// file stem for files), `+ adapter` when an adapter is attached. An adapter folder with a
+    /// generic name (a training run's `adapter`, `combined-adapter` or `checkpoint-N`) keeps
+    /// its run folder's name in front (`run-a/adapter`), so two runs' adapters tell apart.
     pub fn display_name(&self) -> String {
         let name = |spec: &str| -> String {
             let trimmed = spec.trim_end_matches(['/', '\\']);
-            let last = trimmed.rsplit(['/', '\\']).next().unwrap_or(trimmed);
-            last.strip_suffix(".gguf").unwrap_or(last).to_owned()
+            let mut parts = trimmed.rsplit(['/', '\\']);
+            let last = parts.next().unwrap_or(trimmed);
+            let generic =
+                last == "adapter" || last == "combined-adapter" || last.starts_with("checkpoint-");
+            match parts.next() {
+                Some(parent) if generic && !parent.is_empty() => format!("{parent}/{last}"),
+                _ => last.strip_suffix(".gguf").unwrap_or(last).to_owned(),
+            }
         };
         match self.source.split_once('+') {
             Some((base, adapter)) => format!("{}+{}", name(base), name(adapter)),
@@ -138,5 +146,7 @@ mod tests {
         assert_eq!(info.display_name(), "SmolLM2-135M-Instruct.Q4_1");
         info.source = "/ckpt/llama-7b/+/ckpt/vicuna-lora".to_owned();
         assert_eq!(info.display_name(), "llama-7b+vicuna-lora");
+        info.source = "models/base.gguf+/tmp/run-a/adapter".to_owned();
+        assert_eq!(info.display_name(), "base+run-a/adapter");
     }
 }

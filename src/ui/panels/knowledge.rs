@@ -403,6 +403,20 @@ fn results_ui(ui: &mut egui::Ui, runs: &[KnowledgeRun]) {
 fn rho_histogram_ui(ui: &mut egui::Ui, runs: &[KnowledgeRun], width: f32) {
     const BINS: usize = 20;
     let w = 2.0 / BINS as f64;
+    let counts_of = |run: &KnowledgeRun| {
+        let mut counts = [0usize; BINS];
+        for q in run.questions.iter().filter(|q| q.rho.is_finite()) {
+            let b = ((q.rho + 1.0) / w) as usize;
+            counts[b.min(BINS - 1)] += 1;
+        }
+        counts
+    };
+    // Headroom above the tallest bar, so it does not touch the frame under the legend.
+    let tallest = runs
+        .iter()
+        .flat_map(|r| counts_of(r).into_iter())
+        .max()
+        .unwrap_or(1);
     Plot::new("knowledge_rho")
         .width(width)
         .height(200.0)
@@ -410,16 +424,13 @@ fn rho_histogram_ui(ui: &mut egui::Ui, runs: &[KnowledgeRun], width: f32) {
         .include_x(-1.0)
         .include_x(1.0)
         .include_y(0.0)
+        .include_y(tallest as f64 * 1.25)
         .x_axis_label("rho")
         .y_axis_label("questions")
         .legend(Legend::default())
         .show(ui, |plot| {
             for (i, run) in runs.iter().enumerate() {
-                let mut counts = [0usize; BINS];
-                for q in run.questions.iter().filter(|q| q.rho.is_finite()) {
-                    let b = ((q.rho + 1.0) / w) as usize;
-                    counts[b.min(BINS - 1)] += 1;
-                }
+                let counts = counts_of(run);
                 let bars: Vec<Bar> = counts
                     .iter()
                     .enumerate()

@@ -185,11 +185,11 @@ impl AnalysisView for ShiftView {
                         )
                         .color(theme::MUTED),
                     );
+                    ui.add_space(theme::SECTION_GAP);
+                    self.lens_ui(ui, cx);
                 } else {
                     self.results_ui(ui, cx);
                 }
-                ui.add_space(theme::SECTION_GAP);
-                self.lens_ui(ui, cx);
             });
     }
 
@@ -205,7 +205,7 @@ impl AnalysisView for ShiftView {
         Some(export::comparison_stem(
             "lens",
             lens.curves.iter().map(|(_, model, _)| model.as_str()),
-            &lens.target,
+            lens.target_text(),
         ))
     }
 
@@ -348,7 +348,7 @@ fn top_table(ui: &mut egui::Ui, id: &str, title: &str, list: Option<&Vec<TopEntr
         egui::Grid::new(id).striped(true).show(ui, |ui| {
             for (i, e) in list.into_iter().flatten().take(10).enumerate() {
                 ui.label(format!("{}", i + 1));
-                ui.monospace(format!("{:?}", e.token));
+                ui.monospace(format!("{:?}", e.text));
                 ui.label(format!("{:.3}", e.prob));
                 ui.end_row();
             }
@@ -494,6 +494,9 @@ impl ShiftView {
         });
         ui.add_space(theme::SECTION_GAP);
         self.response_ui(ui, cx);
+        // The lens next to the token it was taken at.
+        ui.add_space(theme::SECTION_GAP);
+        self.lens_ui(ui, cx);
         ui.add_space(theme::SECTION_GAP);
         let Some(run) = self.runs.get(self.run) else {
             return;
@@ -667,8 +670,7 @@ impl ShiftView {
     fn lens_ui(&mut self, ui: &mut egui::Ui, cx: &mut ViewCx<'_>) {
         ui.label(RichText::new("Logit lens").strong());
         ui.horizontal_wrapped(|ui| {
-            ui.label("Of the Prompt view's prompt at token");
-            let label = ui.label("position");
+            let label = ui.label("Prompt view's prompt, token position");
             ui.add(egui::DragValue::new(&mut cx.state.shift.lens_position).range(0..=100_000))
                 .labelled_by(label.id)
                 .on_hover_text("0-based token position in the rendered prompt (the Prompt view's chat setting applies)");
@@ -703,7 +705,7 @@ impl ShiftView {
         let Some((what, lens)) = &self.lens else {
             return;
         };
-        ui.label(format!("{:?} at {what}", lens.target));
+        ui.label(format!("{:?} at {what}", lens.target_text()));
         let series = |prob: bool| -> Vec<Series> {
             lens.curves
                 .iter()
@@ -753,7 +755,7 @@ fn top3(list: Option<&Vec<TopEntry>>) -> String {
     list.map(|l| {
         l.iter()
             .take(3)
-            .map(|e| format!("{:?} {:.2}", e.token, e.prob))
+            .map(|e| format!("{:?} {:.2}", e.text, e.prob))
             .collect::<Vec<_>>()
             .join(", ")
     })
