@@ -413,6 +413,47 @@ mod tests {
     }
 
     #[test]
+    fn a_stopped_run_keeps_the_responses_so_far() -> Result<()> {
+        use crate::model::tiny::{tiny_model, tiny_options};
+        let a = tiny_model(7, &tiny_options(candle_core::DType::F32))?;
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("r.json");
+        std::fs::write(
+            &data,
+            r#"[{"pure_input": "the cat", "input": "the cat", "output": ["sat on the mat"]},
+                {"pure_input": "the dog", "input": "the dog", "output": ["ran to the sea"]},
+                {"pure_input": "the sea", "input": "the sea", "output": ["is warm"]}]"#,
+        )?;
+        let settings = ShiftSettings {
+            data: ShiftData::AlignTds(data),
+            base_template: BaseTemplate::Raw,
+            ..ShiftSettings::default()
+        };
+        let mut calls = 0;
+        let run = run_shift(&a, &a, &settings, &mut |_, _| {
+            calls += 1;
+            if calls > 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+        assert!(run.cancelled);
+        assert_eq!(run.items.len(), 2);
+        assert_eq!(
+            run.summary.positions,
+            run.items.iter().map(|i| i.shift.positions.len()).sum::<usize>()
+        );
+        let full = run_shift(&a, &a, &settings, &mut |_, _| ControlFlow::Continue(()))?;
+        assert!(!full.cancelled);
+        assert_eq!(full.items.len(), 3);
+        // The records' inputs are the raw prompts, as the raw base template: both sides see
+        // the same context.
+        assert_eq!(full.summary.counts[0], full.summary.positions);
+        Ok(())
+    }
+
+    #[test]
     fn base_templates() -> Result<()> {
         assert!(template_text(&BaseTemplate::Urial)?.contains("# Query:"));
         assert_eq!(BaseTemplate::parse("raw"), BaseTemplate::Raw);
