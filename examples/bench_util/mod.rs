@@ -124,3 +124,22 @@ pub fn timed(
     }
     Ok(clean)
 }
+
+/// Wall-clock seconds of `reps` runs of `f`, each kept whatever else ran, with the cores other
+/// processes kept busy during it: for runs too long to redo (minutes) where [`timed`]'s filter
+/// would repeat them; the caller reports the contention beside the times.
+pub fn timed_once_each(
+    reps: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut secs, mut other_cores) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+    for _ in 0..reps {
+        let before = cpu_ticks();
+        let started = Instant::now();
+        f()?;
+        let s = started.elapsed().as_secs_f64();
+        other_cores.push(other_busy_s(before, cpu_ticks()) / s.max(1e-9));
+        secs.push(s);
+    }
+    Ok((secs, other_cores))
+}
