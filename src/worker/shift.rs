@@ -442,7 +442,10 @@ mod tests {
         assert_eq!(run.items.len(), 2);
         assert_eq!(
             run.summary.positions,
-            run.items.iter().map(|i| i.shift.positions.len()).sum::<usize>()
+            run.items
+                .iter()
+                .map(|i| i.shift.positions.len())
+                .sum::<usize>()
         );
         let full = run_shift(&a, &a, &settings, &mut |_, _| ControlFlow::Continue(()))?;
         assert!(!full.cancelled);
