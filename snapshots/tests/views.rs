@@ -213,6 +213,8 @@ fn every_view_after_a_run() {
     run_view(&mut harness, "iv", "Find heads");
     snapshot(&mut harness, "iv");
 
+    shift_and_knowledge(&mut harness, data_dir.as_path());
+
     let train = data_dir.as_path().join("train.jsonl");
     let mut lines = String::new();
     for (q, r) in [
@@ -232,4 +234,36 @@ fn every_view_after_a_run() {
             && app.pending.is_empty()
     });
     snapshot(&mut harness, "finetune");
+}
+
+/// The Token shift view on two fixed responses (raw base template) and the Knowledge view on
+/// three questions.
+fn shift_and_knowledge(harness: &mut Harness<'_, TunelensApp>, data_dir: &std::path::Path) {
+    let responses = data_dir.join("responses.json");
+    std::fs::write(
+        &responses,
+        r#"[{"id": "r1", "pure_input": "the cat sat on", "output": ["the mat and the dog ran to the sea"]},
+            {"id": "r2", "pure_input": "the sea is", "output": ["warm and the sky is blue"]}]"#,
+    )
+    .expect("responses");
+    harness.state_mut().state.shift.data_file = Some(responses);
+    harness.state_mut().state.shift.template = tunelens::ui::panels::shift::TemplateChoice::Raw;
+    run_view(harness, "shift", "Measure shift");
+    snapshot(harness, "shift");
+
+    let questions = data_dir.join("animals_test.csv");
+    std::fs::write(
+        &questions,
+        "the cat sat on the,mat,sea,tree,A\nthe dog is,big,small,warm,B\nthe sea is,blue,red,cold,A\n",
+    )
+    .expect("questions");
+    {
+        let k = &mut harness.state_mut().state.knowledge;
+        k.shipped.clear();
+        k.files = vec![questions];
+        k.shots = 1;
+        "red,blue,green".clone_into(&mut k.labels);
+    }
+    run_view(harness, "knowledge", "Compare knowledge");
+    snapshot(harness, "knowledge");
 }
