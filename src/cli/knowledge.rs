@@ -5,15 +5,13 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::Args;
 
 use crate::analysis::knowledge::{partial_correlation, KnowledgeConfig, KnowledgeRun};
-use crate::cli::{Cli, ModelArg};
+use crate::cli::{pct, Cli, ModelArg};
 use crate::error::Error;
-use crate::model::ModelSpec;
 use crate::worker::knowledge::{KnowledgeSettings, QuestionSource, TunedTemplate};
-use crate::worker::{run_job, Event, Job, JobOutput, Slot, WorkerCtx};
+use crate::worker::{Job, JobOutput};
 
 /// `tunelens knowledge`.
 #[derive(Debug, Args)]
@@ -95,47 +93,21 @@ pub fn settings(args: &KnowledgeArgs) -> anyhow::Result<KnowledgeSettings> {
     })
 }
 
-fn load(cli: &Cli, ctx: &mut WorkerCtx, slot: Slot, spec: &str) -> anyhow::Result<()> {
-    let spec = ModelSpec::parse(spec);
-    run_job(
-        ctx,
-        0,
-        Job::LoadModel {
-            slot,
-            spec: spec.clone(),
-            device: cli.device,
-            dtype: cli.dtype,
-        },
-        &mut |_| {},
-    )
-    .with_context(|| format!("cannot load model {spec}"))?;
-    Ok(())
-}
-
 /// Runs `tunelens knowledge`.
 pub(super) fn run(cli: &Cli, args: &KnowledgeArgs) -> anyhow::Result<()> {
     let settings = settings(args)?;
     // Bad question files fail before any model is loaded.
     crate::worker::knowledge::load_questions(&settings)?;
-    let mut ctx = WorkerCtx::default();
-    load(cli, &mut ctx, Slot::A, &args.model.model)?;
-    let mut runs: Vec<KnowledgeRun> = Vec::with_capacity(args.models_b.len());
-    for (i, tuned) in args.models_b.iter().enumerate() {
-        load(cli, &mut ctx, Slot::B, tuned)?;
-        let job = Job::Knowledge {
-            settings: settings.clone(),
-        };
-        let output = run_job(&mut ctx, i as u64 + 1, job, &mut |event| {
-            if let Event::Progress { frac, message, .. } = event {
-                let _ = super::weights::progress_line(frac, &message);
-            }
-        })?;
-        eprintln!();
-        let JobOutput::Knowledge(run) = output else {
-            anyhow::bail!("the knowledge job returned another result");
-        };
-        runs.push(*run);
-    }
+    let job = || Job::Knowledge {
+        settings: settings.clone(),
+    };
+    let runs = super::run_per_tuned(cli, &args.model.model, &args.models_b, job)?
+        .into_iter()
+        .map(|output| match output {
+            JobOutput::Knowledge(run) => Ok(*run),
+            _ => Err(anyhow::anyhow!("the knowledge job returned another result")),
+        })
+        .collect::<anyhow::Result<Vec<KnowledgeRun>>>()?;
     super::print_report(cli, &runs, |runs| text_report(runs))?;
     if let Some(dir) = &args.out {
         let stem = args.stem.as_deref().unwrap_or("knowledge");
@@ -144,14 +116,6 @@ pub(super) fn run(cli: &Cli, args: &KnowledgeArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn pct(x: f64) -> String {
-    if x.is_nan() {
-        "n/a".to_owned()
-    } else {
-        format!("{:.1}%", 100.0 * x)
-    }
 }
 
 /// The readable report: per tuned model the means and accuracies overall and per subject; the

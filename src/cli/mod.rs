@@ -247,6 +247,52 @@ pub(crate) fn load_models(
     Ok(specs.into_iter().map(|(slot, _)| slot).collect())
 }
 
+/// Loads `base` into slot A, then each of `tuned` into slot B in turn, and runs `job()` on
+/// each pair with a progress bar on stderr (§10b: several fine-tunes of one base); returns the
+/// outputs in `tuned`'s order.
+pub(crate) fn run_per_tuned(
+    cli: &Cli,
+    base: &str,
+    tuned: &[String],
+    job: impl Fn() -> Job,
+) -> anyhow::Result<Vec<JobOutput>> {
+    let mut ctx = WorkerCtx::default();
+    load_models(cli, &mut ctx, base, None)?;
+    let mut outputs = Vec::with_capacity(tuned.len());
+    for (i, spec) in tuned.iter().enumerate() {
+        let spec_b = ModelSpec::parse(spec);
+        run_job(
+            &mut ctx,
+            0,
+            Job::LoadModel {
+                slot: Slot::B,
+                spec: spec_b.clone(),
+                device: cli.device,
+                dtype: cli.dtype,
+            },
+            &mut |_| {},
+        )
+        .with_context(|| format!("cannot load model {spec_b}"))?;
+        let output = run_job(&mut ctx, i as u64 + 1, job(), &mut |event| {
+            if let crate::worker::Event::Progress { frac, message, .. } = event {
+                let _ = weights::progress_line(frac, &format!("{spec}: {message}"));
+            }
+        })?;
+        eprintln!();
+        outputs.push(output);
+    }
+    Ok(outputs)
+}
+
+/// A fraction as a percentage with one decimal, "n/a" for NaN (an empty group).
+pub(crate) fn pct(x: f64) -> String {
+    if x.is_nan() {
+        "n/a".to_owned()
+    } else {
+        format!("{:.1}%", 100.0 * x)
+    }
+}
+
 /// Loads `--model` (and `--model-b`), runs the job `job(slots)` builds with a progress bar on
 /// stderr, and returns its output.
 pub(crate) fn run_with_progress(

@@ -9,9 +9,8 @@ use clap::Args;
 
 use crate::analysis::lens::{LensOutput, LensRequest};
 use crate::analysis::shift::{Category, ShiftConfig, ShiftRun, METRICS, RELATIVE_BINS};
-use crate::cli::{Cli, ModelArg};
-use crate::model::ModelSpec;
-use crate::worker::job::{Event, Job, JobOutput, Slot};
+use crate::cli::{pct, Cli, ModelArg};
+use crate::worker::job::{Job, JobOutput};
 use crate::worker::runner::{run_job, WorkerCtx};
 use crate::worker::shift::{load_records, template_text, BaseTemplate, ShiftData, ShiftSettings};
 
@@ -81,23 +80,6 @@ pub struct LensArgs {
     stem: String,
 }
 
-fn load(cli: &Cli, ctx: &mut WorkerCtx, slot: Slot, spec: &str) -> anyhow::Result<()> {
-    let spec = ModelSpec::parse(spec);
-    run_job(
-        ctx,
-        0,
-        Job::LoadModel {
-            slot,
-            spec: spec.clone(),
-            device: cli.device,
-            dtype: cli.dtype,
-        },
-        &mut |_| {},
-    )
-    .map_err(|err| anyhow::anyhow!("cannot load model {spec}: {err}"))?;
-    Ok(())
-}
-
 fn settings(args: &ShiftArgs) -> anyhow::Result<ShiftSettings> {
     let data = match (&args.prompts, &args.data) {
         (_, Some(path)) => ShiftData::AlignTds(path.clone()),
@@ -130,25 +112,16 @@ pub(super) fn run(cli: &Cli, args: &ShiftArgs) -> anyhow::Result<()> {
     // Bad data or a bad template fails before any model is loaded.
     load_records(&settings.data)?;
     template_text(&settings.base_template)?;
-    let mut ctx = WorkerCtx::default();
-    load(cli, &mut ctx, Slot::A, &args.model.model)?;
-    let mut runs: Vec<ShiftRun> = Vec::with_capacity(args.models_b.len());
-    for (i, tuned) in args.models_b.iter().enumerate() {
-        load(cli, &mut ctx, Slot::B, tuned)?;
-        let job = Job::Shift {
-            settings: Box::new(settings.clone()),
-        };
-        let output = run_job(&mut ctx, i as u64 + 1, job, &mut |event| {
-            if let Event::Progress { frac, message, .. } = event {
-                let _ = super::weights::progress_line(frac, &format!("{tuned}: {message}"));
-            }
-        })?;
-        eprintln!();
-        let JobOutput::Shift(run) = output else {
-            anyhow::bail!("the shift job returned another result");
-        };
-        runs.push(*run);
-    }
+    let job = || Job::Shift {
+        settings: Box::new(settings.clone()),
+    };
+    let runs = super::run_per_tuned(cli, &args.model.model, &args.models_b, job)?
+        .into_iter()
+        .map(|output| match output {
+            JobOutput::Shift(run) => Ok(*run),
+            _ => Err(anyhow::anyhow!("the shift job returned another result")),
+        })
+        .collect::<anyhow::Result<Vec<ShiftRun>>>()?;
     super::print_report(cli, &runs, |runs| text_report(runs))?;
     if let Some(dir) = &args.out {
         let stem = args.stem.as_deref().unwrap_or("shift");
@@ -162,12 +135,7 @@ pub(super) fn run(cli: &Cli, args: &ShiftArgs) -> anyhow::Result<()> {
 /// Runs `tunelens lens`.
 pub(super) fn run_lens(cli: &Cli, args: &LensArgs) -> anyhow::Result<()> {
     let mut ctx = WorkerCtx::default();
-    load(cli, &mut ctx, Slot::A, &args.model.model)?;
-    let mut slots = vec![Slot::A];
-    if let Some(b) = &args.model_b {
-        load(cli, &mut ctx, Slot::B, b)?;
-        slots.push(Slot::B);
-    }
+    let slots = super::load_models(cli, &mut ctx, &args.model.model, args.model_b.as_deref())?;
     let job = Job::Lens {
         slots,
         request: Box::new(LensRequest::Prompt {
@@ -186,14 +154,6 @@ pub(super) fn run_lens(cli: &Cli, args: &LensArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn pct(x: f64) -> String {
-    if x.is_nan() {
-        "n/a".to_owned()
-    } else {
-        format!("{:.1}%", 100.0 * x)
-    }
 }
 
 /// The readable report: per tuned model the ratios, where shifts sit, the metric means at the
