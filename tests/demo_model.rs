@@ -342,7 +342,11 @@ fn knowledge_consistency_on_the_demo_model_with_the_shipped_questions() {
             ..KnowledgeConfig::default()
         },
     };
-    let go = |t| run_knowledge(m, m, &settings(t), &mut |_, _| ControlFlow::Continue(()));
+    let go = |t| {
+        run_knowledge(m, m, &settings(t), &mut None, &mut |_, _| {
+            ControlFlow::Continue(())
+        })
+    };
     // The model against itself under the same prompt: rho = 1, KL = 0.
     let same = go(TunedTemplate::Base).expect("runs");
     assert_eq!(same.overall.questions, 10);

@@ -856,6 +856,22 @@ pub fn knowledge_consistency(
     cfg: &KnowledgeConfig,
     progress: &mut dyn FnMut(f32, String) -> ControlFlow<()>,
 ) -> Result<KnowledgeRun> {
+    knowledge_consistency_with(base, tuned, questions, dev, cfg, None, progress)
+}
+
+/// [`knowledge_consistency`] reusing the base model's answer probabilities of an earlier run
+/// (`base_probs`, one vector per question, as [`QuestionResult::base`] holds them) when they
+/// fit the questions: the base's answers do not depend on the tuned model, so a run of several
+/// fine-tunes against one base asks the base once.
+pub fn knowledge_consistency_with(
+    base: &LoadedModel,
+    tuned: &LoadedModel,
+    questions: &[Question],
+    dev: &[Question],
+    cfg: &KnowledgeConfig,
+    base_probs: Option<Vec<Vec<f64>>>,
+    progress: &mut dyn FnMut(f32, String) -> ControlFlow<()>,
+) -> Result<KnowledgeRun> {
     if questions.is_empty() {
         return Err(Error::invalid("questions", "no questions to ask"));
     }
@@ -890,10 +906,17 @@ pub fn knowledge_consistency(
     let n_choices: Vec<usize> = questions.iter().map(|q| q.choices.len()).collect();
     let n = questions.len();
     let mut probs = Vec::with_capacity(2);
+    let cached =
+        base_probs.filter(|p| p.len() == n && p.iter().zip(&n_choices).all(|(v, &c)| v.len() == c));
+    let reuse = cached.is_some();
+    probs.extend(cached);
     for (k, (loaded, texts, name)) in [(base, &base_text, "base"), (tuned, &tuned_text, "tuned")]
         .into_iter()
         .enumerate()
     {
+        if k == 0 && reuse {
+            continue;
+        }
         let ids = label_ids(&loaded.tokenizer, labels)?;
         let prompts: Vec<Vec<u32>> = texts
             .iter()

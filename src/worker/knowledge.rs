@@ -255,15 +255,114 @@ pub fn run_knowledge(
     base: &LoadedModel,
     tuned: &LoadedModel,
     settings: &KnowledgeSettings,
+    memo: &mut Option<BaseAnswers>,
     progress: &mut dyn FnMut(f32, String) -> ControlFlow<()>,
 ) -> Result<KnowledgeRun> {
     let (questions, dev) = load_questions(settings)?;
-    knowledge::knowledge_consistency(base, tuned, &questions, &dev, &settings.config, progress)
+    // The base's answers depend on its weights (adapter included), the questions and the
+    // settings of its prompt, never on the tuned model or the tuned model's prompt.
+    let mut base_side = settings.clone();
+    base_side.config.tuned_template = TunedTemplate::default();
+    base_side.config.hint = false;
+    let key = format!(
+        "{}|{}",
+        crate::worker::iv::fingerprint(base)?,
+        serde_json::to_string(&base_side)?
+    );
+    let cached = memo.take().filter(|m| m.key == key).map(|m| m.probs);
+    let run = knowledge::knowledge_consistency_with(
+        base,
+        tuned,
+        &questions,
+        &dev,
+        &settings.config,
+        cached,
+        progress,
+    )?;
+    *memo = Some(BaseAnswers {
+        key,
+        probs: run.questions.iter().map(|q| q.base.clone()).collect(),
+    });
+    Ok(run)
+}
+
+/// The base model's answer probabilities of a knowledge run, with what they depend on.
+#[derive(Clone, Debug, Default)]
+pub struct BaseAnswers {
+    /// The base weights' fingerprint and the settings.
+    key: String,
+    /// One vector per question.
+    probs: Vec<Vec<f64>>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_base_is_asked_once_for_several_fine_tunes() -> Result<()> {
+        use crate::model::tiny::{tiny_model, tiny_options};
+        let opts = tiny_options(candle_core::DType::F32);
+        let (base, one, two) = (
+            tiny_model(3, &opts)?,
+            tiny_model(4, &opts)?,
+            tiny_model(5, &opts)?,
+        );
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("animals_test.csv");
+        std::fs::write(
+            &file,
+            "the cat sat on the,mat,sea,tree,A\nthe dog is,big,small,warm,B\n",
+        )?;
+        let mut settings = KnowledgeSettings {
+            questions: vec![QuestionSource::Path(file)],
+            ..KnowledgeSettings::default()
+        };
+        settings.config.shots = 1;
+        settings.config.tuned_template = TunedTemplate::Base;
+        settings.config.labels = vec!["red".into(), "blue".into(), "green".into()];
+        let mut memo = None;
+        let mut asked_base = false;
+        let first = run_knowledge(&base, &one, &settings, &mut memo, &mut |_, m| {
+            asked_base |= m.starts_with("base");
+            ControlFlow::Continue(())
+        })?;
+        assert!(asked_base);
+        asked_base = false;
+        let second = run_knowledge(&base, &two, &settings, &mut memo, &mut |_, m| {
+            asked_base |= m.starts_with("base");
+            ControlFlow::Continue(())
+        })?;
+        assert!(!asked_base, "the base's answers are reused");
+        let fresh = run_knowledge(&base, &two, &settings, &mut None, &mut |_, _| {
+            ControlFlow::Continue(())
+        })?;
+        assert_eq!(second, fresh);
+        assert_ne!(first.overall, second.overall);
+        // The tuned model's prompt does not matter to the base; other settings, or another
+        // base, ask the base again.
+        settings.config.tuned_template = TunedTemplate::Chat;
+        asked_base = false;
+        run_knowledge(&base, &two, &settings, &mut memo, &mut |_, m| {
+            asked_base |= m.starts_with("base");
+            ControlFlow::Continue(())
+        })?;
+        assert!(!asked_base);
+        settings.config.seed += 1;
+        asked_base = false;
+        run_knowledge(&base, &two, &settings, &mut memo, &mut |_, m| {
+            asked_base |= m.starts_with("base");
+            ControlFlow::Continue(())
+        })?;
+        assert!(asked_base);
+        asked_base = false;
+        run_knowledge(&one, &two, &settings, &mut memo, &mut |_, m| {
+            asked_base |= m.starts_with("base");
+            ControlFlow::Continue(())
+        })?;
+        assert!(asked_base);
+        Ok(())
+    }
 
     #[test]
     fn the_shipped_set_reads_with_its_dev_files() {

@@ -31,6 +31,9 @@ pub struct WorkerCtx {
     pub b: Option<LoadedModel>,
     /// Set by the front end to cancel the running job.
     pub cancel: Arc<AtomicBool>,
+    /// The base model's answers of the last knowledge-consistency run, reused by the next run
+    /// with the same base weights and settings (several fine-tunes against one base, §10b).
+    pub knowledge_base: Option<crate::worker::knowledge::BaseAnswers>,
 }
 
 impl WorkerCtx {
@@ -271,14 +274,17 @@ pub fn run_job(
         }
         Job::Knowledge { settings } => {
             let cancel = ctx.cancel.clone();
+            let mut memo = ctx.knowledge_base.take();
             let (base, tuned) = (ctx.model(Slot::A)?, ctx.model(Slot::B)?);
             let run = crate::worker::knowledge::run_knowledge(
                 base,
                 tuned,
                 &settings,
+                &mut memo,
                 &mut |frac, message| progress_or_cancel(emit, job_id, &cancel, frac, message),
-            )?;
-            Ok(JobOutput::Knowledge(Box::new(run)))
+            );
+            ctx.knowledge_base = memo;
+            Ok(JobOutput::Knowledge(Box::new(run?)))
         }
         Job::Shift { settings } => {
             let cancel = ctx.cancel.clone();
