@@ -17,7 +17,7 @@ use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
 use crate::ui::state::AppState;
 use crate::ui::theme;
 use crate::ui::widgets::plot::{line_plot_ui, Dash, Series};
-use crate::ui::widgets::{run_row, RunRow};
+use crate::ui::widgets::{run_row, sets_and_files_ui, RunRow};
 use crate::worker::iv::SHIPPED_TASKS;
 use crate::worker::{Job, JobOutput};
 
@@ -224,43 +224,20 @@ fn settings_ui(ui: &mut egui::Ui, cx: &mut ViewCx<'_>, has_results: bool) {
     );
     let any_loaded = cx.any_loaded();
     let s = &mut cx.state.iv;
-    ui.horizontal_wrapped(|ui| {
-        ui.label("Tasks");
-        for (name, _) in SHIPPED_TASKS {
-            let mut on = s.shipped.iter().any(|x| x == name);
-            if ui.checkbox(&mut on, name).changed() {
-                if on {
-                    s.shipped.push(name.to_owned());
-                } else {
-                    s.shipped.retain(|x| x != name);
-                }
-            }
-        }
-        for path in &s.task_files {
-            ui.label(
-                egui::RichText::new(
-                    path.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned(),
-                )
-                .strong(),
-            )
-            .on_hover_text(path.display().to_string());
-        }
-        if ui
-            .button("Open task…")
-            .on_hover_text(
-                "A JSON list of {\"input\", \"output\"} pairs (the function-vectors format)",
-            )
-            .clicked()
-        {
-            cx.actions.push(Action::PickFile(DialogKind::TaskFile));
-        }
-        if !s.task_files.is_empty() && ui.button("Clear files").clicked() {
-            cx.actions.push(Action::SetFile(DialogKind::TaskFile, None));
-        }
-    });
+    let names: Vec<&str> = SHIPPED_TASKS.iter().map(|(n, _)| *n).collect();
+    sets_and_files_ui(
+        ui,
+        "Tasks",
+        &names,
+        &mut s.shipped,
+        &s.task_files,
+        (
+            "Open task…",
+            "A JSON list of {\"input\", \"output\"} pairs (the function-vectors format)",
+        ),
+        DialogKind::TaskFile,
+        cx.actions,
+    );
     ui.horizontal_wrapped(|ui| {
         ui.label("Procedure");
         ui.selectable_value(&mut s.variant, Variant::Todd, "Todd et al. (§4.2)")

@@ -18,7 +18,7 @@ use crate::ui::dialogs::DialogKind;
 use crate::ui::registry::{AnalysisView, Exporter, RunCx, ViewCx};
 use crate::ui::state::AppState;
 use crate::ui::theme;
-use crate::ui::widgets::{run_row, RunRow};
+use crate::ui::widgets::{run_row, sets_and_files_ui, RunRow};
 use crate::worker::knowledge::{
     KnowledgeConfig, KnowledgeSettings, QuestionSource, SHIPPED_QUESTIONS,
 };
@@ -237,42 +237,17 @@ fn settings_ui(ui: &mut egui::Ui, cx: &mut ViewCx<'_>, has_results: bool) {
     );
     let both_loaded = cx.slots.iter().all(|s| s.info.is_some());
     let s = &mut cx.state.knowledge;
-    ui.horizontal_wrapped(|ui| {
-        ui.label("Questions");
-        for (name, _, _) in SHIPPED_QUESTIONS {
-            let mut on = s.shipped.iter().any(|x| x == name);
-            if ui.checkbox(&mut on, name).changed() {
-                if on {
-                    s.shipped.push(name.to_owned());
-                } else {
-                    s.shipped.retain(|x| x != name);
-                }
-            }
-        }
-        for path in &s.files {
-            ui.label(
-                egui::RichText::new(
-                    path.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned(),
-                )
-                .strong(),
-            )
-            .on_hover_text(path.display().to_string());
-        }
-        if ui
-            .button("Open questions…")
-            .on_hover_text("MMLU's CSV layout (question, choices, answer letter; the subject from the file name) or JSONL of {\"question\", \"choices\", \"answer\", \"subject\"}")
-            .clicked()
-        {
-            cx.actions.push(Action::PickFile(DialogKind::QuestionFile));
-        }
-        if !s.files.is_empty() && ui.button("Clear files").clicked() {
-            cx.actions
-                .push(Action::SetFile(DialogKind::QuestionFile, None));
-        }
-    });
+    let names: Vec<&str> = SHIPPED_QUESTIONS.iter().map(|(n, _, _)| *n).collect();
+    sets_and_files_ui(
+        ui,
+        "Questions",
+        &names,
+        &mut s.shipped,
+        &s.files,
+        ("Open questions…", "MMLU's CSV layout (question, choices, answer letter; the subject from the file name) or JSONL of {\"question\", \"choices\", \"answer\", \"subject\"}"),
+        DialogKind::QuestionFile,
+        cx.actions,
+    );
     ui.horizontal_wrapped(|ui| {
         let label = ui.label("Shots");
         ui.add(egui::DragValue::new(&mut s.shots).range(0..=10))

@@ -413,53 +413,47 @@ impl ShiftView {
             });
         self.run = self.run.min(self.runs.len() - 1);
         ui.add_space(theme::SECTION_GAP);
-        // Where shifts sit: by relative position, and a metric by position.
-        let relative: Vec<Series> = self
-            .runs
-            .iter()
-            .enumerate()
-            .map(|(i, run)| Series {
-                name: format!("{} {}", i + 1, run.tuned_model),
-                color: run_color(i),
-                points: run
-                    .summary
-                    .shifted_by_relative_position()
-                    .iter()
-                    .enumerate()
-                    .map(|(b, &v)| ((b as f64 + 0.5) / RELATIVE_BINS as f64, 100.0 * v))
-                    .collect(),
-                dash: Dash::Solid,
-            })
-            .collect();
+        // Where shifts sit: by relative position, and a metric by position; one curve per run.
+        let per_run = |points: &dyn Fn(&ShiftRun) -> Vec<(f64, f64)>| -> Vec<Series> {
+            self.runs
+                .iter()
+                .enumerate()
+                .map(|(i, run)| Series {
+                    name: format!("{} {}", i + 1, run.tuned_model),
+                    color: run_color(i),
+                    points: points(run),
+                    dash: Dash::Solid,
+                })
+                .collect()
+        };
+        let relative = per_run(&|run| {
+            run.summary
+                .shifted_by_relative_position()
+                .iter()
+                .enumerate()
+                .map(|(b, &v)| ((b as f64 + 0.5) / RELATIVE_BINS as f64, 100.0 * v))
+                .collect()
+        });
         let metric = cx.state.shift.metric.min(METRICS.len());
         let metric_name = if metric == METRICS.len() {
             "shifted (%)"
         } else {
             METRICS[metric]
         };
-        let by_position: Vec<Series> = self
-            .runs
-            .iter()
-            .enumerate()
-            .map(|(i, run)| Series {
-                name: format!("{} {}", i + 1, run.tuned_model),
-                color: run_color(i),
-                points: run
-                    .summary
-                    .by_position
-                    .iter()
-                    .map(|p| {
-                        let v = if metric == METRICS.len() {
-                            100.0 * p.shifted
-                        } else {
-                            p.means[metric]
-                        };
-                        (p.t as f64, v)
-                    })
-                    .collect(),
-                dash: Dash::Solid,
-            })
-            .collect();
+        let by_position = per_run(&|run| {
+            run.summary
+                .by_position
+                .iter()
+                .map(|p| {
+                    let v = if metric == METRICS.len() {
+                        100.0 * p.shifted
+                    } else {
+                        p.means[metric]
+                    };
+                    (p.t as f64, v)
+                })
+                .collect()
+        });
         ui.horizontal_wrapped(|ui| {
             let label = ui.label("By position");
             let s = &mut cx.state.shift;

@@ -69,6 +69,53 @@ pub struct RunRow<'a> {
     pub run: Action,
 }
 
+/// A data-set row: a checkbox per shipped name (ticked ones in `shipped`), the names of the
+/// files opened, "Open…" (a file dialog of `kind`) and "Clear files". Used by every view that
+/// takes shipped sets and the user's own files.
+#[allow(clippy::too_many_arguments)]
+pub fn sets_and_files_ui(
+    ui: &mut egui::Ui,
+    label: &str,
+    names: &[&str],
+    shipped: &mut Vec<String>,
+    files: &[std::path::PathBuf],
+    open: (&str, &str),
+    kind: DialogKind,
+    actions: &mut Vec<Action>,
+) {
+    ui.horizontal_wrapped(|ui| {
+        ui.label(label);
+        for &name in names {
+            let mut on = shipped.iter().any(|x| x == name);
+            if ui.checkbox(&mut on, name).changed() {
+                if on {
+                    shipped.push(name.to_owned());
+                } else {
+                    shipped.retain(|x| x != name);
+                }
+            }
+        }
+        for path in files {
+            ui.label(
+                egui::RichText::new(
+                    path.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+                .strong(),
+            )
+            .on_hover_text(path.display().to_string());
+        }
+        if ui.button(open.0).on_hover_text(open.1).clicked() {
+            actions.push(Action::PickFile(kind));
+        }
+        if !files.is_empty() && ui.button("Clear files").clicked() {
+            actions.push(Action::SetFile(kind, None));
+        }
+    });
+}
+
 /// "about 40 s left", from the time a job has run and the fraction it reports done; `None`
 /// before there is enough to go on (under 2 s, or under 2 % done).
 pub fn time_left(elapsed_s: f64, frac: f32) -> Option<String> {
