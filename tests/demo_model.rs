@@ -235,6 +235,38 @@ fn consistency_measures_run_on_the_demo_model() {
         result.macro_avg.accuracy > 0.0,
         "the demo model knows some capitals: {result:?}"
     );
+    // Batched scoring (the default) answers as the per-query reference does, with and without
+    // an instruction before the queries (§8.4; its tokens are the batches' shared prefix).
+    let reference = prediction::prediction_consistency_with(
+        &m.model,
+        &m.tokenizer,
+        &facts,
+        PredictionMode::Candidates,
+        None,
+        prediction::Scoring::PerQuery,
+        &mut go.clone(),
+    )
+    .expect("per-query predictions");
+    assert_eq!(result, reference);
+    let mut all: FactSet = serde_json::from_str(DEFAULT_FACTS).expect("shipped facts");
+    for r in &mut all.relations {
+        r.facts.truncate(1);
+    }
+    let ins = all.instructions[0].clone();
+    let [batched, per_query] =
+        [prediction::Scoring::Batched, prediction::Scoring::PerQuery].map(|scoring| {
+            prediction::prediction_consistency_with(
+                &m.model,
+                &m.tokenizer,
+                &all,
+                PredictionMode::Candidates,
+                Some(&ins),
+                scoring,
+                &mut go.clone(),
+            )
+            .expect("instructed predictions")
+        });
+    assert_eq!(batched, per_query);
 }
 
 /// METHODS.md §4 on the demo model: the shipped country-capital task splits as sklearn splits it

@@ -285,6 +285,220 @@ pub fn candidate_logprobs(
     Ok(scores)
 }
 
+/// How the candidates of §8.2 (b) are scored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scoring {
+    /// [`score_queries`]: queries of equal prefix length in one batch, their shared prefix run
+    /// once, candidates extended a token at a time for all queries together, and candidates
+    /// that can no longer win left unfinished. The default.
+    #[default]
+    Batched,
+    /// [`candidate_logprobs`] per query: one forward pair each (the reference the batched path
+    /// is tested against).
+    PerQuery,
+}
+
+/// Rows (queries × candidates still being extended) per forward of [`score_queries`]; bounds
+/// the KV caches held at once.
+const MAX_ROWS: usize = 256;
+
+/// Queries per prefix forward of [`score_queries`].
+const MAX_QUERIES: usize = 64;
+
+/// Summed log-probabilities of candidate continuations for many queries at once: query `q` has
+/// the prefix `queries[q].0` and the candidates `sets[queries[q].1]`; the result has one score
+/// per candidate of its set, equal to [`candidate_logprobs`] of that query (within float
+/// rounding; tested to 1e-5).
+///
+/// Queries are grouped by prefix length, so a batch needs neither padding nor a key mask: the
+/// tokens all queries of a batch share (BOS, an instruction) run once and their cache is
+/// repeated; the rest of the prefixes runs as one batch. Candidates then grow a token per step
+/// for every query of the batch together, candidates that share their first tokens sharing the
+/// rows that score them. With `prune`, a candidate whose partial score is already below the best
+/// finished candidate of its query stops (log-probabilities only fall as tokens are added, so
+/// it cannot become the argmax) and its score is `-inf`: the argmax, and the score of every
+/// candidate that could still win, are unchanged.
+pub fn score_queries(
+    model: &Transformer,
+    queries: &[(Vec<u32>, usize)],
+    sets: &[Vec<Vec<u32>>],
+    prune: bool,
+    progress: &mut dyn FnMut(f32) -> ControlFlow<()>,
+) -> Result<Vec<Vec<f64>>> {
+    for (q, (prefix, set)) in queries.iter().enumerate() {
+        let Some(cands) = sets.get(*set) else {
+            return Err(Error::invalid(
+                "candidate scoring",
+                format!("query {q} names candidate set {set} of {}", sets.len()),
+            ));
+        };
+        if prefix.is_empty() || cands.iter().any(Vec::is_empty) {
+            return Err(Error::invalid(
+                "candidate scoring",
+                format!("query {q}: empty prefix or candidate"),
+            ));
+        }
+    }
+    let mut scores: Vec<Vec<f64>> = queries
+        .iter()
+        .map(|(_, set)| vec![0.0; sets[*set].len()])
+        .collect();
+    // Equal prefix lengths together; within a length, one relation's queries together.
+    let mut order: Vec<usize> = (0..queries.len()).collect();
+    order.sort_by_key(|&q| (queries[q].0.len(), queries[q].1));
+    let multi = |q: usize| sets[queries[q].1].iter().filter(|c| c.len() > 1).count();
+    let mut done = 0usize;
+    let mut at = 0usize;
+    while at < order.len() {
+        let len = queries[order[at]].0.len();
+        let mut end = at + 1;
+        let mut rows = multi(order[at]);
+        while end < order.len()
+            && end - at < MAX_QUERIES
+            && queries[order[end]].0.len() == len
+            && rows + multi(order[end]) <= MAX_ROWS
+        {
+            rows += multi(order[end]);
+            end += 1;
+        }
+        let chunk = &order[at..end];
+        let chunk_scores = score_chunk(model, queries, sets, chunk, prune)?;
+        for (&q, s) in chunk.iter().zip(chunk_scores) {
+            scores[q] = s;
+        }
+        done += chunk.len();
+        at = end;
+        if progress(done as f32 / queries.len().max(1) as f32).is_break() {
+            return Err(Error::Cancelled);
+        }
+    }
+    Ok(scores)
+}
+
+/// Log-softmax of logits `(n, 1, V)` as `n` rows of `V` values on the CPU.
+fn log_probs(logits: &Tensor) -> Result<(Vec<f32>, usize)> {
+    let logp = log_softmax(&logits.squeeze(1)?.to_dtype(DType::F32)?, 1)?;
+    let vocab = logp.dim(1)?;
+    Ok((
+        logp.to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+        vocab,
+    ))
+}
+
+/// [`score_queries`] for queries of one prefix length.
+fn score_chunk(
+    model: &Transformer,
+    queries: &[(Vec<u32>, usize)],
+    sets: &[Vec<Vec<u32>>],
+    chunk: &[usize],
+    prune: bool,
+) -> Result<Vec<Vec<f64>>> {
+    let device = model.device();
+    let len = queries[chunk[0]].0.len();
+    let prefixes: Vec<&[u32]> = chunk.iter().map(|&q| queries[q].0.as_slice()).collect();
+    // The tokens every prefix starts with run once (one token is left for the batch pass).
+    let common = (0..len - 1)
+        .take_while(|&t| prefixes.iter().all(|p| p[t] == prefixes[0][t]))
+        .count();
+    let opts = ForwardOptions {
+        differentiable: false,
+        logits: LogitsAt::Last,
+        use_lora: true,
+    };
+    let mut cache = KvCache::new();
+    if common > 0 {
+        let input = Tensor::new(&prefixes[0][..common], device)?.unsqueeze(0)?;
+        let none = ForwardOptions {
+            logits: LogitsAt::None,
+            ..opts
+        };
+        model.run(Input::Ids(&input), &none, Some(&mut cache), &mut NoHook)?;
+        cache = cache.repeat_batch(chunk.len())?;
+    }
+    let ids: Vec<u32> = prefixes
+        .iter()
+        .flat_map(|p| &p[common..])
+        .copied()
+        .collect();
+    let input = Tensor::from_vec(ids, (chunk.len(), len - common), device)?;
+    let logits = model.run(Input::Ids(&input), &opts, Some(&mut cache), &mut NoHook)?;
+    let (logp, vocab) = log_probs(&logits)?;
+    let cands = |i: usize| &sets[queries[chunk[i]].1];
+    let mut scores: Vec<Vec<f64>> = Vec::with_capacity(chunk.len());
+    let mut best = vec![f64::NEG_INFINITY; chunk.len()];
+    // Candidates still growing: (query in the chunk, candidate, its row in `cache`).
+    let mut live: Vec<(usize, usize, u32)> = Vec::new();
+    for i in 0..chunk.len() {
+        let row = &logp[i * vocab..(i + 1) * vocab];
+        let s: Vec<f64> = cands(i)
+            .iter()
+            .map(|c| f64::from(row[c[0] as usize]))
+            .collect();
+        for (c, cand) in cands(i).iter().enumerate() {
+            if cand.len() == 1 {
+                best[i] = best[i].max(s[c]);
+            } else {
+                live.push((i, c, i as u32));
+            }
+        }
+        scores.push(s);
+    }
+    // Step `depth`: every live candidate has `depth` tokens scored; feed its token `depth - 1`
+    // to score token `depth`.
+    let mut depth = 1;
+    loop {
+        live.retain(|&(i, c, _)| {
+            let keep = !prune || scores[i][c] >= best[i];
+            if !keep {
+                scores[i][c] = f64::NEG_INFINITY;
+            }
+            keep
+        });
+        if live.is_empty() {
+            break;
+        }
+        // One row per distinct (parent row, token): candidates with a common start share it.
+        let mut nodes: Vec<(u32, u32)> = Vec::new();
+        let mut node_of: Vec<usize> = Vec::with_capacity(live.len());
+        for &(i, c, parent) in &live {
+            let key = (parent, cands(i)[c][depth - 1]);
+            let k = nodes.iter().position(|&n| n == key).unwrap_or_else(|| {
+                nodes.push(key);
+                nodes.len() - 1
+            });
+            node_of.push(k);
+        }
+        let parents: Vec<u32> = nodes.iter().map(|n| n.0).collect();
+        let tokens: Vec<u32> = nodes.iter().map(|n| n.1).collect();
+        cache = cache.select_rows(&parents)?;
+        let input = Tensor::from_vec(tokens, (nodes.len(), 1), device)?;
+        let logits = model.run(Input::Ids(&input), &opts, Some(&mut cache), &mut NoHook)?;
+        let (logp, vocab) = log_probs(&logits)?;
+        for ((i, c, parent), &k) in live.iter_mut().zip(&node_of) {
+            let cand = &cands(*i)[*c];
+            scores[*i][*c] += f64::from(logp[k * vocab + cand[depth] as usize]);
+            *parent = k as u32;
+            if cand.len() == depth + 1 {
+                best[*i] = best[*i].max(scores[*i][*c]);
+            }
+        }
+        depth += 1;
+        live.retain(|&(i, c, _)| cands(i)[c].len() > depth);
+    }
+    Ok(scores)
+}
+
+/// The index of the highest score (the last of equal ones, as `Iterator::max_by`).
+fn argmax(scores: &[f64]) -> usize {
+    scores
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
 fn mean_metrics(ms: &[Metrics]) -> (Metrics, Metrics) {
     let col = |f: fn(&Metrics) -> f64| ms.iter().map(f).collect::<Vec<_>>();
     let s = |v: Vec<f64>| -> Summary { stats::summarize(&v) };
@@ -308,7 +522,8 @@ fn mean_metrics(ms: &[Metrics]) -> (Metrics, Metrics) {
 }
 
 /// §8 for one model: every template of every fact answered in `mode`, with `instruction` (if
-/// any) on the line before each query. `progress` gets the fraction done; breaking cancels.
+/// any) on the line before each query; candidates scored in batches ([`Scoring::Batched`]).
+/// `progress` gets the fraction done; breaking cancels.
 pub fn prediction_consistency(
     model: &Transformer,
     tokenizer: &Tokenizer,
@@ -317,79 +532,132 @@ pub fn prediction_consistency(
     instruction: Option<&str>,
     progress: &mut dyn FnMut(f32) -> ControlFlow<()>,
 ) -> Result<PredictionResult> {
+    prediction_consistency_with(
+        model,
+        tokenizer,
+        facts,
+        mode,
+        instruction,
+        Scoring::Batched,
+        progress,
+    )
+}
+
+/// [`prediction_consistency`] with the candidate scoring chosen (the per-query path is the
+/// reference of the tests and the benchmark).
+pub fn prediction_consistency_with(
+    model: &Transformer,
+    tokenizer: &Tokenizer,
+    facts: &FactSet,
+    mode: PredictionMode,
+    instruction: Option<&str>,
+    scoring: Scoring,
+    progress: &mut dyn FnMut(f32) -> ControlFlow<()>,
+) -> Result<PredictionResult> {
     facts.validate()?;
-    let total: usize = facts
+    let relations_used: Vec<&Relation> = facts
         .relations
         .iter()
         .filter(|r| r.templates.len() >= 2)
-        .map(|r| r.templates.len() * r.facts.len())
-        .sum();
-    let mut done = 0usize;
-    let mut relations = Vec::new();
-    for rel in facts.relations.iter().filter(|r| r.templates.len() >= 2) {
-        let mut objects: Vec<&str> = Vec::new();
+        .collect();
+    // Each relation's distinct objects (the candidates of §8.2 b) and their ids.
+    let mut objects: Vec<Vec<&str>> = Vec::with_capacity(relations_used.len());
+    let mut sets: Vec<Vec<Vec<u32>>> = Vec::with_capacity(relations_used.len());
+    // Every query: (relation, fact, template, prefix ids), in result order.
+    let mut queries: Vec<(usize, usize, usize, Vec<u32>)> = Vec::new();
+    for (r, rel) in relations_used.iter().enumerate() {
+        let mut objs: Vec<&str> = Vec::new();
         for f in &rel.facts {
-            if !objects.contains(&f.object.as_str()) {
-                objects.push(&f.object);
+            if !objs.contains(&f.object.as_str()) {
+                objs.push(&f.object);
             }
         }
-        let candidate_ids = objects
-            .iter()
-            .map(|o| tokenizer.encode(&format!(" {o}"), false))
-            .collect::<Result<Vec<_>>>()?;
-        let mut fact_results = Vec::with_capacity(rel.facts.len());
-        for fact in &rel.facts {
-            let golds: Vec<&str> = std::iter::once(fact.object.as_str())
-                .chain(fact.aliases.iter().map(String::as_str))
-                .collect();
-            let mut answers = Vec::with_capacity(rel.templates.len());
+        if mode == PredictionMode::Candidates {
+            sets.push(
+                objs.iter()
+                    .map(|o| tokenizer.encode(&format!(" {o}"), false))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+        }
+        objects.push(objs);
+        for (f, fact) in rel.facts.iter().enumerate() {
             for (t, template) in rel.templates.iter().enumerate() {
                 let q = query(template, &fact.subject);
                 let text = match instruction {
                     Some(ins) => format!("{ins}\n{q}"),
                     None => q,
                 };
-                let prefix = tokenizer.encode(&text, true)?;
-                let answer = match mode {
-                    PredictionMode::Candidates => {
-                        let scores = candidate_logprobs(model, &prefix, &candidate_ids)?;
-                        let best = scores
-                            .iter()
-                            .enumerate()
-                            .max_by(|a, b| a.1.total_cmp(b.1))
-                            .map_or(0, |(i, _)| i);
-                        let pred = objects[best].to_owned();
-                        Answer {
-                            template: t,
-                            correct: golds.contains(&pred.as_str()),
-                            key: pred.clone(),
-                            prediction: pred,
-                        }
-                    }
-                    PredictionMode::Generative { max_new_tokens } => {
-                        let cfg = GenerateConfig {
-                            max_new_tokens,
-                            stop_strings: vec!["\n".to_owned()],
-                            ..GenerateConfig::default()
-                        };
-                        let g =
-                            generate(model, tokenizer, &prefix, &cfg, &mut NoHook, &mut |_| {
-                                ControlFlow::Continue(())
-                            })?;
-                        let pred = g.text.trim().trim_end_matches('.').trim().to_owned();
-                        Answer {
-                            template: t,
-                            correct: is_correct(&pred, &golds),
-                            key: answer_key(&pred),
-                            prediction: pred,
-                        }
-                    }
-                };
-                answers.push(answer);
-                done += 1;
-                if progress(done as f32 / total.max(1) as f32).is_break() {
+                queries.push((r, f, t, tokenizer.encode(&text, true)?));
+            }
+        }
+    }
+    let total = queries.len().max(1) as f32;
+    // The prediction of every query, in order.
+    let predictions: Vec<String> = match (mode, scoring) {
+        (PredictionMode::Candidates, Scoring::Batched) => {
+            let batch: Vec<(Vec<u32>, usize)> =
+                queries.iter().map(|q| (q.3.clone(), q.0)).collect();
+            score_queries(model, &batch, &sets, true, progress)?
+                .iter()
+                .zip(&queries)
+                .map(|(s, q)| objects[q.0][argmax(s)].to_owned())
+                .collect()
+        }
+        (PredictionMode::Candidates, Scoring::PerQuery) => {
+            let mut out = Vec::with_capacity(queries.len());
+            for (n, q) in queries.iter().enumerate() {
+                let s = candidate_logprobs(model, &q.3, &sets[q.0])?;
+                out.push(objects[q.0][argmax(&s)].to_owned());
+                if progress((n + 1) as f32 / total).is_break() {
                     return Err(Error::Cancelled);
                 }
+            }
+            out
+        }
+        (PredictionMode::Generative { max_new_tokens }, _) => {
+            let cfg = GenerateConfig {
+                max_new_tokens,
+                stop_strings: vec!["\n".to_owned()],
+                ..GenerateConfig::default()
+            };
+            let mut out = Vec::with_capacity(queries.len());
+            for (n, q) in queries.iter().enumerate() {
+                let g = generate(model, tokenizer, &q.3, &cfg, &mut NoHook, &mut |_| {
+                    ControlFlow::Continue(())
+                })?;
+                out.push(g.text.trim().trim_end_matches('.').trim().to_owned());
+                if progress((n + 1) as f32 / total).is_break() {
+                    return Err(Error::Cancelled);
+                }
+            }
+            out
+        }
+    };
+    let mut predictions = predictions.into_iter();
+    let mut relations = Vec::with_capacity(relations_used.len());
+    for rel in &relations_used {
+        let mut fact_results = Vec::with_capacity(rel.facts.len());
+        for fact in &rel.facts {
+            let golds: Vec<&str> = std::iter::once(fact.object.as_str())
+                .chain(fact.aliases.iter().map(String::as_str))
+                .collect();
+            let mut answers = Vec::with_capacity(rel.templates.len());
+            for t in 0..rel.templates.len() {
+                let pred = predictions.next().unwrap_or_default();
+                answers.push(match mode {
+                    PredictionMode::Candidates => Answer {
+                        template: t,
+                        correct: golds.contains(&pred.as_str()),
+                        key: pred.clone(),
+                        prediction: pred,
+                    },
+                    PredictionMode::Generative { .. } => Answer {
+                        template: t,
+                        correct: is_correct(&pred, &golds),
+                        key: answer_key(&pred),
+                        prediction: pred,
+                    },
+                });
             }
             let keys: Vec<String> = answers.iter().map(|a| a.key.clone()).collect();
             let correct: Vec<bool> = answers.iter().map(|a| a.correct).collect();
@@ -504,6 +772,60 @@ mod tests {
                 .sum();
             assert!((score - reference).abs() < 1e-4, "{score} vs {reference}");
         }
+        Ok(())
+    }
+
+    /// Queries of several lengths (some sharing a start), candidate sets with shared first
+    /// tokens and long candidates: the batched scores equal the per-query ones; with pruning,
+    /// the argmax and every score left finite are unchanged.
+    #[test]
+    fn batched_scores_equal_per_query_scores() -> Result<()> {
+        let m = tiny_model(6, &tiny_options(DType::F32))?;
+        let sets = vec![
+            vec![
+                vec![10u32],
+                vec![11, 12],
+                vec![11, 13, 14],
+                vec![15, 16, 17, 18],
+            ],
+            vec![vec![20u32], vec![21], vec![22, 23]],
+        ];
+        let queries: Vec<(Vec<u32>, usize)> = vec![
+            (vec![1, 5, 7, 9], 0),
+            (vec![1, 5, 7, 8], 0),
+            (vec![1, 5, 3, 2], 1),
+            (vec![1, 4], 0),
+            (vec![1, 4, 6, 2, 9, 9], 1),
+            (vec![2, 4, 6, 2, 9, 9], 0),
+            (vec![7], 0),
+        ];
+        let reference: Vec<Vec<f64>> = queries
+            .iter()
+            .map(|(p, s)| candidate_logprobs(&m.model, p, &sets[*s]))
+            .collect::<Result<_>>()?;
+        let mut go = |_| ControlFlow::Continue(());
+        let full = score_queries(&m.model, &queries, &sets, false, &mut go)?;
+        let pruned = score_queries(&m.model, &queries, &sets, true, &mut go)?;
+        for ((r, f), p) in reference.iter().zip(&full).zip(&pruned) {
+            for (a, b) in r.iter().zip(f) {
+                assert!((a - b).abs() < 1e-5, "{r:?} vs {f:?}");
+            }
+            assert_eq!(argmax(r), argmax(p), "{r:?} vs pruned {p:?}");
+            for (a, b) in r.iter().zip(p) {
+                assert!(b.is_infinite() || (a - b).abs() < 1e-5, "{r:?} vs {p:?}");
+            }
+        }
+        assert!(
+            pruned.iter().flatten().any(|s| s.is_infinite()),
+            "some candidate is left unfinished: {pruned:?}"
+        );
+        let bad = score_queries(&m.model, &[(vec![], 0)], &sets, true, &mut go);
+        assert!(bad.is_err(), "an empty prefix is refused");
+        let mut stop = |_| ControlFlow::Break(());
+        assert!(matches!(
+            score_queries(&m.model, &queries, &sets, true, &mut stop),
+            Err(Error::Cancelled)
+        ));
         Ok(())
     }
 

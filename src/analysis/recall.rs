@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::words::top_k_indices;
 use crate::error::{Error, Result};
+use crate::model::blas::blas_linear;
 use crate::model::{ForwardOptions, HookPoint, Input, LogitsAt, Recorder, Tokenizer, Transformer};
 
 /// NLTK's English stopwords (the 179 words of nltk_data `corpora/stopwords/english`), used by
@@ -343,19 +344,18 @@ fn final_norm(model: &Transformer, x: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(&g.unsqueeze(0)?)?)
 }
 
-/// `U x` for rows `x` `(n, d)` on the CPU, as `(n, V)` values.
-fn project(model: &Transformer, x: &Tensor, norm: bool) -> Result<(Vec<f32>, usize)> {
+/// `U x` for rows `x` `(n, d)` on the CPU, as `(n, V)` values; `u` is the unembedding `(V, d)`
+/// (with any adapter merged), in f32 on the CPU.
+fn project(model: &Transformer, u: &Tensor, x: &Tensor, norm: bool) -> Result<(Vec<f32>, usize)> {
     let x = if norm {
         final_norm(model, x)?
     } else {
         x.clone()
     };
-    let u = model
-        .lm_head
-        .effective_weight()?
-        .to_dtype(DType::F32)?
-        .to_device(&Device::Cpu)?;
-    let proj = x.matmul(&u.t()?)?;
+    let proj = match blas_linear(&x, u)? {
+        Some(p) => p,
+        None => x.matmul(&u.t()?)?,
+    };
     let vocab = proj.dim(1)?;
     Ok((proj.flatten_all()?.to_vec1::<f32>()?, vocab))
 }
@@ -380,6 +380,11 @@ pub fn factual_recall(
     let dim = model.config().hidden_size;
     let vocab_size = model.lm_head.weight.dim(0)?;
     let vocab = clean_vocab(tokenizer, vocab_size)?;
+    let u = model
+        .lm_head
+        .effective_weight()?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?;
     // Per probe: ids and the last subject token (by character offsets, so the subject is found
     // as the prompt tokenized it, §9.5).
     let mut encoded = Vec::with_capacity(probes.len());
@@ -465,16 +470,17 @@ pub fn factual_recall(
         }
         let rows = |v: Vec<f32>| Tensor::from_vec(v, (n_layers * nb, dim), &Device::Cpu);
         // Final prediction y*: the last layer's output through the final norm and lm_head.
-        let (subject_proj, v) = project(model, &rows(subject_rows)?, cfg.attribute_final_norm)?;
+        let (subject_proj, v) = project(model, &u, &rows(subject_rows)?, cfg.attribute_final_norm)?;
         let final_out = last_rows[2][(n_layers - 1) * nb * dim..].to_vec();
         let (final_logits, _) = project(
             model,
+            &u,
             &Tensor::from_vec(final_out, (nb, dim), &Device::Cpu)?,
             true,
         )?;
         let mut proj = Vec::with_capacity(3);
         for m in last_rows {
-            proj.push(project(model, &rows(m)?, cfg.extraction_final_norm)?.0);
+            proj.push(project(model, &u, &rows(m)?, cfg.extraction_final_norm)?.0);
         }
         for (row, &i) in batch.iter().enumerate() {
             let p = &probes[i];

@@ -101,6 +101,23 @@ impl KvCache {
     /// The cache of a one-sequence prefix repeated for a batch of `n` continuations (e.g. the
     /// candidate answers to one query, scored in one pass after the shared prefix ran once).
     pub fn repeat_batch(&self, n: usize) -> Result<Self> {
+        if self
+            .layers
+            .iter()
+            .flatten()
+            .any(|(k, _)| k.dims().first() != Some(&1))
+        {
+            return Err(crate::error::Error::invalid(
+                "KV cache",
+                "only a one-sequence cache can be repeated",
+            ));
+        }
+        self.select_rows(&vec![0; n])
+    }
+
+    /// A cache whose row `i` is row `rows[i]` of this one (rows may repeat): the continuations
+    /// of several sequences of equal length, each continued by any number of rows.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
         let layers = self
             .layers
             .iter()
@@ -108,19 +125,15 @@ impl KvCache {
                 layer
                     .as_ref()
                     .map(|(k, v)| -> Result<(Tensor, Tensor)> {
-                        let rep = |t: &Tensor| -> Result<Tensor> {
-                            let dims = t.dims();
-                            if dims.first() != Some(&1) {
-                                return Err(crate::error::Error::invalid(
-                                    "KV cache",
-                                    "only a one-sequence cache can be repeated",
-                                ));
-                            }
-                            let mut shape = dims.to_vec();
-                            shape[0] = n;
-                            Ok(t.broadcast_as(shape)?.contiguous()?)
-                        };
-                        Ok((rep(k)?, rep(v)?))
+                        let batch = k.dim(0)?;
+                        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= batch) {
+                            return Err(crate::error::Error::invalid(
+                                "KV cache",
+                                format!("row {bad} of a cache of {batch} rows"),
+                            ));
+                        }
+                        let idx = Tensor::from_slice(rows, rows.len(), k.device())?;
+                        Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
                     })
                     .transpose()
             })
