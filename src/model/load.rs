@@ -15,6 +15,7 @@ use crate::model::chat::ChatTemplate;
 use crate::model::config::ModelConfig;
 use crate::model::info::ModelInfo;
 use crate::model::lora::Linear;
+use crate::model::tensor_file::TensorFiles;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{Attention, DecoderLayer, Mlp, RmsNorm, Transformer};
 use crate::model::{adapter, gguf};
@@ -165,50 +166,15 @@ impl TensorSource for TensorMap {
     }
 }
 
-/// Memory-mapped safetensors files (one, or the shards of an index).
+/// Safetensors files (one, or the shards of an index), read a tensor at a time.
 struct SafetensorsSource {
-    files: candle_core::safetensors::MmapedSafetensors,
-    names: BTreeSet<String>,
+    files: TensorFiles,
     path: PathBuf,
-}
-
-impl SafetensorsSource {
-    fn open(paths: &[PathBuf], folder: &Path) -> Result<Self> {
-        for p in paths {
-            if !p.exists() {
-                return Err(Error::NotFound { path: p.clone() });
-            }
-        }
-        // SAFETY: the files are mapped read-only; as with every mmap, another process truncating
-        // them while we read would be undefined behaviour. Checkpoints are not edited in place.
-        #[allow(unsafe_code)]
-        let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(
-            |err| {
-                let name = paths.first().map_or(folder, PathBuf::as_path);
-                Error::bad_file(
-                    name,
-                    format!("corrupt or truncated safetensors ({})", first_line(&err)),
-                )
-            },
-        )?;
-        let names = files.tensors().into_iter().map(|(n, _)| n).collect();
-        Ok(Self {
-            files,
-            names,
-            path: folder.to_path_buf(),
-        })
-    }
 }
 
 impl TensorSource for SafetensorsSource {
     fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
-        if !self.names.contains(name) {
-            return Ok(None);
-        }
-        let tensor = self.files.load(name, &Device::Cpu).map_err(|err| {
-            Error::bad_file(&self.path, format!("tensor `{name}`: {}", first_line(&err)))
-        })?;
-        Ok(Some(tensor))
+        self.files.read(name)
     }
 
     fn path(&self) -> &Path {
@@ -255,13 +221,14 @@ pub fn load_hf_folder(
     } else {
         vec![folder.join("model.safetensors")]
     };
-    let mut source = SafetensorsSource::open(&shard_paths, folder)?;
+    let mut source = SafetensorsSource {
+        files: TensorFiles::open(&shard_paths)?,
+        path: folder.to_path_buf(),
+    };
     let source_dtype = source
-        .names
-        .iter()
-        .next()
-        .and_then(|n| source.files.get(n).ok())
-        .map(|view| format!("{:?}", view.dtype()).to_lowercase());
+        .files
+        .first_dtype()
+        .map(|dtype| format!("{dtype:?}").to_lowercase());
     let model = build_transformer(cfg.clone(), &mut source, opts, progress)?;
     let tokenizer_path = folder.join("tokenizer.json");
     if !tokenizer_path.exists() {

@@ -14,6 +14,7 @@ pub mod info;
 pub mod load;
 pub mod lora;
 pub mod save;
+pub mod tensor_file;
 pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;
