@@ -693,7 +693,7 @@ fn consistency_runs_every_measure_on_small_files() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tiny_instructions(dir: &std::path::Path) -> String {
+pub fn tiny_instructions(dir: &std::path::Path) -> String {
     let path = dir.join("train.jsonl");
     let mut text = String::new();
     for (q, r) in [

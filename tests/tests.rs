@@ -8,6 +8,7 @@ mod analysis;
 mod cli;
 mod common;
 mod demo_model;
+mod families;
 mod model_core;
 mod peft;
 mod train;

@@ -9,6 +9,7 @@ use candle_core::Device;
 use serde::Deserialize;
 
 use crate::error::{json_message, Error, Result};
+use crate::model::config::Architecture;
 use crate::model::info::AdapterInfo;
 use crate::model::load::first_line;
 use crate::model::lora::{Linear, LoraAdapter};
@@ -55,6 +56,29 @@ pub fn module_mut<'a>(
         "down_proj" => &mut layer.mlp.down_proj,
         _ => return None,
     })
+}
+
+/// The parts of a module that the model's architecture fuses on disk, as
+/// `(module, first row, rows)`; `None` for a module that is not fused.
+fn fused_parts(model: &Transformer, module: &str) -> Option<Vec<(String, usize, usize)>> {
+    let cfg = model.config();
+    if cfg.architecture != Architecture::Phi3 {
+        return None;
+    }
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let ff = cfg.intermediate_size;
+    let parts = match module {
+        "qkv_proj" => vec![("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)],
+        "gate_up_proj" => vec![("gate_proj", 0, ff), ("up_proj", ff, ff)],
+        _ => return None,
+    };
+    Some(
+        parts
+            .into_iter()
+            .map(|(m, at, len)| (m.to_owned(), at, len))
+            .collect(),
+    )
 }
 
 /// Parses `...layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}[.default].weight`.
@@ -207,24 +231,44 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
             cfg.lora_alpha / rank as f64
         };
         parameters += a.elem_count() + b.elem_count();
-        let Some(linear) = module_mut(model, layer_idx, &module) else {
+        // A fused module (Phi-3's `qkv_proj`, `gate_up_proj`) is split as the loader split its
+        // weight: every part keeps `A`, and takes its rows of `B` (`ΔW = B A` row by row).
+        let parts = fused_parts(model, &module).unwrap_or_else(|| vec![(module.clone(), 0, 0)]);
+        let rows: usize = parts.iter().map(|p| p.2).sum();
+        if rows > 0 && b.dims().first() != Some(&rows) {
             return Err(Error::bad_file(
                 &weights_path,
                 format!(
-                    "the adapter targets layer {layer_idx} {module}, which the model does not have"
+                    "layer {layer_idx} {module}: lora_B has shape {:?}, the fused module has {rows} rows",
+                    b.dims()
                 ),
             ));
-        };
-        linear
-            .attach(LoraAdapter {
-                a: a.to_dtype(dtype)?.to_device(&device)?,
-                b: b.to_dtype(dtype)?.to_device(&device)?,
-                scale,
-                dropout: None,
-            })
-            .map_err(|err| {
-                Error::bad_file(&weights_path, format!("layer {layer_idx} {module}: {err}"))
-            })?;
+        }
+        for (part, at, len) in parts {
+            let b = if len == 0 {
+                b.clone()
+            } else {
+                b.narrow(0, at, len)?.contiguous()?
+            };
+            let Some(linear) = module_mut(model, layer_idx, &part) else {
+                return Err(Error::bad_file(
+                    &weights_path,
+                    format!(
+                        "the adapter targets layer {layer_idx} {module}, which the model does not have"
+                    ),
+                ));
+            };
+            linear
+                .attach(LoraAdapter {
+                    a: a.to_dtype(dtype)?.to_device(&device)?,
+                    b: b.to_dtype(dtype)?.to_device(&device)?,
+                    scale,
+                    dropout: None,
+                })
+                .map_err(|err| {
+                    Error::bad_file(&weights_path, format!("layer {layer_idx} {module}: {err}"))
+                })?;
+        }
         if !targets.contains(&module) {
             targets.push(module);
         }

@@ -18,6 +18,9 @@ pub enum Architecture {
     Mistral,
     /// Qwen2 / Qwen2.5 (biases on q, k and v).
     Qwen2,
+    /// Phi-3 (LLaMA layout with `qkv_proj` and `gate_up_proj` fused on disk; split at load,
+    /// so every hook, backward pass and analysis reads it as LLaMA).
+    Phi3,
 }
 
 impl Architecture {
@@ -27,6 +30,7 @@ impl Architecture {
             Self::Llama => "llama",
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -36,6 +40,7 @@ impl Architecture {
             "LlamaForCausalLM" | "llama" => Some(Self::Llama),
             "MistralForCausalLM" | "mistral" => Some(Self::Mistral),
             "Qwen2ForCausalLM" | "qwen2" => Some(Self::Qwen2),
+            "Phi3ForCausalLM" | "phi3" => Some(Self::Phi3),
             _ => None,
         }
     }
@@ -142,6 +147,9 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers 5 writes RoPE here (`rope_theta`, `rope_type` and the scaling fields).
+    rope_parameters: Option<serde_json::Value>,
+    partial_rotary_factor: Option<f64>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
@@ -177,10 +185,49 @@ impl ModelConfig {
                 ));
             }
         }
-        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref(), path)?;
+        let (rope_theta, rope_scaling) = match raw.rope_parameters.as_ref().filter(|v| !v.is_null())
+        {
+            Some(params) => {
+                if params.get("rope_theta").is_none() && params.get("rope_type").is_none() {
+                    return Err(Error::bad_file(
+                        path,
+                        "config.json: rope_parameters per layer type (e.g. Gemma 3) are not supported",
+                    ));
+                }
+                let theta = match params.get("rope_theta") {
+                    None => raw.rope_theta.unwrap_or(10_000.0),
+                    Some(v) => v
+                        .as_f64()
+                        .ok_or_else(|| Error::bad_field(path, "rope_parameters.rope_theta"))?,
+                };
+                (
+                    theta,
+                    parse_rope_scaling(Some(params), path, "rope_parameters")?,
+                )
+            }
+            None => (
+                raw.rope_theta.unwrap_or(10_000.0),
+                parse_rope_scaling(raw.rope_scaling.as_ref(), path, "rope_scaling")?,
+            ),
+        };
+        let partial = raw
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .and_then(serde_json::Value::as_f64)
+            .or(raw.partial_rotary_factor);
+        if partial.is_some_and(|f| (f - 1.0).abs() > 1e-12) {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "config.json: partial_rotary_factor {} is not supported (RoPE on every dimension only)",
+                    partial.unwrap_or(1.0)
+                ),
+            ));
+        }
         let qkv_bias = architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false);
         let sliding_window = match architecture {
-            Architecture::Mistral => raw.sliding_window,
+            Architecture::Mistral | Architecture::Phi3 => raw.sliding_window,
             Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
             _ => None,
         };
@@ -196,7 +243,7 @@ impl ModelConfig {
                 .head_dim
                 .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
@@ -267,7 +314,13 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(value: Option<&serde_json::Value>, path: &Path) -> Result<RopeScaling> {
+/// The scaling of a `rope_scaling` (or transformers 5 `rope_parameters`) object; `field` names it
+/// in errors.
+fn parse_rope_scaling(
+    value: Option<&serde_json::Value>,
+    path: &Path,
+    field: &str,
+) -> Result<RopeScaling> {
     let Some(value) = value else {
         return Ok(RopeScaling::None);
     };
@@ -278,12 +331,12 @@ fn parse_rope_scaling(value: Option<&serde_json::Value>, path: &Path) -> Result<
         .get("rope_type")
         .or_else(|| value.get("type"))
         .and_then(serde_json::Value::as_str)
-        .ok_or_else(|| Error::bad_field(path, "rope_scaling.rope_type"))?;
+        .ok_or_else(|| Error::bad_field(path, format!("{field}.rope_type")))?;
     let num = |key: &str| -> Result<f64> {
         value
             .get(key)
             .and_then(serde_json::Value::as_f64)
-            .ok_or_else(|| Error::bad_field(path, format!("rope_scaling.{key}")))
+            .ok_or_else(|| Error::bad_field(path, format!("{field}.{key}")))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
@@ -298,7 +351,7 @@ fn parse_rope_scaling(value: Option<&serde_json::Value>, path: &Path) -> Result<
         }),
         other => Err(Error::bad_file(
             path,
-            format!("rope_scaling type `{other}` is not supported (default, linear, llama3)"),
+            format!("{field}: RoPE type `{other}` is not supported (default, linear, llama3)"),
         )),
     }
 }
@@ -397,5 +450,45 @@ mod tests {
         let scaled = rope_inv_freq(&cfg);
         assert!((scaled[0] - plain[0]).abs() < 1e-12);
         assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read_and_unknown_options_named() {
+        let base = r#""architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4"#;
+        let parse = |extra: &str| {
+            ModelConfig::from_hf_json(&format!("{{{base}, {extra}}}"), Path::new("config.json"))
+        };
+        let cfg = parse(r#""rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}"#)
+            .expect("parses");
+        assert_eq!(cfg.rope_theta, 500_000.0);
+        assert_eq!(cfg.rope_scaling, RopeScaling::None);
+        let cfg = parse(
+            r#""rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}"#,
+        )
+        .expect("parses");
+        assert_eq!(cfg.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        for (extra, needle) in [
+            (
+                r#""rope_parameters": {"rope_theta": 1e4, "rope_type": "longrope"}"#,
+                "rope_parameters: RoPE type `longrope`",
+            ),
+            (
+                r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#,
+                "rope_scaling: RoPE type `yarn`",
+            ),
+            (
+                r#""rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "partial_rotary_factor": 0.75}"#,
+                "partial_rotary_factor",
+            ),
+            (
+                r#""rope_parameters": {"full_attention": {"rope_theta": 1e6}}"#,
+                "per layer type",
+            ),
+        ] {
+            let err = parse(extra).expect_err(extra).to_string();
+            assert!(err.contains(needle), "{err}");
+            assert!(err.contains("config.json"), "{err}");
+        }
     }
 }

@@ -46,6 +46,12 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
             path: path.to_path_buf(),
         });
     };
+    if architecture == Architecture::Phi3 {
+        return Err(Error::bad_file(
+            path,
+            "Phi-3 GGUF files are not supported yet; open the Hugging Face folder instead",
+        ));
+    }
     let vocab = read_vocab(&meta)?;
     let cfg = config_from_meta(&meta, &arch_name, architecture, &content, &vocab)?;
     let mut source_dtypes: Vec<String> = content

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::chat::ChatTemplate;
-use crate::model::config::ModelConfig;
+use crate::model::config::{Architecture, ModelConfig};
 use crate::model::info::ModelInfo;
 use crate::model::lora::Linear;
 use crate::model::tensor_file::TensorFiles;
@@ -361,16 +361,41 @@ pub fn build_transformer(
             };
             Ok(Linear::new(weight, bias))
         };
-        let self_attn = Attention {
-            q_proj: linear("self_attn.q_proj", q_dim, d, cfg.qkv_bias)?,
-            k_proj: linear("self_attn.k_proj", kv_dim, d, cfg.qkv_bias)?,
-            v_proj: linear("self_attn.v_proj", kv_dim, d, cfg.qkv_bias)?,
-            o_proj: linear("self_attn.o_proj", d, q_dim, cfg.o_bias)?,
-        };
-        let mlp = Mlp {
-            gate_proj: linear("mlp.gate_proj", ff, d, cfg.mlp_bias)?,
-            up_proj: linear("mlp.up_proj", ff, d, cfg.mlp_bias)?,
-            down_proj: linear("mlp.down_proj", d, ff, cfg.mlp_bias)?,
+        let (self_attn, mlp) = if cfg.architecture == Architecture::Phi3 {
+            // Phi-3 stores `qkv_proj` (q, then k, then v rows) and `gate_up_proj` (gate, then
+            // up rows) fused; the parts are row ranges of one tensor (no copy).
+            let qkv = linear("self_attn.qkv_proj", q_dim + 2 * kv_dim, d, false)?.weight;
+            let gate_up = linear("mlp.gate_up_proj", 2 * ff, d, false)?.weight;
+            let part = |t: &Tensor, at: usize, len: usize| -> Result<Linear> {
+                Ok(Linear::new(t.narrow(0, at, len)?, None))
+            };
+            (
+                Attention {
+                    q_proj: part(&qkv, 0, q_dim)?,
+                    k_proj: part(&qkv, q_dim, kv_dim)?,
+                    v_proj: part(&qkv, q_dim + kv_dim, kv_dim)?,
+                    o_proj: linear("self_attn.o_proj", d, q_dim, false)?,
+                },
+                Mlp {
+                    gate_proj: part(&gate_up, 0, ff)?,
+                    up_proj: part(&gate_up, ff, ff)?,
+                    down_proj: linear("mlp.down_proj", d, ff, false)?,
+                },
+            )
+        } else {
+            (
+                Attention {
+                    q_proj: linear("self_attn.q_proj", q_dim, d, cfg.qkv_bias)?,
+                    k_proj: linear("self_attn.k_proj", kv_dim, d, cfg.qkv_bias)?,
+                    v_proj: linear("self_attn.v_proj", kv_dim, d, cfg.qkv_bias)?,
+                    o_proj: linear("self_attn.o_proj", d, q_dim, cfg.o_bias)?,
+                },
+                Mlp {
+                    gate_proj: linear("mlp.gate_proj", ff, d, cfg.mlp_bias)?,
+                    up_proj: linear("mlp.up_proj", ff, d, cfg.mlp_bias)?,
+                    down_proj: linear("mlp.down_proj", d, ff, cfg.mlp_bias)?,
+                },
+            )
         };
         layers.push(DecoderLayer {
             input_layernorm: RmsNorm {

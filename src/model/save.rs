@@ -19,6 +19,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
         Architecture::Llama => ("LlamaForCausalLM", "llama"),
         Architecture::Mistral => ("MistralForCausalLM", "mistral"),
         Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        Architecture::Phi3 => ("Phi3ForCausalLM", "phi3"),
     };
     let rope_scaling = match cfg.rope_scaling {
         RopeScaling::None => serde_json::Value::Null,
@@ -71,7 +72,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
                 );
                 obj.insert("sliding_window".into(), cfg.sliding_window.into());
             }
-            Architecture::Mistral => {
+            Architecture::Mistral | Architecture::Phi3 => {
                 obj.insert("sliding_window".into(), cfg.sliding_window.into());
             }
             Architecture::Llama => {
@@ -134,6 +135,34 @@ pub fn hf_tensors(model: &Transformer) -> Result<HashMap<String, Tensor>> {
             ("down_proj", &m.down_proj),
         ] {
             put_linear(&mut tensors, &format!("{p}.mlp.{name}"), linear)?;
+        }
+    }
+    if model.config().architecture == Architecture::Phi3 {
+        // Phi-3's own names: the parts fused again, in the order the loader split them.
+        for i in 0..model.layers.len() {
+            let p = format!("model.layers.{i}");
+            for (fused, parts) in [
+                (
+                    "self_attn.qkv_proj",
+                    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].as_slice(),
+                ),
+                (
+                    "mlp.gate_up_proj",
+                    ["mlp.gate_proj", "mlp.up_proj"].as_slice(),
+                ),
+            ] {
+                let taken = parts
+                    .iter()
+                    .map(|part| {
+                        tensors
+                            .remove(&format!("{p}.{part}.weight"))
+                            .ok_or_else(|| {
+                                Error::invalid("model", format!("{p}.{part} is missing"))
+                            })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                tensors.insert(format!("{p}.{fused}.weight"), Tensor::cat(&taken, 0)?);
+            }
         }
     }
     tensors.insert("model.norm.weight".to_owned(), cpu(&model.norm.weight)?);

@@ -151,6 +151,23 @@ impl Trainer {
         if train.is_empty() {
             return Err(Error::invalid("training data", "no training example"));
         }
+        if model.config().architecture == crate::model::Architecture::Phi3 {
+            // Phi-3's PEFT modules are the fused `qkv_proj` and `gate_up_proj`: adapters trained
+            // on their parts could not be saved under names PEFT loads into Phi-3.
+            if let Some(fused) = settings.lora.targets.iter().find(|t| {
+                matches!(
+                    t.as_str(),
+                    "q_proj" | "k_proj" | "v_proj" | "gate_proj" | "up_proj"
+                )
+            }) {
+                return Err(Error::invalid(
+                    "target modules",
+                    format!(
+                        "Phi-3 fuses `{fused}` into qkv_proj or gate_up_proj; training LoRA on the fused modules is not supported yet (o_proj and down_proj are)"
+                    ),
+                ));
+            }
+        }
         let device = model.device().clone();
         let dtype = model.dtype();
         let dropout_seed = Arc::new(AtomicU64::new(DROPOUT_OFF));

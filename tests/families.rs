@@ -1,0 +1,192 @@
+//! The newer model families against transformers: tiny random checkpoints written by
+//! transformers itself (`scripts/gen-family-goldens`, committed under `tests/families/`), their
+//! logits at every position, with and without a PEFT adapter on the fused modules, and the
+//! input-embedding gradient of one log-probability through the hand-written backward pass.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, D};
+use tunelens::model::{load, ForwardOptions, Input, LoadOptions, LoadedModel, ModelSpec};
+
+fn family(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/families")
+        .join(name)
+}
+
+fn golden(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(family(name).join("golden.json")).expect("golden");
+    serde_json::from_str(&text).expect("golden JSON")
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    match v {
+        serde_json::Value::Array(items) => items.iter().flat_map(floats).collect(),
+        other => vec![other.as_f64().expect("number")],
+    }
+}
+
+fn open(spec: &str) -> LoadedModel {
+    load(&ModelSpec::parse(spec), &LoadOptions::default()).expect("family checkpoint loads")
+}
+
+/// Logits at every position of each golden sequence within 1e-4; the input gradient of the
+/// golden log-probability within 1e-4 relative to its largest entry.
+fn check(m: &LoadedModel, golden: &serde_json::Value, what: &str) {
+    let ids: Vec<Vec<u32>> = serde_json::from_value(golden["ids"].clone()).expect("ids");
+    for (s, seq) in ids.iter().enumerate() {
+        let input = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let ours: Vec<f64> = m
+            .model
+            .forward(&input)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let theirs = floats(&golden[what]["logits"][s]);
+        assert_eq!(ours.len(), theirs.len(), "{what} sequence {s}");
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst < 1e-4,
+            "{what} sequence {s}: logits differ by {worst:e}"
+        );
+    }
+    // d log p(target | x) / d x at the last position, through the taped (hand-written) backward.
+    let input = Tensor::new(ids[0].as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let x = m.model.embed(&input).unwrap();
+    let (hidden, tape) = m.model.run_taped(Input::Embeds(&x), true).unwrap();
+    let t = ids[0].len() - 1;
+    let last = hidden.narrow(1, t, 1).unwrap();
+    let opts = ForwardOptions::default();
+    let logits = m
+        .model
+        .lm_logits(&last, &opts)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let probs = candle_nn::ops::softmax(&logits, D::Minus1).unwrap();
+    let target = golden[what]["grad_target"].as_u64().expect("target") as usize;
+    let vocab = probs.dim(0).unwrap();
+    let mut onehot = vec![0f32; vocab];
+    onehot[target] = 1.0;
+    let delta = (Tensor::new(onehot, &Device::Cpu).unwrap() - probs).unwrap();
+    // The cotangent on the final-norm state: (e_target - p) W_U, with any lm_head adapter.
+    let w_u = m.model.lm_head.effective_weight().unwrap();
+    let cot_last = delta.unsqueeze(0).unwrap().matmul(&w_u).unwrap();
+    let d = cot_last.dim(1).unwrap();
+    let mut cot = Tensor::zeros((1, t + 1, d), DType::F32, &Device::Cpu).unwrap();
+    cot = cot
+        .slice_assign(&[0..1, t..t + 1, 0..d], &cot_last.unsqueeze(0).unwrap())
+        .unwrap();
+    let grad: Vec<f64> = m
+        .model
+        .input_vjp(&tape, &cot)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let theirs = floats(&golden[what]["grad"]);
+    let scale = theirs.iter().fold(0f64, |a, b| a.max(b.abs()));
+    let worst = grad
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(scale > 1e-6, "{what}: a gradient that is not zero");
+    assert!(
+        worst < 1e-4 * scale,
+        "{what}: input gradient differs by {worst:e} (largest entry {scale:e})"
+    );
+}
+
+/// Phi-3: fused `qkv_proj` and `gate_up_proj` split at load, a sliding window of 5 (the golden
+/// sequence is 12 tokens), RoPE base 5000 from transformers 5's `rope_parameters`; then a PEFT
+/// adapter on the fused modules and `o_proj`.
+#[test]
+fn phi3_matches_transformers_with_and_without_an_adapter() {
+    let dir = family("phi3");
+    let golden = golden("phi3");
+    let m = open(&dir.display().to_string());
+    assert_eq!(m.model.config().architecture.name(), "phi3");
+    assert_eq!(m.model.config().sliding_window, Some(5));
+    assert_eq!(m.model.config().rope_theta, 5000.0);
+    check(&m, &golden, "base");
+    let adapted = open(&format!(
+        "{}+{}",
+        dir.display(),
+        dir.join("adapter").display()
+    ));
+    let info = adapted.info.adapter.as_ref().expect("adapter attached");
+    assert_eq!(info.target_modules, ["gate_up_proj", "o_proj", "qkv_proj"]);
+    check(&adapted, &golden, "adapter");
+}
+
+/// Saving a Phi-3 writes transformers' fused names again, and the saved folder loads to the
+/// same logits.
+#[test]
+fn phi3_round_trips_through_its_own_tensor_names() {
+    let m = open(&family("phi3").display().to_string());
+    let tensors = tunelens::model::save::hf_tensors(&m.model).unwrap();
+    assert!(tensors.contains_key("model.layers.1.self_attn.qkv_proj.weight"));
+    assert!(tensors.contains_key("model.layers.0.mlp.gate_up_proj.weight"));
+    assert!(!tensors.contains_key("model.layers.0.self_attn.q_proj.weight"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("phi3");
+    tunelens::model::save::save_hf_folder(&m, &out).unwrap();
+    let again = open(&out.display().to_string());
+    let ids = Tensor::new(&[1u32, 5, 17, 33, 8], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let a = m.model.forward(&ids).unwrap();
+    let b = again.model.forward(&ids).unwrap();
+    assert_eq!(crate::common::max_abs_diff(&a, &b), 0.0);
+}
+
+/// The CLI opens a Phi-3 folder, and refuses LoRA training on its fused modules by name.
+#[test]
+fn phi3_from_the_cli() {
+    let model = family("phi3").display().to_string();
+    let run = crate::common::run_cli(&["forward", "--model", &model, "--text", "w5 w17 w33"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let dir = tempfile::tempdir().unwrap();
+    let data = crate::cli::tiny_instructions(dir.path());
+    let out = dir.path().join("run").display().to_string();
+    let run = crate::common::run_cli(&[
+        "train",
+        "--model",
+        &model,
+        "--data",
+        &data,
+        "--steps",
+        "1",
+        "--template",
+        "definition",
+        "--out",
+        &out,
+    ]);
+    // The data notes come first; the error is the last line.
+    assert_ne!(run.code, 0);
+    let last = run.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("qkv_proj"),
+        "{}",
+        run.stderr
+    );
+}
