@@ -461,7 +461,7 @@ mod tests {
         };
         let cfg = parse(r#""rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}"#)
             .expect("parses");
-        assert_eq!(cfg.rope_theta, 500_000.0);
+        assert!((cfg.rope_theta - 500_000.0).abs() < 1e-9);
         assert_eq!(cfg.rope_scaling, RopeScaling::None);
         let cfg = parse(
             r#""rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}"#,
