@@ -214,6 +214,21 @@ fn fold_gain(weight: &Tensor, gain: &Tensor) -> Result<Tensor> {
     Ok(w.broadcast_mul(&g)?)
 }
 
+/// `W` `(heads · d_h, d)` with row `h · d_h + c` scaled by `g[c]` of a per-head norm, if any.
+fn fold_head_gain(
+    weight: Tensor,
+    norm: Option<&crate::model::transformer::RmsNorm>,
+) -> Result<Tensor> {
+    let Some(norm) = norm else { return Ok(weight) };
+    let g = norm.weight.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let head_dim = g.dim(0)?;
+    let (rows, d) = weight.dims2()?;
+    Ok(weight
+        .reshape((rows / head_dim, head_dim, d))?
+        .broadcast_mul(&g.reshape((1, head_dim, 1))?)?
+        .reshape((rows, d))?)
+}
+
 /// `Hqᵀ` and `Hkᵀ` of one layer: `(h·d_h, |W|)` and `(h_kv·d_h, |W|)`, row-major, for input word
 /// vectors `e_i` `(|W|, d)`.
 pub fn layer_activations(
@@ -229,6 +244,11 @@ pub fn layer_activations(
     // The effective weights: a LoRA adapter on q/k changes the QK circuit.
     let wq = fold_gain(&l.self_attn.q_proj.effective_weight()?, g)?;
     let wk = fold_gain(&l.self_attn.k_proj.effective_weight()?, g)?;
+    // Qwen3 normalises each head's query and key: its gain scales the rows of every head as the
+    // input norm's gain scales the columns; its per-token 1/rms, like the input norm's, is a
+    // positive scale per word and head and is left out (§3.2 reads directions, not lengths).
+    let wq = fold_head_gain(wq, l.self_attn.q_norm.as_ref())?;
+    let wk = fold_head_gain(wk, l.self_attn.k_norm.as_ref())?;
     let e_t = e_i.t()?.contiguous()?;
     let hq = wq.matmul(&e_t)?.flatten_all()?.to_vec1::<f32>()?;
     let hk = wk.matmul(&e_t)?.flatten_all()?.to_vec1::<f32>()?;

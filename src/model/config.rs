@@ -21,6 +21,8 @@ pub enum Architecture {
     /// Phi-3 (LLaMA layout with `qkv_proj` and `gate_up_proj` fused on disk; split at load,
     /// so every hook, backward pass and analysis reads it as LLaMA).
     Phi3,
+    /// Qwen3 (LLaMA layout plus an RMSNorm over each head's query and key, before RoPE).
+    Qwen3,
 }
 
 impl Architecture {
@@ -31,7 +33,13 @@ impl Architecture {
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
             Self::Phi3 => "phi3",
+            Self::Qwen3 => "qwen3",
         }
+    }
+
+    /// Whether each head's query and key are RMS-normalised (gain over `head_dim`) before RoPE.
+    pub fn has_qk_norm(self) -> bool {
+        self == Self::Qwen3
     }
 
     /// Recognises an `architectures[0]` class name or a `model_type` / GGUF architecture string.
@@ -41,6 +49,7 @@ impl Architecture {
             "MistralForCausalLM" | "mistral" => Some(Self::Mistral),
             "Qwen2ForCausalLM" | "qwen2" => Some(Self::Qwen2),
             "Phi3ForCausalLM" | "phi3" => Some(Self::Phi3),
+            "Qwen3ForCausalLM" | "qwen3" => Some(Self::Qwen3),
             _ => None,
         }
     }
@@ -229,6 +238,13 @@ impl ModelConfig {
         let sliding_window = match architecture {
             Architecture::Mistral | Architecture::Phi3 => raw.sliding_window,
             Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            Architecture::Qwen3 if raw.use_sliding_window == Some(true) => {
+                // transformers slides only in the layers from `max_window_layers` on.
+                return Err(Error::bad_file(
+                    path,
+                    "config.json: use_sliding_window is not supported for qwen3",
+                ));
+            }
             _ => None,
         };
         let cfg = Self {

@@ -46,10 +46,10 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
             path: path.to_path_buf(),
         });
     };
-    if architecture == Architecture::Phi3 {
+    if matches!(architecture, Architecture::Phi3 | Architecture::Qwen3) {
         return Err(Error::bad_file(
             path,
-            "Phi-3 GGUF files are not supported yet; open the Hugging Face folder instead",
+            format!("{arch_name} GGUF files are not supported yet; open the Hugging Face folder instead"),
         ));
     }
     let vocab = read_vocab(&meta)?;

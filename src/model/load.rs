@@ -352,6 +352,20 @@ pub fn build_transformer(
     for i in 0..cfg.num_hidden_layers {
         report(progress, i as f32 / cfg.num_hidden_layers as f32)?;
         let p = format!("model.layers.{i}");
+        let head_norm = |src: &mut dyn TensorSource, name: &str| -> Result<Option<RmsNorm>> {
+            if !cfg.architecture.has_qk_norm() {
+                return Ok(None);
+            }
+            let weight = required(
+                src,
+                &format!("{p}.self_attn.{name}.weight"),
+                &[cfg.head_dim],
+                opts,
+            )?;
+            Ok(Some(RmsNorm { weight, eps }))
+        };
+        let q_norm = head_norm(&mut *src, "q_norm")?;
+        let k_norm = head_norm(&mut *src, "k_norm")?;
         let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = required(src, &format!("{p}.{name}.weight"), &[out, inp], opts)?;
             let bias = if bias {
@@ -375,6 +389,8 @@ pub fn build_transformer(
                     k_proj: part(&qkv, q_dim, kv_dim)?,
                     v_proj: part(&qkv, q_dim + kv_dim, kv_dim)?,
                     o_proj: linear("self_attn.o_proj", d, q_dim, false)?,
+                    q_norm: None,
+                    k_norm: None,
                 },
                 Mlp {
                     gate_proj: part(&gate_up, 0, ff)?,
@@ -389,6 +405,8 @@ pub fn build_transformer(
                     k_proj: linear("self_attn.k_proj", kv_dim, d, cfg.qkv_bias)?,
                     v_proj: linear("self_attn.v_proj", kv_dim, d, cfg.qkv_bias)?,
                     o_proj: linear("self_attn.o_proj", d, q_dim, cfg.o_bias)?,
+                    q_norm,
+                    k_norm,
                 },
                 Mlp {
                     gate_proj: linear("mlp.gate_proj", ff, d, cfg.mlp_bias)?,

@@ -20,6 +20,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
         Architecture::Mistral => ("MistralForCausalLM", "mistral"),
         Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         Architecture::Phi3 => ("Phi3ForCausalLM", "phi3"),
+        Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
     };
     let rope_scaling = match cfg.rope_scaling {
         RopeScaling::None => serde_json::Value::Null,
@@ -75,7 +76,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
             Architecture::Mistral | Architecture::Phi3 => {
                 obj.insert("sliding_window".into(), cfg.sliding_window.into());
             }
-            Architecture::Llama => {
+            Architecture::Llama | Architecture::Qwen3 => {
                 obj.insert("attention_bias".into(), (cfg.qkv_bias || cfg.o_bias).into());
                 obj.insert("mlp_bias".into(), cfg.mlp_bias.into());
             }
@@ -120,6 +121,11 @@ pub fn hf_tensors(model: &Transformer) -> Result<HashMap<String, Tensor>> {
             cpu(&layer.post_attention_layernorm.weight)?,
         );
         let a = &layer.self_attn;
+        for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+            if let Some(norm) = norm {
+                tensors.insert(format!("{p}.self_attn.{name}.weight"), cpu(&norm.weight)?);
+            }
+        }
         for (name, linear) in [
             ("q_proj", &a.q_proj),
             ("k_proj", &a.k_proj),

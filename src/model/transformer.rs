@@ -190,6 +190,10 @@ pub struct Attention {
     pub v_proj: Linear,
     /// `W_O`.
     pub o_proj: Linear,
+    /// Qwen3: RMSNorm of each head's query, gain `(head_dim,)`, before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    /// Qwen3: RMSNorm of each head's key, gain `(head_dim,)`, before RoPE.
+    pub k_norm: Option<RmsNorm>,
 }
 
 /// SwiGLU MLP of one layer.
@@ -674,6 +678,26 @@ impl Attention {
         let q = self.q_proj.forward(xs, pass.mode)?;
         let k = self.k_proj.forward(xs, pass.mode)?;
         let v = self.v_proj.forward(xs, pass.mode)?;
+        if let Some(tape) = tape.as_deref_mut() {
+            if self.q_norm.is_some() || self.k_norm.is_some() {
+                tape.q_proj = Some(q.clone());
+                tape.k_proj = Some(k.clone());
+            }
+        }
+        let head_norm = |norm: &Option<RmsNorm>, t: Tensor, heads: usize| -> Result<Tensor> {
+            match norm {
+                None => Ok(t),
+                Some(norm) => norm
+                    .forward(
+                        &t.reshape((b_sz, seq_len, heads, head_dim))?,
+                        pass.mode.differentiable,
+                    )?
+                    .reshape((b_sz, seq_len, heads * head_dim))
+                    .map_err(Into::into),
+            }
+        };
+        let q = head_norm(&self.q_norm, q, n_heads)?;
+        let k = head_norm(&self.k_norm, k, n_kv)?;
         // (b_sz, n_heads, seq_len, head_dim)
         let q = q
             .reshape((b_sz, seq_len, n_heads, head_dim))?

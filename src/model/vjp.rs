@@ -48,6 +48,10 @@ pub struct LayerTape {
     pub(crate) n2: Option<Tensor>,
     /// Input of `down_proj`, `(1, T, intermediate)`.
     pub(crate) h: Option<Tensor>,
+    /// Qwen3: the query projection before its per-head norm, `(1, T, n_heads · head_dim)`.
+    pub(crate) q_proj: Option<Tensor>,
+    /// Qwen3: the key projection before its per-head norm, `(1, T, n_kv · head_dim)`.
+    pub(crate) k_proj: Option<Tensor>,
 }
 
 /// Gradients of the LoRA adapters, accumulated by [`Transformer::input_vjp_lora`]: per layer
@@ -365,6 +369,27 @@ impl Transformer {
                 Tensor::cat(&parts.2, 0)?,
             )
         };
+        // Qwen3's per-head norms sit between the projections and RoPE: their backward takes
+        // the gradient on the normalised queries and keys to the projections' outputs.
+        let head_norm_vjp = |norm: &Option<RmsNorm>,
+                             taped_x: &Option<Tensor>,
+                             d: Tensor,
+                             heads: usize|
+         -> Result<Tensor> {
+            let Some(norm) = norm else { return Ok(d) };
+            let x = first(
+                taped(taped_x.as_ref(), "projection before the head norm")?,
+                1,
+                t_len,
+            )?;
+            let (b, t) = (x.dim(0)?, x.dim(1)?);
+            let x = x.reshape((b, t, heads, head_dim))?;
+            let (k, t2, _) = d.dims3()?;
+            let d4 = d.reshape((k, t2, heads, head_dim))?;
+            Ok(rms_norm_vjp(norm, &x, &d4)?.reshape((k, t2, heads * head_dim))?)
+        };
+        let d_q = head_norm_vjp(&attn.q_norm, &lt.q_proj, d_q, n_heads)?;
+        let d_k = head_norm_vjp(&attn.k_norm, &lt.k_proj, d_k, n_kv)?;
         let n1 = inputs.as_ref().map(|i| &i.0);
         let d_in = (linear_vjp(
             &attn.q_proj,

@@ -190,6 +190,12 @@ pub fn heads_cached(
                 key.tensor(&layer.input_layernorm.weight)?;
                 key.linear(&layer.self_attn.q_proj)?;
                 key.linear(&layer.self_attn.k_proj)?;
+                for norm in [&layer.self_attn.q_norm, &layer.self_attn.k_norm]
+                    .into_iter()
+                    .flatten()
+                {
+                    key.tensor(&norm.weight)?;
+                }
             }
             Some(key.finish())
         }
