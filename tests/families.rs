@@ -35,10 +35,7 @@ fn open(spec: &str) -> LoadedModel {
 fn check(m: &LoadedModel, golden: &serde_json::Value, what: &str) {
     let ids: Vec<Vec<u32>> = serde_json::from_value(golden["ids"].clone()).expect("ids");
     for (s, seq) in ids.iter().enumerate() {
-        let input = Tensor::new(seq.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
+        let input = crate::common::ids_tensor(seq);
         let ours: Vec<f64> = m
             .model
             .forward(&input)
@@ -62,10 +59,7 @@ fn check(m: &LoadedModel, golden: &serde_json::Value, what: &str) {
         );
     }
     // d log p(target | x) / d x at the last position, through the taped (hand-written) backward.
-    let input = Tensor::new(ids[0].as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let input = crate::common::ids_tensor(&ids[0]);
     let x = m.model.embed(&input).unwrap();
     let (hidden, tape) = m.model.run_taped(Input::Embeds(&x), true).unwrap();
     let t = ids[0].len() - 1;
@@ -115,6 +109,18 @@ fn check(m: &LoadedModel, golden: &serde_json::Value, what: &str) {
     );
 }
 
+/// Saved as a Hugging Face folder and loaded again, `m` gives the same logits.
+fn assert_saves_and_loads_the_same(m: &LoadedModel) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("saved");
+    tunelens::model::save::save_hf_folder(m, &out).unwrap();
+    let again = open(&out.display().to_string());
+    let ids = crate::common::ids_tensor(&[1, 5, 17, 33, 8]);
+    let a = m.model.forward(&ids).unwrap();
+    let b = again.model.forward(&ids).unwrap();
+    assert_eq!(crate::common::max_abs_diff(&a, &b), 0.0);
+}
+
 /// Phi-3: fused `qkv_proj` and `gate_up_proj` split at load, a sliding window of 5 (the golden
 /// sequence is 12 tokens), RoPE base 5000 from transformers 5's `rope_parameters`; then a PEFT
 /// adapter on the fused modules and `o_proj`.
@@ -146,17 +152,7 @@ fn phi3_round_trips_through_its_own_tensor_names() {
     assert!(tensors.contains_key("model.layers.1.self_attn.qkv_proj.weight"));
     assert!(tensors.contains_key("model.layers.0.mlp.gate_up_proj.weight"));
     assert!(!tensors.contains_key("model.layers.0.self_attn.q_proj.weight"));
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("phi3");
-    tunelens::model::save::save_hf_folder(&m, &out).unwrap();
-    let again = open(&out.display().to_string());
-    let ids = Tensor::new(&[1u32, 5, 17, 33, 8], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let a = m.model.forward(&ids).unwrap();
-    let b = again.model.forward(&ids).unwrap();
-    assert_eq!(crate::common::max_abs_diff(&a, &b), 0.0);
+    assert_saves_and_loads_the_same(&m);
 }
 
 /// The CLI opens a Phi-3 folder, and refuses LoRA training on its fused modules by name.
@@ -211,17 +207,7 @@ fn qwen3_matches_transformers_with_and_without_an_adapter() {
     ));
     check(&adapted, &golden, "adapter");
     // Saved and loaded again: the same logits (the head norms are written under their names).
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("qwen3");
-    tunelens::model::save::save_hf_folder(&m, &out).unwrap();
-    let again = open(&out.display().to_string());
-    let ids = Tensor::new(&[1u32, 5, 17, 33, 8], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let a = m.model.forward(&ids).unwrap();
-    let b = again.model.forward(&ids).unwrap();
-    assert_eq!(crate::common::max_abs_diff(&a, &b), 0.0);
+    assert_saves_and_loads_the_same(&m);
 }
 
 /// LoRA training on Qwen3 (gradients through the head norms) writes a PEFT adapter that opens
@@ -274,10 +260,7 @@ fn qwen3_lora_training_round_trip() {
     );
     let base = open(&model);
     let adapted = open(&format!("{model}+{}", adapter.display()));
-    let ids = Tensor::new(&[1u32, 5, 17, 33, 8], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let ids = crate::common::ids_tensor(&[1, 5, 17, 33, 8]);
     let diff = crate::common::max_abs_diff(
         &base.model.forward(&ids).unwrap(),
         &adapted.model.forward(&ids).unwrap(),
