@@ -5,8 +5,13 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, D};
-use tunelens::model::{load, ForwardOptions, Input, LoadOptions, LoadedModel, ModelSpec};
+use candle_core::{DType, Device, Tensor, Var, D};
+use tunelens::model::config::Architecture;
+use tunelens::model::hooks::{HookPoint, Recorder};
+use tunelens::model::lora::LinearMode;
+use tunelens::model::tiny::{tiny_family_config, tiny_model_with, tiny_options};
+use tunelens::model::transformer::{KvCache, LogitsAt};
+use tunelens::model::{load, ForwardOptions, Input, LoadOptions, LoadedModel, ModelSpec, NoHook};
 
 fn family(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -269,4 +274,284 @@ fn qwen3_lora_training_round_trip() {
         diff > 1e-6,
         "two steps of training change the model ({diff})"
     );
+}
+
+/// Gemma 3: `√d` embedding scale, `(1 + w)` norms before and after both sub-layers, GeGLU,
+/// per-head q/k norms, sliding (window 4, local RoPE base) and full layers (global base), logits
+/// scaled by `query_pre_attn_scalar`; then a PEFT adapter on every projection.
+#[test]
+fn gemma3_matches_transformers_with_and_without_an_adapter() {
+    let dir = family("gemma3");
+    let golden = golden("gemma3");
+    let m = open(&dir.display().to_string());
+    let cfg = m.model.config();
+    assert_eq!(cfg.architecture.name(), "gemma3");
+    assert_eq!((cfg.window(0), cfg.window(1)), (Some(4), None));
+    assert_eq!(cfg.query_pre_attn_scalar, Some(20.0));
+    assert!(m.model.layers[0].attn_out_norm.is_some());
+    check(&m, &golden, "base");
+    let adapted = open(&format!(
+        "{}+{}",
+        dir.display(),
+        dir.join("adapter").display()
+    ));
+    check(&adapted, &golden, "adapter");
+    // Saved and loaded again: the same logits (gains written back as `w`, not `1 + w`).
+    assert_saves_and_loads_the_same(&m);
+    let tensors = tunelens::model::save::hf_tensors(&m.model).unwrap();
+    assert!(tensors.contains_key("model.layers.2.pre_feedforward_layernorm.weight"));
+    assert!(tensors.contains_key("model.layers.2.post_feedforward_layernorm.weight"));
+}
+
+/// OLMo-2: no pre-norms, norms on the sub-layer outputs, q/k norms over the whole projections;
+/// then a PEFT adapter on every projection.
+#[test]
+fn olmo2_matches_transformers_with_and_without_an_adapter() {
+    let dir = family("olmo2");
+    let golden = golden("olmo2");
+    let m = open(&dir.display().to_string());
+    assert_eq!(m.model.config().architecture.name(), "olmo2");
+    let layer = &m.model.layers[0];
+    assert!(layer.input_layernorm.is_none() && layer.mlp_out_norm.is_some());
+    assert_eq!(
+        layer.self_attn.q_norm.as_ref().unwrap().weight.dims(),
+        &[32]
+    );
+    check(&m, &golden, "base");
+    let adapted = open(&format!(
+        "{}+{}",
+        dir.display(),
+        dir.join("adapter").display()
+    ));
+    check(&adapted, &golden, "adapter");
+    assert_saves_and_loads_the_same(&m);
+}
+
+/// LoRA training on Gemma 3 and OLMo-2 (gradients through the post-norms, GeGLU and q/k norms)
+/// writes a PEFT adapter that changes the model when opened on the base again.
+#[test]
+fn gemma3_and_olmo2_lora_training_round_trip() {
+    for name in ["gemma3", "olmo2"] {
+        let model = family(name).display().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("train.jsonl");
+        let lines: Vec<String> = (0..4)
+            .map(|i| {
+                format!(
+                    "{{\"instruction\": \"w{} w{}\", \"output\": \"w{} w{}\"}}",
+                    10 + i,
+                    20 + i,
+                    30 + i,
+                    40 + i
+                )
+            })
+            .collect();
+        std::fs::write(&data, lines.join("\n")).unwrap();
+        let out = dir.path().join("run");
+        let run = crate::common::run_cli(&[
+            "train",
+            "--model",
+            &model,
+            "--data",
+            &data.display().to_string(),
+            "--steps",
+            "2",
+            "--template",
+            "definition",
+            "--lr",
+            "0.01",
+            "--out",
+            &out.display().to_string(),
+        ]);
+        assert_eq!(run.code, 0, "{name}: {}", run.stderr);
+        let base = open(&model);
+        let adapted = open(&format!("{model}+{}", out.join("adapter").display()));
+        let ids = crate::common::ids_tensor(&[1, 5, 17, 33, 8]);
+        let diff = crate::common::max_abs_diff(
+            &base.model.forward(&ids).unwrap(),
+            &adapted.model.forward(&ids).unwrap(),
+        );
+        assert!(diff > 1e-6, "{name}: training changes the model ({diff})");
+    }
+}
+
+fn tiny_family(arch: Architecture, seed: u64, dtype: DType) -> LoadedModel {
+    tiny_model_with(&tiny_family_config(arch), seed, &tiny_options(dtype)).expect("tiny family")
+}
+
+const TINY_IDS: [u32; 8] = [1, 9, 20, 33, 40, 12, 50, 7];
+
+/// Gemma 3 and OLMo-2 on tiny seeded models: `h[l+1] = h[l] + attn[l] + mlp[l]` holds because
+/// the `AttnOut`/`MlpOut` hooks see the sub-layer outputs *after* their norms; `attn[l]` is the
+/// post-norm of `o_proj` applied to the heads' outputs (not their sum of `W_O` slices); Gemma's
+/// sliding layers attend to the last 3 positions and its full layer to all.
+#[test]
+fn post_norm_families_decompose_the_residual_stream() {
+    for arch in [Architecture::Gemma3, Architecture::Olmo2] {
+        let m = tiny_family(arch, 3, DType::F64);
+        let mut rec = Recorder::all();
+        m.model
+            .forward_hooked(&crate::common::ids_tensor(&TINY_IDS), &mut rec)
+            .unwrap();
+        let t = TINY_IDS.len();
+        for (l, layer) in m.model.layers.iter().enumerate() {
+            let get = |p| rec.get(p).unwrap();
+            let mid = (get(HookPoint::ResidPre(l)) + get(HookPoint::AttnOut(l))).unwrap();
+            assert!(crate::common::max_abs_diff(&mid, get(HookPoint::ResidMid(l))) < 1e-12);
+            let post = (&mid + get(HookPoint::MlpOut(l))).unwrap();
+            assert!(crate::common::max_abs_diff(&post, get(HookPoint::ResidPost(l))) < 1e-12);
+            // attn[l] = N_ao(o_proj(z)), with N_ao computed here from its definition.
+            let z = get(HookPoint::HeadOut(l)).reshape((1, t, 16)).unwrap();
+            let o = layer
+                .self_attn
+                .o_proj
+                .forward(
+                    &z,
+                    LinearMode {
+                        differentiable: false,
+                        use_lora: true,
+                    },
+                )
+                .unwrap();
+            let norm = layer.attn_out_norm.as_ref().expect("post-norm");
+            let inv_rms = (o.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + norm.eps)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .recip()
+                .unwrap();
+            let expected = o
+                .broadcast_mul(&inv_rms)
+                .unwrap()
+                .broadcast_mul(&norm.weight)
+                .unwrap();
+            assert!(
+                crate::common::max_abs_diff(&expected, get(HookPoint::AttnOut(l))) < 1e-12,
+                "{arch:?} layer {l}"
+            );
+            assert!(crate::common::max_abs_diff(&o, get(HookPoint::AttnOut(l))) > 1e-3);
+        }
+        if arch == Architecture::Gemma3 {
+            let last_row = |l: usize| -> Vec<f64> {
+                let p = rec.get(HookPoint::AttnPattern(l)).unwrap();
+                p.squeeze(0)
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .get(t - 1)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            // Sliding (window 3): keys t-3..t only; full: every key.
+            assert!(last_row(0)[..t - 3].iter().all(|&p| p == 0.0));
+            assert!(last_row(0)[t - 3..].iter().all(|&p| p > 0.0));
+            assert!(last_row(1).iter().all(|&p| p > 0.0));
+        }
+    }
+}
+
+/// Finite differences, candle's autograd on the differentiable path and the hand-written
+/// backward agree on the input gradient of Gemma 3 and OLMo-2 (f64, tiny seeded models).
+#[test]
+fn post_norm_families_input_gradients_match_finite_differences() {
+    for arch in [Architecture::Gemma3, Architecture::Olmo2] {
+        let m = tiny_family(arch, 5, DType::F64);
+        let x0 = m
+            .model
+            .embed(&crate::common::ids_tensor(&TINY_IDS))
+            .unwrap();
+        let t = TINY_IDS.len();
+        // A fixed cotangent on the final-norm hidden states: f(x) = Σ r ⊙ h(x).
+        let r: Vec<f64> = (0..t * 16)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) / 7.0)
+            .collect();
+        let r = Tensor::from_vec(r, (1, t, 16), &Device::Cpu).unwrap();
+        let opts = ForwardOptions {
+            differentiable: true,
+            logits: LogitsAt::None,
+            use_lora: true,
+        };
+        let f = |x: &Tensor| -> Tensor {
+            let h = m
+                .model
+                .run(Input::Embeds(x), &opts, None, &mut NoHook)
+                .unwrap();
+            (h * &r).unwrap().sum_all().unwrap()
+        };
+        let var = Var::from_tensor(&x0).unwrap();
+        let grads = f(var.as_tensor()).backward().unwrap();
+        let autograd = grads.get(&var).expect("gradient").clone();
+        let (_, tape) = m.model.run_taped(Input::Embeds(&x0), true).unwrap();
+        let ours = m.model.input_vjp(&tape, &r).unwrap();
+        let scale = autograd
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(scale > 1e-3);
+        // candle's GELU backward uses constants rounded to 6 digits (0.797885, 0.0535161, ...),
+        // so autograd is the looser reference for Gemma; finite differences check ours tightly.
+        let diff = crate::common::max_abs_diff(&ours, &autograd);
+        let tol = if arch == Architecture::Gemma3 {
+            1e-6
+        } else {
+            1e-10
+        };
+        assert!(
+            diff < tol * scale,
+            "{arch:?}: hand-written vs autograd {diff:e}"
+        );
+        let base: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
+        let ours: Vec<f64> = ours.flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-5;
+        let mut worst: f64 = 0.0;
+        for idx in [0usize, 17, 40, 63, 77, 100, 127] {
+            let shifted = |delta: f64| -> f64 {
+                let mut v = base.clone();
+                v[idx] += delta;
+                let x = Tensor::from_vec(v, x0.dims(), &Device::Cpu).unwrap();
+                f(&x).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+            worst = worst.max((numeric - ours[idx]).abs());
+        }
+        assert!(
+            worst < 1e-7 * scale.max(1.0),
+            "{arch:?}: finite differences off by {worst:e}"
+        );
+    }
+}
+
+/// Decoding Gemma 3 token by token with a KV cache gives the logits of one full pass, with
+/// sliding layers (window 3) longer than their window and the full layer between them.
+#[test]
+fn gemma3_cached_decoding_equals_the_full_pass() {
+    let m = tiny_family(Architecture::Gemma3, 7, DType::F32);
+    let ids = crate::common::ids_tensor(&TINY_IDS);
+    let full = m.model.forward(&ids).unwrap();
+    let mut cache = KvCache::new();
+    let opts = ForwardOptions::default();
+    let first = m
+        .model
+        .run(
+            Input::Ids(&ids.narrow(1, 0, 2).unwrap()),
+            &opts,
+            Some(&mut cache),
+            &mut NoHook,
+        )
+        .unwrap();
+    let mut rows = vec![first];
+    for pos in 2..TINY_IDS.len() {
+        let one = ids.narrow(1, pos, 1).unwrap();
+        rows.push(
+            m.model
+                .run(Input::Ids(&one), &opts, Some(&mut cache), &mut NoHook)
+                .unwrap(),
+        );
+    }
+    let stepped = Tensor::cat(&rows, 1).unwrap();
+    assert!(crate::common::max_abs_diff(&full, &stepped) < 1e-5);
 }

@@ -9,6 +9,7 @@ mod cli;
 mod common;
 mod demo_model;
 mod families;
+mod gemma3;
 mod model_core;
 mod peft;
 mod train;

@@ -240,13 +240,23 @@ pub fn layer_activations(
         .layers
         .get(layer)
         .ok_or_else(|| Error::invalid("layer", format!("{layer} is out of range")))?;
-    let g = &l.input_layernorm.weight;
-    // The effective weights: a LoRA adapter on q/k changes the QK circuit.
-    let wq = fold_gain(&l.self_attn.q_proj.effective_weight()?, g)?;
-    let wk = fold_gain(&l.self_attn.k_proj.effective_weight()?, g)?;
-    // Qwen3 normalises each head's query and key: its gain scales the rows of every head as the
-    // input norm's gain scales the columns; its per-token 1/rms, like the input norm's, is a
-    // positive scale per word and head and is left out (§3.2 reads directions, not lengths).
+    // The effective weights: a LoRA adapter on q/k changes the QK circuit. OLMo-2 has no norm
+    // before attention: nothing to fold.
+    let (wq, wk) = (
+        l.self_attn.q_proj.effective_weight()?,
+        l.self_attn.k_proj.effective_weight()?,
+    );
+    let (wq, wk) = match &l.input_layernorm {
+        Some(norm) => (fold_gain(&wq, &norm.weight)?, fold_gain(&wk, &norm.weight)?),
+        None => (
+            wq.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+            wk.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+        ),
+    };
+    // Qwen3 and Gemma 3 normalise each head's query and key: the gain scales the rows of every
+    // head as the input norm's gain scales the columns; its per-token 1/rms, like the input
+    // norm's, is a positive scale per word and head and is left out (§3.2 reads directions, not
+    // lengths). OLMo-2's norm spans the whole projection: its gain covers every row at once.
     let wq = fold_head_gain(wq, l.self_attn.q_norm.as_ref())?;
     let wk = fold_head_gain(wk, l.self_attn.k_norm.as_ref())?;
     let e_t = e_i.t()?.contiguous()?;
@@ -547,7 +557,13 @@ mod tests {
         // Reference: (e ⊙ g) W_Qᵀ, transposed.
         let l = &model.layers[1];
         let reference = e
-            .broadcast_mul(&l.input_layernorm.weight.unsqueeze(0)?)?
+            .broadcast_mul(
+                &l.input_layernorm
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("layer", "no input norm"))?
+                    .weight
+                    .unsqueeze(0)?,
+            )?
             .matmul(&l.self_attn.q_proj.weight.t()?)?
             .t()?
             .contiguous()?

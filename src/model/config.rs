@@ -23,6 +23,32 @@ pub enum Architecture {
     Phi3,
     /// Qwen3 (LLaMA layout plus an RMSNorm over each head's query and key, before RoPE).
     Qwen3,
+    /// Gemma 3 text models (`gemma3_text`): embeddings scaled by `√d`, `(1 + w)` RMSNorm gains
+    /// (stored as the effective gain `1 + w` once loaded), norms before and after attention and
+    /// the MLP, GeGLU with tanh-GELU, per-head q/k norms, sliding-window layers with their own
+    /// RoPE base between full-attention layers, attention scaled by `query_pre_attn_scalar`.
+    Gemma3,
+    /// OLMo-2: no norm before the sub-layers, an RMSNorm on each sub-layer's output before it is
+    /// added to the residual stream, and an RMSNorm over the whole query and key projections.
+    Olmo2,
+}
+
+/// The gated MLP's activation: `act(gate) ⊙ up`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Activation {
+    /// SwiGLU (`silu`).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (`gelu_pytorch_tanh`, Gemma).
+    GeluTanh,
+}
+
+/// Attention kind of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum LayerType {
+    /// Attends to every earlier position.
+    Full,
+    /// Attends to the last `sliding_window` positions (Gemma 3's local layers).
+    Sliding,
 }
 
 impl Architecture {
@@ -34,12 +60,37 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Phi3 => "phi3",
             Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
+            Self::Olmo2 => "olmo2",
         }
     }
 
-    /// Whether each head's query and key are RMS-normalised (gain over `head_dim`) before RoPE.
+    /// Whether the queries and keys are RMS-normalised before RoPE: per head (gain over
+    /// `head_dim`: Qwen3, Gemma 3) or over the whole projection (OLMo-2). The gain's length says
+    /// which.
     pub fn has_qk_norm(self) -> bool {
-        self == Self::Qwen3
+        matches!(self, Self::Qwen3 | Self::Gemma3 | Self::Olmo2)
+    }
+
+    /// Whether a norm sits before attention and before the MLP (every family but OLMo-2).
+    pub fn has_pre_norms(self) -> bool {
+        self != Self::Olmo2
+    }
+
+    /// Whether each sub-layer's output is RMS-normalised before it joins the residual stream
+    /// (Gemma 3, OLMo-2).
+    pub fn has_post_norms(self) -> bool {
+        matches!(self, Self::Gemma3 | Self::Olmo2)
+    }
+
+    /// What the checkpoint's norm weights store below the gain: Gemma's RMSNorm multiplies by
+    /// `1 + w`, so its files hold `gain − 1` (1.0); GGUF files hold the gain itself.
+    pub fn norm_weight_offset(self) -> f64 {
+        if self == Self::Gemma3 {
+            1.0
+        } else {
+            0.0
+        }
     }
 
     /// Recognises an `architectures[0]` class name or a `model_type` / GGUF architecture string.
@@ -50,6 +101,8 @@ impl Architecture {
             "Qwen2ForCausalLM" | "qwen2" => Some(Self::Qwen2),
             "Phi3ForCausalLM" | "phi3" => Some(Self::Phi3),
             "Qwen3ForCausalLM" | "qwen3" => Some(Self::Qwen3),
+            "Gemma3ForCausalLM" | "gemma3_text" | "gemma3" => Some(Self::Gemma3),
+            "Olmo2ForCausalLM" | "olmo2" => Some(Self::Olmo2),
             _ => None,
         }
     }
@@ -120,6 +173,19 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token ids (generation stops on any of them).
     pub eos_token_ids: Vec<u32>,
+    /// The gated MLP's activation.
+    pub hidden_act: Activation,
+    /// Gemma: the input embeddings are multiplied by `√d` (rounded to the weights' dtype).
+    pub scale_embeddings: bool,
+    /// Attention logits are scaled by `query_pre_attn_scalar^(-1/2)` (Gemma) instead of
+    /// `head_dim^(-1/2)`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Attention kind per layer (Gemma 3); empty when every layer uses `sliding_window` as
+    /// Mistral does.
+    pub layer_types: Vec<LayerType>,
+    /// Gemma 3: the RoPE base of the sliding layers (`rope_local_base_freq`, no rescaling); the
+    /// full layers use `rope_theta` and `rope_scaling`.
+    pub rope_local_theta: Option<f64>,
 }
 
 /// `bos_token_id` / `eos_token_id` are an integer or a list of integers in `config.json`.
@@ -152,6 +218,17 @@ struct HfConfig {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     hidden_act: Option<String>,
+    /// Gemma's name for `hidden_act`.
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<usize>,
+    #[serde(rename = "_sliding_window_pattern")]
+    sliding_window_pattern_private: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
     max_position_embeddings: Option<usize>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
@@ -186,21 +263,90 @@ impl ModelConfig {
                 arch: arch_name.clone(),
                 path: path.to_path_buf(),
             })?;
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" && act != "swish" {
+        let act_field = if raw.hidden_activation.is_some() {
+            "hidden_activation"
+        } else {
+            "hidden_act"
+        };
+        let hidden_act = match raw
+            .hidden_activation
+            .as_deref()
+            .or(raw.hidden_act.as_deref())
+        {
+            None if architecture == Architecture::Gemma3 => Activation::GeluTanh,
+            None | Some("silu" | "swish") => Activation::Silu,
+            Some("gelu_pytorch_tanh") => Activation::GeluTanh,
+            Some(other) => {
                 return Err(Error::bad_file(
                     path,
-                    format!("config.json: hidden_act `{act}` is not supported (only silu)"),
+                    format!(
+                    "config.json: {act_field} `{other}` is not supported (silu, gelu_pytorch_tanh)"
+                ),
+                ))
+            }
+        };
+        for (field, value) in [
+            ("attn_logit_softcapping", raw.attn_logit_softcapping),
+            ("final_logit_softcapping", raw.final_logit_softcapping),
+        ] {
+            if value.is_some() {
+                return Err(Error::bad_file(
+                    path,
+                    format!("config.json: {field} is not supported (Gemma 2's soft-capping)"),
                 ));
             }
         }
+        if raw.use_bidirectional_attention == Some(true) {
+            return Err(Error::bad_file(
+                path,
+                "config.json: use_bidirectional_attention is not supported (causal decoders only)",
+            ));
+        }
+        let gemma = architecture == Architecture::Gemma3;
+        // Gemma 3 in transformers 5: one RoPE per layer type; the sliding layers' base is the
+        // local one, the full layers' carries any rescaling.
+        let per_type = raw
+            .rope_parameters
+            .as_ref()
+            .filter(|p| gemma && p.get("full_attention").is_some());
+        let mut rope_local_theta = gemma.then(|| raw.rope_local_base_freq.unwrap_or(10_000.0));
         let (rope_theta, rope_scaling) = match raw.rope_parameters.as_ref().filter(|v| !v.is_null())
         {
+            Some(params) if per_type.is_some() => {
+                let theta_of = |kind: &str| -> Result<f64> {
+                    params
+                        .get(kind)
+                        .and_then(|p| p.get("rope_theta"))
+                        .and_then(serde_json::Value::as_f64)
+                        .ok_or_else(|| {
+                            Error::bad_field(path, format!("rope_parameters.{kind}.rope_theta"))
+                        })
+                };
+                if let Some(local) = params.get("sliding_attention") {
+                    if parse_rope_scaling(Some(local), path, "rope_parameters.sliding_attention")?
+                        != RopeScaling::None
+                    {
+                        return Err(Error::bad_file(
+                            path,
+                            "config.json: rope_parameters.sliding_attention: rescaled RoPE on the sliding layers is not supported",
+                        ));
+                    }
+                    rope_local_theta = Some(theta_of("sliding_attention")?);
+                }
+                (
+                    theta_of("full_attention")?,
+                    parse_rope_scaling(
+                        params.get("full_attention"),
+                        path,
+                        "rope_parameters.full_attention",
+                    )?,
+                )
+            }
             Some(params) => {
                 if params.get("rope_theta").is_none() && params.get("rope_type").is_none() {
                     return Err(Error::bad_file(
                         path,
-                        "config.json: rope_parameters per layer type (e.g. Gemma 3) are not supported",
+                        "config.json: rope_parameters per layer type are only read for gemma3",
                     ));
                 }
                 let theta = match params.get("rope_theta") {
@@ -245,8 +391,17 @@ impl ModelConfig {
                     "config.json: use_sliding_window is not supported for qwen3",
                 ));
             }
+            Architecture::Gemma3 => raw.sliding_window,
             _ => None,
         };
+        let layer_types = if gemma {
+            gemma_layer_types(&raw, path)?
+        } else {
+            Vec::new()
+        };
+        if layer_types.contains(&LayerType::Sliding) && sliding_window.is_none() {
+            return Err(Error::bad_field(path, "sliding_window"));
+        }
         let cfg = Self {
             architecture,
             vocab_size: raw.vocab_size,
@@ -272,6 +427,11 @@ impl ModelConfig {
                 .eos_token_id
                 .map(OneOrMany::into_vec)
                 .unwrap_or_default(),
+            hidden_act,
+            scale_embeddings: gemma,
+            query_pre_attn_scalar: gemma.then(|| raw.query_pre_attn_scalar.unwrap_or(256.0)),
+            layer_types,
+            rope_local_theta,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -303,10 +463,34 @@ impl ModelConfig {
                 ),
             ));
         }
+        if !self.layer_types.is_empty() && self.layer_types.len() != self.num_hidden_layers {
+            return Err(Error::bad_field(path, "layer_types"));
+        }
         if self.head_dim % 2 != 0 {
             return Err(Error::bad_file(path, "head_dim must be even for RoPE"));
         }
         Ok(())
+    }
+
+    /// The attention window of layer `layer` (`None`: every earlier position).
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        match self.layer_types.get(layer) {
+            Some(LayerType::Full) => None,
+            Some(LayerType::Sliding) | None => self.sliding_window,
+        }
+    }
+
+    /// Whether layer `layer` rotates with the local RoPE base (Gemma 3's sliding layers).
+    pub fn local_rope(&self, layer: usize) -> bool {
+        self.rope_local_theta.is_some() && self.layer_types.get(layer) == Some(&LayerType::Sliding)
+    }
+
+    /// The factor on `q·k` before the softmax.
+    pub fn attn_scale(&self) -> f64 {
+        1.0 / self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim as f64)
+            .sqrt()
     }
 
     /// Number of parameters of the base model (adapters excluded).
@@ -314,7 +498,17 @@ impl ModelConfig {
         let d = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let mut per_layer = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d;
+        let arch = self.architecture;
+        let norms = usize::from(arch.has_pre_norms()) + usize::from(arch.has_post_norms());
+        let mut per_layer =
+            d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * norms * d;
+        if arch.has_qk_norm() {
+            per_layer += if arch == Architecture::Olmo2 {
+                q + kv
+            } else {
+                2 * self.head_dim
+            };
+        }
         if self.qkv_bias {
             per_layer += q + 2 * kv;
         }
@@ -328,6 +522,54 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + d + per_layer * self.num_hidden_layers
     }
+}
+
+/// Gemma 3's attention kind per layer: `layer_types` when the file lists them, else every
+/// `sliding_window_pattern`-th layer full and the others sliding (transformers' rule).
+fn gemma_layer_types(raw: &HfConfig, path: &Path) -> Result<Vec<LayerType>> {
+    if let Some(types) = &raw.layer_types {
+        if types.len() != raw.num_hidden_layers {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "config.json: layer_types lists {} layers, num_hidden_layers is {}",
+                    types.len(),
+                    raw.num_hidden_layers
+                ),
+            ));
+        }
+        return types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                "full_attention" => Ok(LayerType::Full),
+                "sliding_attention" => Ok(LayerType::Sliding),
+                other => Err(Error::bad_file(
+                    path,
+                    format!("config.json: layer_types[{i}] `{other}` is not supported (full_attention, sliding_attention)"),
+                )),
+            })
+            .collect();
+    }
+    let pattern = raw
+        .sliding_window_pattern
+        .or(raw.sliding_window_pattern_private)
+        .unwrap_or(6)
+        .max(1);
+    Ok(gemma3_layer_types(raw.num_hidden_layers, pattern))
+}
+
+/// Every `pattern`-th layer full, the others sliding (Gemma 3's 5 local : 1 global).
+pub fn gemma3_layer_types(layers: usize, pattern: usize) -> Vec<LayerType> {
+    (0..layers)
+        .map(|i| {
+            if (i + 1) % pattern.max(1) == 0 {
+                LayerType::Full
+            } else {
+                LayerType::Sliding
+            }
+        })
+        .collect()
 }
 
 /// The scaling of a `rope_scaling` (or transformers 5 `rope_parameters`) object; `field` names it
@@ -374,11 +616,21 @@ fn parse_rope_scaling(
 
 /// RoPE inverse frequencies `θ^{-2i/d_h}` after rescaling, one per rotated pair.
 pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
-    let half = cfg.head_dim / 2;
+    inv_freq_with(cfg.rope_theta, &cfg.rope_scaling, cfg.head_dim)
+}
+
+/// The inverse frequencies of the sliding layers' local RoPE base (Gemma 3), unscaled.
+pub fn rope_inv_freq_local(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    cfg.rope_local_theta
+        .map(|theta| inv_freq_with(theta, &RopeScaling::None, cfg.head_dim))
+}
+
+fn inv_freq_with(theta: f64, scaling: &RopeScaling, head_dim: usize) -> Vec<f32> {
+    let half = head_dim / 2;
     (0..half)
         .map(|i| {
-            let base = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
-            let scaled = match cfg.rope_scaling {
+            let base = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+            let scaled = match *scaling {
                 RopeScaling::None => base,
                 RopeScaling::Linear { factor } => base / factor,
                 RopeScaling::Llama3 {
@@ -506,5 +758,78 @@ mod tests {
             assert!(err.contains(needle), "{err}");
             assert!(err.contains("config.json"), "{err}");
         }
+    }
+
+    #[test]
+    fn gemma3_configs_of_both_transformers_generations() {
+        let base = r#""architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+            "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 7,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8,
+            "sliding_window": 5, "hidden_activation": "gelu_pytorch_tanh""#;
+        let parse = |extra: &str| {
+            ModelConfig::from_hf_json(&format!("{{{base}{extra}}}"), Path::new("config.json"))
+        };
+        // transformers 4: rope_theta + rope_local_base_freq, layer types from the pattern.
+        let old = parse(r#", "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 6, "query_pre_attn_scalar": 8"#)
+            .expect("parses");
+        assert_eq!(old.hidden_act, Activation::GeluTanh);
+        assert!(old.scale_embeddings);
+        assert_eq!(old.layer_types[5], LayerType::Full);
+        assert_eq!(old.window(5), None);
+        assert_eq!((old.window(4), old.window(6)), (Some(5), Some(5)));
+        assert!(old.local_rope(0) && !old.local_rope(5));
+        assert!((old.attn_scale() - 1.0 / 8f64.sqrt()).abs() < 1e-12);
+        // transformers 5: one RoPE per layer type, layer types listed.
+        let new = parse(
+            r#", "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+                                "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}"#,
+        )
+        .expect("parses");
+        assert_eq!(new.window(1), None);
+        assert_eq!(new.rope_scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!(new.rope_local_theta, Some(1e4));
+        assert!((new.rope_theta - 1e6).abs() < 1e-6);
+        // Gemma 2's soft-capping, unknown layer types and activations are named.
+        for (extra, needle) in [
+            (
+                r#", "final_logit_softcapping": 30.0"#,
+                "final_logit_softcapping",
+            ),
+            (
+                r#", "attn_logit_softcapping": 50.0"#,
+                "attn_logit_softcapping",
+            ),
+            (
+                r#", "layer_types": ["chunked_attention", "full_attention", "full_attention", "full_attention", "full_attention", "full_attention", "full_attention"]"#,
+                "layer_types[0] `chunked_attention`",
+            ),
+            (
+                r#", "layer_types": ["full_attention"]"#,
+                "layer_types lists 1 layers",
+            ),
+        ] {
+            let err = parse(extra).expect_err(extra).to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let err = ModelConfig::from_hf_json(
+            &SMOLLM_LIKE.replace(r#""hidden_act": "silu""#, r#""hidden_act": "relu2""#),
+            Path::new("config.json"),
+        )
+        .expect_err("relu2")
+        .to_string();
+        assert!(err.contains("hidden_act `relu2`"), "{err}");
+        let err = ModelConfig::from_hf_json(
+            &SMOLLM_LIKE
+                .replace("LlamaForCausalLM", "Gemma2ForCausalLM")
+                .replace(r#""model_type": "llama""#, r#""model_type": "gemma2""#),
+            Path::new("config.json"),
+        )
+        .expect_err("gemma2")
+        .to_string();
+        assert!(
+            err.contains("`Gemma2ForCausalLM`") && err.contains("gemma3, olmo2"),
+            "{err}"
+        );
     }
 }

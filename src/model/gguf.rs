@@ -15,7 +15,9 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::config::{Architecture, ModelConfig, RopeScaling};
+use crate::model::config::{
+    gemma3_layer_types, Activation, Architecture, ModelConfig, RopeScaling,
+};
 use crate::model::info::ModelInfo;
 use crate::model::load::{
     build_transformer, first_line, report, LoadOptions, LoadedModel, Progress, TensorMap,
@@ -46,7 +48,10 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
             path: path.to_path_buf(),
         });
     };
-    if matches!(architecture, Architecture::Phi3 | Architecture::Qwen3) {
+    if matches!(
+        architecture,
+        Architecture::Phi3 | Architecture::Qwen3 | Architecture::Olmo2
+    ) {
         return Err(Error::bad_file(
             path,
             format!("{arch_name} GGUF files are not supported yet; open the Hugging Face folder instead"),
@@ -69,7 +74,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
     for (done, name) in names.into_iter().enumerate() {
         // Dequantization is most of a GGUF load: 90% of the bar.
         report(progress, 0.9 * done as f32 / total as f32)?;
-        let Some(hf_name) = hf_name(name) else {
+        let Some(hf_name) = hf_name(name, architecture) else {
             if name.as_str() == "rope_freqs.weight" {
                 return Err(Error::bad_file(
                     path,
@@ -87,6 +92,11 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
         let mut tensor = qtensor.dequantize(&Device::Cpu).map_err(|err| {
             Error::bad_file(path, format!("tensor `{name}`: {}", first_line(&err)))
         })?;
+        // llama.cpp stores Gemma's norm gains with the 1 added; the loader adds it, so take it
+        // off as transformers' GGUF loader does.
+        if architecture.norm_weight_offset() != 0.0 && hf_name.ends_with("norm.weight") {
+            tensor = (tensor - architecture.norm_weight_offset())?;
+        }
         if architecture == Architecture::Llama || architecture == Architecture::Mistral {
             if hf_name.ends_with("q_proj.weight") || hf_name.ends_with("q_proj.bias") {
                 tensor = unpermute(&tensor, cfg.num_attention_heads)?;
@@ -156,8 +166,8 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     Ok(out)
 }
 
-/// GGUF tensor name → Hugging Face name.
-fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name → Hugging Face name, for a file of architecture `arch`.
+fn hf_name(gguf: &str, arch: Architecture) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".to_owned()),
         "output_norm.weight" => return Some("model.norm.weight".to_owned()),
@@ -170,7 +180,14 @@ fn hf_name(gguf: &str) -> Option<String> {
     let (module, kind) = rest.rsplit_once('.')?;
     let hf_module = match module {
         "attn_norm" => "input_layernorm",
+        // Gemma calls the pre-MLP norm `pre_feedforward_layernorm` and uses
+        // `post_attention_layernorm` for the norm on the attention output.
+        "ffn_norm" if arch == Architecture::Gemma3 => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
@@ -272,6 +289,7 @@ fn read_vocab(meta: &Meta<'_>) -> Result<GgufVocab> {
     let id =
         |key: &str| -> Result<Option<u32>> { Ok(meta.optional_number(key)?.map(|v| v as u32)) };
     Ok(GgufVocab {
+        architecture: meta.string("general.architecture")?,
         model: meta.string("tokenizer.ggml.model")?,
         pre: meta.optional_string("tokenizer.ggml.pre"),
         tokens: meta.strings("tokenizer.ggml.tokens")?,
@@ -325,12 +343,14 @@ fn config_from_meta(
             ))
         }
     };
+    let gemma = architecture == Architecture::Gemma3;
+    let num_hidden_layers = meta.count(&key("block_count"))?;
     let cfg = ModelConfig {
         architecture,
         vocab_size,
         hidden_size,
         intermediate_size: meta.count(&key("feed_forward_length"))?,
-        num_hidden_layers: meta.count(&key("block_count"))?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
@@ -346,9 +366,29 @@ fn config_from_meta(
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
-        sliding_window: None,
+        sliding_window: if gemma {
+            Some(meta.count(&key("attention.sliding_window"))?)
+        } else {
+            None
+        },
         bos_token_id: vocab.bos_token_id,
         eos_token_ids: vocab.eos_token_id.into_iter().collect(),
+        hidden_act: if gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
+        scale_embeddings: gemma,
+        // llama.cpp scales Gemma 3's logits by key_length^(-1/2) (all sizes but 27B, whose
+        // query_pre_attn_scalar is d / h); transformers' GGUF loader keeps its default, 256.
+        query_pre_attn_scalar: gemma.then_some(head_dim as f64),
+        // llama.cpp and transformers both take Gemma 3's pattern as fixed: 5 sliding, 1 full.
+        layer_types: if gemma {
+            gemma3_layer_types(num_hidden_layers, 6)
+        } else {
+            Vec::new()
+        },
+        rope_local_theta: gemma.then_some(10_000.0),
     };
     cfg.validate(meta.path)?;
     Ok(cfg)
@@ -360,16 +400,49 @@ mod tests {
 
     #[test]
     fn maps_names() {
-        assert_eq!(
-            hf_name("blk.12.attn_q.weight").as_deref(),
-            Some("model.layers.12.self_attn.q_proj.weight")
-        );
-        assert_eq!(
-            hf_name("blk.0.ffn_down.weight").as_deref(),
-            Some("model.layers.0.mlp.down_proj.weight")
-        );
-        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
-        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        let llama = Architecture::Llama;
+        let gemma = Architecture::Gemma3;
+        for (arch, gguf, hf) in [
+            (
+                llama,
+                "blk.12.attn_q.weight",
+                "model.layers.12.self_attn.q_proj.weight",
+            ),
+            (
+                llama,
+                "blk.0.ffn_down.weight",
+                "model.layers.0.mlp.down_proj.weight",
+            ),
+            (llama, "output.weight", "lm_head.weight"),
+            (
+                llama,
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+            (
+                gemma,
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.pre_feedforward_layernorm.weight",
+            ),
+            (
+                gemma,
+                "blk.1.post_attention_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+            (
+                gemma,
+                "blk.1.post_ffw_norm.weight",
+                "model.layers.1.post_feedforward_layernorm.weight",
+            ),
+            (
+                gemma,
+                "blk.1.attn_k_norm.weight",
+                "model.layers.1.self_attn.k_norm.weight",
+            ),
+        ] {
+            assert_eq!(hf_name(gguf, arch).as_deref(), Some(hf), "{gguf}");
+        }
+        assert_eq!(hf_name("blk.x.attn_q.weight", llama), None);
     }
 
     #[test]

@@ -335,6 +335,45 @@ fn convert(
     Ok(tensor.to_dtype(opts.dtype)?.to_device(&opts.device)?)
 }
 
+/// The Hugging Face names of a layer's norms, by role (`None`: the family has no such norm).
+pub(crate) struct NormNames {
+    /// Before attention.
+    pub pre_attn: Option<&'static str>,
+    /// Before the MLP.
+    pub pre_mlp: Option<&'static str>,
+    /// On the attention output, before the residual add.
+    pub attn_out: Option<&'static str>,
+    /// On the MLP output, before the residual add.
+    pub mlp_out: Option<&'static str>,
+}
+
+impl NormNames {
+    /// LLaMA calls its pre-MLP norm `post_attention_layernorm`; Gemma and OLMo-2 use that name
+    /// for the norm on the attention output.
+    pub(crate) fn of(arch: Architecture) -> Self {
+        match arch {
+            Architecture::Gemma3 => Self {
+                pre_attn: Some("input_layernorm"),
+                pre_mlp: Some("pre_feedforward_layernorm"),
+                attn_out: Some("post_attention_layernorm"),
+                mlp_out: Some("post_feedforward_layernorm"),
+            },
+            Architecture::Olmo2 => Self {
+                pre_attn: None,
+                pre_mlp: None,
+                attn_out: Some("post_attention_layernorm"),
+                mlp_out: Some("post_feedforward_layernorm"),
+            },
+            _ => Self {
+                pre_attn: Some("input_layernorm"),
+                pre_mlp: Some("post_attention_layernorm"),
+                attn_out: None,
+                mlp_out: None,
+            },
+        }
+    }
+}
+
 /// Builds the network from Hugging Face-named tensors, checking every shape against `cfg`.
 pub fn build_transformer(
     cfg: ModelConfig,
@@ -348,24 +387,38 @@ pub fn build_transformer(
     let ff = cfg.intermediate_size;
     let eps = cfg.rms_norm_eps;
     let embed_tokens = required(src, "model.embed_tokens.weight", &[cfg.vocab_size, d], opts)?;
+    // Gemma's files hold `gain − 1`; the model keeps the gain itself, so every norm (and every
+    // analysis that folds a gain) reads it as LLaMA's.
+    let offset = cfg.architecture.norm_weight_offset();
+    let norm_at = |src: &mut dyn TensorSource, name: &str, len: usize| -> Result<RmsNorm> {
+        let weight = required(src, name, &[len], opts)?;
+        let weight = if offset == 0.0 {
+            weight
+        } else {
+            (weight + offset)?
+        };
+        Ok(RmsNorm { weight, eps })
+    };
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         report(progress, i as f32 / cfg.num_hidden_layers as f32)?;
         let p = format!("model.layers.{i}");
-        let head_norm = |src: &mut dyn TensorSource, name: &str| -> Result<Option<RmsNorm>> {
+        // Qwen3 and Gemma 3 normalise each head (gain over head_dim); OLMo-2 the whole
+        // projection (gain over heads · head_dim).
+        let per_head = cfg.architecture != Architecture::Olmo2;
+        let head_norm = |src: &mut dyn TensorSource, name: &str, heads: usize| {
             if !cfg.architecture.has_qk_norm() {
                 return Ok(None);
             }
-            let weight = required(
-                src,
-                &format!("{p}.self_attn.{name}.weight"),
-                &[cfg.head_dim],
-                opts,
-            )?;
-            Ok(Some(RmsNorm { weight, eps }))
+            let len = if per_head {
+                cfg.head_dim
+            } else {
+                heads * cfg.head_dim
+            };
+            norm_at(src, &format!("{p}.self_attn.{name}.weight"), len).map(Some)
         };
-        let q_norm = head_norm(&mut *src, "q_norm")?;
-        let k_norm = head_norm(&mut *src, "k_norm")?;
+        let q_norm = head_norm(&mut *src, "q_norm", cfg.num_attention_heads)?;
+        let k_norm = head_norm(&mut *src, "k_norm", cfg.num_key_value_heads)?;
         let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = required(src, &format!("{p}.{name}.weight"), &[out, inp], opts)?;
             let bias = if bias {
@@ -415,28 +468,21 @@ pub fn build_transformer(
                 },
             )
         };
+        let names = NormNames::of(cfg.architecture);
+        let mut layer_norm = |name: Option<&str>| -> Result<Option<RmsNorm>> {
+            name.map(|n| norm_at(&mut *src, &format!("{p}.{n}.weight"), d))
+                .transpose()
+        };
         layers.push(DecoderLayer {
-            input_layernorm: RmsNorm {
-                weight: required(src, &format!("{p}.input_layernorm.weight"), &[d], opts)?,
-                eps,
-            },
+            input_layernorm: layer_norm(names.pre_attn)?,
             self_attn,
-            post_attention_layernorm: RmsNorm {
-                weight: required(
-                    src,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[d],
-                    opts,
-                )?,
-                eps,
-            },
+            post_attention_layernorm: layer_norm(names.pre_mlp)?,
             mlp,
+            attn_out_norm: layer_norm(names.attn_out)?,
+            mlp_out_norm: layer_norm(names.mlp_out)?,
         });
     }
-    let norm = RmsNorm {
-        weight: required(src, "model.norm.weight", &[d], opts)?,
-        eps,
-    };
+    let norm = norm_at(src, "model.norm.weight", d)?;
     let lm_head_weight = if cfg.tie_word_embeddings {
         embed_tokens.clone()
     } else {

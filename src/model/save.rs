@@ -8,10 +8,10 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::config::{Architecture, ModelConfig, RopeScaling};
-use crate::model::load::LoadedModel;
+use crate::model::config::{Activation, Architecture, LayerType, ModelConfig, RopeScaling};
+use crate::model::load::{LoadedModel, NormNames};
 use crate::model::lora::Linear;
-use crate::model::transformer::Transformer;
+use crate::model::transformer::{RmsNorm, Transformer};
 
 /// `config.json` for `cfg` (the fields tunelens and transformers read).
 pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
@@ -21,8 +21,10 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
         Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         Architecture::Phi3 => ("Phi3ForCausalLM", "phi3"),
         Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Architecture::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
+        Architecture::Olmo2 => ("Olmo2ForCausalLM", "olmo2"),
     };
-    let rope_scaling = match cfg.rope_scaling {
+    let rope_scaling: serde_json::Value = match cfg.rope_scaling {
         RopeScaling::None => serde_json::Value::Null,
         RopeScaling::Linear { factor } => {
             serde_json::json!({"rope_type": "linear", "factor": factor})
@@ -50,11 +52,14 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
+        "hidden_act": match cfg.hidden_act {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+        },
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": rope_scaling,
+        "rope_scaling": rope_scaling.clone(),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_ids,
@@ -76,9 +81,46 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
             Architecture::Mistral | Architecture::Phi3 => {
                 obj.insert("sliding_window".into(), cfg.sliding_window.into());
             }
-            Architecture::Llama | Architecture::Qwen3 => {
+            Architecture::Llama | Architecture::Qwen3 | Architecture::Olmo2 => {
                 obj.insert("attention_bias".into(), (cfg.qkv_bias || cfg.o_bias).into());
                 obj.insert("mlp_bias".into(), cfg.mlp_bias.into());
+            }
+            Architecture::Gemma3 => {
+                obj.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+                obj.insert("sliding_window".into(), cfg.sliding_window.into());
+                obj.insert(
+                    "query_pre_attn_scalar".into(),
+                    cfg.query_pre_attn_scalar.into(),
+                );
+                let types: Vec<&str> = cfg
+                    .layer_types
+                    .iter()
+                    .map(|t| match t {
+                        LayerType::Full => "full_attention",
+                        LayerType::Sliding => "sliding_attention",
+                    })
+                    .collect();
+                obj.insert("layer_types".into(), types.into());
+                // transformers 5's form: one RoPE per layer type.
+                let mut full =
+                    serde_json::json!({"rope_theta": cfg.rope_theta, "rope_type": "default"});
+                if let (Some(full), serde_json::Value::Object(scaling)) =
+                    (full.as_object_mut(), rope_scaling.clone())
+                {
+                    full.extend(scaling);
+                }
+                obj.insert(
+                    "rope_parameters".into(),
+                    serde_json::json!({
+                        "full_attention": full,
+                        "sliding_attention": {
+                            "rope_theta": cfg.rope_local_theta.unwrap_or(10_000.0),
+                            "rope_type": "default",
+                        },
+                    }),
+                );
+                obj.remove("rope_theta");
+                obj.remove("rope_scaling");
             }
         }
     }
@@ -105,6 +147,13 @@ fn cpu(t: &Tensor) -> Result<Tensor> {
 
 /// The model's weights by Hugging Face name.
 pub fn hf_tensors(model: &Transformer) -> Result<HashMap<String, Tensor>> {
+    let arch = model.config().architecture;
+    let offset = arch.norm_weight_offset();
+    // Gemma's files hold `gain − 1` (see `build_transformer`).
+    let stored_gain = |norm: &RmsNorm| -> Result<Tensor> {
+        let w = cpu(&norm.weight)?;
+        Ok(if offset == 0.0 { w } else { (w - offset)? })
+    };
     let mut tensors = HashMap::new();
     tensors.insert(
         "model.embed_tokens.weight".to_owned(),
@@ -112,18 +161,21 @@ pub fn hf_tensors(model: &Transformer) -> Result<HashMap<String, Tensor>> {
     );
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        tensors.insert(
-            format!("{p}.input_layernorm.weight"),
-            cpu(&layer.input_layernorm.weight)?,
-        );
-        tensors.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            cpu(&layer.post_attention_layernorm.weight)?,
-        );
+        let names = NormNames::of(arch);
+        for (name, norm) in [
+            (names.pre_attn, &layer.input_layernorm),
+            (names.pre_mlp, &layer.post_attention_layernorm),
+            (names.attn_out, &layer.attn_out_norm),
+            (names.mlp_out, &layer.mlp_out_norm),
+        ] {
+            if let (Some(name), Some(norm)) = (name, norm) {
+                tensors.insert(format!("{p}.{name}.weight"), stored_gain(norm)?);
+            }
+        }
         let a = &layer.self_attn;
         for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
             if let Some(norm) = norm {
-                tensors.insert(format!("{p}.self_attn.{name}.weight"), cpu(&norm.weight)?);
+                tensors.insert(format!("{p}.self_attn.{name}.weight"), stored_gain(norm)?);
             }
         }
         for (name, linear) in [
@@ -171,7 +223,7 @@ pub fn hf_tensors(model: &Transformer) -> Result<HashMap<String, Tensor>> {
             }
         }
     }
-    tensors.insert("model.norm.weight".to_owned(), cpu(&model.norm.weight)?);
+    tensors.insert("model.norm.weight".to_owned(), stored_gain(&model.norm)?);
     if !model.config().tie_word_embeddings {
         put_linear(&mut tensors, "lm_head", &model.lm_head)?;
     }

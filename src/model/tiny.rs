@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng as _, SeedableRng as _};
 
 use crate::error::{Error, Result};
-use crate::model::config::{Architecture, ModelConfig, RopeScaling};
+use crate::model::config::{Activation, Architecture, LayerType, ModelConfig, RopeScaling};
+use crate::model::load::NormNames;
 use crate::model::load::{build_transformer, LoadOptions, LoadedModel, TensorMap};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::ModelInfo;
@@ -115,7 +116,31 @@ pub fn tiny_config() -> ModelConfig {
         sliding_window: None,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        hidden_act: Activation::Silu,
+        scale_embeddings: false,
+        query_pre_attn_scalar: None,
+        layer_types: Vec::new(),
+        rope_local_theta: None,
     }
+}
+
+/// [`tiny_config`] as another family: Gemma 3 (GeGLU, `√d` embedding scale, `(1 + w)` norms
+/// around both sub-layers, per-head q/k norms, layers sliding (window 3, local RoPE base 100) /
+/// full (base 10,000) / sliding, `query_pre_attn_scalar` 8) or OLMo-2 (norms on the sub-layer
+/// outputs only, q/k norms over the whole projections); LLaMA otherwise.
+pub fn tiny_family_config(arch: Architecture) -> ModelConfig {
+    let mut cfg = tiny_config();
+    cfg.architecture = arch;
+    if arch == Architecture::Gemma3 {
+        cfg.hidden_act = Activation::GeluTanh;
+        cfg.scale_embeddings = true;
+        cfg.query_pre_attn_scalar = Some(8.0);
+        cfg.sliding_window = Some(3);
+        cfg.layer_types = vec![LayerType::Sliding, LayerType::Full, LayerType::Sliding];
+        cfg.rope_local_theta = Some(100.0);
+        cfg.tie_word_embeddings = true;
+    }
+    cfg
 }
 
 /// The `config.json` text of [`tiny_config`].
@@ -161,6 +186,8 @@ pub fn tiny_weights(cfg: &ModelConfig, seed: u64) -> Result<BTreeMap<String, Ten
     let q = cfg.num_attention_heads * cfg.head_dim;
     let kv = cfg.num_key_value_heads * cfg.head_dim;
     let ff = cfg.intermediate_size;
+    // Gains near 1, stored as the family's files store them (Gemma: `gain − 1`).
+    let gain_mean = (1.0 - cfg.architecture.norm_weight_offset()) as f32;
     let mut tensors = BTreeMap::new();
     let mut put = |name: String, shape: &[usize], std: f64, mean: f32| -> Result<()> {
         let n = shape.iter().product();
@@ -179,13 +206,33 @@ pub fn tiny_weights(cfg: &ModelConfig, seed: u64) -> Result<BTreeMap<String, Ten
     )?;
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        put(format!("{p}.input_layernorm.weight"), &[d], 0.1, 1.0)?;
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[d],
-            0.1,
-            1.0,
-        )?;
+        let names = NormNames::of(cfg.architecture);
+        for name in [names.pre_attn, names.pre_mlp, names.attn_out, names.mlp_out]
+            .into_iter()
+            .flatten()
+        {
+            put(format!("{p}.{name}.weight"), &[d], 0.1, gain_mean)?;
+        }
+        if cfg.architecture.has_qk_norm() {
+            let whole = cfg.architecture == Architecture::Olmo2;
+            let (q_len, k_len) = if whole {
+                (q, kv)
+            } else {
+                (cfg.head_dim, cfg.head_dim)
+            };
+            put(
+                format!("{p}.self_attn.q_norm.weight"),
+                &[q_len],
+                0.2,
+                gain_mean,
+            )?;
+            put(
+                format!("{p}.self_attn.k_norm.weight"),
+                &[k_len],
+                0.2,
+                gain_mean,
+            )?;
+        }
         let s = 1.0 / (d as f64).sqrt();
         put(
             format!("{p}.self_attn.q_proj.weight"),
@@ -218,7 +265,7 @@ pub fn tiny_weights(cfg: &ModelConfig, seed: u64) -> Result<BTreeMap<String, Ten
             0.0,
         )?;
     }
-    put("model.norm.weight".into(), &[d], 0.1, 1.0)?;
+    put("model.norm.weight".into(), &[d], 0.1, gain_mean)?;
     if !cfg.tie_word_embeddings {
         put(
             "lm_head.weight".into(),

@@ -7,8 +7,12 @@
 
 use std::path::Path;
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -104,17 +108,65 @@ impl Tokenizer {
         Ok(Self::new(inner, bos, eos, &cfg.eos_token_ids))
     }
 
-    /// Builds a byte-level BPE tokenizer from GGUF vocabulary data.
+    /// Builds the tokenizer a GGUF file describes: byte-level BPE (`gpt2`), or Gemma's
+    /// SentencePiece vocabulary (`llama` in a Gemma file).
     pub fn from_gguf_vocab(vocab: &GgufVocab, path: &Path) -> Result<Self> {
-        if vocab.model != "gpt2" {
+        let gemma = vocab.model == "llama" && vocab.architecture.starts_with("gemma");
+        let mut inner = if vocab.model == "gpt2" {
+            Self::byte_level_bpe(vocab, path)?
+        } else if gemma {
+            gemma_bpe(vocab)?
+        } else {
             return Err(Error::bad_file(
                 path,
                 format!(
-                    "GGUF tokenizer model `{}` is not supported (only byte-level BPE, `gpt2`)",
-                    vocab.model
+                    "GGUF tokenizer model `{}` is not supported for `{}` (byte-level BPE `gpt2`, or `llama` in a Gemma file)",
+                    vocab.model, vocab.architecture
                 ),
             ));
+        };
+        // Control tokens (type 3) are special; user-defined tokens (type 4) are plain added
+        // tokens, matched in the raw text.
+        let known = inner.get_vocab(false);
+        let mut special = Vec::new();
+        let mut added = Vec::new();
+        for (id, token) in vocab.tokens.iter().enumerate() {
+            match vocab.token_types.get(id) {
+                Some(3) => special.push(AddedToken::from(token.clone(), true)),
+                // transformers adds Gemma's only when the vocabulary has them as spelled (its
+                // runs of spaces are respelled with `▁`).
+                Some(4) if gemma && known.contains_key(token) => {
+                    added.push(AddedToken::from(token.clone(), false).normalized(false));
+                }
+                Some(4) if !gemma => added.push(AddedToken::from(token.clone(), false)),
+                _ => {}
+            }
         }
+        inner.add_special_tokens(&special);
+        inner.add_tokens(&added);
+        let named = |id: Option<u32>| {
+            id.and_then(|id| vocab.tokens.get(id as usize).map(|t| (t.clone(), id)))
+        };
+        let bos = named(vocab.bos_token_id);
+        let eos = named(vocab.eos_token_id);
+        if vocab.add_bos_token {
+            if let Some((text, id)) = &bos {
+                let processor = TemplateProcessing::builder()
+                    .try_single(format!("{text} $A"))
+                    .and_then(|b| b.try_pair(format!("{text} $A {text} $B")))
+                    .map_err(|err| tok_err("BOS template", err))?
+                    .special_tokens(vec![(text.clone(), *id)])
+                    .build()
+                    .map_err(|err| tok_err("BOS template", err))?;
+                inner.with_post_processor(Some(processor));
+            }
+        }
+        Ok(Self::new(inner, bos, eos, &[]))
+    }
+
+    /// Byte-level BPE from a GGUF file's vocabulary and merges, with the pre-tokenizer its
+    /// `tokenizer.ggml.pre` names.
+    fn byte_level_bpe(vocab: &GgufVocab, path: &Path) -> Result<tokenizers::Tokenizer> {
         let mut token_ids = tokenizers::models::bpe::Vocab::default();
         for (id, token) in vocab.tokens.iter().enumerate() {
             token_ids.insert(token.clone(), id as u32);
@@ -175,36 +227,7 @@ impl Tokenizer {
         if nfc {
             inner.with_normalizer(Some(NFC));
         }
-        // Control tokens (type 3) are special; user-defined tokens (type 4) are plain added tokens.
-        let mut special = Vec::new();
-        let mut added = Vec::new();
-        for (id, token) in vocab.tokens.iter().enumerate() {
-            match vocab.token_types.get(id) {
-                Some(3) => special.push(AddedToken::from(token.clone(), true)),
-                Some(4) => added.push(AddedToken::from(token.clone(), false)),
-                _ => {}
-            }
-        }
-        inner.add_special_tokens(&special);
-        inner.add_tokens(&added);
-        let named = |id: Option<u32>| {
-            id.and_then(|id| vocab.tokens.get(id as usize).map(|t| (t.clone(), id)))
-        };
-        let bos = named(vocab.bos_token_id);
-        let eos = named(vocab.eos_token_id);
-        if vocab.add_bos_token {
-            if let Some((text, id)) = &bos {
-                let processor = TemplateProcessing::builder()
-                    .try_single(format!("{text} $A"))
-                    .and_then(|b| b.try_pair(format!("{text} $A {text} $B")))
-                    .map_err(|err| tok_err("BOS template", err))?
-                    .special_tokens(vec![(text.clone(), *id)])
-                    .build()
-                    .map_err(|err| tok_err("BOS template", err))?;
-                inner.with_post_processor(Some(processor));
-            }
-        }
-        Ok(Self::new(inner, bos, eos, &[]))
+        Ok(inner)
     }
 
     /// Token ids of `text`. With `add_special_tokens` the tokenizer's own post-processing runs
@@ -281,9 +304,86 @@ impl Tokenizer {
     }
 }
 
+/// Gemma's SentencePiece vocabulary as a BPE with byte fallback, built as transformers builds it
+/// from a GGUF file: the file lists no merges, so every split of a token into two tokens of the
+/// vocabulary is a merge, ranked by the merged token's position in the file (earlier first) and
+/// then by the longer left piece; runs of spaces, stored as real spaces, are respelled with `▁`;
+/// spaces become `▁` in a normalizer and the text is never split before the BPE.
+fn gemma_bpe(vocab: &GgufVocab) -> Result<tokenizers::Tokenizer> {
+    // Python's `str.strip` whitespace: Unicode White_Space plus the separators U+001C..U+001F.
+    let py_space = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
+    let tokens: Vec<String> = vocab
+        .tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.chars().all(py_space) {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    // A later duplicate wins, as in a Python dict built in file order.
+    let mut ids = tokenizers::models::bpe::Vocab::default();
+    for (id, token) in tokens.iter().enumerate() {
+        ids.insert(token.clone(), id as u32);
+    }
+    // (merged token's rank, left piece's length in chars, left, right)
+    let mut ranked: Vec<(u32, usize, &str, &str)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for token in &tokens {
+        if !seen.insert(token.as_str()) {
+            continue;
+        }
+        let Some(&rank) = ids.get(token) else {
+            continue;
+        };
+        for (chars, (at, _)) in token.char_indices().enumerate().skip(1) {
+            let (left, right) = token.split_at(at);
+            if ids.contains_key(left) && ids.contains_key(right) {
+                ranked.push((rank, chars, left, right));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let merges: Vec<(String, String)> = ranked
+        .into_iter()
+        .map(|(_, _, l, r)| (l.to_owned(), r.to_owned()))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(ids, merges)
+        .unk_token("<unk>".to_owned())
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|err| tok_err("building Gemma's BPE from the GGUF vocabulary", err))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_normalizer(Some(
+        Replace::new(" ", "\u{2581}").map_err(|err| tok_err("Gemma normalizer", err))?,
+    ));
+    inner.with_pre_tokenizer(Some(
+        Split::new(
+            SplitPattern::String(" ".to_owned()),
+            SplitDelimiterBehavior::MergedWithPrevious,
+            false,
+        )
+        .map_err(|err| tok_err("Gemma pre-tokenizer", err))?,
+    ));
+    inner.with_decoder(Some(DecoderSequence::new(vec![
+        Replace::new("\u{2581}", " ")
+            .map_err(|err| tok_err("Gemma decoder", err))?
+            .into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])));
+    Ok(inner)
+}
+
 /// The tokenizer data a GGUF file carries (`tokenizer.ggml.*`).
 #[derive(Clone, Debug, Default)]
 pub struct GgufVocab {
+    /// `general.architecture` (Gemma's SentencePiece vocabulary needs its own builder).
+    pub architecture: String,
     /// `tokenizer.ggml.model` (`gpt2` = byte-level BPE).
     pub model: String,
     /// `tokenizer.ggml.pre`.

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::model::blas::batched_matmul;
-use crate::model::config::{rope_inv_freq, ModelConfig};
+use crate::model::config::{rope_inv_freq, rope_inv_freq_local, Activation, ModelConfig};
 use crate::model::fused::{causal_attention, causal_softmax, silu_mul};
 use crate::model::hooks::{Hook, HookPoint, NoHook};
 use crate::model::lora::{Linear, LinearMode};
@@ -190,9 +190,10 @@ pub struct Attention {
     pub v_proj: Linear,
     /// `W_O`.
     pub o_proj: Linear,
-    /// Qwen3: RMSNorm of each head's query, gain `(head_dim,)`, before RoPE.
+    /// RMSNorm of the queries before RoPE: per head, gain `(head_dim,)` (Qwen3, Gemma 3), or
+    /// over the whole projection, gain `(n_heads · head_dim,)` (OLMo-2).
     pub q_norm: Option<RmsNorm>,
-    /// Qwen3: RMSNorm of each head's key, gain `(head_dim,)`, before RoPE.
+    /// RMSNorm of the keys before RoPE, per head or over the whole projection as `q_norm`.
     pub k_norm: Option<RmsNorm>,
 }
 
@@ -207,17 +208,26 @@ pub struct Mlp {
     pub down_proj: Linear,
 }
 
-/// One decoder layer.
+/// One decoder layer: `x_mid = x + N_ao(attn(N_1(x)))`, `x_out = x_mid + N_mo(mlp(N_2(x_mid)))`,
+/// where a norm the family lacks is the identity (LLaMA has no `N_ao`/`N_mo`; OLMo-2 has no
+/// `N_1`/`N_2`). The `AttnOut` and `MlpOut` hooks see what is added to the residual stream (after
+/// `N_ao`/`N_mo`), so `h[l+1] = h[l] + attn[l] + mlp[l]` holds in every family; with a post-norm,
+/// `o_proj`'s output (the sum of the heads' `W_O` slices, §4) is the input of `N_ao`, not `attn[l]`.
 #[derive(Clone, Debug)]
 pub struct DecoderLayer {
-    /// Norm before attention (`g_1`).
-    pub input_layernorm: RmsNorm,
+    /// Norm before attention (`g_1`); `None` in OLMo-2.
+    pub input_layernorm: Option<RmsNorm>,
     /// Attention.
     pub self_attn: Attention,
-    /// Norm before the MLP (`g_2`).
-    pub post_attention_layernorm: RmsNorm,
+    /// Norm before the MLP (`g_2`; Gemma's `pre_feedforward_layernorm`); `None` in OLMo-2.
+    pub post_attention_layernorm: Option<RmsNorm>,
     /// MLP.
     pub mlp: Mlp,
+    /// Norm on the attention output before the residual add (Gemma's and OLMo-2's
+    /// `post_attention_layernorm`).
+    pub attn_out_norm: Option<RmsNorm>,
+    /// Norm on the MLP output before the residual add (`post_feedforward_layernorm`).
+    pub mlp_out_norm: Option<RmsNorm>,
 }
 
 /// The full decoder.
@@ -233,6 +243,8 @@ pub struct Transformer {
     /// `U`, `(V, d)`; shares storage with `embed_tokens` when tied.
     pub lm_head: Linear,
     inv_freq: Tensor,
+    /// Gemma 3's sliding layers: RoPE with the local base.
+    inv_freq_local: Option<Tensor>,
     device: Device,
 }
 
@@ -241,12 +253,31 @@ struct PassCtx {
     mode: LinearMode,
     cos: Tensor,
     sin: Tensor,
-    /// Additive mask `(T, T_kv)`, or `None` for a single query token.
-    mask: Option<Tensor>,
+    /// The local RoPE tables of Gemma 3's sliding layers.
+    local: Option<(Tensor, Tensor)>,
+    /// Additive masks `(T, T_kv)` by window (`None` for a single query token that sees every
+    /// key): one per distinct window of the model's layers.
+    masks: Vec<(Option<usize>, Option<Tensor>)>,
     /// Absolute position of the first query token (tokens already in the KV cache).
     offset: usize,
-    /// Sliding attention window, if any.
-    window: Option<usize>,
+}
+
+impl PassCtx {
+    /// The RoPE tables of layer `layer`.
+    fn rope(&self, cfg: &ModelConfig, layer: usize) -> (&Tensor, &Tensor) {
+        match &self.local {
+            Some((cos, sin)) if cfg.local_rope(layer) => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        }
+    }
+
+    /// The additive mask for a window.
+    fn mask(&self, window: Option<usize>) -> Option<&Tensor> {
+        self.masks
+            .iter()
+            .find(|(w, _)| *w == window)
+            .and_then(|(_, m)| m.as_ref())
+    }
 }
 
 impl Transformer {
@@ -262,6 +293,9 @@ impl Transformer {
         let inv_freq = rope_inv_freq(&cfg);
         let half = inv_freq.len();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), &device)?;
+        let inv_freq_local = rope_inv_freq_local(&cfg)
+            .map(|f| Tensor::from_vec(f, (1, half), &device))
+            .transpose()?;
         Ok(Self {
             cfg,
             embed_tokens,
@@ -269,6 +303,7 @@ impl Transformer {
             norm,
             lm_head,
             inv_freq,
+            inv_freq_local,
             device,
         })
     }
@@ -288,12 +323,20 @@ impl Transformer {
         self.embed_tokens.dtype()
     }
 
-    /// Looks up input embeddings for ids `(b, T)`, giving `(b, T, d)`.
+    /// Looks up input embeddings for ids `(b, T)`, giving `(b, T, d)`: the residual stream
+    /// entering layer 0 (Gemma's `√d` scale included, so [`Input::Embeds`] takes the same).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b_sz, seq_len) = ids.dims2()?;
         let flat = ids.flatten_all()?;
         let xs = self.embed_tokens.index_select(&flat, 0)?;
-        Ok(xs.reshape((b_sz, seq_len, self.cfg.hidden_size))?)
+        let xs = xs.reshape((b_sz, seq_len, self.cfg.hidden_size))?;
+        if !self.cfg.scale_embeddings {
+            return Ok(xs);
+        }
+        // transformers multiplies by `√d` rounded to the weights' dtype.
+        let scale = Tensor::new(&[(self.cfg.hidden_size as f64).sqrt()], &self.device)?
+            .to_dtype(xs.dtype())?;
+        Ok(xs.broadcast_mul(&scale)?)
     }
 
     /// Logits at every position for ids `(b, T)`, on the fast path.
@@ -468,6 +511,7 @@ impl Transformer {
             tape.x_final = Some(xs.clone());
             tape.cos = Some(pass.cos.clone());
             tape.sin = Some(pass.sin.clone());
+            tape.local_rope = pass.local.clone();
         }
         if let Some(cache) = cache {
             cache.len = offset + seq_len;
@@ -514,18 +558,33 @@ impl Transformer {
     fn pass_ctx(&self, opts: ForwardOptions, offset: usize, seq_len: usize) -> Result<PassCtx> {
         let positions: Vec<f32> = (offset..offset + seq_len).map(|p| p as f32).collect();
         let positions = Tensor::from_vec(positions, (seq_len, 1), &self.device)?;
-        let freqs = positions.broadcast_mul(&self.inv_freq)?; // (seq_len, head_dim / 2)
         let dtype = self.dtype();
+        let tables = |inv_freq: &Tensor| -> Result<(Tensor, Tensor)> {
+            let freqs = positions.broadcast_mul(inv_freq)?; // (seq_len, head_dim / 2)
+            Ok((
+                freqs.cos()?.to_dtype(dtype)?.contiguous()?,
+                freqs.sin()?.to_dtype(dtype)?.contiguous()?,
+            ))
+        };
+        let (cos, sin) = tables(&self.inv_freq)?;
+        let local = self.inv_freq_local.as_ref().map(tables).transpose()?;
+        let mut masks = Vec::new();
+        for layer in 0..self.layers.len() {
+            let window = self.cfg.window(layer);
+            if !masks.iter().any(|(w, _)| *w == window) {
+                masks.push((window, self.mask(seq_len, offset, window)?));
+            }
+        }
         Ok(PassCtx {
             mode: LinearMode {
                 differentiable: opts.differentiable,
                 use_lora: opts.use_lora,
             },
-            cos: freqs.cos()?.to_dtype(dtype)?.contiguous()?,
-            sin: freqs.sin()?.to_dtype(dtype)?.contiguous()?,
-            mask: self.mask(seq_len, offset)?,
+            cos,
+            sin,
+            local,
+            masks,
             offset,
-            window: self.cfg.sliding_window,
         })
     }
 
@@ -541,9 +600,8 @@ impl Transformer {
     }
 
     /// Causal (and sliding-window) additive mask for `seq_len` queries after `offset` cached keys.
-    fn mask(&self, seq_len: usize, offset: usize) -> Result<Option<Tensor>> {
+    fn mask(&self, seq_len: usize, offset: usize, window: Option<usize>) -> Result<Option<Tensor>> {
         let kv_len = offset + seq_len;
-        let window = self.cfg.sliding_window;
         if seq_len == 1 && window.is_none_or(|w| kv_len <= w) {
             return Ok(None);
         }
@@ -600,9 +658,10 @@ impl DecoderLayer {
         if let Some(tape) = tape.as_deref_mut() {
             tape.x_in = Some(residual.clone());
         }
-        let normed = self
-            .input_layernorm
-            .forward(&residual, opts.differentiable)?;
+        let normed = match &self.input_layernorm {
+            Some(norm) => norm.forward(&residual, opts.differentiable)?,
+            None => residual.clone(),
+        };
         if let Some(tape) = tape.as_deref_mut() {
             tape.n1 = Some(normed.clone());
         }
@@ -615,16 +674,37 @@ impl DecoderLayer {
             hook,
             tape.as_deref_mut(),
         )?;
+        let attn = match &self.attn_out_norm {
+            Some(norm) => {
+                if let Some(tape) = tape.as_deref_mut() {
+                    tape.attn_raw = Some(attn.clone());
+                }
+                norm.forward(&attn, opts.differentiable)?
+            }
+            None => attn,
+        };
         let attn = replace_if(hook, HookPoint::AttnOut(layer_idx), attn)?;
         let xs = replace_if(hook, HookPoint::ResidMid(layer_idx), (residual + attn)?)?;
-        let normed = self
-            .post_attention_layernorm
-            .forward(&xs, opts.differentiable)?;
+        let normed = match &self.post_attention_layernorm {
+            Some(norm) => norm.forward(&xs, opts.differentiable)?,
+            None => xs.clone(),
+        };
         if let Some(tape) = tape.as_deref_mut() {
             tape.x_mid = Some(xs.clone());
             tape.n2 = Some(normed.clone());
         }
-        let mlp = self.mlp.forward(&normed, pass.mode, tape)?;
+        let mlp = self
+            .mlp
+            .forward(&normed, pass.mode, cfg.hidden_act, tape.as_deref_mut())?;
+        let mlp = match &self.mlp_out_norm {
+            Some(norm) => {
+                if let Some(tape) = tape {
+                    tape.mlp_raw = Some(mlp.clone());
+                }
+                norm.forward(&mlp, opts.differentiable)?
+            }
+            None => mlp,
+        };
         let mlp = replace_if(hook, HookPoint::MlpOut(layer_idx), mlp)?;
         replace_if(hook, HookPoint::ResidPost(layer_idx), (xs + mlp)?)
     }
@@ -635,6 +715,7 @@ impl Mlp {
         &self,
         xs: &Tensor,
         mode: LinearMode,
+        act: Activation,
         mut tape: Option<&mut LayerTape>,
     ) -> Result<Tensor> {
         let gate = self.gate_proj.forward(xs, mode)?;
@@ -643,13 +724,15 @@ impl Mlp {
             tape.gate = Some(gate.clone());
             tape.up = Some(up.clone());
         }
-        let fused = (!mode.differentiable)
+        let fused = (!mode.differentiable && act == Activation::Silu)
             .then(|| silu_mul(&gate, &up))
             .transpose()?
             .flatten();
-        let hidden = match fused {
-            Some(hidden) => hidden,
-            None => (gate.silu()? * up)?,
+        let hidden = match (fused, act) {
+            (Some(hidden), _) => hidden,
+            (None, Activation::Silu) => (gate.silu()? * up)?,
+            // candle's `gelu` is the tanh approximation, as `gelu_pytorch_tanh`.
+            (None, Activation::GeluTanh) => (gate.gelu()? * up)?,
         };
         if let Some(tape) = tape {
             tape.h = Some(hidden.clone());
@@ -684,9 +767,13 @@ impl Attention {
                 tape.k_proj = Some(k.clone());
             }
         }
+        // Per head (the gain spans head_dim) or over the whole projection (OLMo-2).
         let head_norm = |norm: &Option<RmsNorm>, t: Tensor, heads: usize| -> Result<Tensor> {
             match norm {
                 None => Ok(t),
+                Some(norm) if norm.weight.dim(0)? == heads * head_dim => {
+                    norm.forward(&t, pass.mode.differentiable)
+                }
                 Some(norm) => norm
                     .forward(
                         &t.reshape((b_sz, seq_len, heads, head_dim))?,
@@ -712,15 +799,16 @@ impl Attention {
             .reshape((b_sz, seq_len, n_kv, head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
+        let (cos, sin) = pass.rope(cfg, layer_idx);
         let (q, k) = if pass.mode.differentiable {
             (
-                candle_nn::rotary_emb::rope_slow(&q, &pass.cos, &pass.sin)?,
-                candle_nn::rotary_emb::rope_slow(&k, &pass.cos, &pass.sin)?,
+                candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
             )
         } else {
             (
-                candle_nn::rotary_emb::rope(&q, &pass.cos, &pass.sin)?,
-                candle_nn::rotary_emb::rope(&k, &pass.cos, &pass.sin)?,
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
             )
         };
         if let Some(tape) = tape.as_deref_mut() {
@@ -743,11 +831,12 @@ impl Attention {
             }
         };
         let kv_len = k.dim(2)?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scale = cfg.attn_scale();
+        let window = cfg.window(layer_idx);
         let fast = !pass.mode.differentiable;
         // Inference with no hook on the pattern: a fused kernel that never forms it.
         let fused = (fast && tape.is_none() && !hook.wants(HookPoint::AttnPattern(layer_idx)))
-            .then(|| causal_attention(&q, &k, &v, scale as f32, pass.window))
+            .then(|| causal_attention(&q, &k, &v, scale as f32, window))
             .transpose()?
             .flatten();
         if let Some(z) = fused {
@@ -773,13 +862,13 @@ impl Attention {
         // (b_sz, n_heads, seq_len, kv_len)
         let scores = scores.reshape((b_sz, n_heads, seq_len, kv_len))?;
         let fused = fast
-            .then(|| causal_softmax(&scores, pass.offset, pass.window))
+            .then(|| causal_softmax(&scores, pass.offset, window))
             .transpose()?
             .flatten();
         let probs = if let Some(probs) = fused {
             probs
         } else {
-            let scores = match &pass.mask {
+            let scores = match pass.mask(window) {
                 None => scores,
                 Some(mask) => scores.broadcast_add(mask)?,
             };

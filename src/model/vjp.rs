@@ -17,6 +17,7 @@ use candle_core::{DType, Layout, Storage, StorageRef, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::model::blas::{batched_matmul, frozen_input_grad, gemm_views, MatView, BLAS_ENABLED};
+use crate::model::config::Activation;
 use crate::model::fused::contiguous_f32;
 use crate::model::lora::Linear;
 use crate::model::transformer::{DecoderLayer, RmsNorm, Transformer};
@@ -52,6 +53,10 @@ pub struct LayerTape {
     pub(crate) q_proj: Option<Tensor>,
     /// Qwen3: the key projection before its per-head norm, `(1, T, n_kv · head_dim)`.
     pub(crate) k_proj: Option<Tensor>,
+    /// Gemma 3, OLMo-2: `o_proj`'s output before the norm on it, `(1, T, d)`.
+    pub(crate) attn_raw: Option<Tensor>,
+    /// Gemma 3, OLMo-2: `down_proj`'s output before the norm on it, `(1, T, d)`.
+    pub(crate) mlp_raw: Option<Tensor>,
 }
 
 /// Gradients of the LoRA adapters, accumulated by [`Transformer::input_vjp_lora`]: per layer
@@ -97,6 +102,8 @@ pub struct Tape {
     /// RoPE tables of the pass, `(T, head_dim / 2)`.
     pub(crate) cos: Option<Tensor>,
     pub(crate) sin: Option<Tensor>,
+    /// Gemma 3: the sliding layers' RoPE tables `(cos, sin)`.
+    pub(crate) local_rope: Option<(Tensor, Tensor)>,
     /// Whether the forward applied LoRA adapters (the backward must match).
     pub(crate) use_lora: bool,
 }
@@ -208,10 +215,33 @@ impl Transformer {
         let cos = first(taped(tape.cos.as_ref(), "RoPE table")?, 0, t_len)?.contiguous()?;
         let sin = first(taped(tape.sin.as_ref(), "RoPE table")?, 0, t_len)?.contiguous()?;
         let neg_sin = sin.neg()?;
+        let local = match &tape.local_rope {
+            Some((cos, sin)) => {
+                let cos = first(cos, 0, t_len)?.contiguous()?;
+                let neg_sin = first(sin, 0, t_len)?.contiguous()?.neg()?;
+                Some((cos, neg_sin))
+            }
+            None => None,
+        };
         let x_final = first(taped(tape.x_final.as_ref(), "final residual")?, 1, t_len)?;
         let mut grad = rms_norm_vjp(&self.norm, &x_final, cot)?;
+        // A norm on a sub-layer's output (Gemma 3, OLMo-2) takes the residual gradient back to
+        // the sub-layer's raw output.
+        let out_norm_vjp = |norm: &Option<RmsNorm>, raw: &Option<Tensor>, g: &Tensor| match norm {
+            None => Ok(g.clone()),
+            Some(norm) => rms_norm_vjp(
+                norm,
+                &first(
+                    taped(raw.as_ref(), "sub-layer output before its norm")?,
+                    1,
+                    t_len,
+                )?,
+                g,
+            ),
+        };
         for (layer_idx, (layer, lt)) in self.layers.iter().zip(&tape.layers).enumerate().rev() {
-            // MLP: h = x_mid + down(silu(gate(n)) ⊙ up(n)), n = norm2(x_mid).
+            // MLP: h = x_mid + N_mo(down(act(gate(n)) ⊙ up(n))), n = N_2(x_mid).
+            let d_mlp = out_norm_vjp(&layer.mlp_out_norm, &lt.mlp_raw, &grad)?;
             let gate = first(taped(lt.gate.as_ref(), "gate projection")?, 1, t_len)?;
             let up = first(taped(lt.up.as_ref(), "up projection")?, 1, t_len)?;
             let inputs = match sink {
@@ -223,7 +253,7 @@ impl Transformer {
             };
             let d_hidden = linear_vjp(
                 &layer.mlp.down_proj,
-                &grad,
+                &d_mlp,
                 use_lora,
                 lora_target(
                     &mut sink,
@@ -232,7 +262,7 @@ impl Transformer {
                     inputs.as_ref().map(|i| &i.1),
                 ),
             )?;
-            let (d_gate, d_up) = swiglu_vjp(&gate, &up, &d_hidden)?;
+            let (d_gate, d_up) = glu_vjp(cfg.hidden_act, &gate, &up, &d_hidden)?;
             let d_normed = (linear_vjp(
                 &layer.mlp.gate_proj,
                 &d_gate,
@@ -255,9 +285,17 @@ impl Transformer {
                 ),
             )?)?;
             let x_mid = first(taped(lt.x_mid.as_ref(), "mid residual")?, 1, t_len)?;
-            grad = rms_norm_vjp_add(&layer.post_attention_layernorm, &x_mid, &d_normed, &grad)?;
+            grad = match &layer.post_attention_layernorm {
+                Some(norm) => rms_norm_vjp_add(norm, &x_mid, &d_normed, &grad)?,
+                None => (grad + d_normed)?,
+            };
 
-            // Attention: x_mid = x_in + o(attn(norm1(x_in))).
+            // Attention: x_mid = x_in + N_ao(o(attn(N_1(x_in)))).
+            let d_attn = out_norm_vjp(&layer.attn_out_norm, &lt.attn_raw, &grad)?;
+            let (cos, neg_sin) = match &local {
+                Some((cos, neg_sin)) if cfg.local_rope(layer_idx) => (cos, neg_sin),
+                _ => (&cos, &neg_sin),
+            };
             let z_cot = z_cots
                 .iter()
                 .filter(|(l, _)| *l == layer_idx)
@@ -267,15 +305,18 @@ impl Transformer {
                 layer_idx,
                 layer,
                 lt,
-                &grad,
-                &cos,
-                &neg_sin,
+                &d_attn,
+                cos,
+                neg_sin,
                 use_lora,
                 sink.as_deref_mut(),
                 &z_cot,
             )?;
             let x_in = first(taped(lt.x_in.as_ref(), "layer input")?, 1, t_len)?;
-            grad = rms_norm_vjp_add(&layer.input_layernorm, &x_in, &d_normed, &grad)?;
+            grad = match &layer.input_layernorm {
+                Some(norm) => rms_norm_vjp_add(norm, &x_in, &d_normed, &grad)?,
+                None => (grad + d_normed)?,
+            };
             debug_assert_eq!(grad.dims(), &[k_sz, t_len, hidden]);
         }
         Ok(grad)
@@ -301,7 +342,7 @@ impl Transformer {
         let n_heads = cfg.num_attention_heads;
         let n_kv = cfg.num_key_value_heads;
         let head_dim = cfg.head_dim;
-        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scale = cfg.attn_scale();
         let attn = &layer.self_attn;
         let inputs = match sink {
             Some(_) => Some((
@@ -369,8 +410,9 @@ impl Transformer {
                 Tensor::cat(&parts.2, 0)?,
             )
         };
-        // Qwen3's per-head norms sit between the projections and RoPE: their backward takes
-        // the gradient on the normalised queries and keys to the projections' outputs.
+        // The q/k norms (per head, or over the projection in OLMo-2) sit between the projections
+        // and RoPE: their backward takes the gradient on the normalised queries and keys to the
+        // projections' outputs.
         let head_norm_vjp = |norm: &Option<RmsNorm>,
                              taped_x: &Option<Tensor>,
                              d: Tensor,
@@ -382,6 +424,9 @@ impl Transformer {
                 1,
                 t_len,
             )?;
+            if norm.weight.dim(0)? == heads * head_dim {
+                return rms_norm_vjp(norm, &x, &d);
+            }
             let (b, t) = (x.dim(0)?, x.dim(1)?);
             let x = x.reshape((b, t, heads, head_dim))?;
             let (k, t2, _) = d.dims3()?;
@@ -812,6 +857,48 @@ fn linear_vjp(
         }
     }
     Ok(d_in.reshape((k_sz, t_len, linear.in_features()))?)
+}
+
+/// `h = act(g) ⊙ u` → `(dg, du) = (dh ⊙ u ⊙ act'(g), dh ⊙ act(g))`, for the taped `g`, `u`
+/// `(1, T', I)` and `dh` `(k, T', I)`.
+fn glu_vjp(
+    act: Activation,
+    gate: &Tensor,
+    up: &Tensor,
+    d_hidden: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    match act {
+        Activation::Silu => swiglu_vjp(gate, up, d_hidden),
+        Activation::GeluTanh => geglu_vjp(gate, up, d_hidden),
+    }
+}
+
+/// [`glu_vjp`] for tanh-GELU: `gelu(g) = g Φ̃(g)`, `Φ̃(g) = (1 + tanh u) / 2`,
+/// `u = c (g + 0.044715 g³)`, `c = √(2/π)`, so `gelu'(g) = Φ̃(g) + g (1 − tanh² u) c (1 + 3 ·
+/// 0.044715 g²) / 2`. Computed in f32 from the taped gate.
+fn geglu_vjp(gate: &Tensor, up: &Tensor, d_hidden: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dtype = d_hidden.dtype();
+    // In f64: exact for f64 models, and the f32 result rounds once.
+    let g = gate.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let (act, slope): (Vec<f64>, Vec<f64>) = g
+        .iter()
+        .map(|&g| {
+            let tanh = (c * (g + 0.044_715 * g * g * g)).tanh();
+            let phi = 0.5 * (1.0 + tanh);
+            let slope = phi + 0.5 * g * (1.0 - tanh * tanh) * c * (1.0 + 3.0 * 0.044_715 * g * g);
+            (g * phi, slope)
+        })
+        .unzip();
+    let shape = gate.dims().to_vec();
+    let device = gate.device();
+    let act = Tensor::from_vec(act, shape.clone(), device)?.to_dtype(dtype)?;
+    let slope = Tensor::from_vec(slope, shape, device)?.to_dtype(dtype)?;
+    let up_slope = (up.to_dtype(dtype)? * slope)?;
+    Ok((
+        d_hidden.broadcast_mul(&up_slope)?,
+        d_hidden.broadcast_mul(&act)?,
+    ))
 }
 
 /// `h = silu(g) ⊙ u` → `(dg, du) = (dh ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))), dh ⊙ silu(g))`, for the

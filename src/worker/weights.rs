@@ -187,7 +187,9 @@ pub fn heads_cached(
             }
             key.tensor(&loaded.model.embed_tokens)?;
             for layer in &loaded.model.layers {
-                key.tensor(&layer.input_layernorm.weight)?;
+                if let Some(norm) = &layer.input_layernorm {
+                    key.tensor(&norm.weight)?;
+                }
                 key.linear(&layer.self_attn.q_proj)?;
                 key.linear(&layer.self_attn.k_proj)?;
                 for norm in [&layer.self_attn.q_norm, &layer.self_attn.k_norm]
