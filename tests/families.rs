@@ -555,3 +555,17 @@ fn gemma3_cached_decoding_equals_the_full_pass() {
     let stepped = Tensor::cat(&rows, 1).unwrap();
     assert!(crate::common::max_abs_diff(&full, &stepped) < 1e-5);
 }
+
+/// The GGUF copies of the tiny Phi-3 (fused `attn_qkv`, gate and up fused in `ffn_up`, sliding
+/// window from the metadata) and Qwen3 (`attn_q_norm`/`attn_k_norm`, `key_length` 16 on a
+/// hidden size of 32), written with llama.cpp's tensor names by `scripts/gen-family-goldens`:
+/// the transformers logits of the folders they were written from.
+#[test]
+fn phi3_and_qwen3_gguf_match_transformers() {
+    for name in ["phi3", "qwen3"] {
+        let m = open(&family(name).join("model.gguf").display().to_string());
+        assert_eq!(m.info.format, "gguf");
+        assert_eq!(m.model.config().architecture.name(), name);
+        check(&m, &golden(name), "base");
+    }
+}

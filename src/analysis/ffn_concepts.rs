@@ -258,6 +258,13 @@ pub fn ffn_concepts(
         // HF stores down_proj as (d, d_ff); M = W_downᵀ has one row per neuron. An adapter on
         // down_proj changes the value vectors: read the effective weight.
         let w = &layer.mlp.down_proj.effective_weight()?;
+        // Gemma 3 and OLMo-2 normalise the MLP output before the residual add: value vector i
+        // reaches the stream as `v_i ⊙ g` times a positive scale per token, so the gain is
+        // folded into the rows of W_down (the direction is what §2 reads).
+        let w = &match &layer.mlp_out_norm {
+            None => w.clone(),
+            Some(norm) => w.broadcast_mul(&norm.weight.to_dtype(w.dtype())?.unsqueeze(1)?)?,
+        };
         let (d, d_ff) = w.dims2()?;
         let m = w
             .to_dtype(DType::F32)?

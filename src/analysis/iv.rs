@@ -649,6 +649,11 @@ pub fn top_heads(scores: &[f32], heads: usize, n: usize) -> Vec<HeadScore> {
 
 /// `IV = Σ_{(l,k)} W_O^(l)[:, k·d_h:(k+1)·d_h] · ā_{l,k}` with the effective `o_proj` weights
 /// (an attached LoRA adapter included; no bias, as LLaMA's `o_proj` has none).
+///
+/// Gemma 3 and OLMo-2 normalise `o_proj`'s output before it joins the residual stream, where
+/// the IV is added. There the heads of each layer are summed and passed through that layer's
+/// norm (what the layer would write if only those heads spoke), then the layers are summed:
+/// a deviation from the LLaMA formula, which it equals when there is no such norm.
 pub fn instruction_vector(
     model: &Transformer,
     means: &[f32],
@@ -656,7 +661,7 @@ pub fn instruction_vector(
 ) -> Result<Vec<f32>> {
     let cfg = model.config();
     let (h, dh, d) = (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size);
-    let mut iv = vec![0f32; d];
+    let mut per_layer: std::collections::BTreeMap<usize, Vec<f32>> = Default::default();
     for &(l, k) in heads {
         let layer = model.layers.get(l).ok_or_else(|| {
             Error::invalid(
@@ -683,7 +688,26 @@ pub fn instruction_vector(
         let start = (l * h + k) * dh;
         let a = Tensor::from_slice(&means[start..start + dh], (dh, 1), &Device::Cpu)?;
         let out: Vec<f32> = w.matmul(&a)?.flatten_all()?.to_vec1()?;
-        for (x, y) in iv.iter_mut().zip(out) {
+        let sum = per_layer.entry(l).or_insert_with(|| vec![0f32; d]);
+        for (x, y) in sum.iter_mut().zip(out) {
+            *x += y;
+        }
+    }
+    let mut iv = vec![0f32; d];
+    for (l, sum) in per_layer {
+        let written = match &model.layers[l].attn_out_norm {
+            None => sum,
+            Some(norm) => {
+                let gain: Vec<f32> = norm.weight.to_dtype(DType::F32)?.to_vec1()?;
+                let mean_sq = sum.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let inv_rms = 1.0 / (mean_sq + norm.eps as f32).sqrt();
+                sum.iter()
+                    .zip(&gain)
+                    .map(|(v, g)| v * inv_rms * g)
+                    .collect()
+            }
+        };
+        for (x, y) in iv.iter_mut().zip(written) {
             *x += y;
         }
     }

@@ -48,10 +48,8 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
             path: path.to_path_buf(),
         });
     };
-    if matches!(
-        architecture,
-        Architecture::Phi3 | Architecture::Qwen3 | Architecture::Olmo2
-    ) {
+    if architecture == Architecture::Olmo2 {
+        // Whether llama.cpp's converter permutes OLMo-2's q/k rows could not be checked here.
         return Err(Error::bad_file(
             path,
             format!("{arch_name} GGUF files are not supported yet; open the Hugging Face folder instead"),
@@ -189,6 +187,9 @@ fn hf_name(gguf: &str, arch: Architecture) -> Option<String> {
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "attn_q" => "self_attn.q_proj",
+        // Phi-3 keeps q, k, v fused, and gate with up in `ffn_up` (2 · d_ff rows).
+        "attn_qkv" => "self_attn.qkv_proj",
+        "ffn_up" if arch == Architecture::Phi3 => "mlp.gate_up_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
@@ -366,10 +367,13 @@ fn config_from_meta(
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
-        sliding_window: if gemma {
-            Some(meta.count(&key("attention.sliding_window"))?)
-        } else {
-            None
+        sliding_window: match architecture {
+            Architecture::Gemma3 => Some(meta.count(&key("attention.sliding_window"))?),
+            Architecture::Phi3 => meta
+                .optional_number(&key("attention.sliding_window"))?
+                .map(|w| w as usize)
+                .filter(|&w| w > 0),
+            _ => None,
         },
         bos_token_id: vocab.bos_token_id,
         eos_token_ids: vocab.eos_token_id.into_iter().collect(),
