@@ -82,6 +82,8 @@ fn check(m: &LoadedModel, golden: &serde_json::Value, what: &str) {
     let mut onehot = vec![0f32; vocab];
     onehot[target] = 1.0;
     let delta = (Tensor::new(onehot, &Device::Cpu).unwrap() - probs).unwrap();
+    // Through Gemma 2's final soft-cap (the identity elsewhere).
+    let delta = m.model.logit_softcap_vjp(&logits, &delta).unwrap();
     // The cotangent on the final-norm state: (e_target - p) W_U, with any lm_head adapter.
     let w_u = m.model.lm_head.effective_weight().unwrap();
     let cot_last = delta.unsqueeze(0).unwrap().matmul(&w_u).unwrap();
@@ -381,13 +383,17 @@ fn tiny_family(arch: Architecture, seed: u64, dtype: DType) -> LoadedModel {
 
 const TINY_IDS: [u32; 8] = [1, 9, 20, 33, 40, 12, 50, 7];
 
-/// Gemma 3 and OLMo-2 on tiny seeded models: `h[l+1] = h[l] + attn[l] + mlp[l]` holds because
+/// Gemma 3, Gemma 2 and OLMo-2 on tiny seeded models: `h[l+1] = h[l] + attn[l] + mlp[l]` holds because
 /// the `AttnOut`/`MlpOut` hooks see the sub-layer outputs *after* their norms; `attn[l]` is the
 /// post-norm of `o_proj` applied to the heads' outputs (not their sum of `W_O` slices); Gemma's
 /// sliding layers attend to the last 3 positions and its full layer to all.
 #[test]
 fn post_norm_families_decompose_the_residual_stream() {
-    for arch in [Architecture::Gemma3, Architecture::Olmo2] {
+    for arch in [
+        Architecture::Gemma3,
+        Architecture::Gemma2,
+        Architecture::Olmo2,
+    ] {
         let m = tiny_family(arch, 3, DType::F64);
         let mut rec = Recorder::all();
         m.model
@@ -431,7 +437,7 @@ fn post_norm_families_decompose_the_residual_stream() {
             );
             assert!(crate::common::max_abs_diff(&o, get(HookPoint::AttnOut(l))) > 1e-3);
         }
-        if arch == Architecture::Gemma3 {
+        if arch.is_gemma() {
             let last_row = |l: usize| -> Vec<f64> {
                 let p = rec.get(HookPoint::AttnPattern(l)).unwrap();
                 p.squeeze(0)
@@ -455,7 +461,11 @@ fn post_norm_families_decompose_the_residual_stream() {
 /// backward agree on the input gradient of Gemma 3 and OLMo-2 (f64, tiny seeded models).
 #[test]
 fn post_norm_families_input_gradients_match_finite_differences() {
-    for arch in [Architecture::Gemma3, Architecture::Olmo2] {
+    for arch in [
+        Architecture::Gemma3,
+        Architecture::Gemma2,
+        Architecture::Olmo2,
+    ] {
         let m = tiny_family(arch, 5, DType::F64);
         let x0 = m
             .model
@@ -495,14 +505,10 @@ fn post_norm_families_input_gradients_match_finite_differences() {
         // candle's GELU backward uses constants rounded to 6 digits (0.797885, 0.0535161, ...),
         // so autograd is the looser reference for Gemma; finite differences check ours tightly.
         let diff = crate::common::max_abs_diff(&ours, &autograd);
-        let tol = if arch == Architecture::Gemma3 {
-            1e-6
-        } else {
-            1e-10
-        };
+        let tol = if arch.is_gemma() { 1e-6 } else { 1e-10 };
         assert!(
             diff < tol * scale,
-            "{arch:?}: hand-written vs autograd {diff:e}"
+            "{arch:?}: hand-written vs autograd {diff:e} (largest {scale:e})"
         );
         let base: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
         let ours: Vec<f64> = ours.flatten_all().unwrap().to_vec1().unwrap();
@@ -568,4 +574,29 @@ fn phi3_and_qwen3_gguf_match_transformers() {
         assert_eq!(m.model.config().architecture.name(), name);
         check(&m, &golden(name), "base");
     }
+}
+
+/// Gemma 2: Gemma 3's layout without q/k norms, alternating sliding (window 4) and full layers,
+/// attention scores and final logits soft-capped (caps 1.5 and 3, small enough to bend): logits
+/// and the input gradient through both soft-caps match transformers, with and without an
+/// adapter; saved and loaded again, the same logits.
+#[test]
+fn gemma2_matches_transformers_with_and_without_an_adapter() {
+    let dir = family("gemma2");
+    let golden = golden("gemma2");
+    let m = open(&dir.display().to_string());
+    let cfg = m.model.config();
+    assert_eq!(cfg.architecture.name(), "gemma2");
+    assert_eq!((cfg.window(0), cfg.window(1)), (Some(4), None));
+    assert_eq!(cfg.attn_logit_softcapping, Some(1.5));
+    assert_eq!(cfg.final_logit_softcapping, Some(3.0));
+    assert!(m.model.layers[0].self_attn.q_norm.is_none());
+    check(&m, &golden, "base");
+    let adapted = open(&format!(
+        "{}+{}",
+        dir.display(),
+        dir.join("adapter").display()
+    ));
+    check(&adapted, &golden, "adapter");
+    assert_saves_and_loads_the_same(&m);
 }

@@ -28,6 +28,9 @@ pub enum Architecture {
     /// the MLP, GeGLU with tanh-GELU, per-head q/k norms, sliding-window layers with their own
     /// RoPE base between full-attention layers, attention scaled by `query_pre_attn_scalar`.
     Gemma3,
+    /// Gemma 2: Gemma 3's layout without q/k norms, one RoPE base, sliding and full layers
+    /// alternating, and soft-capped attention scores and final logits (`cap · tanh(x / cap)`).
+    Gemma2,
     /// OLMo-2: no norm before the sub-layers, an RMSNorm on each sub-layer's output before it is
     /// added to the residual stream, and an RMSNorm over the whole query and key projections.
     Olmo2,
@@ -61,6 +64,7 @@ impl Architecture {
             Self::Phi3 => "phi3",
             Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
+            Self::Gemma2 => "gemma2",
             Self::Olmo2 => "olmo2",
         }
     }
@@ -80,13 +84,19 @@ impl Architecture {
     /// Whether each sub-layer's output is RMS-normalised before it joins the residual stream
     /// (Gemma 3, OLMo-2).
     pub fn has_post_norms(self) -> bool {
-        matches!(self, Self::Gemma3 | Self::Olmo2)
+        matches!(self, Self::Gemma3 | Self::Gemma2 | Self::Olmo2)
+    }
+
+    /// Gemma 2 and 3: `√d` embedding scale, `(1 + w)` norms, GeGLU, `query_pre_attn_scalar`,
+    /// per-layer attention kinds.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma3 | Self::Gemma2)
     }
 
     /// What the checkpoint's norm weights store below the gain: Gemma's RMSNorm multiplies by
     /// `1 + w`, so its files hold `gain − 1` (1.0); GGUF files hold the gain itself.
     pub fn norm_weight_offset(self) -> f64 {
-        if self == Self::Gemma3 {
+        if self.is_gemma() {
             1.0
         } else {
             0.0
@@ -102,6 +112,7 @@ impl Architecture {
             "Phi3ForCausalLM" | "phi3" => Some(Self::Phi3),
             "Qwen3ForCausalLM" | "qwen3" => Some(Self::Qwen3),
             "Gemma3ForCausalLM" | "gemma3_text" | "gemma3" => Some(Self::Gemma3),
+            "Gemma2ForCausalLM" | "gemma2" => Some(Self::Gemma2),
             "Olmo2ForCausalLM" | "olmo2" => Some(Self::Olmo2),
             _ => None,
         }
@@ -186,6 +197,10 @@ pub struct ModelConfig {
     /// Gemma 3: the RoPE base of the sliding layers (`rope_local_base_freq`, no rescaling); the
     /// full layers use `rope_theta` and `rope_scaling`.
     pub rope_local_theta: Option<f64>,
+    /// Gemma 2: attention scores become `cap · tanh(s / cap)` before the mask and softmax.
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: the final logits become `cap · tanh(l / cap)`.
+    pub final_logit_softcapping: Option<f64>,
 }
 
 /// `bos_token_id` / `eos_token_id` are an integer or a list of integers in `config.json`.
@@ -273,7 +288,7 @@ impl ModelConfig {
             .as_deref()
             .or(raw.hidden_act.as_deref())
         {
-            None if architecture == Architecture::Gemma3 => Activation::GeluTanh,
+            None if architecture.is_gemma() => Activation::GeluTanh,
             None | Some("silu" | "swish") => Activation::Silu,
             Some("gelu_pytorch_tanh") => Activation::GeluTanh,
             Some(other) => {
@@ -289,11 +304,17 @@ impl ModelConfig {
             ("attn_logit_softcapping", raw.attn_logit_softcapping),
             ("final_logit_softcapping", raw.final_logit_softcapping),
         ] {
-            if value.is_some() {
+            if value.is_some() && architecture != Architecture::Gemma2 {
                 return Err(Error::bad_file(
                     path,
-                    format!("config.json: {field} is not supported (Gemma 2's soft-capping)"),
+                    format!(
+                        "config.json: {field} is only supported for gemma2, not {}",
+                        architecture.name()
+                    ),
                 ));
+            }
+            if value.is_some_and(|cap| cap <= 0.0 || !cap.is_finite()) {
+                return Err(Error::bad_field(path, field));
             }
         }
         if raw.use_bidirectional_attention == Some(true) {
@@ -302,14 +323,15 @@ impl ModelConfig {
                 "config.json: use_bidirectional_attention is not supported (causal decoders only)",
             ));
         }
-        let gemma = architecture == Architecture::Gemma3;
+        let gemma = architecture.is_gemma();
         // Gemma 3 in transformers 5: one RoPE per layer type; the sliding layers' base is the
         // local one, the full layers' carries any rescaling.
         let per_type = raw
             .rope_parameters
             .as_ref()
-            .filter(|p| gemma && p.get("full_attention").is_some());
-        let mut rope_local_theta = gemma.then(|| raw.rope_local_base_freq.unwrap_or(10_000.0));
+            .filter(|p| architecture == Architecture::Gemma3 && p.get("full_attention").is_some());
+        let mut rope_local_theta = (architecture == Architecture::Gemma3)
+            .then(|| raw.rope_local_base_freq.unwrap_or(10_000.0));
         let (rope_theta, rope_scaling) = match raw.rope_parameters.as_ref().filter(|v| !v.is_null())
         {
             Some(params) if per_type.is_some() => {
@@ -391,11 +413,11 @@ impl ModelConfig {
                     "config.json: use_sliding_window is not supported for qwen3",
                 ));
             }
-            Architecture::Gemma3 => raw.sliding_window,
+            Architecture::Gemma3 | Architecture::Gemma2 => raw.sliding_window,
             _ => None,
         };
         let layer_types = if gemma {
-            gemma_layer_types(&raw, path)?
+            gemma_layer_types(&raw, architecture, path)?
         } else {
             Vec::new()
         };
@@ -432,6 +454,8 @@ impl ModelConfig {
             query_pre_attn_scalar: gemma.then(|| raw.query_pre_attn_scalar.unwrap_or(256.0)),
             layer_types,
             rope_local_theta,
+            attn_logit_softcapping: raw.attn_logit_softcapping,
+            final_logit_softcapping: raw.final_logit_softcapping,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -524,9 +548,10 @@ impl ModelConfig {
     }
 }
 
-/// Gemma 3's attention kind per layer: `layer_types` when the file lists them, else every
-/// `sliding_window_pattern`-th layer full and the others sliding (transformers' rule).
-fn gemma_layer_types(raw: &HfConfig, path: &Path) -> Result<Vec<LayerType>> {
+/// Gemma's attention kind per layer: `layer_types` when the file lists them, else Gemma 2's
+/// alternation (even layers sliding) or Gemma 3's every `sliding_window_pattern`-th layer full
+/// (transformers' rules).
+fn gemma_layer_types(raw: &HfConfig, arch: Architecture, path: &Path) -> Result<Vec<LayerType>> {
     if let Some(types) = &raw.layer_types {
         if types.len() != raw.num_hidden_layers {
             return Err(Error::bad_file(
@@ -554,7 +579,7 @@ fn gemma_layer_types(raw: &HfConfig, path: &Path) -> Result<Vec<LayerType>> {
     let pattern = raw
         .sliding_window_pattern
         .or(raw.sliding_window_pattern_private)
-        .unwrap_or(6)
+        .unwrap_or(if arch == Architecture::Gemma2 { 2 } else { 6 })
         .max(1);
     Ok(gemma3_layer_types(raw.num_hidden_layers, pattern))
 }

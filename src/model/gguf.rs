@@ -180,7 +180,7 @@ fn hf_name(gguf: &str, arch: Architecture) -> Option<String> {
         "attn_norm" => "input_layernorm",
         // Gemma calls the pre-MLP norm `pre_feedforward_layernorm` and uses
         // `post_attention_layernorm` for the norm on the attention output.
-        "ffn_norm" if arch == Architecture::Gemma3 => "pre_feedforward_layernorm",
+        "ffn_norm" if arch.is_gemma() => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "post_attention_norm" => "post_attention_layernorm",
         "post_ffw_norm" => "post_feedforward_layernorm",
@@ -344,7 +344,8 @@ fn config_from_meta(
             ))
         }
     };
-    let gemma = architecture == Architecture::Gemma3;
+    let gemma = architecture.is_gemma();
+    let gemma3 = architecture == Architecture::Gemma3;
     let num_hidden_layers = meta.count(&key("block_count"))?;
     let cfg = ModelConfig {
         architecture,
@@ -368,7 +369,9 @@ fn config_from_meta(
         o_bias: content.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
         sliding_window: match architecture {
-            Architecture::Gemma3 => Some(meta.count(&key("attention.sliding_window"))?),
+            Architecture::Gemma3 | Architecture::Gemma2 => {
+                Some(meta.count(&key("attention.sliding_window"))?)
+            }
             Architecture::Phi3 => meta
                 .optional_number(&key("attention.sliding_window"))?
                 .map(|w| w as usize)
@@ -386,13 +389,16 @@ fn config_from_meta(
         // llama.cpp scales Gemma 3's logits by key_length^(-1/2) (all sizes but 27B, whose
         // query_pre_attn_scalar is d / h); transformers' GGUF loader keeps its default, 256.
         query_pre_attn_scalar: gemma.then_some(head_dim as f64),
-        // llama.cpp and transformers both take Gemma 3's pattern as fixed: 5 sliding, 1 full.
-        layer_types: if gemma {
-            gemma3_layer_types(num_hidden_layers, 6)
-        } else {
-            Vec::new()
+        // llama.cpp and transformers both take the patterns as fixed: Gemma 3 5 sliding to 1
+        // full, Gemma 2 alternating (even layers sliding).
+        layer_types: match architecture {
+            Architecture::Gemma3 => gemma3_layer_types(num_hidden_layers, 6),
+            Architecture::Gemma2 => gemma3_layer_types(num_hidden_layers, 2),
+            _ => Vec::new(),
         },
-        rope_local_theta: gemma.then_some(10_000.0),
+        rope_local_theta: gemma3.then_some(10_000.0),
+        attn_logit_softcapping: meta.optional_number(&key("attn_logit_softcapping"))?,
+        final_logit_softcapping: meta.optional_number(&key("final_logit_softcapping"))?,
     };
     cfg.validate(meta.path)?;
     Ok(cfg)

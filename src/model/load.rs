@@ -352,7 +352,7 @@ impl NormNames {
     /// for the norm on the attention output.
     pub(crate) fn of(arch: Architecture) -> Self {
         match arch {
-            Architecture::Gemma3 => Self {
+            Architecture::Gemma3 | Architecture::Gemma2 => Self {
                 pre_attn: Some("input_layernorm"),
                 pre_mlp: Some("pre_feedforward_layernorm"),
                 attn_out: Some("post_attention_layernorm"),

@@ -22,6 +22,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
         Architecture::Phi3 => ("Phi3ForCausalLM", "phi3"),
         Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         Architecture::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
+        Architecture::Gemma2 => ("Gemma2ForCausalLM", "gemma2"),
         Architecture::Olmo2 => ("Olmo2ForCausalLM", "olmo2"),
     };
     let rope_scaling: serde_json::Value = match cfg.rope_scaling {
@@ -85,8 +86,16 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
                 obj.insert("attention_bias".into(), (cfg.qkv_bias || cfg.o_bias).into());
                 obj.insert("mlp_bias".into(), cfg.mlp_bias.into());
             }
-            Architecture::Gemma3 => {
+            Architecture::Gemma3 | Architecture::Gemma2 => {
                 obj.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+                obj.insert(
+                    "attn_logit_softcapping".into(),
+                    cfg.attn_logit_softcapping.into(),
+                );
+                obj.insert(
+                    "final_logit_softcapping".into(),
+                    cfg.final_logit_softcapping.into(),
+                );
                 obj.insert("sliding_window".into(), cfg.sliding_window.into());
                 obj.insert(
                     "query_pre_attn_scalar".into(),
@@ -101,6 +110,9 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: DType) -> serde_json::Value {
                     })
                     .collect();
                 obj.insert("layer_types".into(), types.into());
+                if cfg.architecture == Architecture::Gemma2 {
+                    return value;
+                }
                 // transformers 5's form: one RoPE per layer type.
                 let mut full =
                     serde_json::json!({"rope_theta": cfg.rope_theta, "rope_type": "default"});

@@ -121,24 +121,33 @@ pub fn tiny_config() -> ModelConfig {
         query_pre_attn_scalar: None,
         layer_types: Vec::new(),
         rope_local_theta: None,
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
     }
 }
 
 /// [`tiny_config`] as another family: Gemma 3 (GeGLU, `√d` embedding scale, `(1 + w)` norms
 /// around both sub-layers, per-head q/k norms, layers sliding (window 3, local RoPE base 100) /
-/// full (base 10,000) / sliding, `query_pre_attn_scalar` 8) or OLMo-2 (norms on the sub-layer
-/// outputs only, q/k norms over the whole projections); LLaMA otherwise.
+/// full (base 10,000) / sliding, `query_pre_attn_scalar` 8), Gemma 2 (the same without q/k
+/// norms and local base, with attention and final soft-caps 1 and 2) or OLMo-2 (norms on the
+/// sub-layer outputs only, q/k norms over the whole projections); LLaMA otherwise.
 pub fn tiny_family_config(arch: Architecture) -> ModelConfig {
     let mut cfg = tiny_config();
     cfg.architecture = arch;
-    if arch == Architecture::Gemma3 {
+    if arch.is_gemma() {
         cfg.hidden_act = Activation::GeluTanh;
         cfg.scale_embeddings = true;
         cfg.query_pre_attn_scalar = Some(8.0);
         cfg.sliding_window = Some(3);
         cfg.layer_types = vec![LayerType::Sliding, LayerType::Full, LayerType::Sliding];
-        cfg.rope_local_theta = Some(100.0);
         cfg.tie_word_embeddings = true;
+    }
+    if arch == Architecture::Gemma3 {
+        cfg.rope_local_theta = Some(100.0);
+    }
+    if arch == Architecture::Gemma2 {
+        cfg.attn_logit_softcapping = Some(1.0);
+        cfg.final_logit_softcapping = Some(2.0);
     }
     cfg
 }

@@ -534,8 +534,29 @@ impl Transformer {
         if opts.logits == LogitsAt::None {
             return Ok(xs);
         }
-        let logits = self.lm_head.forward(&xs, pass.mode)?;
+        let logits = self.softcap_logits(self.lm_head.forward(&xs, pass.mode)?)?;
         replace_if(hook, HookPoint::Logits, logits)
+    }
+
+    /// Gemma 2's final soft-capping `cap · tanh(l / cap)` (the identity elsewhere).
+    fn softcap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        match self.cfg.final_logit_softcapping {
+            None => Ok(logits),
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+        }
+    }
+
+    /// The gradient on the logits before Gemma 2's final soft-capping, from the gradient `d` on
+    /// the capped `logits` this model returned: `d ⊙ (1 − (logits / cap)²)`. Every backward that
+    /// goes from logits to hidden states through `lm_head` passes here first.
+    pub fn logit_softcap_vjp(&self, logits: &Tensor, d: &Tensor) -> Result<Tensor> {
+        match self.cfg.final_logit_softcapping {
+            None => Ok(d.clone()),
+            Some(cap) => {
+                let t = (logits.to_dtype(d.dtype())? / cap)?;
+                Ok(d.mul(&t.sqr()?.affine(-1.0, 1.0)?)?)
+            }
+        }
     }
 
     /// The final RMSNorm of hidden states `(.., d)`, on the fast path: with
@@ -546,13 +567,13 @@ impl Transformer {
 
     /// Logits of final-norm hidden states `(.., d)` (as [`LogitsAt::None`] returns them).
     pub fn lm_logits(&self, hidden: &Tensor, opts: &ForwardOptions) -> Result<Tensor> {
-        self.lm_head.forward(
+        self.softcap_logits(self.lm_head.forward(
             hidden,
             LinearMode {
                 differentiable: opts.differentiable,
                 use_lora: opts.use_lora,
             },
-        )
+        )?)
     }
 
     fn pass_ctx(&self, opts: ForwardOptions, offset: usize, seq_len: usize) -> Result<PassCtx> {
@@ -835,10 +856,14 @@ impl Attention {
         let window = cfg.window(layer_idx);
         let fast = !pass.mode.differentiable;
         // Inference with no hook on the pattern: a fused kernel that never forms it.
-        let fused = (fast && tape.is_none() && !hook.wants(HookPoint::AttnPattern(layer_idx)))
-            .then(|| causal_attention(&q, &k, &v, scale as f32, window))
-            .transpose()?
-            .flatten();
+        let softcap = cfg.attn_logit_softcapping;
+        let fused = (fast
+            && softcap.is_none()
+            && tape.is_none()
+            && !hook.wants(HookPoint::AttnPattern(layer_idx)))
+        .then(|| causal_attention(&q, &k, &v, scale as f32, window))
+        .transpose()?
+        .flatten();
         if let Some(z) = fused {
             let z = z.reshape((b_sz, seq_len, n_heads, head_dim))?;
             let z = replace_if(hook, HookPoint::HeadOut(layer_idx), z)?;
@@ -861,6 +886,11 @@ impl Attention {
         };
         // (b_sz, n_heads, seq_len, kv_len)
         let scores = scores.reshape((b_sz, n_heads, seq_len, kv_len))?;
+        // Gemma 2: soft-capped before the mask.
+        let scores = match softcap {
+            None => scores,
+            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        };
         let fused = fast
             .then(|| causal_softmax(&scores, pass.offset, window))
             .transpose()?

@@ -375,6 +375,7 @@ impl Transformer {
             n_kv,
             head_dim,
             scale,
+            softcap: cfg.attn_logit_softcapping,
         };
         let tape_batch = taped(lt.q.as_ref(), "queries")?.dim(0)?;
         let (d_q, d_k, d_v) = if tape_batch == 1 {
@@ -465,6 +466,9 @@ fn attention_core_any(
     neg_sin: &Tensor,
     dims: AttnDims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if dims.softcap.is_some() {
+        return attention_core(lt, d_z, cos, neg_sin, dims);
+    }
     match attention_core_blas(lt, d_z, cos, neg_sin, dims)? {
         Some(grads) => Ok(grads),
         None => attention_core(lt, d_z, cos, neg_sin, dims),
@@ -498,6 +502,8 @@ struct AttnDims {
     n_kv: usize,
     head_dim: usize,
     scale: f64,
+    /// Gemma 2's attention soft-capping.
+    softcap: Option<f64>,
 }
 
 /// From `dz` `(k, T', n_heads · hd)` (the gradient on the heads' concatenated outputs) to the
@@ -517,6 +523,7 @@ fn attention_core(
         n_kv,
         head_dim,
         scale,
+        softcap,
     } = dims;
     let n_rep = n_heads / n_kv;
     // (k, T', n_heads, head_dim)
@@ -558,6 +565,16 @@ fn attention_core(
     let p4 = probs.unsqueeze(1)?; // (n_heads, 1, T', T')
     let row_dot = d_probs.broadcast_mul(&p4)?.sum_keepdim(D::Minus1)?;
     let d_scores = d_probs.broadcast_sub(&row_dot)?.broadcast_mul(&p4)?;
+    // Gemma 2: S = cap · tanh(S_raw / cap)  →  dS_raw = dS ⊙ (1 − (S / cap)²), with S_raw
+    // recomputed from the taped queries and keys.
+    let d_scores = match softcap {
+        None => d_scores,
+        Some(cap) => {
+            let raw = (bmm(&q, &k.contiguous()?, true)? * scale)?; // (n_heads, T', T')
+            let slope = (raw / cap)?.tanh()?.sqr()?.affine(-1.0, 1.0)?;
+            d_scores.broadcast_mul(&slope.unsqueeze(1)?)?
+        }
+    };
     // S = scale · q kᵀ  →  dq = scale · dS k; (n_heads, k, T', hd)
     let d_q = (bmm(
         &d_scores.reshape((n_heads, k_sz * t_len, t_len))?,
@@ -649,6 +666,7 @@ fn attention_core_blas(
         n_kv,
         head_dim: hd,
         scale,
+        ..
     } = dims;
     let n_rep = n_heads / n_kv;
     let probs = taped(lt.probs.as_ref(), "attention pattern")?;

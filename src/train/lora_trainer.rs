@@ -525,8 +525,10 @@ impl Trainer {
                 // d(Σ CE · norm)/d logits = (softmax − onehot) · norm.
                 let ones = Tensor::ones((n, 1), DType::F32, &device)?;
                 let onehot = log_probs.zeros_like()?.scatter_add(&targets, &ones, 1)?;
-                let d_logits =
-                    ((log_probs.exp()? - onehot)? * norm)?.to_dtype(self.model.dtype())?;
+                let d_logits = self
+                    .model
+                    .logit_softcap_vjp(&logits, &((log_probs.exp()? - onehot)? * norm)?)?
+                    .to_dtype(self.model.dtype())?;
                 let d_rows = d_logits.matmul(&self.model.lm_head.weight)?;
                 // Every position of the batch (the dropout masks are regenerated for the
                 // forward's shape).

@@ -270,7 +270,10 @@ impl Trainer {
                 blocks.push(Tensor::zeros((t_len - len, vocab), wd, &device)?);
             }
         }
-        let d_rows = Tensor::cat(&blocks, 0)?
+        let d_logits = self
+            .model
+            .logit_softcap_vjp(&logits, &Tensor::cat(&blocks, 0)?)?;
+        let d_rows = d_logits
             .to_dtype(self.model.dtype())?
             .matmul(&self.model.lm_head.weight)?
             .reshape((b_sz, t_len, d))?;
