@@ -38,7 +38,7 @@ pub enum Error {
         field: String,
     },
     /// The checkpoint's architecture is not one tunelens can run.
-    #[error("unsupported architecture `{arch}` (supported: llama, mistral, qwen2, qwen3, phi3, gemma3, olmo2 and their fine-tunes): {}", path.display())]
+    #[error("unsupported architecture `{arch}` (supported: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, olmo2 and their fine-tunes): {}", path.display())]
     UnsupportedArchitecture {
         /// The architecture named by the checkpoint.
         arch: String,

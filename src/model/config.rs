@@ -263,6 +263,20 @@ struct HfConfig {
 impl ModelConfig {
     /// Parses a Hugging Face `config.json`; `path` is only used in error messages.
     pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
+        // A multimodal wrapper (Gemma 3 4B+, ...) nests the decoder under `text_config`: name
+        // the class rather than a missing field.
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(text) {
+            let first = value
+                .get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(serde_json::Value::as_str);
+            if let Some(name) = first.filter(|_| value.get("text_config").is_some()) {
+                return Err(Error::UnsupportedArchitecture {
+                    arch: format!("{name} (a multimodal model; open its text-only checkpoint)"),
+                    path: path.to_path_buf(),
+                });
+            }
+        }
         // serde names the missing field ("missing field `hidden_size`").
         let raw: HfConfig = serde_json::from_str(text)
             .map_err(|err| Error::bad_file(path, format!("config.json: {}", json_message(&err))))?;
@@ -846,14 +860,25 @@ mod tests {
         assert!(err.contains("hidden_act `relu2`"), "{err}");
         let err = ModelConfig::from_hf_json(
             &SMOLLM_LIKE
-                .replace("LlamaForCausalLM", "Gemma2ForCausalLM")
-                .replace(r#""model_type": "llama""#, r#""model_type": "gemma2""#),
+                .replace("LlamaForCausalLM", "GPTNeoXForCausalLM")
+                .replace(r#""model_type": "llama""#, r#""model_type": "gpt_neox""#),
             Path::new("config.json"),
         )
-        .expect_err("gemma2")
+        .expect_err("gpt_neox")
         .to_string();
         assert!(
-            err.contains("`Gemma2ForCausalLM`") && err.contains("gemma3, olmo2"),
+            err.contains("`GPTNeoXForCausalLM`") && err.contains("gemma2, gemma3, olmo2"),
+            "{err}"
+        );
+        let err = ModelConfig::from_hf_json(
+            r#"{"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                "text_config": {"hidden_size": 2560}}"#,
+            Path::new("config.json"),
+        )
+        .expect_err("multimodal")
+        .to_string();
+        assert!(
+            err.contains("Gemma3ForConditionalGeneration (a multimodal"),
             "{err}"
         );
     }

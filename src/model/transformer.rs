@@ -1,8 +1,11 @@
-//! A hookable LLaMA-family decoder (LLaMA, Mistral, SmolLM, TinyLlama, Qwen2).
+//! A hookable decoder for the LLaMA family (LLaMA, Mistral, SmolLM, TinyLlama, Qwen2/3, Phi-3)
+//! and its relatives with norms placed differently (Gemma 2/3, OLMo-2).
 //!
 //! Follows the Hugging Face transformers `modeling_llama.py` forward exactly (METHODS.md §0.1):
 //! pre-norm blocks, rotate-half RoPE, grouped-query attention, SwiGLU MLP, final RMSNorm, and
-//! `lm_head` (tied or not). GGUF checkpoints are converted to this layout at load time (their
+//! `lm_head` (tied or not). The other families switch parts on through the config: q/k norms,
+//! norms on the sub-layer outputs, GeGLU, Gemma's embedding scale, per-layer windows and RoPE
+//! bases, and Gemma 2's soft-capping (each as its transformers modeling file does it). GGUF checkpoints are converted to this layout at load time (their
 //! q/k rows are un-permuted), so one forward serves every format.
 //!
 //! Each forward chooses between a fast path (candle's fused RoPE, softmax and RMSNorm, which do

@@ -523,6 +523,11 @@ impl TunelensApp {
         match output {
             JobOutput::Loaded { slot, info } => {
                 self.state.remember(&info.source);
+                // A base model without a chat template (e.g. Gemma-3 270M pt) cannot render
+                // one: start its analyses on the raw prompt instead of failing on the first run.
+                if !info.has_chat_template {
+                    self.state.chat = false;
+                }
                 let view = &mut self.slots[slot_index(slot)];
                 view.info = Some(*info);
                 view.loading = false;
