@@ -661,7 +661,8 @@ pub fn instruction_vector(
 ) -> Result<Vec<f32>> {
     let cfg = model.config();
     let (h, dh, d) = (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size);
-    let mut per_layer: std::collections::BTreeMap<usize, Vec<f32>> = Default::default();
+    let mut per_layer: std::collections::BTreeMap<usize, Vec<f32>> =
+        std::collections::BTreeMap::new();
     for &(l, k) in heads {
         let layer = model.layers.get(l).ok_or_else(|| {
             Error::invalid(

@@ -418,7 +418,10 @@ impl ModelConfig {
         }
         let qkv_bias = architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false);
         let sliding_window = match architecture {
-            Architecture::Mistral | Architecture::Phi3 => raw.sliding_window,
+            Architecture::Mistral
+            | Architecture::Phi3
+            | Architecture::Gemma3
+            | Architecture::Gemma2 => raw.sliding_window,
             Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
             Architecture::Qwen3 if raw.use_sliding_window == Some(true) => {
                 // transformers slides only in the layers from `max_window_layers` on.
@@ -427,7 +430,6 @@ impl ModelConfig {
                     "config.json: use_sliding_window is not supported for qwen3",
                 ));
             }
-            Architecture::Gemma3 | Architecture::Gemma2 => raw.sliding_window,
             _ => None,
         };
         let layer_types = if gemma {

@@ -181,8 +181,7 @@ fn hf_name(gguf: &str, arch: Architecture) -> Option<String> {
         // Gemma calls the pre-MLP norm `pre_feedforward_layernorm` and uses
         // `post_attention_layernorm` for the norm on the attention output.
         "ffn_norm" if arch.is_gemma() => "pre_feedforward_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "post_attention_norm" => "post_attention_layernorm",
+        "ffn_norm" | "post_attention_norm" => "post_attention_layernorm",
         "post_ffw_norm" => "post_feedforward_layernorm",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",

@@ -514,7 +514,7 @@ impl Transformer {
             tape.x_final = Some(xs.clone());
             tape.cos = Some(pass.cos.clone());
             tape.sin = Some(pass.sin.clone());
-            tape.local_rope = pass.local.clone();
+            tape.local_rope.clone_from(&pass.local);
         }
         if let Some(cache) = cache {
             cache.len = offset + seq_len;
