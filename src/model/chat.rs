@@ -100,4 +100,63 @@ mod tests {
         let err = template.render_user("x").unwrap_err();
         assert!(err.to_string().contains("only user turns"), "{err}");
     }
+
+    /// A template written in the style of Gemma's (turn markers, the system turn folded into
+    /// the first user turn, `assistant` renamed `model`, `messages[1:]`, `is string`, `| trim`,
+    /// whitespace control, `loop.first`): the same text as transformers' Jinja renderer gives
+    /// (checked with jinja2 3.1 and transformers' environment settings).
+    #[test]
+    fn renders_a_gemma_style_template_as_transformers_does() {
+        let template = ChatTemplate {
+            source: GEMMA_STYLE.to_owned(),
+            bos_token: "<bos>".to_owned(),
+            eos_token: "<eos>".to_owned(),
+        };
+        let turn = |role: &str, content: &str| ChatMessage {
+            role: role.to_owned(),
+            content: content.to_owned(),
+        };
+        let messages = [
+            turn("system", " Be brief. "),
+            turn("user", "  Name a colour. "),
+            turn("assistant", "Blue."),
+            turn("user", "Another?"),
+        ];
+        assert_eq!(
+            template.render(&messages, true).unwrap(),
+            "<bos><start_of_turn>user\nBe brief.\n\nName a colour.<end_of_turn>\n<start_of_turn>model\nBlue.<end_of_turn>\n<start_of_turn>user\nAnother?<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert_eq!(
+            template.render_user("  Name a colour. ").unwrap(),
+            "<bos><start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let err = template
+            .render(&[turn("assistant", "x")], true)
+            .unwrap_err();
+        assert!(err.to_string().contains("must alternate"), "{err}");
+    }
+
+    const GEMMA_STYLE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+{%- set prefix = messages[0]['content'] | trim ~ '\n\n' -%}
+{%- set turns = messages[1:] -%}
+{%- else -%}
+{%- set prefix = '' -%}
+{%- set turns = messages -%}
+{%- endif -%}
+{%- for m in turns -%}
+{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+{{ raise_exception('turns must alternate user/assistant') }}
+{%- endif -%}
+{%- set speaker = 'model' if m['role'] == 'assistant' else m['role'] -%}
+{{ '<start_of_turn>' ~ speaker ~ '\n' ~ (prefix if loop.first else '') }}
+{%- if m['content'] is string -%}
+{{ m['content'] | trim }}
+{%- endif -%}
+{{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"#;
 }
