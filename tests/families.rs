@@ -329,11 +329,12 @@ fn olmo2_matches_transformers_with_and_without_an_adapter() {
     assert_saves_and_loads_the_same(&m);
 }
 
-/// LoRA training on Gemma 3 and OLMo-2 (gradients through the post-norms, GeGLU and q/k norms)
-/// writes a PEFT adapter that changes the model when opened on the base again.
+/// LoRA training on Gemma 3, Gemma 2 and OLMo-2 (gradients through the post-norms, GeGLU, q/k
+/// norms and soft-caps) writes a PEFT adapter, under PEFT's tensor names, that changes the model
+/// when opened on the base again.
 #[test]
-fn gemma3_and_olmo2_lora_training_round_trip() {
-    for name in ["gemma3", "olmo2"] {
+fn gemma_and_olmo2_lora_training_round_trip() {
+    for name in ["gemma3", "gemma2", "olmo2"] {
         let model = family(name).display().to_string();
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("train.jsonl");
@@ -366,6 +367,13 @@ fn gemma3_and_olmo2_lora_training_round_trip() {
             &out.display().to_string(),
         ]);
         assert_eq!(run.code, 0, "{name}: {}", run.stderr);
+        // PEFT's tensor names.
+        let weights = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+        let header = String::from_utf8_lossy(&weights[..4096.min(weights.len())]).into_owned();
+        assert!(
+            header.contains("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"),
+            "{name}: {header}"
+        );
         let base = open(&model);
         let adapted = open(&format!("{model}+{}", out.join("adapter").display()));
         let ids = crate::common::ids_tensor(&[1, 5, 17, 33, 8]);
@@ -383,17 +391,22 @@ fn tiny_family(arch: Architecture, seed: u64, dtype: DType) -> LoadedModel {
 
 const TINY_IDS: [u32; 8] = [1, 9, 20, 33, 40, 12, 50, 7];
 
-/// Gemma 3, Gemma 2 and OLMo-2 on tiny seeded models: `h[l+1] = h[l] + attn[l] + mlp[l]` holds because
-/// the `AttnOut`/`MlpOut` hooks see the sub-layer outputs *after* their norms; `attn[l]` is the
-/// post-norm of `o_proj` applied to the heads' outputs (not their sum of `W_O` slices); Gemma's
-/// sliding layers attend to the last 3 positions and its full layer to all.
+const NEW_FAMILIES: [Architecture; 5] = [
+    Architecture::Phi3,
+    Architecture::Qwen3,
+    Architecture::Gemma3,
+    Architecture::Gemma2,
+    Architecture::Olmo2,
+];
+
+/// Every new family on tiny seeded models: `h[l+1] = h[l] + attn[l] + mlp[l]`. In Gemma 2/3 and
+/// OLMo-2 it holds because the `AttnOut`/`MlpOut` hooks see the sub-layer outputs *after* their
+/// norms, and `attn[l]` is the post-norm of `o_proj` applied to the heads' outputs (not their
+/// sum of `W_O` slices); in Phi-3 and Qwen3 `attn[l]` is `o_proj`'s output. Gemma's sliding
+/// layers attend to the last 3 positions and its full layer to all.
 #[test]
-fn post_norm_families_decompose_the_residual_stream() {
-    for arch in [
-        Architecture::Gemma3,
-        Architecture::Gemma2,
-        Architecture::Olmo2,
-    ] {
+fn new_families_decompose_the_residual_stream() {
+    for arch in NEW_FAMILIES {
         let m = tiny_family(arch, 3, DType::F64);
         let mut rec = Recorder::all();
         m.model
@@ -419,23 +432,28 @@ fn post_norm_families_decompose_the_residual_stream() {
                     },
                 )
                 .unwrap();
-            let norm = layer.attn_out_norm.as_ref().expect("post-norm");
-            let inv_rms = (o.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + norm.eps)
-                .unwrap()
-                .sqrt()
-                .unwrap()
-                .recip()
-                .unwrap();
-            let expected = o
-                .broadcast_mul(&inv_rms)
-                .unwrap()
-                .broadcast_mul(&norm.weight)
-                .unwrap();
+            assert_eq!(layer.attn_out_norm.is_some(), arch.has_post_norms());
+            let expected = match layer.attn_out_norm.as_ref() {
+                // LLaMA layout (Phi-3, Qwen3): attn[l] is o_proj's output itself.
+                None => o.clone(),
+                Some(norm) => {
+                    let inv_rms = (o.sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + norm.eps)
+                        .unwrap()
+                        .sqrt()
+                        .unwrap()
+                        .recip()
+                        .unwrap();
+                    assert!(crate::common::max_abs_diff(&o, get(HookPoint::AttnOut(l))) > 1e-3);
+                    o.broadcast_mul(&inv_rms)
+                        .unwrap()
+                        .broadcast_mul(&norm.weight)
+                        .unwrap()
+                }
+            };
             assert!(
                 crate::common::max_abs_diff(&expected, get(HookPoint::AttnOut(l))) < 1e-12,
                 "{arch:?} layer {l}"
             );
-            assert!(crate::common::max_abs_diff(&o, get(HookPoint::AttnOut(l))) > 1e-3);
         }
         if arch.is_gemma() {
             let last_row = |l: usize| -> Vec<f64> {
@@ -458,14 +476,11 @@ fn post_norm_families_decompose_the_residual_stream() {
 }
 
 /// Finite differences, candle's autograd on the differentiable path and the hand-written
-/// backward agree on the input gradient of Gemma 3 and OLMo-2 (f64, tiny seeded models).
+/// backward agree on the input gradient of Phi-3, Qwen3, Gemma 3, Gemma 2 (both soft-caps) and
+/// OLMo-2 (f64, tiny seeded models).
 #[test]
-fn post_norm_families_input_gradients_match_finite_differences() {
-    for arch in [
-        Architecture::Gemma3,
-        Architecture::Gemma2,
-        Architecture::Olmo2,
-    ] {
+fn new_families_input_gradients_match_finite_differences() {
+    for arch in NEW_FAMILIES {
         let m = tiny_family(arch, 5, DType::F64);
         let x0 = m
             .model

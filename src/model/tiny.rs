@@ -283,7 +283,37 @@ pub fn tiny_weights(cfg: &ModelConfig, seed: u64) -> Result<BTreeMap<String, Ten
             0.0,
         )?;
     }
+    if cfg.architecture == Architecture::Phi3 {
+        fuse_phi3(&mut tensors, cfg.num_hidden_layers)?;
+    }
     Ok(tensors)
+}
+
+/// Phi-3's files fuse q, k, v into `qkv_proj` and gate, up into `gate_up_proj` (rows stacked).
+fn fuse_phi3(tensors: &mut BTreeMap<String, Tensor>, layers: usize) -> Result<()> {
+    for i in 0..layers {
+        for (fused, parts) in [
+            (
+                "self_attn.qkv_proj",
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"][..],
+            ),
+            ("mlp.gate_up_proj", &["mlp.gate_proj", "mlp.up_proj"][..]),
+        ] {
+            let rows = parts
+                .iter()
+                .map(|part| {
+                    tensors
+                        .remove(&format!("model.layers.{i}.{part}.weight"))
+                        .ok_or_else(|| Error::invalid("tiny model", format!("no {part}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            tensors.insert(
+                format!("model.layers.{i}.{fused}.weight"),
+                Tensor::cat(&rows, 0)?,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The tiny word-level tokenizer (64 entries, whitespace pre-tokenizer).
