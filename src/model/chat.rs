@@ -136,7 +136,7 @@ mod tests {
         assert!(err.to_string().contains("must alternate"), "{err}");
     }
 
-    const GEMMA_STYLE: &str = r#"{{ bos_token }}
+    const GEMMA_STYLE: &str = r"{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
 {%- set prefix = messages[0]['content'] | trim ~ '\n\n' -%}
 {%- set turns = messages[1:] -%}
@@ -158,5 +158,5 @@ mod tests {
 {%- if add_generation_prompt -%}
 {{ '<start_of_turn>model\n' }}
 {%- endif -%}
-"#;
+";
 }
