@@ -650,10 +650,12 @@ pub fn top_heads(scores: &[f32], heads: usize, n: usize) -> Vec<HeadScore> {
 /// `IV = Σ_{(l,k)} W_O^(l)[:, k·d_h:(k+1)·d_h] · ā_{l,k}` with the effective `o_proj` weights
 /// (an attached LoRA adapter included; no bias, as LLaMA's `o_proj` has none).
 ///
-/// Gemma 3 and OLMo-2 normalise `o_proj`'s output before it joins the residual stream, where
-/// the IV is added. There the heads of each layer are summed and passed through that layer's
-/// norm (what the layer would write if only those heads spoke), then the layers are summed:
-/// a deviation from the LLaMA formula, which it equals when there is no such norm.
+/// Gemma 2/3 and OLMo-2 normalise `o_proj`'s output `o` before it joins the residual stream,
+/// where the IV is added: `N(o) = g ⊙ o / rms(o)`. With `rms(o)` held at the layer's value for
+/// the mean head outputs of *all* its heads, `N` is linear in the heads, and each listed head
+/// contributes its share `g ⊙ W_O^(l,k) ā_{l,k} / rms(o)` of what the layer writes. That share
+/// is what is summed there (a deviation from the LLaMA formula, which it equals without the norm;
+/// normalising the listed heads' sum alone would blow a few heads up to a whole layer's size).
 pub fn instruction_vector(
     model: &Transformer,
     means: &[f32],
@@ -661,6 +663,16 @@ pub fn instruction_vector(
 ) -> Result<Vec<f32>> {
     let cfg = model.config();
     let (h, dh, d) = (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size);
+    if means.len() != model.layers.len() * h * dh {
+        return Err(Error::invalid(
+            "mean head outputs",
+            format!(
+                "{} values; the model has {} layers of {h} heads of {dh}",
+                means.len(),
+                model.layers.len()
+            ),
+        ));
+    }
     let mut per_layer: std::collections::BTreeMap<usize, Vec<f32>> =
         std::collections::BTreeMap::new();
     for &(l, k) in heads {
@@ -699,9 +711,19 @@ pub fn instruction_vector(
         let written = match &model.layers[l].attn_out_norm {
             None => sum,
             Some(norm) => {
-                let gain: Vec<f32> = norm.weight.to_dtype(DType::F32)?.to_vec1()?;
-                let mean_sq = sum.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                // o for the mean outputs of every head of the layer, and its RMS.
+                let all = &means[l * h * dh..(l + 1) * h * dh];
+                let z = Tensor::from_slice(all, (h * dh, 1), &Device::Cpu)?;
+                let w_o = model.layers[l]
+                    .self_attn
+                    .o_proj
+                    .effective_weight()?
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?;
+                let o: Vec<f32> = w_o.matmul(&z)?.flatten_all()?.to_vec1()?;
+                let mean_sq = o.iter().map(|v| v * v).sum::<f32>() / d as f32;
                 let inv_rms = 1.0 / (mean_sq + norm.eps as f32).sqrt();
+                let gain: Vec<f32> = norm.weight.to_dtype(DType::F32)?.to_vec1()?;
                 sum.iter()
                     .zip(&gain)
                     .map(|(v, g)| v * inv_rms * g)
@@ -1529,6 +1551,62 @@ mod tests {
         let single = instruction_vector(&m.model, &means, &[(layer, 2)])?;
         for (a, b) in single.iter().zip(&o) {
             assert!((a - b).abs() < 1e-6);
+        }
+        Ok(())
+    }
+
+    /// With a norm on the attention output (Gemma): all heads of a layer give exactly what the
+    /// layer writes for the mean head outputs, `N(o_proj(z̄))`, and single heads add up to it.
+    #[test]
+    fn post_norm_vector_is_each_heads_share_of_the_layer_output() -> anyhow::Result<()> {
+        use crate::model::config::Architecture;
+        use crate::model::tiny::{tiny_family_config, tiny_model_with, tiny_options};
+        let m = tiny_model_with(
+            &tiny_family_config(Architecture::Gemma3),
+            3,
+            &tiny_options(DType::F32),
+        )?;
+        let c = m.model.config().clone();
+        let (h, dh) = (c.num_attention_heads, c.head_dim);
+        let means = some_means(&m.model);
+        let layer = 1;
+        let heads: Vec<HeadId> = (0..h).map(|k| (layer, k)).collect();
+        let all = instruction_vector(&m.model, &means, &heads)?;
+        let z = Tensor::from_slice(
+            &means[layer * h * dh..(layer + 1) * h * dh],
+            (1, h * dh),
+            &Device::Cpu,
+        )?;
+        let l = &m.model.layers[layer];
+        let o = l.self_attn.o_proj.forward(
+            &z,
+            crate::model::lora::LinearMode {
+                differentiable: false,
+                use_lora: true,
+            },
+        )?;
+        let norm = l.attn_out_norm.as_ref().expect("Gemma has the post-norm");
+        let inv_rms = (o.sqr()?.mean_keepdim(candle_core::D::Minus1)? + norm.eps)?
+            .sqrt()?
+            .recip()?;
+        let written: Vec<f32> = o
+            .broadcast_mul(&inv_rms)?
+            .broadcast_mul(&norm.weight)?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut summed = vec![0f32; all.len()];
+        for k in 0..h {
+            for (s, v) in
+                summed
+                    .iter_mut()
+                    .zip(instruction_vector(&m.model, &means, &[(layer, k)])?)
+            {
+                *s += v;
+            }
+        }
+        for ((a, b), s) in all.iter().zip(&written).zip(&summed) {
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+            assert!((a - s).abs() < 1e-4 * s.abs().max(1.0), "{a} vs {s}");
         }
         Ok(())
     }
