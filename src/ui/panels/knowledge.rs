@@ -253,8 +253,19 @@ fn settings_ui(ui: &mut egui::Ui, cx: &mut ViewCx<'_>, has_results: bool) {
         ui.add(egui::DragValue::new(&mut s.shots).range(0..=10))
             .labelled_by(label.id);
         ui.label("Tuned prompt");
-        ui.selectable_value(&mut s.template, TunedTemplate::Chat, "Chat template")
-            .on_hover_text("The tuned model's own chat template, 0-shot");
+        // A tuned model without a chat template (a base checkpoint in B) cannot use one.
+        let tuned_has_template = cx.slots[1]
+            .info
+            .as_ref()
+            .is_none_or(|info| info.has_chat_template);
+        if !tuned_has_template && s.template == TunedTemplate::Chat {
+            s.template = TunedTemplate::Vicuna;
+        }
+        ui.add_enabled_ui(tuned_has_template, |ui| {
+            ui.selectable_value(&mut s.template, TunedTemplate::Chat, "Chat template")
+                .on_hover_text("The tuned model's own chat template, 0-shot")
+                .on_disabled_hover_text("B has no chat template");
+        });
         ui.selectable_value(&mut s.template, TunedTemplate::Vicuna, "Vicuna")
             .on_hover_text("The Vicuna template of the reference code, 0-shot");
         ui.selectable_value(&mut s.template, TunedTemplate::Base, "Base prompt")
