@@ -1539,3 +1539,31 @@ fn token_shift_view_colours_tokens_keeps_runs_lenses_explains_and_exports() {
         .view::<ShiftView>()
         .is_some_and(|v| v.runs.is_empty()));
 }
+
+/// A base checkpoint without a chat template (the tiny Gemma 3 written by transformers) in A and
+/// B: the Chat-template box goes off, the Knowledge view asks the tuned model in the Vicuna
+/// template and the Fine-tune view trains on the §5.1 template, so no first run fails on it.
+#[test]
+fn a_model_without_a_chat_template_switches_the_chat_options_off() {
+    let folder = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/families/gemma3");
+    let mut harness = harness();
+    harness.state_mut().state.chat = true;
+    harness.state_mut().open_path(Slot::A, &folder);
+    step_until(&mut harness, "slot A", |app| app.slots[0].info.is_some());
+    harness.state_mut().open_path(Slot::B, &folder);
+    step_until(&mut harness, "slot B", |app| app.slots[1].info.is_some());
+    assert!(!harness.state().state.chat);
+    for view in ["knowledge", "finetune"] {
+        harness.state_mut().state.view = tunelens::ui::state::View::analysis(view);
+        harness.run();
+    }
+    let state = &harness.state().state;
+    assert_eq!(
+        state.knowledge.template,
+        tunelens::analysis::knowledge::TunedTemplate::Vicuna
+    );
+    assert_eq!(
+        state.finetune.template,
+        tunelens::train::dataset::PromptTemplate::Definition
+    );
+}

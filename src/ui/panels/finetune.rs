@@ -321,6 +321,10 @@ impl AnalysisView for FinetuneView {
                 .info
                 .as_ref()
                 .map(crate::model::ModelInfo::display_name),
+            base_has_template: cx.slots[0]
+                .info
+                .as_ref()
+                .is_none_or(|info| info.has_chat_template),
             running: cx.running,
             view: &self.training,
             note: cx.note,
@@ -555,7 +559,7 @@ fn number_row<T: egui::emath::Numeric>(
     ui.end_row();
 }
 
-fn settings_grid(ui: &mut egui::Ui, s: &mut FinetuneUi) {
+fn settings_grid(ui: &mut egui::Ui, s: &mut FinetuneUi, base_has_template: bool) {
     egui::Grid::new("finetune_settings")
         .num_columns(4)
         .spacing([12.0, 4.0])
@@ -649,11 +653,18 @@ fn settings_grid(ui: &mut egui::Ui, s: &mut FinetuneUi) {
         .show(ui, |ui| {
             ui.label("Template");
             ui.horizontal(|ui| {
-                ui.selectable_value(
-                    &mut s.template,
-                    PromptTemplate::Chat,
-                    "Model's chat template",
-                );
+                // A base checkpoint without a chat template trains on the §5.1 template.
+                if !base_has_template && s.template == PromptTemplate::Chat {
+                    s.template = PromptTemplate::Definition;
+                }
+                ui.add_enabled_ui(base_has_template, |ui| {
+                    ui.selectable_value(
+                        &mut s.template,
+                        PromptTemplate::Chat,
+                        "Model's chat template",
+                    )
+                    .on_disabled_hover_text("slot A's model has no chat template");
+                });
                 ui.selectable_value(
                     &mut s.template,
                     PromptTemplate::Definition,
@@ -1210,6 +1221,8 @@ fn preview_ui(ui: &mut egui::Ui, preview: &DataPreview) {
 pub struct FinetuneCtx<'a> {
     /// Slot A's model name, when loaded.
     pub base: Option<String>,
+    /// Whether slot A's model has a chat template (true while none is loaded).
+    pub base_has_template: bool,
     /// The run or estimate in progress.
     pub running: Option<&'a PendingJob>,
     /// The curves and last result.
@@ -1273,7 +1286,7 @@ fn finetune_ui(
                 actions,
             );
             ui.add_space(4.0);
-            settings_grid(ui, settings);
+            settings_grid(ui, settings, ctx.base_has_template);
             ui.add_space(4.0);
             guidance_ui(ui, settings, &ctx.iv_info, actions);
             ui.horizontal(|ui| {
