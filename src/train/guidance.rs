@@ -205,51 +205,92 @@ impl Guidance {
     /// (no IV yet, no adapter), so the prompt before `t_b` runs once into a KV cache, and its
     /// logits serve as the reference's. Rows `t_b..T` are the same in both passes below the
     /// edit layer `ℓ` (the IV enters at `ℓ`'s `o_proj` output), so they run once up to `ℓ`;
-    /// from there the IV pass runs to the logits, and the head pass (no IV) only as far as
-    /// the last listed head above `ℓ`. Heads at or below `ℓ` are read from the shared part
+    /// from there the IV pass runs to the logits, and the head pass (no IV) only for row `t_b`
+    /// and only as far as the last listed head above `ℓ`. Heads at or below `ℓ` are read from the shared part
     /// (`z` of layer `ℓ` is taken before the IV is added).
     pub fn reference(&self, model: &Transformer, ids: &Tensor, t_b: usize) -> Result<Reference> {
+        let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let mut refs = self.references(model, &[(ids, t_b)])?;
+        refs.pop()
+            .ok_or_else(|| Error::invalid("reference", "no reference pass ran"))
+    }
+
+    /// [`Guidance::reference`] for several examples (`(ids, t_b)` each): the examples that share
+    /// a length and a `t_b` run their passes as one batch (larger products than one sequence
+    /// at a time), each cached on its own.
+    pub fn references(
+        &self,
+        model: &Transformer,
+        examples: &[(Vec<u32>, usize)],
+    ) -> Result<Vec<Reference>> {
         let opts = ForwardOptions {
             differentiable: false,
             logits: LogitsAt::All,
             use_lora: false,
         };
-        let key = (t_b, ids.flatten_all()?.to_vec1::<u32>()?);
-        let cached = self.cache.lock().ok().and_then(|mut c| {
-            let hit = c.entries.get(&key).cloned();
-            if hit.is_some() {
-                c.hits += 1;
+        let mut found: Vec<Option<(Tensor, Vec<Tensor>)>> = examples
+            .iter()
+            .map(|(ids, t_b)| {
+                self.cache.lock().ok().and_then(|mut c| {
+                    let hit = c.entries.get(&(*t_b, ids.clone())).cloned();
+                    if hit.is_some() {
+                        c.hits += 1;
+                    }
+                    hit
+                })
+            })
+            .collect();
+        // The misses, grouped by (t_b, length).
+        let mut groups: std::collections::BTreeMap<(usize, usize), Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (i, (ids, t_b)) in examples.iter().enumerate() {
+            if found[i].is_none() {
+                groups.entry((*t_b, ids.len())).or_default().push(i);
             }
-            hit
-        });
-        let (hidden, z) = if let Some(entry) = cached {
-            entry
-        } else {
-            let (hidden, z) = self.reference_hidden(model, ids, t_b)?;
-            if let Ok(mut c) = self.cache.lock() {
-                let bytes = hidden.elem_count() * hidden.dtype().size_in_bytes()
-                    + z.iter().map(|t| t.elem_count() * 8).sum::<usize>();
-                if c.bytes + bytes <= c.budget {
-                    c.bytes += bytes;
-                    c.entries.insert(key, (hidden.clone(), z.clone()));
+        }
+        for ((t_b, len), members) in groups {
+            let flat: Vec<u32> = members
+                .iter()
+                .flat_map(|&i| examples[i].0.iter().copied())
+                .collect();
+            let ids = Tensor::from_vec(flat, (members.len(), len), model.device())?;
+            let (hidden, z) = self.reference_hidden(model, &ids, t_b)?;
+            for (row, &i) in members.iter().enumerate() {
+                let entry = (hidden.get(row)?, z[row].clone());
+                if let Ok(mut c) = self.cache.lock() {
+                    let bytes = entry.0.elem_count() * entry.0.dtype().size_in_bytes()
+                        + entry.1.iter().map(|t| t.elem_count() * 8).sum::<usize>();
+                    if c.bytes + bytes <= c.budget {
+                        c.bytes += bytes;
+                        c.entries
+                            .insert((t_b, examples[i].0.clone()), entry.clone());
+                    }
                 }
+                found[i] = Some(entry);
             }
-            (hidden, z)
-        };
-        let logits = model.lm_logits(&hidden, &opts)?;
-        Ok(Reference {
-            logits: logits.to_dtype(loss_dtype(model.dtype()))?,
-            z,
-        })
+        }
+        found
+            .into_iter()
+            .map(|entry| {
+                let (hidden, z) =
+                    entry.ok_or_else(|| Error::invalid("reference", "an example was not run"))?;
+                let logits = model.lm_logits(&hidden, &opts)?;
+                Ok(Reference {
+                    logits: logits.to_dtype(loss_dtype(model.dtype()))?,
+                    z,
+                })
+            })
+            .collect()
     }
 
-    /// The reference passes themselves: final-norm hidden states `(T, d)` and head outputs.
+    /// The reference passes themselves, for `b` sequences of one length sharing `t_b` (`ids`
+    /// `(b, T)`): final-norm hidden states `(b, T, d)` and, per sequence, the heads' outputs.
     fn reference_hidden(
         &self,
         model: &Transformer,
         ids: &Tensor,
         t_b: usize,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    ) -> Result<(Tensor, Vec<Vec<Tensor>>)> {
         let seq_len = ids.dim(1)?;
         if t_b >= seq_len {
             return Err(Error::invalid(
@@ -316,36 +357,41 @@ impl Guidance {
             .max()
             .filter(|&e| e > layer + 1)
         {
+            // Only row t_b's head outputs are read, and they depend on rows ≤ t_b alone: the
+            // head pass continues the prefix's cache with that one row.
+            let row = resid.narrow(1, 0, 1)?;
             model.run_until(
-                Input::Resid { layer, xs: &resid },
+                Input::Resid { layer, xs: &row },
                 &hidden_opts,
                 Some(&mut cache),
                 &mut above,
                 end,
             )?;
         }
-        let mut z = Vec::with_capacity(heads.len());
+        let batch = ids.dim(0)?;
+        let mut z = vec![Vec::with_capacity(heads.len()); batch];
         for &(l, h) in heads {
             let recorder = match l.cmp(&layer) {
                 std::cmp::Ordering::Less => &below,
                 std::cmp::Ordering::Equal => &at,
                 std::cmp::Ordering::Greater => &above,
             };
-            // (1, T − t_b, h, d_h): row 0 is t_b.
-            z.push(
-                recorder
-                    .get(HookPoint::HeadOut(l))?
-                    .get(0)?
-                    .get(0)?
-                    .get(h)?
-                    .to_dtype(loss_dtype(model.dtype()))?,
-            );
+            // (b, rows from t_b, h, d_h): row 0 is t_b.
+            let out = recorder.get(HookPoint::HeadOut(l))?;
+            for (b, z_b) in z.iter_mut().enumerate() {
+                z_b.push(
+                    out.get(b)?
+                        .get(0)?
+                        .get(h)?
+                        .to_dtype(loss_dtype(model.dtype()))?,
+                );
+            }
         }
         let hidden = match prefix_hidden {
             Some(prefix) => Tensor::cat(&[&prefix, &suffix_hidden], 1)?,
             None => suffix_hidden,
         };
-        Ok((hidden.squeeze(0)?, z))
+        Ok((hidden, z))
     }
 
     /// A hook for the trainable pass of a right-padded batch: `scale · IV` added to the edit
@@ -720,6 +766,70 @@ mod tests {
 
     use super::*;
     use crate::train::settings::Progressive;
+
+    /// The shared-prefix reference passes equal two plain full passes with adapters off: the
+    /// logits of one with the IV added at `t_b`, and `z` at `t_b` of one without (heads below,
+    /// at and above the edit layer).
+    #[test]
+    fn reference_passes_equal_plain_full_passes() -> anyhow::Result<()> {
+        use crate::model::hooks::Recorder;
+        use crate::model::tiny::{tiny_model, tiny_options};
+        let m = tiny_model(4, &tiny_options(DType::F32))?;
+        let model = &m.model;
+        let d = model.config().hidden_size;
+        let iv: Vec<f32> = (0..d).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.3).collect();
+        let mut settings = GuidanceSettings::code("iv.safetensors".into());
+        settings.layer = 1;
+        let heads = vec![(0, 1), (1, 3), (2, 0), (2, 2)];
+        let guidance = Guidance::new(settings, &iv, heads.clone(), model)?;
+        guidance.set_cache_budget(0);
+        let ids = Tensor::new(&[[1u32, 9, 20, 33, 40, 12, 50, 7, 3, 18]], &Device::Cpu)?;
+        let t_b = 4;
+        let got = guidance.reference(model, &ids, t_b)?;
+        let off = ForwardOptions {
+            differentiable: false,
+            logits: LogitsAt::All,
+            use_lora: false,
+        };
+        let mut editor = guidance.edit(t_b, 1.0)?;
+        let logits = model
+            .run(Input::Ids(&ids), &off, None, &mut editor)?
+            .squeeze(0)?;
+        let diff = (logits - &got.logits)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "logits differ by {diff}");
+        let mut rec = Recorder::new((0..3).map(HookPoint::HeadOut));
+        model.run(Input::Ids(&ids), &off, None, &mut rec)?;
+        for (&(l, h), z) in heads.iter().zip(&got.z) {
+            let want = rec.get(HookPoint::HeadOut(l))?.get(0)?.get(t_b)?.get(h)?;
+            let diff = (want - z)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "z of L{l}.H{h} differs by {diff}");
+        }
+        // Several examples at once (two share a length and t_b and run as one batch): each
+        // equals its own single pass.
+        let examples = vec![
+            (vec![1u32, 9, 20, 33, 40, 12, 50, 7, 3, 18], 4),
+            (vec![1u32, 5, 6, 33, 41, 12, 2, 7, 30, 18], 4),
+            (vec![1u32, 5, 6, 33, 41, 12, 2], 2),
+        ];
+        let batched = guidance.references(model, &examples)?;
+        for ((ids, t_b), got) in examples.iter().zip(&batched) {
+            let one =
+                guidance.reference(model, &Tensor::new(ids.as_slice(), &Device::Cpu)?, *t_b)?;
+            let diff = (&one.logits - &got.logits)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "batched logits differ by {diff}");
+            for (a, b) in one.z.iter().zip(&got.z) {
+                let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "batched z differs by {diff}");
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn kd_matches_the_worked_example() -> anyhow::Result<()> {

@@ -135,11 +135,9 @@ impl Trainer {
         if kept.is_empty() {
             return Err(Error::invalid("batch", "no example with a label"));
         }
-        let mut refs = Vec::with_capacity(kept.len());
-        for (example, t_b) in &kept {
-            let ids = Tensor::new(example.ids.as_slice(), &device)?.unsqueeze(0)?;
-            refs.push(guidance.reference(&self.model, &ids, *t_b)?);
-        }
+        let inputs: Vec<(Vec<u32>, usize)> =
+            kept.iter().map(|(e, t_b)| (e.ids.clone(), *t_b)).collect();
+        let refs = guidance.references(&self.model, &inputs)?;
         let rows: Vec<&Example> = kept.iter().map(|(e, _)| *e).collect();
         Ok(Prepared {
             t_b: kept.iter().map(|(_, t)| *t).collect(),
