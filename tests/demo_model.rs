@@ -10,7 +10,7 @@ use tunelens::model::generate::{generate, GenerateConfig};
 use tunelens::model::{load, LoadOptions, LoadedModel, ModelSpec, NoHook};
 use tunelens::worker::runner::{forward_text, render_prompt};
 
-use crate::common::{demo_model_path, golden};
+use crate::common::{demo_model_path, golden, u32s};
 
 fn demo() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
@@ -18,14 +18,6 @@ fn demo() -> &'static LoadedModel {
         let spec = ModelSpec::parse(&demo_model_path().display().to_string());
         load(&spec, &LoadOptions::default()).expect("demo model loads")
     })
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
 }
 
 #[test]

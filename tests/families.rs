@@ -217,67 +217,6 @@ fn qwen3_matches_transformers_with_and_without_an_adapter() {
     assert_saves_and_loads_the_same(&m);
 }
 
-/// LoRA training on Qwen3 (gradients through the head norms) writes a PEFT adapter that opens
-/// on the base again, under PEFT's module names.
-#[test]
-fn qwen3_lora_training_round_trip() {
-    let model = family("qwen3").display().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    // Words of the tiny word-level vocabulary (English words would all be `<unk>`).
-    let data = dir.path().join("train.jsonl");
-    let lines: Vec<String> = (0..6)
-        .map(|i| {
-            format!(
-                "{{\"instruction\": \"w{} w{}\", \"output\": \"w{} w{} w{}\"}}",
-                10 + i,
-                20 + i,
-                30 + i,
-                40 + i,
-                50 + i
-            )
-        })
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let data = data.display().to_string();
-    let out = dir.path().join("run");
-    let run = crate::common::run_cli(&[
-        "train",
-        "--model",
-        &model,
-        "--data",
-        &data,
-        "--steps",
-        "2",
-        "--template",
-        "definition",
-        "--targets",
-        "q_proj,k_proj,v_proj",
-        "--lr",
-        "0.01",
-        "--out",
-        &out.display().to_string(),
-    ]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    let adapter = out.join("adapter");
-    let weights = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
-    let names = String::from_utf8_lossy(&weights[..4096.min(weights.len())]).into_owned();
-    assert!(
-        names.contains("layers.1.self_attn.k_proj.lora_B"),
-        "{names}"
-    );
-    let base = open(&model);
-    let adapted = open(&format!("{model}+{}", adapter.display()));
-    let ids = crate::common::ids_tensor(&[1, 5, 17, 33, 8]);
-    let diff = crate::common::max_abs_diff(
-        &base.model.forward(&ids).unwrap(),
-        &adapted.model.forward(&ids).unwrap(),
-    );
-    assert!(
-        diff > 1e-6,
-        "two steps of training change the model ({diff})"
-    );
-}
-
 /// Gemma 3: `√d` embedding scale, `(1 + w)` norms before and after both sub-layers, GeGLU,
 /// per-head q/k norms, sliding (window 4, local RoPE base) and full layers (global base), logits
 /// scaled by `query_pre_attn_scalar`; then a PEFT adapter on every projection.
@@ -329,14 +268,20 @@ fn olmo2_matches_transformers_with_and_without_an_adapter() {
     assert_saves_and_loads_the_same(&m);
 }
 
-/// LoRA training on Gemma 3, Gemma 2 and OLMo-2 (gradients through the post-norms, GeGLU, q/k
-/// norms and soft-caps) writes a PEFT adapter, under PEFT's tensor names, that changes the model
-/// when opened on the base again.
+/// LoRA training on Qwen3 (through the per-head norms, on q/k/v), Gemma 3, Gemma 2 and OLMo-2
+/// (through the post-norms, GeGLU, q/k norms and soft-caps; default targets) writes a PEFT adapter,
+/// under PEFT's tensor names, that changes the model when opened on the base again.
 #[test]
-fn gemma_and_olmo2_lora_training_round_trip() {
-    for name in ["gemma3", "gemma2", "olmo2"] {
+fn lora_training_round_trips_on_the_new_families() {
+    for (name, targets, module) in [
+        ("qwen3", Some("q_proj,k_proj,v_proj"), "k_proj"),
+        ("gemma3", None, "q_proj"),
+        ("gemma2", None, "q_proj"),
+        ("olmo2", None, "q_proj"),
+    ] {
         let model = family(name).display().to_string();
         let dir = tempfile::tempdir().unwrap();
+        // Words of the tiny word-level vocabulary (English words would all be `<unk>`).
         let data = dir.path().join("train.jsonl");
         let lines: Vec<String> = (0..4)
             .map(|i| {
@@ -351,12 +296,13 @@ fn gemma_and_olmo2_lora_training_round_trip() {
             .collect();
         std::fs::write(&data, lines.join("\n")).unwrap();
         let out = dir.path().join("run");
-        let run = crate::common::run_cli(&[
+        let (data, out_arg) = (data.display().to_string(), out.display().to_string());
+        let mut args = vec![
             "train",
             "--model",
             &model,
             "--data",
-            &data.display().to_string(),
+            &data,
             "--steps",
             "2",
             "--template",
@@ -364,16 +310,17 @@ fn gemma_and_olmo2_lora_training_round_trip() {
             "--lr",
             "0.01",
             "--out",
-            &out.display().to_string(),
-        ]);
+            &out_arg,
+        ];
+        if let Some(targets) = targets {
+            args.extend(["--targets", targets]);
+        }
+        let run = crate::common::run_cli(&args);
         assert_eq!(run.code, 0, "{name}: {}", run.stderr);
-        // PEFT's tensor names.
         let weights = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
         let header = String::from_utf8_lossy(&weights[..4096.min(weights.len())]).into_owned();
-        assert!(
-            header.contains("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"),
-            "{name}: {header}"
-        );
+        let peft_name = format!("base_model.model.model.layers.1.self_attn.{module}.lora_A.weight");
+        assert!(header.contains(&peft_name), "{name}: {header}");
         let base = open(&model);
         let adapted = open(&format!("{model}+{}", out.join("adapter").display()));
         let ids = crate::common::ids_tensor(&[1, 5, 17, 33, 8]);

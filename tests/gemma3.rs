@@ -12,7 +12,7 @@ use tunelens::analysis::attribution::{attribute, AttributionConfig};
 use tunelens::model::generate::{generate, GenerateConfig};
 use tunelens::model::{load, LoadOptions, LoadedModel, ModelSpec, NoHook};
 
-use crate::common::golden;
+use crate::common::{golden, u32s};
 
 fn gemma3_path() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
@@ -35,14 +35,6 @@ fn gemma3() -> &'static LoadedModel {
 fn reference() -> &'static serde_json::Value {
     static GOLDEN: OnceLock<serde_json::Value> = OnceLock::new();
     GOLDEN.get_or_init(|| golden("gemma3-270m.json"))
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
 }
 
 #[test]

@@ -151,3 +151,12 @@ pub fn tiny_words(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(&path, text).expect("word list");
     path
 }
+
+/// A JSON array of token ids.
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
