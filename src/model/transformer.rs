@@ -5,8 +5,9 @@
 //! pre-norm blocks, rotate-half RoPE, grouped-query attention, SwiGLU MLP, final RMSNorm, and
 //! `lm_head` (tied or not). The other families switch parts on through the config: q/k norms,
 //! norms on the sub-layer outputs, GeGLU, Gemma's embedding scale, per-layer windows and RoPE
-//! bases, and Gemma 2's soft-capping (each as its transformers modeling file does it). GGUF checkpoints are converted to this layout at load time (their
-//! q/k rows are un-permuted), so one forward serves every format.
+//! bases, and Gemma 2's soft-capping (each as its transformers modeling file does it). GGUF
+//! checkpoints are converted to this layout at load time (LLaMA's q/k rows are un-permuted), so
+//! one forward serves every format.
 //!
 //! Each forward chooses between a fast path (candle's fused RoPE, softmax and RMSNorm, which do
 //! not propagate gradients) and a differentiable path (hand-written equivalents, and

@@ -206,8 +206,8 @@ impl Guidance {
     /// logits serve as the reference's. Rows `t_b..T` are the same in both passes below the
     /// edit layer `ℓ` (the IV enters at `ℓ`'s `o_proj` output), so they run once up to `ℓ`;
     /// from there the IV pass runs to the logits, and the head pass (no IV) only for row `t_b`
-    /// and only as far as the last listed head above `ℓ`. Heads at or below `ℓ` are read from the shared part
-    /// (`z` of layer `ℓ` is taken before the IV is added).
+    /// and only as far as the last listed head above `ℓ`. Heads at or below `ℓ` are read from
+    /// the shared part (`z` of layer `ℓ` is taken before the IV is added).
     pub fn reference(&self, model: &Transformer, ids: &Tensor, t_b: usize) -> Result<Reference> {
         let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         let mut refs = self.references(model, &[(ids, t_b)])?;
