@@ -74,8 +74,9 @@ fn gemma3_tokenizer_matches_transformers() {
     }
 }
 
-/// Top-1 identical at every position; the last position's logits within 1e-2 (at its 64 largest
-/// ids and every 1021st id); 24 greedy tokens identical.
+/// Top-1 identical at every position; the last position's logits, at its 64 largest ids and
+/// every 1021st id, within 1e-3 (the issue asks 1e-2; measured 3.4e-5); 24 greedy tokens
+/// identical.
 #[test]
 fn gemma3_forward_and_greedy_generation_match_transformers() {
     let m = gemma3();
@@ -99,7 +100,7 @@ fn gemma3_forward_and_greedy_generation_match_transformers() {
             .zip(theirs)
             .map(|(&i, t)| (f64::from(last[i as usize]) - t.as_f64().unwrap()).abs())
             .fold(0.0, f64::max);
-        assert!(worst < 1e-2, "{prompt:?}: last logits differ by {worst:e}");
+        assert!(worst < 1e-3, "{prompt:?}: last logits differ by {worst:e}");
         let cfg = GenerateConfig {
             max_new_tokens: 24,
             ..GenerateConfig::default()
