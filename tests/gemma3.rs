@@ -187,3 +187,19 @@ fn gemma3_from_the_cli() {
         assert!(!run.stdout.trim().is_empty(), "{args:?}");
     }
 }
+
+/// Gemma's vocabulary splits `" 1"` into a bare `▁` and `1`: the word grouping of the
+/// attribution view joins the marker to the word after it instead of showing a word of its own.
+#[test]
+fn gemma3_words_join_a_bare_space_marker_to_the_next_word() {
+    let tok = &gemma3().tokenizer;
+    let ids = tok.encode("Tips: 1. Rest well", false).unwrap();
+    assert!(
+        tok.tokens(&ids).iter().any(|t| t == "\u{2581}"),
+        "a bare marker in {ids:?}"
+    );
+    let words = tunelens::analysis::attribution::words(tok, &ids).unwrap();
+    let texts: Vec<&str> = words.iter().map(|w| w.text.as_str()).collect();
+    assert!(!texts.contains(&"\u{2581}"), "{texts:?}");
+    assert!(texts.contains(&"1"), "{texts:?}");
+}

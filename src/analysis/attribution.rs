@@ -389,7 +389,9 @@ pub fn auto_instruction_spans(prompt: &str) -> Vec<String> {
 }
 
 /// Groups tokens into words: a word starts at a token with a leading space or newline marker,
-/// at punctuation, and after special or punctuation tokens.
+/// at punctuation, and after special or punctuation tokens. A bare space marker (`▁`, `Ġ`: a
+/// SentencePiece vocabulary such as Gemma's splits `" 1"` into `▁`, `1`) is the start of the
+/// word that follows it, not a word of its own.
 pub fn words(tokenizer: &Tokenizer, ids: &[u32]) -> Result<Vec<WordSpan>> {
     let tokens = tokenizer.tokens(ids);
     let is_special = |t: &str| t.starts_with('<') && t.ends_with('>') && t.len() > 2;
@@ -401,13 +403,11 @@ pub fn words(tokenizer: &Tokenizer, ids: &[u32]) -> Result<Vec<WordSpan>> {
     let mut spans = Vec::new();
     let mut start = 0;
     for i in 1..=tokens.len() {
-        let boundary = i == tokens.len()
-            || starts_word(&tokens[i])
-            || is_special(&tokens[i - 1])
-            || tokens[i - 1]
-                .trim_start_matches(['Ġ', '▁'])
-                .chars()
-                .all(|c| !c.is_alphanumeric());
+        let boundary =
+            i == tokens.len() || starts_word(&tokens[i]) || is_special(&tokens[i - 1]) || {
+                let rest = tokens[i - 1].trim_start_matches(['Ġ', '▁']);
+                !rest.is_empty() && rest.chars().all(|c| !c.is_alphanumeric())
+            };
         if boundary {
             let text = tokenizer.decode(&ids[start..i], false)?;
             let text = text.trim();
