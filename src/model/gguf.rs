@@ -385,9 +385,19 @@ fn config_from_meta(
             Activation::Silu
         },
         scale_embeddings: gemma,
-        // llama.cpp scales Gemma 3's logits by key_length^(-1/2) (all sizes but 27B, whose
-        // query_pre_attn_scalar is d / h); transformers' GGUF loader keeps its default, 256.
-        query_pre_attn_scalar: gemma.then_some(head_dim as f64),
+        // llama.cpp scales Gemma's attention logits by key_length^(-1/2), except in the 27B
+        // models (62 layers for Gemma 3, 46 for Gemma 2), whose query_pre_attn_scalar is d / h.
+        query_pre_attn_scalar: gemma.then(|| {
+            let is_27b = matches!(
+                (architecture, num_hidden_layers),
+                (Architecture::Gemma3, 62) | (Architecture::Gemma2, 46)
+            );
+            if is_27b {
+                (hidden_size / num_attention_heads.max(1)) as f64
+            } else {
+                head_dim as f64
+            }
+        }),
         // llama.cpp and transformers both take the patterns as fixed: Gemma 3 5 sliding to 1
         // full, Gemma 2 alternating (even layers sliding).
         layer_types: match architecture {
