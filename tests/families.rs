@@ -527,11 +527,12 @@ fn gemma3_cached_decoding_equals_the_full_pass() {
 /// The GGUF copies of the tiny Phi-3 (fused `attn_qkv`, gate and up fused in `ffn_up`, sliding
 /// window from the metadata), Qwen3 (`attn_q_norm`/`attn_k_norm`, `key_length` 16 on a hidden
 /// size of 32) and Gemma 2 (gains stored as `1 + w`, `post_attention_norm` / `ffn_norm` /
-/// `post_ffw_norm`, soft-caps and window from the metadata), written with llama.cpp's tensor
-/// names by `scripts/gen-family-goldens`: the transformers logits of the folders they came from.
+/// `post_ffw_norm`, soft-caps and window from the metadata) and OLMo-2 (no pre-norms, q/k norms
+/// over the projections, no permutation), written with llama.cpp's tensor names by
+/// `scripts/gen-family-goldens`: the transformers logits of the folders they came from.
 #[test]
 fn gguf_copies_match_transformers() {
-    for name in ["phi3", "qwen3", "gemma2"] {
+    for name in ["phi3", "qwen3", "gemma2", "olmo2"] {
         let m = open(&family(name).join("model.gguf").display().to_string());
         assert_eq!(m.info.format, "gguf");
         assert_eq!(m.model.config().architecture.name(), name);

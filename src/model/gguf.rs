@@ -48,11 +48,12 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
             path: path.to_path_buf(),
         });
     };
-    if architecture == Architecture::Olmo2 {
-        // Whether llama.cpp's converter permutes OLMo-2's q/k rows could not be checked here.
+    // llama.cpp writes OLMo-3 under OLMo-2's name, with sliding-window layers.
+    let olmo_window = format!("{arch_name}.attention.sliding_window");
+    if architecture == Architecture::Olmo2 && content.metadata.contains_key(&olmo_window) {
         return Err(Error::bad_file(
             path,
-            format!("{arch_name} GGUF files are not supported yet; open the Hugging Face folder instead"),
+            format!("{olmo_window}: OLMo-3's sliding-window layers are not supported"),
         ));
     }
     let vocab = read_vocab(&meta)?;
