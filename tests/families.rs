@@ -116,6 +116,23 @@ fn check(m: &LoadedModel, golden: &serde_json::Value, what: &str) {
     );
 }
 
+/// [`check`] on `m` (loaded from `dir`), then on `m`'s folder with its PEFT adapter; returns
+/// the adapted model.
+fn check_with_and_without_adapter(
+    m: &LoadedModel,
+    dir: &std::path::Path,
+    golden: &serde_json::Value,
+) -> LoadedModel {
+    check(m, golden, "base");
+    let adapted = open(&format!(
+        "{}+{}",
+        dir.display(),
+        dir.join("adapter").display()
+    ));
+    check(&adapted, golden, "adapter");
+    adapted
+}
+
 /// Saved as a Hugging Face folder and loaded again, `m` gives the same logits.
 fn assert_saves_and_loads_the_same(m: &LoadedModel) {
     let tmp = tempfile::tempdir().unwrap();
@@ -139,15 +156,9 @@ fn phi3_matches_transformers_with_and_without_an_adapter() {
     assert_eq!(m.model.config().architecture.name(), "phi3");
     assert_eq!(m.model.config().sliding_window, Some(5));
     assert_eq!(m.model.config().rope_theta, 5000.0);
-    check(&m, &golden, "base");
-    let adapted = open(&format!(
-        "{}+{}",
-        dir.display(),
-        dir.join("adapter").display()
-    ));
+    let adapted = check_with_and_without_adapter(&m, &dir, &golden);
     let info = adapted.info.adapter.as_ref().expect("adapter attached");
     assert_eq!(info.target_modules, ["gate_up_proj", "o_proj", "qkv_proj"]);
-    check(&adapted, &golden, "adapter");
 }
 
 /// Saving a Phi-3 writes transformers' fused names again, and the saved folder loads to the
@@ -206,13 +217,7 @@ fn qwen3_matches_transformers_with_and_without_an_adapter() {
     assert_eq!(m.model.config().head_dim, 16);
     assert!(m.model.config().tie_word_embeddings);
     assert!(m.model.layers[0].self_attn.q_norm.is_some());
-    check(&m, &golden, "base");
-    let adapted = open(&format!(
-        "{}+{}",
-        dir.display(),
-        dir.join("adapter").display()
-    ));
-    check(&adapted, &golden, "adapter");
+    check_with_and_without_adapter(&m, &dir, &golden);
     // Saved and loaded again: the same logits (the head norms are written under their names).
     assert_saves_and_loads_the_same(&m);
 }
@@ -230,13 +235,7 @@ fn gemma3_matches_transformers_with_and_without_an_adapter() {
     assert_eq!((cfg.window(0), cfg.window(1)), (Some(4), None));
     assert_eq!(cfg.query_pre_attn_scalar, Some(20.0));
     assert!(m.model.layers[0].attn_out_norm.is_some());
-    check(&m, &golden, "base");
-    let adapted = open(&format!(
-        "{}+{}",
-        dir.display(),
-        dir.join("adapter").display()
-    ));
-    check(&adapted, &golden, "adapter");
+    check_with_and_without_adapter(&m, &dir, &golden);
     // Saved and loaded again: the same logits (gains written back as `w`, not `1 + w`).
     assert_saves_and_loads_the_same(&m);
     let tensors = tunelens::model::save::hf_tensors(&m.model).unwrap();
@@ -258,13 +257,7 @@ fn olmo2_matches_transformers_with_and_without_an_adapter() {
         layer.self_attn.q_norm.as_ref().unwrap().weight.dims(),
         &[32]
     );
-    check(&m, &golden, "base");
-    let adapted = open(&format!(
-        "{}+{}",
-        dir.display(),
-        dir.join("adapter").display()
-    ));
-    check(&adapted, &golden, "adapter");
+    check_with_and_without_adapter(&m, &dir, &golden);
     assert_saves_and_loads_the_same(&m);
 }
 
@@ -555,12 +548,6 @@ fn gemma2_matches_transformers_with_and_without_an_adapter() {
     assert_eq!(cfg.attn_logit_softcapping, Some(1.5));
     assert_eq!(cfg.final_logit_softcapping, Some(3.0));
     assert!(m.model.layers[0].self_attn.q_norm.is_none());
-    check(&m, &golden, "base");
-    let adapted = open(&format!(
-        "{}+{}",
-        dir.display(),
-        dir.join("adapter").display()
-    ));
-    check(&adapted, &golden, "adapter");
+    check_with_and_without_adapter(&m, &dir, &golden);
     assert_saves_and_loads_the_same(&m);
 }
