@@ -2,7 +2,8 @@
 //! model keeps. The demo model is written as a bf16 Hugging Face folder (at `--folder DIR` when
 //! given and absent; an existing DIR is used as it is), then loaded in a fresh child process per case:
 //!
-//! - `read`: tunelens's loader (a tensor at a time, positioned reads), to f32 and kept as bf16;
+//! - `read`: tunelens's loader (a tensor at a time, positioned reads), to f32, to bf16 tensors,
+//!   and kept as stored (`--weights stored`: packed bf16 matrices, f32 compute);
 //! - `mmap`: the earlier loader for comparison (the files memory-mapped whole, each tensor
 //!   converted from the mapping, the mapping kept until the model is built).
 //!
@@ -17,7 +18,7 @@ use std::process::Command;
 use anyhow::Context as _;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use tunelens::model::{load, LoadOptions, ModelSpec};
+use tunelens::model::{load, LoadOptions, ModelSpec, WeightStorage};
 
 fn status_kb(field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -56,24 +57,21 @@ fn measure(folder: &Path, case: &str) -> anyhow::Result<()> {
         Ok(())
     };
     match case {
-        "read-f32" | "read-bf16" => {
-            let dtype = if case == "read-f32" {
-                DType::F32
-            } else {
-                DType::BF16
+        "read-f32" | "read-bf16" | "read-stored" => {
+            let (dtype, weights) = match case {
+                "read-f32" => (DType::F32, WeightStorage::F32),
+                "read-bf16" => (DType::BF16, WeightStorage::F32),
+                _ => (DType::F32, WeightStorage::Stored),
             };
             let m = load(
                 &ModelSpec::parse(&folder.display().to_string()),
                 &LoadOptions {
                     device: Device::Cpu,
                     dtype,
+                    weights,
                 },
             )?;
-            let bytes = tunelens::model::save::hf_tensors(&m.model)?
-                .values()
-                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-                .sum();
-            report(bytes)
+            report(m.model.resident_bytes())
         }
         "mmap-f32" => {
             // SAFETY: a read-only mapping of a file this process just wrote and nobody edits.
@@ -118,6 +116,7 @@ fn main() -> anyhow::Result<()> {
                 &LoadOptions {
                     device: Device::Cpu,
                     dtype: DType::BF16,
+                    ..LoadOptions::default()
                 },
             )?;
             let dir = wanted.unwrap_or_else(|| tmp.path().join("demo-bf16"));
@@ -127,7 +126,7 @@ fn main() -> anyhow::Result<()> {
     };
     let exe = std::env::current_exe()?;
     let mut cases = Vec::new();
-    for case in ["read-f32", "read-bf16", "mmap-f32"] {
+    for case in ["read-f32", "read-bf16", "read-stored", "mmap-f32"] {
         let out = Command::new(&exe)
             .args(["--folder", &folder.display().to_string(), "--measure", case])
             .output()?;

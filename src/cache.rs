@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::model::lora::Linear;
+use crate::model::Weight;
 
 /// The cache folder: `$TUNELENS_CACHE_DIR`, else `$XDG_CACHE_HOME/tunelens`, else
 /// `~/.cache/tunelens`; `None` when none can be determined.
@@ -76,11 +77,31 @@ impl KeyBuilder {
         Ok(self)
     }
 
+    /// Adds a weight matrix's shape and values, the same bytes whether it is dense or kept as
+    /// stored (packed rows are expanded a block of rows at a time).
+    pub fn weight(&mut self, w: &Weight) -> Result<&mut Self> {
+        let Weight::Packed(p) = w else {
+            return self.tensor(&w.dense()?);
+        };
+        let (rows, cols) = p.dims();
+        for d in [rows, cols] {
+            self.bytes(&(d as u64).to_le_bytes());
+        }
+        let mut buf = Vec::new();
+        for r0 in (0..rows).step_by(256) {
+            let values = p.expand_rows(r0, (r0 + 256).min(rows))?;
+            buf.clear();
+            buf.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            self.bytes(&buf);
+        }
+        Ok(self)
+    }
+
     /// Adds a linear layer as the analyses read it: its base weight and, when an adapter is
     /// attached, the adapter's `A`, `B` and scale (so "base + adapter" never hits the base's
     /// entry, and two adapters never share one).
     pub fn linear(&mut self, linear: &Linear) -> Result<&mut Self> {
-        self.tensor(&linear.weight)?;
+        self.weight(&linear.weight)?;
         match &linear.lora {
             None => {
                 self.text("no adapter");

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
             model: cli.model.clone(),
             model_b: cli.model_b.clone(),
             device: Some(cli.device),
+            weights: cli.weights,
         };
         return match tunelens::ui::run_native(start) {
             Ok(()) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@ mod families;
 mod gemma3;
 mod model_core;
 mod peft;
+mod stored;
 mod train;
 mod ui;
 mod worker;

@@ -17,6 +17,7 @@ fn load_job(path: &str, slot: Slot) -> Job {
         spec: ModelSpec::parse(path),
         device: DeviceChoice::Cpu,
         dtype: tunelens::model::WeightDtype::F32,
+        weights: tunelens::model::WeightStorage::F32,
     }
 }
 

@@ -580,8 +580,8 @@ fn raw_batched(
     let p_target = probs.gather(&targets.unsqueeze(1)?, 1)?; // (n_out, 1)
     let cot_rows = if model.config().final_logit_softcapping.is_none() {
         // ∂p_t/∂h = p_t (U_t − Σ_v p_v U_v), with U the lm_head weight (V, d).
-        let expected = probs.matmul(unembed)?; // (n_out, d)
-        (unembed.index_select(&targets, 0)? - expected)?.broadcast_mul(&p_target)?
+        let expected = unembed.input_grad(&probs)?; // (n_out, d)
+        (unembed.index_rows(&targets)? - expected)?.broadcast_mul(&p_target)?
     } else {
         // Gemma 2: ∂p_t/∂l = p_t (e_t − p) at the capped logits, through the soft-cap to the
         // raw logits, then U.
@@ -590,9 +590,7 @@ fn raw_batched(
                 .zeros_like()?
                 .scatter_add(&targets.unsqueeze(1)?, &p_target.ones_like()?, 1)?;
         let d_logits = (onehot - &probs)?.broadcast_mul(&p_target)?;
-        model
-            .logit_softcap_vjp(&logits, &d_logits)?
-            .matmul(unembed)?
+        unembed.input_grad(&model.logit_softcap_vjp(&logits, &d_logits)?)?
     };
     let cot_rows: Vec<Vec<f64>> = cot_rows.to_dtype(DType::F64)?.to_vec2()?;
     let prompt_embeds = embeds.narrow(1, 1, n_in)?; // (1, n_in, d)

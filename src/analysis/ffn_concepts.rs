@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::words::{self, Rows, WordList};
 use crate::error::{Error, Result};
-use crate::model::{Tokenizer, Transformer};
+use crate::model::{Tokenizer, Transformer, Weight};
 
 /// Settings of §2.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -186,7 +186,7 @@ pub fn output_word_vectors(
 ) -> Result<Rows> {
     let ids = words::word_token_ids(tokenizer, &words.words)?;
     let unembed = model.lm_head.effective_weight()?;
-    Ok(words::mean_token_rows(&unembed, &ids)?.normalized())
+    Ok(words::mean_token_rows(&Weight::Dense(unembed), &ids)?.normalized())
 }
 
 /// Describes the PCA of one value matrix `M` (`n × d`) by words: §2.2 steps 2–6, with `e_o` the

@@ -564,7 +564,7 @@ mod tests {
                     .weight
                     .unsqueeze(0)?,
             )?
-            .matmul(&l.self_attn.q_proj.weight.t()?)?
+            .matmul(&l.self_attn.q_proj.weight.dense()?.t()?)?
             .t()?
             .contiguous()?
             .flatten_all()?

@@ -378,7 +378,7 @@ pub fn factual_recall(
 ) -> Result<RecallResult> {
     let n_layers = model.layers.len();
     let dim = model.config().hidden_size;
-    let vocab_size = model.lm_head.weight.dim(0)?;
+    let vocab_size = model.lm_head.weight.rows();
     let vocab = clean_vocab(tokenizer, vocab_size)?;
     let u = model
         .lm_head

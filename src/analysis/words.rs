@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::Tokenizer;
+use crate::model::{Tokenizer, Weight};
 
 /// An ordered word list (most frequent first), after case-variant merging.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -166,7 +166,7 @@ impl Rows {
 /// Averages rows of `matrix` (`(V, d)`, e.g. `E_in` or `lm_head`) over each word's token ids
 /// (§2.2.4 and §3.2). A word without tokens gets the zero vector; an id outside the matrix is an
 /// error.
-pub fn mean_token_rows(matrix: &Tensor, ids: &[Vec<u32>]) -> Result<Rows> {
+pub fn mean_token_rows(matrix: &Weight, ids: &[Vec<u32>]) -> Result<Rows> {
     let (vocab, dim) = matrix.dims2()?;
     let flat: Vec<u32> = ids.iter().flatten().copied().collect();
     if let Some(&bad) = flat.iter().find(|&&id| id as usize >= vocab) {
@@ -183,9 +183,9 @@ pub fn mean_token_rows(matrix: &Tensor, ids: &[Vec<u32>]) -> Result<Rows> {
             data,
         });
     }
-    let index = Tensor::from_slice(&flat, flat.len(), matrix.device())?;
+    let index = Tensor::from_slice(&flat, flat.len(), &matrix.device())?;
     let picked = matrix
-        .index_select(&index, 0)?
+        .index_rows(&index)?
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?
         .flatten_all()?
@@ -289,6 +289,7 @@ mod tests {
     #[test]
     fn mean_rows_average_sub_tokens() -> Result<()> {
         let m = Tensor::from_slice(&[1f32, 0.0, 0.0, 1.0, 2.0, 2.0], (3, 2), &Device::Cpu)?;
+        let m = Weight::Dense(m);
         let rows = mean_token_rows(&m, &[vec![0, 1], vec![], vec![2]])?;
         assert_eq!(rows.data, vec![0.5, 0.5, 0.0, 0.0, 2.0, 2.0]);
         assert!(mean_token_rows(&m, &[vec![3]]).is_err());

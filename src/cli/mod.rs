@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::model::generate::{GenerateConfig, Sampling};
-use crate::model::{DeviceChoice, ModelSpec, WeightDtype};
+use crate::model::{DeviceChoice, ModelSpec, WeightDtype, WeightStorage};
 use crate::worker::job::{Job, JobOutput, Slot};
 use crate::worker::runner::{run_job, WorkerCtx};
 
@@ -40,6 +40,11 @@ pub struct Cli {
     /// Weight dtype: f32 (default; what the analyses are specified in), f16 or bf16.
     #[arg(long, global = true, default_value = "f32")]
     pub dtype: WeightDtype,
+    /// Weights in memory: f32 (default; expanded at load) or stored (f16/bf16 and GGUF's
+    /// quantised blocks kept as they are and expanded a tile at a time; CPU only). The GUI
+    /// keeps its saved choice unless this is given.
+    #[arg(long, global = true)]
+    pub weights: Option<WeightStorage>,
     /// Preload slot A when opening the GUI (a HF folder, a .gguf file, or BASE+ADAPTER).
     #[arg(long)]
     pub model: Option<String>,
@@ -239,6 +244,7 @@ pub(crate) fn load_models(
                 spec: spec.clone(),
                 device: cli.device,
                 dtype: cli.dtype,
+                weights: cli.weights.unwrap_or_default(),
             },
             &mut |_| {},
         )
@@ -269,6 +275,7 @@ pub(crate) fn run_per_tuned(
                 spec: spec_b.clone(),
                 device: cli.device,
                 dtype: cli.dtype,
+                weights: cli.weights.unwrap_or_default(),
             },
             &mut |_| {},
         )

@@ -289,7 +289,6 @@ pub fn attach_peft_adapter(model: &mut Transformer, dir: &Path) -> Result<Adapte
 /// the model's dtype) and removes it: the continual-learning step of METHODS.md §5.3 before a
 /// new stage's fresh adapter. Returns how many layers changed.
 pub fn merge_adapters(model: &mut Transformer) -> Result<usize> {
-    let dtype = model.dtype();
     let mut merged = 0;
     for layer in 0..model.layers.len() {
         for module in LORA_MODULES {
@@ -299,7 +298,7 @@ pub fn merge_adapters(model: &mut Transformer) -> Result<usize> {
             if linear.lora.is_none() {
                 continue;
             }
-            linear.weight = linear.effective_weight()?.to_dtype(dtype)?;
+            linear.weight = linear.weight.replaced_by(&linear.effective_weight()?)?;
             linear.lora = None;
             merged += 1;
         }

@@ -22,7 +22,9 @@ use crate::model::info::ModelInfo;
 use crate::model::load::{
     build_transformer, first_line, report, LoadOptions, LoadedModel, Progress, TensorMap,
 };
+use crate::model::packed::{PackedKind, PackedMatrix};
 use crate::model::tokenizer::{GgufVocab, Tokenizer};
+use crate::model::weight::WeightStorage;
 
 /// Loads a `.gguf` file.
 pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Result<LoadedModel> {
@@ -69,6 +71,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
     // Dequantize tensor by tensor, renaming to Hugging Face names (sorted for determinism).
     let names: BTreeSet<&String> = content.tensor_infos.keys().collect();
     let mut tensors = BTreeMap::new();
+    let mut packed = BTreeMap::new();
     let total = names.len().max(1);
     for (done, name) in names.into_iter().enumerate() {
         // Dequantization is most of a GGUF load: 90% of the bar.
@@ -88,6 +91,27 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
             .map_err(|err| {
                 Error::bad_file(path, format!("tensor `{name}`: {}", first_line(&err)))
             })?;
+        if opts.weights == WeightStorage::Stored && is_matrix(&hf_name) {
+            if let Some(kind) = PackedKind::from_ggml(qtensor.dtype()) {
+                let (rows, cols) = qtensor.shape().dims2().map_err(|err| {
+                    Error::bad_file(path, format!("tensor `{name}`: {}", first_line(&err)))
+                })?;
+                let bytes = qtensor
+                    .data()
+                    .map_err(|err| {
+                        Error::bad_file(path, format!("tensor `{name}`: {}", first_line(&err)))
+                    })?
+                    .into_owned();
+                drop(qtensor);
+                let mut matrix = PackedMatrix::new(kind, rows, cols, bytes)
+                    .map_err(|err| Error::bad_file(path, format!("tensor `{name}`: {err}")))?;
+                if let Some(heads) = permuted_heads(&hf_name, architecture, &cfg) {
+                    matrix = matrix.permute_rows(&unpermute_order(rows, heads))?;
+                }
+                packed.insert(hf_name, matrix);
+                continue;
+            }
+        }
         let mut tensor = qtensor.dequantize(&Device::Cpu).map_err(|err| {
             Error::bad_file(path, format!("tensor `{name}`: {}", first_line(&err)))
         })?;
@@ -107,6 +131,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Res
     }
     let mut source = TensorMap {
         tensors,
+        packed,
         path: path.to_path_buf(),
     };
     let model = build_transformer(cfg, &mut source, opts, &mut |frac| {
@@ -152,6 +177,42 @@ fn check_complete(content: &Content, file_len: u64, path: &Path) -> Result<()> {
 }
 
 /// Inverts llama.cpp's `permute(w, n_head)`: rows `(head, pair, half)` back to `(head, half, pair)`.
+/// Whether a Hugging Face tensor name is a weight matrix (kept as stored on request).
+fn is_matrix(hf_name: &str) -> bool {
+    hf_name.ends_with(".weight") && !hf_name.ends_with("norm.weight")
+}
+
+/// LLaMA-style GGUF files permute q/k rows per head; the head count to undo it with, for the
+/// tensors that need it.
+fn permuted_heads(hf_name: &str, arch: Architecture, cfg: &ModelConfig) -> Option<usize> {
+    if arch != Architecture::Llama && arch != Architecture::Mistral {
+        return None;
+    }
+    if hf_name.ends_with("q_proj.weight") {
+        Some(cfg.num_attention_heads)
+    } else if hf_name.ends_with("k_proj.weight") {
+        Some(cfg.num_key_value_heads)
+    } else {
+        None
+    }
+}
+
+/// The row order [`unpermute`] applies: output row `h·hd + j·hd/2 + i` is stored row
+/// `h·hd + 2i + j`.
+fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let head_dim = rows / n_head.max(1);
+    let half = head_dim / 2;
+    let mut order = Vec::with_capacity(rows);
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..half {
+                order.push(h * head_dim + 2 * i + j);
+            }
+        }
+    }
+    order
+}
+
 fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let rows = dims[0];
@@ -478,6 +539,11 @@ mod tests {
             .reshape((n_head * head_dim, inp))?;
         let back = unpermute(&permuted, n_head)?;
         assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
+        // The row order used on packed matrices is the same permutation.
+        let order = unpermute_order(n_head * head_dim, n_head);
+        let rows = permuted.to_vec2::<f32>()?;
+        let reordered: Vec<Vec<f32>> = order.iter().map(|&r| rows[r].clone()).collect();
+        assert_eq!(reordered, hf.to_vec2::<f32>()?);
         Ok(())
     }
 }

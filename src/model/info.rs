@@ -36,11 +36,12 @@ pub struct ModelInfo {
     pub tied_embeddings: bool,
     /// Dtype of the weights as stored in the file (e.g. `Q4_1`, `bf16`).
     pub source_dtype: String,
-    /// Dtype the weights are held in now.
+    /// How the weights are held now: a dtype (`f32`), or `as stored (Q4_1, Q8_0, f32)` with
+    /// the kinds present.
     pub dtype: String,
     /// Device the weights are on.
     pub device: String,
-    /// Bytes held by the base weights.
+    /// Bytes held by the base weights (shared storage counted once).
     pub weight_bytes: usize,
     /// Seconds the load took.
     pub load_secs: f64,
@@ -122,9 +123,9 @@ impl ModelInfo {
             parameters,
             tied_embeddings: cfg.tie_word_embeddings,
             source_dtype: source_dtype.to_owned(),
-            dtype: format!("{:?}", model.dtype()).to_lowercase(),
+            dtype: model.weights_label(),
             device,
-            weight_bytes: parameters * model.dtype().size_in_bytes(),
+            weight_bytes: model.resident_bytes(),
             load_secs: 0.0,
             has_chat_template,
             adapter: None,

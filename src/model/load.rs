@@ -15,9 +15,11 @@ use crate::model::chat::ChatTemplate;
 use crate::model::config::{Architecture, ModelConfig};
 use crate::model::info::ModelInfo;
 use crate::model::lora::Linear;
+use crate::model::packed::{PackedKind, PackedMatrix};
 use crate::model::tensor_file::TensorFiles;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{Attention, DecoderLayer, Mlp, RmsNorm, Transformer};
+use crate::model::weight::{Weight, WeightStorage};
 use crate::model::{adapter, gguf};
 
 /// A loaded checkpoint: the model, its tokenizer, its chat template and a summary for display.
@@ -40,6 +42,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Weight dtype; f32 is what every analysis is specified in.
     pub dtype: DType,
+    /// How weight matrices are held: expanded to `dtype`, or kept as stored.
+    pub weights: WeightStorage,
 }
 
 impl Default for LoadOptions {
@@ -47,6 +51,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            weights: WeightStorage::F32,
         }
     }
 }
@@ -112,6 +117,13 @@ pub fn load_with_progress(
 ) -> Result<LoadedModel> {
     let started = Instant::now();
     let base = &spec.base;
+    if opts.weights == WeightStorage::Stored && (!opts.device.is_cpu() || opts.dtype != DType::F32)
+    {
+        return Err(Error::invalid(
+            "weights",
+            "weights kept as stored need the CPU and dtype f32 (products expand them to f32)",
+        ));
+    }
     if !base.exists() {
         return Err(Error::NotFound { path: base.clone() });
     }
@@ -144,6 +156,11 @@ pub fn load_with_progress(
 pub trait TensorSource {
     /// Removes and returns the tensor `name`, or `None` when the checkpoint lacks it.
     fn take(&mut self, name: &str) -> Result<Option<Tensor>>;
+    /// Removes and returns the matrix `name` kept as stored, when the source holds it packed
+    /// (GGUF's quantised tensors); `None` sends the loader to [`TensorSource::take`].
+    fn take_packed(&mut self, _name: &str) -> Result<Option<PackedMatrix>> {
+        Ok(None)
+    }
     /// The file or folder, for error messages.
     fn path(&self) -> &Path;
 }
@@ -152,6 +169,8 @@ pub trait TensorSource {
 pub struct TensorMap {
     /// Tensors by Hugging Face name.
     pub tensors: BTreeMap<String, Tensor>,
+    /// Matrices kept as stored, by Hugging Face name (GGUF with `--weights stored`).
+    pub packed: BTreeMap<String, PackedMatrix>,
     /// Where they came from.
     pub path: PathBuf,
 }
@@ -159,6 +178,10 @@ pub struct TensorMap {
 impl TensorSource for TensorMap {
     fn take(&mut self, name: &str) -> Result<Option<Tensor>> {
         Ok(self.tensors.remove(name))
+    }
+
+    fn take_packed(&mut self, name: &str) -> Result<Option<PackedMatrix>> {
+        Ok(self.packed.remove(name))
     }
 
     fn path(&self) -> &Path {
@@ -303,6 +326,65 @@ fn required(
     convert(src, name, &tensor, shape, opts)
 }
 
+/// Takes a required weight matrix: kept as stored when `opts` asks for it and the source holds
+/// it in f16, bf16 or a quantised format, else as [`required`] gives it.
+fn matrix(
+    src: &mut dyn TensorSource,
+    name: &str,
+    shape: [usize; 2],
+    opts: &LoadOptions,
+) -> Result<Weight> {
+    if opts.weights == WeightStorage::F32 {
+        return required(src, name, &shape, opts).map(Weight::Dense);
+    }
+    if let Some(packed) = src.take_packed(name)? {
+        if packed.dims() != (shape[0], shape[1]) {
+            return Err(Error::bad_file(
+                src.path(),
+                format!(
+                    "tensor `{name}` has shape {:?} but the config implies {shape:?} (mismatched checkpoint)",
+                    packed.dims()
+                ),
+            ));
+        }
+        return Ok(Weight::Packed(packed));
+    }
+    let Some(tensor) = src.take(name)? else {
+        return Err(Error::bad_file(
+            src.path(),
+            format!("missing tensor `{name}`"),
+        ));
+    };
+    let kind = match tensor.dtype() {
+        DType::F16 => PackedKind::F16,
+        DType::BF16 => PackedKind::Bf16,
+        _ => return convert(src, name, &tensor, &shape, opts).map(Weight::Dense),
+    };
+    if tensor.dims() != shape {
+        return convert(src, name, &tensor, &shape, opts).map(Weight::Dense);
+    }
+    let bits: Vec<u16> = match kind {
+        PackedKind::F16 => tensor
+            .flatten_all()?
+            .to_vec1::<half::f16>()?
+            .into_iter()
+            .map(half::f16::to_bits)
+            .collect(),
+        _ => tensor
+            .flatten_all()?
+            .to_vec1::<half::bf16>()?
+            .into_iter()
+            .map(half::bf16::to_bits)
+            .collect(),
+    };
+    drop(tensor);
+    let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    drop(bits);
+    Ok(Weight::Packed(PackedMatrix::new(
+        kind, shape[0], shape[1], bytes,
+    )?))
+}
+
 fn optional(
     src: &mut dyn TensorSource,
     name: &str,
@@ -386,7 +468,7 @@ pub fn build_transformer(
     let kv_dim = cfg.num_key_value_heads * cfg.head_dim;
     let ff = cfg.intermediate_size;
     let eps = cfg.rms_norm_eps;
-    let embed_tokens = required(src, "model.embed_tokens.weight", &[cfg.vocab_size, d], opts)?;
+    let embed_tokens = matrix(src, "model.embed_tokens.weight", [cfg.vocab_size, d], opts)?;
     // Gemma's files hold `gain − 1`; the model keeps the gain itself, so every norm (and every
     // analysis that folds a gain) reads it as LLaMA's.
     let offset = cfg.architecture.norm_weight_offset();
@@ -420,7 +502,7 @@ pub fn build_transformer(
         let q_norm = head_norm(&mut *src, "q_norm", cfg.num_attention_heads)?;
         let k_norm = head_norm(&mut *src, "k_norm", cfg.num_key_value_heads)?;
         let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let weight = required(src, &format!("{p}.{name}.weight"), &[out, inp], opts)?;
+            let weight = matrix(src, &format!("{p}.{name}.weight"), [out, inp], opts)?;
             let bias = if bias {
                 Some(required(src, &format!("{p}.{name}.bias"), &[out], opts)?)
             } else {
@@ -433,8 +515,8 @@ pub fn build_transformer(
             // up rows) fused; the parts are row ranges of one tensor (no copy).
             let qkv = linear("self_attn.qkv_proj", q_dim + 2 * kv_dim, d, false)?.weight;
             let gate_up = linear("mlp.gate_up_proj", 2 * ff, d, false)?.weight;
-            let part = |t: &Tensor, at: usize, len: usize| -> Result<Linear> {
-                Ok(Linear::new(t.narrow(0, at, len)?, None))
+            let part = |t: &Weight, at: usize, len: usize| -> Result<Linear> {
+                Ok(Linear::new(t.narrow_rows(at, len)?, None))
             };
             (
                 Attention {
@@ -486,7 +568,7 @@ pub fn build_transformer(
     let lm_head_weight = if cfg.tie_word_embeddings {
         embed_tokens.clone()
     } else {
-        required(src, "lm_head.weight", &[cfg.vocab_size, d], opts)?
+        matrix(src, "lm_head.weight", [cfg.vocab_size, d], opts)?
     };
     Transformer::new(
         cfg,

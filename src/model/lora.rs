@@ -11,7 +11,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::blas::{blas_linear, frozen_input_grad};
+use crate::model::blas::frozen_input_grad;
+use crate::model::weight::Weight;
 
 /// A LoRA adapter `ΔW = scale · B A`.
 #[derive(Clone, Debug)]
@@ -108,8 +109,8 @@ impl LoraAdapter {
 /// `y = x W^T + b`, plus `scale · x A^T B^T` when an adapter is attached and enabled.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    /// `W`, `(out, in)`.
-    pub weight: Tensor,
+    /// `W`, `(out, in)`: dense, or kept as stored.
+    pub weight: Weight,
     /// Optional bias, `(out,)`.
     pub bias: Option<Tensor>,
     /// Optional adapter.
@@ -127,9 +128,9 @@ pub struct LinearMode {
 
 impl Linear {
     /// A layer without adapter.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: impl Into<Weight>, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: weight.into(),
             bias,
             lora: None,
         }
@@ -137,12 +138,12 @@ impl Linear {
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.dims().first().copied().unwrap_or(0)
+        self.weight.rows()
     }
 
     /// Input features.
     pub fn in_features(&self) -> usize {
-        self.weight.dims().get(1).copied().unwrap_or(0)
+        self.weight.cols()
     }
 
     /// The weight this layer applies when its adapter is on: `W + scale · B A` (computed in
@@ -151,14 +152,15 @@ impl Linear {
     /// FFN concepts, the head word pairs, the instruction vectors' `W_O`) goes through this, so
     /// "base + adapter" is analysed as the model the forward runs.
     pub fn effective_weight(&self) -> Result<Tensor> {
+        let weight = self.weight.dense()?;
         let Some(lora) = &self.lora else {
-            return Ok(self.weight.clone());
+            return Ok(weight);
         };
-        let device = self.weight.device();
+        let device = weight.device();
         let b = lora.b.detach().to_dtype(DType::F32)?.to_device(device)?;
         let a = lora.a.detach().to_dtype(DType::F32)?.to_device(device)?;
         let delta = (b.matmul(&a)? * lora.scale)?;
-        Ok((self.weight.to_dtype(DType::F32)? + delta)?)
+        Ok((weight.to_dtype(DType::F32)? + delta)?)
     }
 
     /// Attaches (or replaces) an adapter after checking its shapes.
@@ -189,11 +191,7 @@ impl Linear {
         };
         let rows: usize = lead.iter().product();
         let x2 = xs.reshape((rows, in_dim))?;
-        let mut ys = match blas_linear(&x2, &self.weight)? {
-            Some(ys) => ys,
-            None if mode.differentiable => frozen_matmul(&x2, &self.weight)?,
-            None => x2.matmul(&self.weight.t()?)?,
-        };
+        let mut ys = self.weight.linear(&x2, mode.differentiable)?;
         if let Some(bias) = &self.bias {
             ys = ys.broadcast_add(bias)?;
         }

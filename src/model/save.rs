@@ -146,7 +146,7 @@ fn put_linear(tensors: &mut HashMap<String, Tensor>, name: &str, linear: &Linear
             format!("{name} still carries a LoRA adapter; merge it first"),
         ));
     }
-    tensors.insert(format!("{name}.weight"), cpu(&linear.weight)?);
+    tensors.insert(format!("{name}.weight"), cpu(&linear.weight.for_saving()?)?);
     if let Some(bias) = &linear.bias {
         tensors.insert(format!("{name}.bias"), cpu(bias)?);
     }
@@ -169,7 +169,7 @@ pub fn hf_tensors(model: &Transformer) -> Result<HashMap<String, Tensor>> {
     let mut tensors = HashMap::new();
     tensors.insert(
         "model.embed_tokens.weight".to_owned(),
-        cpu(&model.embed_tokens)?,
+        cpu(&model.embed_tokens.for_saving()?)?,
     );
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
@@ -314,8 +314,7 @@ pub fn merge_adapters(model: &mut Transformer) -> Result<usize> {
         ];
         for linear in linears {
             if linear.lora.is_some() {
-                let dtype = linear.weight.dtype();
-                linear.weight = linear.effective_weight()?.to_dtype(dtype)?;
+                linear.weight = linear.weight.replaced_by(&linear.effective_weight()?)?;
                 linear.lora = None;
                 merged += 1;
             }

@@ -344,10 +344,82 @@ pub fn tiny_model(seed: u64, opts: &LoadOptions) -> Result<LoadedModel> {
 
 /// A tiny model with a custom config (e.g. tied embeddings or biases).
 pub fn tiny_model_with(cfg: &ModelConfig, seed: u64, opts: &LoadOptions) -> Result<LoadedModel> {
-    let mut source = TensorMap {
+    let source = TensorMap {
         tensors: tiny_weights(cfg, seed)?,
+        packed: BTreeMap::new(),
         path: format!("tiny-model-seed-{seed}").into(),
     };
+    tiny_from(cfg, seed, source, opts)
+}
+
+/// The tiny model with every weight matrix quantised to `kind` (any GGUF type candle can
+/// quantise to, f16 and bf16 included; `cfg`'s matrix widths must be whole blocks), twice: kept
+/// as stored, and expanded to f32 at load (the same values, dense). The pair tests the
+/// tile-wise products against the dense ones on whole models.
+pub fn tiny_packed_pair(
+    cfg: &ModelConfig,
+    seed: u64,
+    kind: candle_core::quantized::GgmlDType,
+) -> Result<(LoadedModel, LoadedModel)> {
+    let Some(packed_kind) = crate::model::packed::PackedKind::from_ggml(kind) else {
+        return Err(Error::invalid(
+            "tiny model",
+            format!("{kind:?} is not kept as stored"),
+        ));
+    };
+    let mut dense = BTreeMap::new();
+    let mut packed = BTreeMap::new();
+    for (name, t) in tiny_weights(cfg, seed)? {
+        if t.rank() != 2 {
+            dense.insert(name, t);
+            continue;
+        }
+        let (rows, cols) = t.dims2()?;
+        let q = candle_core::quantized::QTensor::quantize(&t, kind)?;
+        dense.insert(name.clone(), q.dequantize(&Device::Cpu)?);
+        let bytes = q.data()?.into_owned();
+        packed.insert(
+            name,
+            crate::model::packed::PackedMatrix::new(packed_kind, rows, cols, bytes)?,
+        );
+    }
+    let stored_opts = LoadOptions {
+        weights: crate::model::WeightStorage::Stored,
+        ..LoadOptions::default()
+    };
+    let stored = tiny_from(
+        cfg,
+        seed,
+        TensorMap {
+            tensors: dense
+                .iter()
+                .filter(|(name, _)| !packed.contains_key(*name))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect(),
+            packed,
+            path: format!("tiny-model-seed-{seed}-{kind:?}").into(),
+        },
+        &stored_opts,
+    )?;
+    let expanded = tiny_from(
+        cfg,
+        seed,
+        TensorMap {
+            tensors: dense,
+            packed: BTreeMap::new(),
+            path: format!("tiny-model-seed-{seed}-{kind:?}-f32").into(),
+        },
+        &LoadOptions::default(),
+    )?;
+    Ok((stored, expanded))
+}
+
+fn tiny_from(
+    cfg: &ModelConfig,
+    seed: u64,
+    mut source: TensorMap,
+    opts: &LoadOptions,
+) -> Result<LoadedModel> {
     let model = build_transformer(cfg.clone(), &mut source, opts, &mut |_| {
         std::ops::ControlFlow::Continue(())
     })?;
@@ -395,5 +467,6 @@ pub fn tiny_options(dtype: DType) -> LoadOptions {
     LoadOptions {
         device: Device::Cpu,
         dtype,
+        weights: crate::model::WeightStorage::F32,
     }
 }

@@ -22,6 +22,7 @@ use crate::model::fused::{causal_attention, causal_softmax, silu_mul};
 use crate::model::hooks::{Hook, HookPoint, NoHook};
 use crate::model::lora::{Linear, LinearMode};
 use crate::model::vjp::{LayerTape, Tape};
+use crate::model::weight::Weight;
 
 /// Which positions get logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,7 +240,7 @@ pub struct DecoderLayer {
 pub struct Transformer {
     cfg: ModelConfig,
     /// `E_in`, `(V, d)`.
-    pub embed_tokens: Tensor,
+    pub embed_tokens: Weight,
     /// Decoder layers.
     pub layers: Vec<DecoderLayer>,
     /// Final norm (`g_final`).
@@ -288,12 +289,13 @@ impl Transformer {
     /// Assembles a model from parts; `embed_tokens` must be `(V, d)`.
     pub fn new(
         cfg: ModelConfig,
-        embed_tokens: Tensor,
+        embed_tokens: impl Into<Weight>,
         layers: Vec<DecoderLayer>,
         norm: RmsNorm,
         lm_head: Linear,
     ) -> Result<Self> {
-        let device = embed_tokens.device().clone();
+        let embed_tokens = embed_tokens.into();
+        let device = embed_tokens.device();
         let inv_freq = rope_inv_freq(&cfg);
         let half = inv_freq.len();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), &device)?;
@@ -327,12 +329,82 @@ impl Transformer {
         self.embed_tokens.dtype()
     }
 
+    /// Every weight matrix: embeddings, each layer's projections, and `lm_head`.
+    pub fn weight_matrices(&self) -> Vec<&Weight> {
+        let mut all = vec![&self.embed_tokens];
+        for layer in &self.layers {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for linear in [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ] {
+                all.push(&linear.weight);
+            }
+        }
+        all.push(&self.lm_head.weight);
+        all
+    }
+
+    /// Bytes the base weights hold in memory: matrices as held (a tied `lm_head` counted
+    /// once), norms and biases. Adapters are not counted.
+    pub fn resident_bytes(&self) -> usize {
+        let matrices = self.weight_matrices();
+        let (head, rest) = matrices.split_last().unzip();
+        let mut total: usize = rest.unwrap_or_default().iter().map(|w| w.bytes()).sum();
+        if let Some(head) = head.filter(|h| !h.shares_storage(&self.embed_tokens)) {
+            total += head.bytes();
+        }
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut small: Vec<&Tensor> = vec![&self.norm.weight];
+        for layer in &self.layers {
+            let norms = [
+                &layer.input_layernorm,
+                &layer.post_attention_layernorm,
+                &layer.attn_out_norm,
+                &layer.mlp_out_norm,
+                &layer.self_attn.q_norm,
+                &layer.self_attn.k_norm,
+            ];
+            small.extend(norms.into_iter().flatten().map(|n| &n.weight));
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for linear in [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ] {
+                small.extend(linear.bias.as_ref());
+            }
+        }
+        total + small.into_iter().map(bytes).sum::<usize>()
+    }
+
+    /// How the weights are held: the dtype (`f32`), or `as stored (…)` with the kinds present.
+    pub fn weights_label(&self) -> String {
+        let matrices = self.weight_matrices();
+        if !matrices.iter().any(|w| matches!(w, Weight::Packed(_))) {
+            return format!("{:?}", self.dtype()).to_lowercase();
+        }
+        let mut kinds: Vec<String> = matrices.iter().map(|w| w.label()).collect();
+        kinds.sort();
+        kinds.dedup();
+        format!("as stored ({})", kinds.join(", "))
+    }
+
     /// Looks up input embeddings for ids `(b, T)`, giving `(b, T, d)`: the residual stream
     /// entering layer 0 (Gemma's `√d` scale included, so [`Input::Embeds`] takes the same).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b_sz, seq_len) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        let xs = self.embed_tokens.index_select(&flat, 0)?;
+        let xs = self.embed_tokens.index_rows(&flat)?;
         let xs = xs.reshape((b_sz, seq_len, self.cfg.hidden_size))?;
         if !self.cfg.scale_embeddings {
             return Ok(xs);

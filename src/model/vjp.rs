@@ -16,7 +16,7 @@
 use candle_core::{DType, Layout, Storage, StorageRef, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::blas::{batched_matmul, frozen_input_grad, gemm_views, MatView, BLAS_ENABLED};
+use crate::model::blas::{batched_matmul, gemm_views, MatView, BLAS_ENABLED};
 use crate::model::config::Activation;
 use crate::model::fused::contiguous_f32;
 use crate::model::lora::Linear;
@@ -840,7 +840,7 @@ fn linear_vjp(
 ) -> Result<Tensor> {
     let (k_sz, t_len, out) = d_out.dims3()?;
     let d2 = d_out.reshape((k_sz * t_len, out))?.contiguous()?;
-    let mut d_in = frozen_input_grad(&d2, &linear.weight)?;
+    let mut d_in = linear.weight.input_grad(&d2)?;
     if use_lora {
         if let Some(lora) = &linear.lora {
             // Detached: trained adapters are `Var`s, and ops on them would record an autograd

@@ -529,7 +529,7 @@ impl Trainer {
                     .model
                     .logit_softcap_vjp(&logits, &((log_probs.exp()? - onehot)? * norm)?)?
                     .to_dtype(self.model.dtype())?;
-                let d_rows = d_logits.matmul(&self.model.lm_head.weight)?;
+                let d_rows = self.model.lm_head.weight.input_grad(&d_logits)?;
                 // Every position of the batch (the dropout masks are regenerated for the
                 // forward's shape).
                 let cot = Tensor::zeros((b_sz * t_len, d), self.model.dtype(), &device)?

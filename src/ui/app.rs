@@ -32,6 +32,8 @@ pub struct StartOptions {
     pub model_b: Option<String>,
     /// Where models are loaded (`None` keeps the saved choice).
     pub device: Option<DeviceChoice>,
+    /// How weights are held (`None` keeps the saved choice).
+    pub weights: Option<crate::model::WeightStorage>,
 }
 
 /// What a slot shows.
@@ -128,6 +130,9 @@ impl TunelensApp {
             .unwrap_or_default();
         if let Some(device) = start.device {
             state.device = device;
+        }
+        if let Some(weights) = start.weights {
+            state.weight_storage = weights;
         }
         let ctx = cc.egui_ctx.clone();
         let worker = worker::spawn({
@@ -239,6 +244,7 @@ impl TunelensApp {
             spec,
             device: self.state.device,
             dtype: crate::model::WeightDtype::F32,
+            weights: self.state.weight_storage,
         };
         self.submit(
             job,
@@ -792,7 +798,13 @@ impl eframe::App for TunelensApp {
             }
             // Models, and a saved view id this build does not have.
             (View::Models | View::Analysis(_), _) => {
-                panels::models::models_ui(ui, &self.slots, &self.state.recent, &mut actions);
+                panels::models::models_ui(
+                    ui,
+                    &self.slots,
+                    &self.state.recent,
+                    &mut self.state.weight_storage,
+                    &mut actions,
+                );
             }
         });
         if let Some((slot, kind, browser)) = &mut self.browser {

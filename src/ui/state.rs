@@ -162,6 +162,8 @@ pub struct AppState {
     pub view: View,
     /// Where models are loaded.
     pub device: DeviceChoice,
+    /// Weights in memory: expanded to f32, or kept as stored (applies to the next load).
+    pub weight_storage: crate::model::WeightStorage,
     /// Attribution view settings.
     pub attribution: AttributionSettings,
     /// Concepts and Heads view settings.
@@ -375,6 +377,7 @@ impl Default for AppState {
             gen: GenSettings::default(),
             view: View::default(),
             device: DeviceChoice::Cpu,
+            weight_storage: crate::model::WeightStorage::F32,
             attribution: AttributionSettings::default(),
             weights: WeightSettings::default(),
             consistency: ConsistencyUi::default(),

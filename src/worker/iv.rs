@@ -13,7 +13,7 @@ pub use crate::analysis::results::{IvOutput, IvSettings, Slot, SlotIv, TaskSourc
 use crate::cache::KeyBuilder;
 use crate::error::{Error, Result};
 use crate::model::lora::Linear;
-use crate::model::LoadedModel;
+use crate::model::{LoadedModel, Weight};
 
 /// The tasks shipped in `sample_prompts/icl/` (subsets of Todd et al.'s files, MIT licence; see
 /// the README there), by name.
@@ -124,8 +124,15 @@ fn hash_rows(key: &mut KeyBuilder, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// The first two rows of a weight, dense or kept as stored (the same values either way).
+fn hash_weight_rows(key: &mut KeyBuilder, w: &Weight) -> Result<()> {
+    let rows = w.rows().min(2);
+    key.weight(&w.narrow_rows(0, rows)?)?;
+    Ok(())
+}
+
 fn hash_linear(key: &mut KeyBuilder, linear: &Linear) -> Result<()> {
-    hash_rows(key, &linear.weight)?;
+    hash_weight_rows(key, &linear.weight)?;
     if let Some(lora) = &linear.lora {
         key.text("adapter").bytes(&lora.scale.to_le_bytes());
         hash_rows(key, &lora.a)?;
@@ -140,7 +147,7 @@ pub fn fingerprint(loaded: &LoadedModel) -> Result<String> {
     let model = &loaded.model;
     let mut key = KeyBuilder::default();
     key.text(&format!("{:?}", model.config()));
-    hash_rows(&mut key, &model.embed_tokens)?;
+    hash_weight_rows(&mut key, &model.embed_tokens)?;
     for layer in &model.layers {
         let a = &layer.self_attn;
         let m = &layer.mlp;

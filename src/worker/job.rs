@@ -22,7 +22,7 @@ use crate::worker::weights::{CachePolicy, ConceptsOutput, HeadsOutput};
 use crate::analysis::attribution::Instructions;
 pub use crate::analysis::results::{Slot, SlotAttribution};
 use crate::model::generate::{GenerateConfig, GeneratedToken, Generation};
-use crate::model::{DeviceChoice, ModelInfo, ModelSpec, WeightDtype};
+use crate::model::{DeviceChoice, ModelInfo, ModelSpec, WeightDtype, WeightStorage};
 
 /// Work for the model worker.
 #[derive(Clone, Debug)]
@@ -37,6 +37,8 @@ pub enum Job {
         device: DeviceChoice,
         /// Weight dtype: `f32`, `f16` or `bf16`.
         dtype: WeightDtype,
+        /// Weights expanded at load or kept as stored.
+        weights: WeightStorage,
     },
     /// Gradient attribution of a response to its prompt (METHODS.md §1).
     Attribute {

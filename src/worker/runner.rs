@@ -70,6 +70,7 @@ pub fn run_job(
             spec,
             device,
             dtype,
+            weights,
         } => {
             emit(Event::Progress {
                 job_id,
@@ -79,6 +80,7 @@ pub fn run_job(
             let opts = LoadOptions {
                 device: model::device(device)?,
                 dtype: dtype.dtype(),
+                weights,
             };
             let cancel = ctx.cancel.clone();
             let loaded = model::load_with_progress(&spec, &opts, &mut |frac| {

@@ -185,7 +185,7 @@ pub fn heads_cached(
                     key.text("model embeddings");
                 }
             }
-            key.tensor(&loaded.model.embed_tokens)?;
+            key.weight(&loaded.model.embed_tokens)?;
             for layer in &loaded.model.layers {
                 if let Some(norm) = &layer.input_layernorm {
                     key.tensor(&norm.weight)?;

@@ -271,9 +271,11 @@ impl Trainer {
         let d_logits = self
             .model
             .logit_softcap_vjp(&logits, &Tensor::cat(&blocks, 0)?)?;
-        let d_rows = d_logits
-            .to_dtype(self.model.dtype())?
-            .matmul(&self.model.lm_head.weight)?
+        let d_rows = self
+            .model
+            .lm_head
+            .weight
+            .input_grad(&d_logits.to_dtype(self.model.dtype())?)?
             .reshape((b_sz, t_len, d))?;
         // The head term enters at the o_proj input of each listed head's layer.
         let width = n_heads * head_dim;

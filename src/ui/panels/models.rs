@@ -3,7 +3,7 @@
 
 use eframe::egui;
 
-use crate::model::ModelInfo;
+use crate::model::{ModelInfo, WeightStorage};
 use crate::ui::actions::Action;
 use crate::ui::app::{slot_index, SlotView};
 use crate::ui::dialogs::DialogKind;
@@ -16,6 +16,7 @@ pub fn models_ui(
     ui: &mut egui::Ui,
     slots: &[SlotView; 2],
     recent: &[String],
+    storage: &mut WeightStorage,
     actions: &mut Vec<Action>,
 ) {
     ui.heading("Models");
@@ -23,6 +24,24 @@ pub fn models_ui(
         egui::RichText::new("Open a Hugging Face folder or a .gguf file in each slot (or drop one on the window); every view compares A with B")
             .color(theme::MUTED),
     );
+    ui.horizontal(|ui| {
+        ui.label("Weights in memory:");
+        let label = |s: WeightStorage| match s {
+            WeightStorage::F32 => "f32",
+            WeightStorage::Stored => "as stored",
+        };
+        egui::ComboBox::from_id_salt("weight_storage")
+            .selected_text(label(*storage))
+            .show_ui(ui, |ui| {
+                for choice in [WeightStorage::F32, WeightStorage::Stored] {
+                    ui.selectable_value(storage, choice, label(choice));
+                }
+            })
+            .response
+            .on_hover_text(
+                "f32: every weight expanded at load (the reference). As stored: f16/bf16 and GGUF's quantised weights stay as in the file and are expanded a tile at a time inside each product, for large models (CPU only). Applies to the next load.",
+            );
+    });
     ui.add_space(theme::SECTION_GAP);
     ui.columns(2, |columns| {
         for (column, slot) in columns.iter_mut().zip([Slot::A, Slot::B]) {
@@ -162,8 +181,11 @@ fn info_grid(ui: &mut egui::Ui, slot: Slot, info: &ModelInfo) {
             );
             row("Device", info.device.clone());
             row(
-                "Memory",
-                format!("{:.0} MiB", info.weight_bytes as f64 / 1_048_576.0),
+                "Resident",
+                format!(
+                    "{:.0} MiB of weights",
+                    info.weight_bytes as f64 / 1_048_576.0
+                ),
             );
             row("Load time", format!("{:.2} s", info.load_secs));
             row(
