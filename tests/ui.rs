@@ -1567,3 +1567,31 @@ fn a_model_without_a_chat_template_switches_the_chat_options_off() {
         tunelens::train::dataset::PromptTemplate::Definition
     );
 }
+
+/// Issue: 7B pairs in memory. "Weights in memory: as stored" in the Models view applies to the
+/// next load; the slot then says how its weights are held and how much memory they take.
+#[test]
+fn models_view_keeps_weights_as_stored_and_shows_resident_memory() {
+    let mut harness = harness();
+    harness.state_mut().state.view = tunelens::ui::state::View::Models;
+    harness.run();
+    harness.get_by_label("Weights in memory:");
+    harness.get_by_label("f32").click();
+    harness.run();
+    harness.get_by_label("as stored").click();
+    harness.run();
+    assert_eq!(
+        harness.state().state.weight_storage,
+        tunelens::model::WeightStorage::Stored
+    );
+    harness.state_mut().open_path(Slot::A, &demo_model_path());
+    step_until(&mut harness, "the demo model", |app| {
+        app.slots[0].info.is_some()
+    });
+    let info = harness.state().slots[0].info.clone().expect("loaded");
+    assert_eq!(info.dtype, "as stored (Q4_1, Q8_0)");
+    assert!(info.weight_bytes < 100 << 20, "{}", info.weight_bytes);
+    harness.get_by_label_contains("as stored (Q4_1, Q8_0)");
+    harness.get_by_label("Resident");
+    harness.get_by_label_contains("MiB of weights");
+}
