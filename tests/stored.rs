@@ -214,7 +214,8 @@ fn demo_model_kept_as_stored_matches_transformers_and_the_f32_path() {
             .zip(case["logits_last"].as_array().expect("logits"))
             .map(|(a, b)| (f64::from(*a) - b.as_f64().expect("f")).abs())
             .fold(0.0, f64::max);
-        assert!(worst_golden < 5e-2, "{worst_golden} for {text:?}");
+        // The issue asks 5e-2; measured 4.8e-5 (the f32 path: 4.8e-5 too).
+        assert!(worst_golden < 1e-2, "{worst_golden} for {text:?}");
         let worst_f32 = ours
             .logits_last
             .iter()
@@ -290,4 +291,50 @@ fn the_cli_keeps_weights_as_stored_and_refuses_them_in_bf16() {
     let run = run_cli(&["info", "--weights", "packed", "--model", &demo]);
     assert_ne!(run.code, 0);
     assert!(run.stderr.contains("f32 or stored"), "{}", run.stderr);
+}
+
+/// A bf16 Hugging Face folder kept as stored reads its matrices straight from the file's bytes
+/// and runs as its f32 expansion does; merging an adapter keeps them packed.
+#[test]
+fn a_bf16_folder_kept_as_stored_runs_as_its_f32_expansion() -> anyhow::Result<()> {
+    let bf16 = tunelens::model::tiny::tiny_model(
+        4,
+        &tunelens::model::tiny::tiny_options(candle_core::DType::BF16),
+    )?;
+    let dir = tempfile::tempdir()?;
+    tunelens::model::save::save_hf_folder(&bf16, dir.path())?;
+    let spec = ModelSpec::parse(&dir.path().display().to_string());
+    let stored = load(
+        &spec,
+        &LoadOptions {
+            weights: WeightStorage::Stored,
+            ..LoadOptions::default()
+        },
+    )?;
+    let expanded = load(&spec, &LoadOptions::default())?;
+    assert_eq!(stored.info.dtype, "as stored (bf16)");
+    assert!(stored.info.weight_bytes * 3 < expanded.info.weight_bytes * 2);
+    let ids = ids_tensor(&IDS);
+    let diff = max_abs_diff(&stored.model.forward(&ids)?, &expanded.model.forward(&ids)?);
+    assert!(diff < 1e-5, "{diff:e}");
+    // Merging an adapter into a packed bf16 matrix packs the merged weight again.
+    let mut model = stored.model.clone();
+    let linear = &mut model.layers[0].self_attn.q_proj;
+    let (out, inp) = (linear.out_features(), linear.in_features());
+    linear.attach(tunelens::model::lora::LoraAdapter {
+        a: Tensor::ones((2, inp), candle_core::DType::F32, &candle_core::Device::Cpu)?,
+        b: (Tensor::ones((out, 2), candle_core::DType::F32, &candle_core::Device::Cpu)? * 0.01)?,
+        scale: 1.0,
+        dropout: None,
+    })?;
+    let merged_f32 = model.layers[0].self_attn.q_proj.effective_weight()?;
+    assert_eq!(tunelens::model::adapter::merge_adapters(&mut model)?, 1);
+    let merged = &model.layers[0].self_attn.q_proj.weight;
+    assert!(matches!(merged, Weight::Packed(_)));
+    // W + B A rounded once to bf16, as a dense bf16 model's merge rounds it.
+    let rounded = merged_f32
+        .to_dtype(candle_core::DType::BF16)?
+        .to_dtype(candle_core::DType::F32)?;
+    assert_eq!(max_abs_diff(&merged.dense()?, &rounded), 0.0);
+    Ok(())
 }

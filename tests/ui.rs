@@ -1576,8 +1576,6 @@ fn models_view_keeps_weights_as_stored_and_shows_resident_memory() {
     harness.state_mut().state.view = tunelens::ui::state::View::Models;
     harness.run();
     harness.get_by_label("Weights in memory:");
-    harness.get_by_label("f32").click();
-    harness.run();
     harness.get_by_label("as stored").click();
     harness.run();
     assert_eq!(

@@ -200,6 +200,24 @@ impl TensorSource for SafetensorsSource {
         self.files.read(name)
     }
 
+    /// f16/bf16 matrices straight from the file's bytes (no tensor in between).
+    fn take_packed(&mut self, name: &str) -> Result<Option<PackedMatrix>> {
+        let kind = match self.files.describe(name) {
+            Some((DType::F16, &[_, _])) => PackedKind::F16,
+            Some((DType::BF16, &[_, _])) => PackedKind::Bf16,
+            _ => return Ok(None),
+        };
+        let Some((_, &[rows, cols])) = self.files.describe(name) else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.files.read_bytes(name)? else {
+            return Ok(None);
+        };
+        PackedMatrix::new(kind, rows, cols, bytes)
+            .map(Some)
+            .map_err(|err| Error::bad_file(&self.path, format!("tensor `{name}`: {err}")))
+    }
+
     fn path(&self) -> &Path {
         &self.path
     }

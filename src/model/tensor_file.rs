@@ -135,8 +135,13 @@ impl TensorFiles {
         self.places.values().next().map(|p| p.dtype)
     }
 
-    /// Reads tensor `name` onto the CPU in its stored dtype; `None` when it is not stored.
-    pub fn read(&self, name: &str) -> Result<Option<Tensor>> {
+    /// The stored dtype and shape of tensor `name`, when stored.
+    pub fn describe(&self, name: &str) -> Option<(DType, &[usize])> {
+        self.places.get(name).map(|p| (p.dtype, p.shape.as_slice()))
+    }
+
+    /// The stored bytes of tensor `name` (little-endian, row-major); `None` when not stored.
+    pub fn read_bytes(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let Some(place) = self.places.get(name) else {
             return Ok(None);
         };
@@ -145,6 +150,18 @@ impl TensorFiles {
         read_at(file, &mut bytes, place.start).map_err(|err| {
             Error::bad_file(path, format!("tensor `{name}`: cannot read ({err})"))
         })?;
+        Ok(Some(bytes))
+    }
+
+    /// Reads tensor `name` onto the CPU in its stored dtype; `None` when it is not stored.
+    pub fn read(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(place) = self.places.get(name) else {
+            return Ok(None);
+        };
+        let (path, _) = &self.files[place.file];
+        let Some(bytes) = self.read_bytes(name)? else {
+            return Ok(None);
+        };
         let tensor = Tensor::from_raw_buffer(&bytes, place.dtype, &place.shape, &Device::Cpu)
             .map_err(|err| Error::bad_file(path, format!("tensor `{name}`: {err}")))?;
         Ok(Some(tensor))

@@ -26,21 +26,11 @@ pub fn models_ui(
     );
     ui.horizontal(|ui| {
         ui.label("Weights in memory:");
-        let label = |s: WeightStorage| match s {
-            WeightStorage::F32 => "f32",
-            WeightStorage::Stored => "as stored",
-        };
-        egui::ComboBox::from_id_salt("weight_storage")
-            .selected_text(label(*storage))
-            .show_ui(ui, |ui| {
-                for choice in [WeightStorage::F32, WeightStorage::Stored] {
-                    ui.selectable_value(storage, choice, label(choice));
-                }
-            })
-            .response
-            .on_hover_text(
-                "f32: every weight expanded at load (the reference). As stored: f16/bf16 and GGUF's quantised weights stay as in the file and are expanded a tile at a time inside each product, for large models (CPU only). Applies to the next load.",
-            );
+        let hover = "f32: every weight expanded at load (the reference). As stored: f16/bf16 and GGUF's quantised weights stay as in the file and are expanded a tile at a time inside each product, for large models (CPU only). Applies to the next load.";
+        ui.radio_value(storage, WeightStorage::F32, "f32")
+            .on_hover_text(hover);
+        ui.radio_value(storage, WeightStorage::Stored, "as stored")
+            .on_hover_text(hover);
     });
     ui.add_space(theme::SECTION_GAP);
     ui.columns(2, |columns| {
