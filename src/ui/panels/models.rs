@@ -172,10 +172,7 @@ fn info_grid(ui: &mut egui::Ui, slot: Slot, info: &ModelInfo) {
             row("Device", info.device.clone());
             row(
                 "Resident",
-                format!(
-                    "{:.0} MiB of weights",
-                    info.weight_bytes as f64 / 1_048_576.0
-                ),
+                format!("{} of weights", bytes_label(info.weight_bytes)),
             );
             row("Load time", format!("{:.2} s", info.load_secs));
             row(
@@ -196,4 +193,16 @@ fn info_grid(ui: &mut egui::Ui, slot: Slot, info: &ModelInfo) {
                 );
             }
         });
+}
+
+/// Bytes as KiB, MiB or GiB, whichever reads best.
+fn bytes_label(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * 1_048_576.0 {
+        format!("{:.1} GiB", b / (1024.0 * 1_048_576.0))
+    } else if b >= 1_048_576.0 {
+        format!("{:.0} MiB", b / 1_048_576.0)
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
+    }
 }
