@@ -176,7 +176,6 @@ fn check_complete(content: &Content, file_len: u64, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Inverts llama.cpp's `permute(w, n_head)`: rows `(head, pair, half)` back to `(head, half, pair)`.
 /// Whether a Hugging Face tensor name is a weight matrix (kept as stored on request).
 fn is_matrix(hf_name: &str) -> bool {
     hf_name.ends_with(".weight") && !hf_name.ends_with("norm.weight")
@@ -213,6 +212,7 @@ fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
     order
 }
 
+/// Inverts llama.cpp's `permute(w, n_head)`: rows `(head, pair, half)` back to `(head, half, pair)`.
 fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let rows = dims[0];
