@@ -11,7 +11,6 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::blas::frozen_input_grad;
 use crate::model::weight::Weight;
 
 /// A LoRA adapter `ΔW = scale · B A`.
@@ -217,18 +216,19 @@ pub fn frozen_matmul(x2: &Tensor, weight: &Tensor) -> Result<Tensor> {
     // Compute the product off the graph, then attach a node that passes it through unchanged and
     // whose backward is `g W`.
     let ys = x2.detach().matmul(&weight.t()?)?.contiguous()?;
-    Ok(x2.apply_op2(
-        &ys,
-        FrozenLinear {
-            weight: weight.clone(),
-        },
-    )?)
+    with_input_grad(x2, &ys, Weight::Dense(weight.clone()))
+}
+
+/// `ys = x2 Wᵀ`, computed off the graph, as a result whose backward reaches `x2` only, as
+/// `g W` (dense or packed `W`).
+pub(crate) fn with_input_grad(x2: &Tensor, ys: &Tensor, weight: Weight) -> Result<Tensor> {
+    Ok(x2.apply_op2(ys, FrozenLinear { weight })?)
 }
 
 /// The custom op behind [`frozen_matmul`]: forward returns its second argument (the product
 /// already computed), backward maps the output gradient `g` to `g W` for the first argument.
 struct FrozenLinear {
-    weight: Tensor,
+    weight: Weight,
 }
 
 impl CustomOp2 for FrozenLinear {
@@ -275,7 +275,11 @@ impl CustomOp2 for FrozenLinear {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(frozen_input_grad(grad_res, &self.weight)?), None))
+        let input_grad = self
+            .weight
+            .input_grad(grad_res)
+            .map_err(|err| candle_core::Error::Msg(format!("frozen-linear backward: {err}")))?;
+        Ok((Some(input_grad), None))
     }
 }
 

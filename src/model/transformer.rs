@@ -333,18 +333,7 @@ impl Transformer {
     pub fn weight_matrices(&self) -> Vec<&Weight> {
         let mut all = vec![&self.embed_tokens];
         for layer in &self.layers {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            for linear in [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ] {
-                all.push(&linear.weight);
-            }
+            all.extend(layer.linears().map(|l| &l.weight));
         }
         all.push(&self.lm_head.weight);
         all
@@ -371,18 +360,7 @@ impl Transformer {
                 &layer.self_attn.k_norm,
             ];
             small.extend(norms.into_iter().flatten().map(|n| &n.weight));
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            for linear in [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ] {
-                small.extend(linear.bias.as_ref());
-            }
+            small.extend(layer.linears().into_iter().filter_map(|l| l.bias.as_ref()));
         }
         total + small.into_iter().map(bytes).sum::<usize>()
     }
@@ -739,6 +717,20 @@ fn replace_if(hook: &mut dyn Hook, point: HookPoint, xs: Tensor) -> Result<Tenso
 }
 
 impl DecoderLayer {
+    /// The seven projections: q, k, v, o, gate, up, down.
+    pub fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,

@@ -6,7 +6,7 @@
 //! read whole matrices (FFN concepts, head word pairs, `W_O`), which expand one matrix at a
 //! time and drop it.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::blas::{blas_linear, frozen_input_grad};
@@ -233,7 +233,7 @@ impl Weight {
                 if !differentiable {
                     return Ok(ys);
                 }
-                Ok(x2.apply_op2(&ys, PackedLinear { weight: p.clone() })?)
+                crate::model::lora::with_input_grad(x2, &ys, self.clone())
             }
         }
     }
@@ -253,68 +253,31 @@ impl Weight {
                 out_dims.push(self.cols());
                 Ok(dx.reshape(out_dims)?)
             }
-            Self::Packed(p) => Ok(packed_input_grad(p, g)?),
+            Self::Packed(p) => packed_input_grad(p, g),
         }
     }
 }
 
 /// `g W` for a packed `W`, any leading dimensions.
-fn packed_input_grad(p: &PackedMatrix, g: &Tensor) -> candle_core::Result<Tensor> {
+fn packed_input_grad(p: &PackedMatrix, g: &Tensor) -> Result<Tensor> {
     let dims = g.dims().to_vec();
     let Some((&out, lead)) = dims.split_last() else {
-        candle_core::bail!("packed-linear backward: scalar gradient")
+        return Err(Error::invalid("gradient", "scalar gradient"));
     };
     let (rows, cols) = p.dims();
     if out != rows {
-        candle_core::bail!("packed-linear backward: gradient of {out} features for {rows} rows")
+        return Err(Error::invalid(
+            "gradient",
+            format!("{out} features for a {rows}-row weight"),
+        ));
     }
     let m: usize = lead.iter().product();
     let dtype = g.dtype();
     let values = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let dx = p
-        .gw(&values, m)
-        .map_err(|err| candle_core::Error::Msg(format!("packed-linear backward: {err}")))?;
+    let dx = p.gw(&values, m)?;
     let mut out_dims = lead.to_vec();
     out_dims.push(cols);
-    Tensor::from_vec(dx, out_dims, &Device::Cpu)?.to_dtype(dtype)
-}
-
-/// Forward returns its second argument (the product already computed); backward maps the
-/// output gradient `g` to `g W` for the first.
-struct PackedLinear {
-    weight: PackedMatrix,
-}
-
-impl CustomOp2 for PackedLinear {
-    fn name(&self) -> &'static str {
-        "packed-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = l2.contiguous_offsets() else {
-            candle_core::bail!("packed-linear: the precomputed product must be contiguous")
-        };
-        match s2 {
-            CpuStorage::F32(v) => Ok((CpuStorage::F32(v[start..end].to_vec()), l2.shape().clone())),
-            _ => candle_core::bail!("packed-linear: the product must be f32"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        _arg1: &Tensor,
-        _arg2: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(packed_input_grad(&self.weight, grad_res)?), None))
-    }
+    Ok(Tensor::from_vec(dx, out_dims, &Device::Cpu)?.to_dtype(dtype)?)
 }
 
 #[cfg(test)]

@@ -149,17 +149,7 @@ pub fn fingerprint(loaded: &LoadedModel) -> Result<String> {
     key.text(&format!("{:?}", model.config()));
     hash_weight_rows(&mut key, &model.embed_tokens)?;
     for layer in &model.layers {
-        let a = &layer.self_attn;
-        let m = &layer.mlp;
-        for linear in [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ] {
+        for linear in layer.linears() {
             hash_linear(&mut key, linear)?;
         }
     }
