@@ -124,24 +124,18 @@ fn tiny_models_kept_as_stored_match_their_expanded_copies_for_every_kind() -> an
         assert!(scale(&gd) > 0.0);
         // The hand-written backward (attribution): every row of the raw matrix.
         let cfg_a = AttributionConfig::default();
-        let a_s = attribute(
-            &stored.model,
-            &stored.tokenizer,
-            "a b c",
-            "d e",
-            None,
-            &cfg_a,
-            &mut go,
-        )?;
-        let a_d = attribute(
-            &dense.model,
-            &dense.tokenizer,
-            "a b c",
-            "d e",
-            None,
-            &cfg_a,
-            &mut go,
-        )?;
+        let run = |m: &LoadedModel| {
+            attribute(
+                &m.model,
+                &m.tokenizer,
+                "a b c",
+                "d e",
+                None,
+                &cfg_a,
+                &mut go,
+            )
+        };
+        let (a_s, a_d) = (run(&stored)?, run(&dense)?);
         assert_eq!(a_s.output_ids, a_d.output_ids);
         let largest = a_d.raw.data.iter().fold(0f32, |m, v| m.max(v.abs()));
         let worst = a_s
@@ -160,30 +154,27 @@ fn tiny_models_kept_as_stored_match_their_expanded_copies_for_every_kind() -> an
 }
 
 /// The demo model kept as stored (Q4_1 blocks with a Q8_0 embedding table, as the file holds
-/// them), loaded once for the tests below.
-fn demo_stored() -> &'static LoadedModel {
-    static MODEL: std::sync::OnceLock<LoadedModel> = std::sync::OnceLock::new();
-    MODEL.get_or_init(|| {
+/// them) and expanded to f32, each loaded once for the tests below.
+fn demo_as(weights: WeightStorage) -> &'static LoadedModel {
+    static STORED: std::sync::OnceLock<LoadedModel> = std::sync::OnceLock::new();
+    static F32: std::sync::OnceLock<LoadedModel> = std::sync::OnceLock::new();
+    let cell = match weights {
+        WeightStorage::Stored => &STORED,
+        WeightStorage::F32 => &F32,
+    };
+    cell.get_or_init(|| {
         let spec = ModelSpec::parse(&demo_model_path().display().to_string());
         let opts = LoadOptions {
-            weights: WeightStorage::Stored,
+            weights,
             ..LoadOptions::default()
         };
-        load(&spec, &opts).expect("demo model loads as stored")
-    })
-}
-
-fn demo_f32() -> &'static LoadedModel {
-    static MODEL: std::sync::OnceLock<LoadedModel> = std::sync::OnceLock::new();
-    MODEL.get_or_init(|| {
-        let spec = ModelSpec::parse(&demo_model_path().display().to_string());
-        load(&spec, &LoadOptions::default()).expect("demo model loads")
+        load(&spec, &opts).expect("demo model loads")
     })
 }
 
 #[test]
 fn demo_model_kept_as_stored_matches_transformers_and_the_f32_path() {
-    let (stored, reference) = (demo_stored(), demo_f32());
+    let (stored, reference) = (demo_as(WeightStorage::Stored), demo_as(WeightStorage::F32));
     assert!(
         stored.info.dtype.starts_with("as stored"),
         "{}",
@@ -232,7 +223,7 @@ fn demo_model_kept_as_stored_matches_transformers_and_the_f32_path() {
 
 #[test]
 fn demo_model_kept_as_stored_generates_and_attributes_as_transformers() -> anyhow::Result<()> {
-    let m = demo_stored();
+    let m = demo_as(WeightStorage::Stored);
     for case in golden("generate.json")["generate"]
         .as_array()
         .expect("cases")

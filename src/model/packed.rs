@@ -212,9 +212,20 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 fn expand_q4k(b: &[u8], out: &mut [f32]) {
+    expand_k_scaled(b, out, &b[16..144], None);
+}
+
+fn expand_q5k(b: &[u8], out: &mut [f32]) {
+    expand_k_scaled(b, out, &b[48..176], Some(&b[16..48]));
+}
+
+/// Q4_K and Q5_K share their layout up to the codes: f16 `d`, `dmin`, twelve bytes of 6-bit
+/// scales and minima, then (Q5_K only) 32 bytes of fifth bits `qh`, then the 4-bit codes `qs`.
+/// Sub-block pair `j` holds 64 weights: low nibbles, then high nibbles, each with its own
+/// scale and minimum; Q5_K adds 16 where bit `2j` (low) or `2j + 1` (high) of `qh[l]` is set.
+fn expand_k_scaled(b: &[u8], out: &mut [f32], qs: &[u8], qh: Option<&[u8]>) {
     let (d, dmin) = (half_at(b, 0), half_at(b, 2));
     let scales = &b[4..16];
-    let qs = &b[16..144];
     for (j, (q, y)) in qs
         .chunks_exact(32)
         .zip(out.chunks_exact_mut(64))
@@ -224,31 +235,15 @@ fn expand_q4k(b: &[u8], out: &mut [f32]) {
         let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
         let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
         let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
-        for (l, &q) in q.iter().enumerate() {
-            y[l] = d1 * f32::from(q & 0x0F) - m1;
-            y[l + 32] = d2 * f32::from(q >> 4) - m2;
-        }
-    }
-}
-
-fn expand_q5k(b: &[u8], out: &mut [f32]) {
-    let (d, dmin) = (half_at(b, 0), half_at(b, 2));
-    let scales = &b[4..16];
-    let qh = &b[16..48];
-    let qs = &b[48..176];
-    for (j, (ql, y)) in qs
-        .chunks_exact(32)
-        .zip(out.chunks_exact_mut(64))
-        .enumerate()
-    {
-        let (sc1, m1) = scale_min_k4(2 * j, scales);
-        let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
-        let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
-        let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
         let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
-        for (l, &q) in ql.iter().enumerate() {
-            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
-            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+        for (l, &q) in q.iter().enumerate() {
+            let (h1, h2) = match qh {
+                Some(qh) => (
+                    if qh[l] & u1 != 0 { 16 } else { 0 },
+                    if qh[l] & u2 != 0 { 16 } else { 0 },
+                ),
+                None => (0, 0),
+            };
             y[l] = d1 * f32::from((q & 0x0F) + h1) - m1;
             y[l + 32] = d2 * f32::from((q >> 4) + h2) - m2;
         }
