@@ -230,13 +230,36 @@ pub fn top_k_indices(n: usize, k: usize, score: impl Fn(usize) -> f32) -> Vec<u3
         }
     };
     let order = |a: &u32, b: &u32| key(*b).total_cmp(&key(*a)).then(a.cmp(b));
-    let mut idx: Vec<u32> = (0..n as u32).collect();
-    if k < n {
+    let mut idx: Vec<u32> = match prefilter(n, k, &key) {
+        Some(candidates) => candidates,
+        None => (0..n as u32).collect(),
+    };
+    if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, order);
         idx.truncate(k);
     }
     idx.sort_unstable_by(order);
     idx
+}
+
+/// For a small `k` of a large `n`: the indices whose key is at least a threshold taken from an
+/// even sample of the keys, when at least `k` of them pass (so they hold the top `k`: the
+/// `k`-th largest key is at least the threshold, and ties at it all pass); `None` otherwise.
+fn prefilter(n: usize, k: usize, key: &impl Fn(u32) -> f32) -> Option<Vec<u32>> {
+    const SAMPLE: usize = 1024;
+    if n < 8 * SAMPLE || k * 16 > n {
+        return None;
+    }
+    let step = n / SAMPLE;
+    let mut sample: Vec<f32> = (0..n).step_by(step).map(|i| key(i as u32)).collect();
+    // About twice the share of `k` in the sample, so the threshold usually lets ~2k through.
+    let rank = (2 * k * sample.len()).div_ceil(n) + 4;
+    if rank >= sample.len() {
+        return None;
+    }
+    let (_, &mut threshold, _) = sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a));
+    let passed: Vec<u32> = (0..n as u32).filter(|&i| key(i) >= threshold).collect();
+    (passed.len() >= k).then_some(passed)
 }
 
 #[cfg(test)]
@@ -265,6 +288,35 @@ mod tests {
         let err = WordList::parse("a\t1\n\nb\tx\n").expect_err("bad line");
         assert_eq!(err.0, 3);
         assert!(WordList::parse("\n\n").is_err());
+    }
+
+    #[test]
+    fn top_k_of_a_large_vector_equals_a_full_sort() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // Rounded values (many ties), a NaN, and a sorted run (a sample that misleads).
+        let mut v: Vec<f32> = (0..50_000)
+            .map(|_| (rng.random::<f32>() * 300.0).round())
+            .collect();
+        v[17] = f32::NAN;
+        for (i, x) in v[40_000..].iter_mut().enumerate() {
+            *x = 1000.0 + i as f32;
+        }
+        for k in [1, 5, 500, 3000] {
+            let mut all: Vec<u32> = (0..v.len() as u32).collect();
+            let key = |i: u32| {
+                if v[i as usize].is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    v[i as usize]
+                }
+            };
+            all.sort_by(|a, b| key(*b).total_cmp(&key(*a)).then(a.cmp(b)));
+            all.truncate(k);
+            assert_eq!(top_k_indices(v.len(), k, |i| v[i]), all, "k = {k}");
+        }
+        let flat = vec![1f32; 20_000];
+        assert_eq!(top_k_indices(flat.len(), 3, |i| flat[i]), vec![0, 1, 2]);
     }
 
     #[test]
