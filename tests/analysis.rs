@@ -858,3 +858,83 @@ fn continual_stages_with_guidance_and_forgetting() -> anyhow::Result<()> {
     assert!(err.contains("bad.json") && err.contains("item 1"), "{err}");
     Ok(())
 }
+
+/// §9 on the demo model: the screened extraction check gives the full projection's rates, and
+/// the attribute rate of a batched run (subject states shared between templates that open with
+/// the subject) is the mean of the probes' rates run one by one.
+#[test]
+fn recall_screening_and_shared_subject_states_keep_the_results() -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    use tunelens::analysis::prediction::{query, FactSet};
+    use tunelens::analysis::recall::{
+        factual_recall_with, ExtractionCheck, RecallConfig, RecallProbe,
+    };
+    use tunelens::worker::consistency::{DEFAULT_FACTS, DEFAULT_SUBJECTS};
+    let m = load(
+        &ModelSpec::parse(&demo_model_path().display().to_string()),
+        &LoadOptions::default(),
+    )?;
+    let facts: FactSet = serde_json::from_str(DEFAULT_FACTS)?;
+    let subjects: BTreeMap<String, String> = serde_json::from_str(DEFAULT_SUBJECTS)?;
+    let mut probes = Vec::new();
+    for rel in &facts.relations {
+        for fact in rel.facts.iter().take(2) {
+            for template in &rel.templates {
+                let start = template.find("[X]").expect("template has [X]");
+                probes.push(RecallProbe {
+                    relation: rel.relation.clone(),
+                    query: query(template, &fact.subject),
+                    subject: (start, start + fact.subject.len()),
+                    wiki: subjects.get(&fact.subject).cloned(),
+                });
+            }
+        }
+    }
+    assert_eq!(probes.len(), 100);
+    let run = |probes: &[RecallProbe], cfg: &RecallConfig, check| {
+        factual_recall_with(&m.model, &m.tokenizer, probes, cfg, 8, check, &mut go)
+    };
+    let cfg = RecallConfig::default();
+    let screened = run(&probes, &cfg, ExtractionCheck::Screened)?;
+    assert_eq!(screened, run(&probes, &cfg, ExtractionCheck::Full)?);
+    assert_eq!(screened.attribute_probes, 100);
+    // With the final norm the last layer's output always extracts the answer and early layers
+    // rarely do: the screen has both kinds of rows to decide.
+    let normed = RecallConfig {
+        extraction_final_norm: true,
+        ..RecallConfig::default()
+    };
+    let with_norm = run(&probes, &normed, ExtractionCheck::Screened)?;
+    assert_eq!(with_norm, run(&probes, &normed, ExtractionCheck::Full)?);
+    let out = &with_norm.extraction_out;
+    assert!(
+        (out[out.len() - 1] - 100.0).abs() < 1e-9 && out[0] < 50.0,
+        "{out:?}"
+    );
+    // The first two relations (capital, currency: templates that open with the subject share
+    // its states) batched, against one probe at a time.
+    // With the final norm before the lens, so the rates are not all zero.
+    let few = &probes[..20];
+    let cfg = RecallConfig {
+        attribute_final_norm: true,
+        ..RecallConfig::default()
+    };
+    let batched = run(few, &cfg, ExtractionCheck::Screened)?;
+    assert!(
+        batched.attribute_rate.iter().any(|&r| r > 0.0),
+        "{:?}",
+        batched.attribute_rate
+    );
+    let mut sum = vec![0f64; batched.attribute_rate.len()];
+    for p in few {
+        let one = run(std::slice::from_ref(p), &cfg, ExtractionCheck::Full)?;
+        assert_eq!(one.attribute_probes, 1);
+        for (s, r) in sum.iter_mut().zip(&one.attribute_rate) {
+            *s += r;
+        }
+    }
+    for (s, r) in sum.iter().zip(&batched.attribute_rate) {
+        assert!((s / 20.0 - r).abs() < 1e-9, "{s} vs {r}");
+    }
+    Ok(())
+}

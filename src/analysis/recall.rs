@@ -3,7 +3,7 @@
 //! description of the subject — and the extraction rate — how often the attention output, the
 //! MLP output or the layer output at the last position already ranks the final prediction first.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -299,7 +299,6 @@ pub fn clean_vocab(
     tokenizer: &Tokenizer,
     vocab_size: usize,
 ) -> Result<std::sync::Arc<Vec<Option<String>>>> {
-    use std::collections::HashMap;
     use std::hash::{Hash, Hasher};
     use std::sync::{Arc, Mutex, OnceLock};
     type Vocab = Arc<Vec<Option<String>>>;
@@ -367,13 +366,111 @@ fn argmax(row: &[f32]) -> usize {
         .map_or(0, |(i, _)| i)
 }
 
-/// §9 for one model over `probes` (normally the known facts), in right-padded batches.
+/// How the extraction events (`argmax U·o == y*`, §9.3) are decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExtractionCheck {
+    /// Screen first: project the rows on a few hundred sampled tokens (the batch's final
+    /// top tokens and an even sample of the vocabulary). A row where a sampled token beats `y*`
+    /// by more than [`SCREEN_MARGIN`] has no event; only the other rows get the full
+    /// vocabulary projection. The default: most events are "no" (`y*` ranks far down at most
+    /// layers), and the margin is far above the rounding of the two products, so the events
+    /// are those of [`ExtractionCheck::Full`] (tested).
+    #[default]
+    Screened,
+    /// Every row projected on the whole vocabulary (the reference).
+    Full,
+}
+
+/// A sampled token decides "no event" only when its logit exceeds `y*`'s by more than this,
+/// relative to the larger magnitude (at least 1): f32 products of a few thousand terms round
+/// at about 1e-6 of that.
+pub const SCREEN_MARGIN: f32 = 1e-4;
+
+/// Tokens of the even vocabulary sample used to screen extraction rows.
+const SCREEN_SAMPLE: usize = 256;
+
+/// Final top tokens of each probe added to the screening sample.
+const SCREEN_TOP: usize = 16;
+
+/// Extraction events of rows `x` `(n, d)`: `argmax U x_r == want[r]`. `sample` holds token
+/// ids to screen with (it must hold every `want`), or is empty for the full projection of
+/// every row. Returns the events and the number of rows the screen decided.
+fn extraction_events(
+    model: &Transformer,
+    u: &Tensor,
+    x: &Tensor,
+    want: &[u32],
+    sample: &[u32],
+    norm: bool,
+) -> Result<(Vec<bool>, usize)> {
+    let x = if norm {
+        final_norm(model, x)?
+    } else {
+        x.clone()
+    };
+    let n = want.len();
+    let mut undecided: Vec<usize> = (0..n).collect();
+    let mut events = vec![false; n];
+    if !sample.is_empty() {
+        let ids = Tensor::new(sample, &Device::Cpu)?;
+        let (p, k) = project(model, &u.index_select(&ids, 0)?, &x, false)?;
+        undecided.retain(|&r| {
+            let row = &p[r * k..(r + 1) * k];
+            let Ok(at) = sample.binary_search(&want[r]) else {
+                return true;
+            };
+            let t = row[at];
+            let beaten = row
+                .iter()
+                .any(|&v| v - t > SCREEN_MARGIN * v.abs().max(t.abs()).max(1.0));
+            !beaten
+        });
+    }
+    let screened = n - undecided.len();
+    if !undecided.is_empty() {
+        let rows = Tensor::new(
+            undecided.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
+        let (p, v) = project(model, u, &x.index_select(&rows, 0)?, false)?;
+        for (i, &r) in undecided.iter().enumerate() {
+            events[r] = argmax(&p[i * v..(i + 1) * v]) == want[r] as usize;
+        }
+    }
+    Ok((events, screened))
+}
+
+/// §9 for one model over `probes` (normally the known facts), in right-padded batches, with
+/// the screened extraction check.
 pub fn factual_recall(
     model: &Transformer,
     tokenizer: &Tokenizer,
     probes: &[RecallProbe],
     cfg: &RecallConfig,
     batch_size: usize,
+    progress: &mut dyn FnMut(f32) -> ControlFlow<()>,
+) -> Result<RecallResult> {
+    factual_recall_with(
+        model,
+        tokenizer,
+        probes,
+        cfg,
+        batch_size,
+        ExtractionCheck::default(),
+        progress,
+    )
+}
+
+/// [`factual_recall`] with a chosen extraction check. The subject's states are projected once
+/// per distinct token prefix (templates that open with the subject share them) and only for
+/// probes with a description (the others never enter the attribute rate).
+pub fn factual_recall_with(
+    model: &Transformer,
+    tokenizer: &Tokenizer,
+    probes: &[RecallProbe],
+    cfg: &RecallConfig,
+    batch_size: usize,
+    check: ExtractionCheck,
     progress: &mut dyn FnMut(f32) -> ControlFlow<()>,
 ) -> Result<RecallResult> {
     let n_layers = model.layers.len();
@@ -411,6 +508,9 @@ pub fn factual_recall(
     }
     let mut ar_sum = vec![0f64; n_layers];
     let mut ar_n = 0usize;
+    // The cleaned top tokens per layer of each subject prefix (the ids up to the last subject
+    // token): the state there depends on nothing after it.
+    let mut tops: HashMap<Vec<u32>, Vec<Vec<String>>> = HashMap::new();
     // Extraction events per relation: (relation, [attn, mlp, out] per layer counts, probes).
     let mut relations: Vec<(String, Vec<[usize; 3]>, usize)> = Vec::new();
     let pad = tokenizer.eos.as_ref().map_or(0, |(_, id)| *id);
@@ -421,7 +521,9 @@ pub fn factual_recall(
     };
     let batch_size = batch_size.max(1);
     let n_batches = probes.len().div_ceil(batch_size);
-    let idx: Vec<usize> = (0..probes.len()).collect();
+    // Probes of equal token length together, so the right-padding costs little.
+    let mut idx: Vec<usize> = (0..probes.len()).collect();
+    idx.sort_by_key(|&i| encoded[i].0.len());
     for (b, batch) in idx.chunks(batch_size).enumerate() {
         let width = batch.iter().map(|&i| encoded[i].0.len()).max().unwrap_or(1);
         let mut ids = Vec::with_capacity(batch.len() * width);
@@ -449,9 +551,22 @@ pub fn factual_recall(
                 .flatten_all()?
                 .to_vec1::<f32>()?)
         };
-        // Gather rows: per layer, [subject states; last-position attn, mlp, out] of each probe.
+        // Gather rows: per layer, [subject states of new prefixes; last-position attn, mlp,
+        // out] of each probe.
         let nb = batch.len();
-        let mut subject_rows = Vec::with_capacity(n_layers * nb * dim);
+        let mut fresh: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (row, &i) in batch.iter().enumerate() {
+            let (ids, s) = &encoded[i];
+            let key = ids[..=*s].to_vec();
+            if probes[i].wiki.is_some()
+                && !tops.contains_key(&key)
+                && !fresh.iter().any(|f| f.1 == key)
+            {
+                fresh.push((row, key));
+            }
+        }
+        let nf = fresh.len();
+        let mut subject_rows = Vec::with_capacity(n_layers * nf * dim);
         let mut last_rows = [Vec::new(), Vec::new(), Vec::new()];
         for l in 0..n_layers {
             let acts = [
@@ -459,32 +574,79 @@ pub fn factual_recall(
                 take(HookPoint::MlpOut(l))?,
                 take(HookPoint::ResidPost(l))?,
             ];
+            let at = |row: usize, t: usize| (row * width + t) * dim;
+            for (row, key) in &fresh {
+                let s = key.len() - 1;
+                subject_rows.extend_from_slice(&acts[2][at(*row, s)..at(*row, s) + dim]);
+            }
             for (row, &i) in batch.iter().enumerate() {
-                let (ids, s) = &encoded[i];
-                let at = |t: usize| (row * width + t) * dim;
-                subject_rows.extend_from_slice(&acts[2][at(*s)..at(*s) + dim]);
+                let last = encoded[i].0.len() - 1;
                 for (m, a) in acts.iter().enumerate() {
-                    last_rows[m].extend_from_slice(&a[at(ids.len() - 1)..at(ids.len() - 1) + dim]);
+                    last_rows[m].extend_from_slice(&a[at(row, last)..at(row, last) + dim]);
                 }
             }
         }
-        let rows = |v: Vec<f32>| Tensor::from_vec(v, (n_layers * nb, dim), &Device::Cpu);
+        let rows = |v: Vec<f32>, n: usize| Tensor::from_vec(v, (n, dim), &Device::Cpu);
+        // The cleaned top tokens of each new prefix, per layer.
+        if nf > 0 {
+            let (subject_proj, v) = project(
+                model,
+                &u,
+                &rows(subject_rows, n_layers * nf)?,
+                cfg.attribute_final_norm,
+            )?;
+            for (f, (_, key)) in fresh.into_iter().enumerate() {
+                let per_layer = (0..n_layers)
+                    .map(|l| {
+                        let row_proj = &subject_proj[(l * nf + f) * v..(l * nf + f + 1) * v];
+                        top_k_indices(v, cfg.top_raw, |t| row_proj[t])
+                            .into_iter()
+                            .filter_map(|t| vocab.get(t as usize).cloned().flatten())
+                            .take(cfg.keep)
+                            .collect()
+                    })
+                    .collect();
+                tops.insert(key, per_layer);
+            }
+        }
         // Final prediction y*: the last layer's output through the final norm and lm_head.
-        let (subject_proj, v) = project(model, &u, &rows(subject_rows)?, cfg.attribute_final_norm)?;
         let final_out = last_rows[2][(n_layers - 1) * nb * dim..].to_vec();
-        let (final_logits, _) = project(
-            model,
-            &u,
-            &Tensor::from_vec(final_out, (nb, dim), &Device::Cpu)?,
-            true,
-        )?;
-        let mut proj = Vec::with_capacity(3);
+        let (final_logits, v) = project(model, &u, &rows(final_out, nb)?, true)?;
+        let y_star: Vec<u32> = (0..nb)
+            .map(|row| argmax(&final_logits[row * v..(row + 1) * v]) as u32)
+            .collect();
+        let sample = match check {
+            ExtractionCheck::Full => Vec::new(),
+            ExtractionCheck::Screened => {
+                let mut sample: Vec<u32> = (0..v)
+                    .step_by(v.div_ceil(SCREEN_SAMPLE).max(1))
+                    .map(|t| t as u32)
+                    .collect();
+                for row in 0..nb {
+                    let logits = &final_logits[row * v..(row + 1) * v];
+                    sample.extend(top_k_indices(v, SCREEN_TOP, |t| logits[t]));
+                }
+                sample.extend(&y_star);
+                sample.sort_unstable();
+                sample.dedup();
+                sample
+            }
+        };
+        let want: Vec<u32> = (0..n_layers).flat_map(|_| y_star.iter().copied()).collect();
+        let mut events = Vec::with_capacity(3);
         for m in last_rows {
-            proj.push(project(model, &u, &rows(m)?, cfg.extraction_final_norm)?.0);
+            let (e, _) = extraction_events(
+                model,
+                &u,
+                &rows(m, n_layers * nb)?,
+                &want,
+                &sample,
+                cfg.extraction_final_norm,
+            )?;
+            events.push(e);
         }
         for (row, &i) in batch.iter().enumerate() {
             let p = &probes[i];
-            let y_star = argmax(&final_logits[row * v..(row + 1) * v]);
             let r = if let Some(r) = relations.iter().position(|r| r.0 == p.relation) {
                 r
             } else {
@@ -493,25 +655,19 @@ pub fn factual_recall(
             };
             relations[r].2 += 1;
             for l in 0..n_layers {
-                let at = (l * nb + row) * v;
-                for (m, pm) in proj.iter().enumerate() {
-                    if argmax(&pm[at..at + v]) == y_star {
+                for (m, e) in events.iter().enumerate() {
+                    if e[l * nb + row] {
                         relations[r].1[l][m] += 1;
                     }
                 }
             }
             let Some(wiki) = &p.wiki else { continue };
             let wiki = wiki_set(tokenizer, wiki, &vocab)?;
-            let mut rates = Vec::with_capacity(n_layers);
-            for l in 0..n_layers {
-                let row_proj = &subject_proj[(l * nb + row) * v..(l * nb + row + 1) * v];
-                let top: Vec<String> = top_k_indices(v, cfg.top_raw, |t| row_proj[t])
-                    .into_iter()
-                    .filter_map(|t| vocab.get(t as usize).cloned().flatten())
-                    .take(cfg.keep)
-                    .collect();
-                rates.push(attribute_rate(&top, &wiki));
-            }
+            let (ids, s) = &encoded[i];
+            let Some(top) = tops.get(&ids[..=*s]) else {
+                continue;
+            };
+            let rates: Vec<Option<f64>> = top.iter().map(|t| attribute_rate(t, &wiki)).collect();
             if rates.iter().all(Option::is_some) {
                 for (sum, r) in ar_sum.iter_mut().zip(rates) {
                     *sum += r.unwrap_or(0.0);
@@ -606,6 +762,62 @@ mod tests {
         assert_eq!(one.extraction_attn, r.extraction_attn);
         for (a, b) in one.attribute_rate.iter().zip(&r.attribute_rate) {
             assert!((a - b).abs() < 1e-9);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn screened_extraction_events_equal_the_full_projection() -> Result<()> {
+        let m = tiny_model(8, &tiny_options(DType::F32))?;
+        let u = m.model.lm_head.effective_weight()?.to_dtype(DType::F32)?;
+        let (v, d) = u.dims2()?;
+        // Rows whose wanted token is the argmax, rows where it ranks low, and near-ties.
+        let x = Tensor::randn(0f32, 1.0, (40, d), &Device::Cpu)?;
+        let (full, _) = project(&m.model, &u, &x, false)?;
+        let want: Vec<u32> = (0..40)
+            .map(|r| {
+                let row = &full[r * v..(r + 1) * v];
+                let order = top_k_indices(v, v, |t| row[t]);
+                order[[0, 1, v / 2, v - 1][r % 4]]
+            })
+            .collect();
+        let sample: Vec<u32> = (0..v as u32)
+            .step_by(3)
+            .chain(want.iter().copied())
+            .collect();
+        let mut sample = sample;
+        sample.sort_unstable();
+        sample.dedup();
+        for norm in [false, true] {
+            let (reference, none) = extraction_events(&m.model, &u, &x, &want, &[], norm)?;
+            let (screened, decided) = extraction_events(&m.model, &u, &x, &want, &sample, norm)?;
+            assert_eq!(none, 0);
+            assert_eq!(screened, reference);
+            assert!(decided >= 10, "the screen decided {decided} of 40 rows");
+            if !norm {
+                assert_eq!(reference.iter().filter(|e| **e).count(), 10);
+            }
+        }
+        // Whole runs: the screened check gives the reference's rates.
+        for cfg in [
+            RecallConfig::default(),
+            RecallConfig {
+                extraction_final_norm: true,
+                ..RecallConfig::default()
+            },
+        ] {
+            let run = |check| {
+                factual_recall_with(
+                    &m.model,
+                    &m.tokenizer,
+                    &probes(),
+                    &cfg,
+                    2,
+                    check,
+                    &mut |_| ControlFlow::Continue(()),
+                )
+            };
+            assert_eq!(run(ExtractionCheck::Screened)?, run(ExtractionCheck::Full)?);
         }
         Ok(())
     }
