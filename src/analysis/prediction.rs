@@ -310,9 +310,13 @@ const MAX_QUERIES: usize = 64;
 /// per candidate of its set, equal to [`candidate_logprobs`] of that query (within float
 /// rounding; tested to 1e-5).
 ///
-/// Queries are grouped by prefix length, so a batch needs neither padding nor a key mask: the
-/// tokens all queries of a batch share (BOS, an instruction) run once and their cache is
-/// repeated; the rest of the prefixes runs as one batch. Candidates then grow a token per step
+/// Queries are grouped by prefix length, so a batch needs neither padding nor a key mask. The
+/// prefix all queries share (BOS, an instruction) runs once per call; within a length the
+/// queries go in token order, so a batch's queries mostly come from one template and the words
+/// they share beyond that (the template's words before the subject) run once per batch. Their
+/// cache is repeated for every row, and the rest of the prefixes runs as one batch. (Splitting
+/// batches further, to share each template's words exactly, made more and smaller forwards and
+/// was slower: every forward streams all the weights.) Candidates then grow a token per step
 /// for every query of the batch together, candidates that share their first tokens sharing the
 /// rows that score them. With `prune`, a candidate whose partial score is already below the best
 /// finished candidate of its query stops (log-probabilities only fall as tokens are added, so
@@ -343,9 +347,34 @@ pub fn score_queries(
         .iter()
         .map(|(_, set)| vec![0.0; sets[*set].len()])
         .collect();
-    // Equal prefix lengths together; within a length, one relation's queries together.
+    let opts = ForwardOptions {
+        differentiable: false,
+        logits: LogitsAt::None,
+        use_lora: true,
+    };
+    let device = model.device();
+    // The prefix every query starts with (BOS, an instruction) runs once; one token of each
+    // query is left for the batch pass.
+    let min_len = queries.iter().map(|q| q.0.len()).min().unwrap_or(1);
+    let global = common_prefix(queries.iter().map(|q| q.0.as_slice()), min_len - 1);
+    let mut global_cache = KvCache::new();
+    if global > 0 {
+        let input = Tensor::new(&queries[0].0[..global], device)?.unsqueeze(0)?;
+        model.run(
+            Input::Ids(&input),
+            &opts,
+            Some(&mut global_cache),
+            &mut NoHook,
+        )?;
+    }
+    // Equal prefix lengths together (a batch needs no padding); within a length, in token
+    // order, so the queries of one template fall together and share its words before the
+    // subject.
     let mut order: Vec<usize> = (0..queries.len()).collect();
-    order.sort_by_key(|&q| (queries[q].0.len(), queries[q].1));
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&queries[a].0, &queries[b].0);
+        x.len().cmp(&y.len()).then(x.cmp(y))
+    });
     let multi = |q: usize| sets[queries[q].1].iter().filter(|c| c.len() > 1).count();
     let mut done = 0usize;
     let mut at = 0usize;
@@ -362,7 +391,20 @@ pub fn score_queries(
             end += 1;
         }
         let chunk = &order[at..end];
-        let chunk_scores = score_chunk(model, queries, sets, chunk, prune)?;
+        // The tokens the chunk's queries share beyond the global prefix run once, on top of it.
+        let first = &queries[chunk[0]].0;
+        let common = common_prefix(chunk.iter().map(|&q| queries[q].0.as_slice()), len - 1);
+        let mut cache = global_cache.clone();
+        if common > global {
+            let input = Tensor::new(&first[global..common], device)?.unsqueeze(0)?;
+            model.run(Input::Ids(&input), &opts, Some(&mut cache), &mut NoHook)?;
+        }
+        let cache = if common > 0 {
+            cache.repeat_batch(chunk.len())?
+        } else {
+            KvCache::new()
+        };
+        let chunk_scores = score_chunk(model, queries, sets, chunk, common, cache, prune)?;
         for (&q, s) in chunk.iter().zip(chunk_scores) {
             scores[q] = s;
         }
@@ -373,6 +415,16 @@ pub fn score_queries(
         }
     }
     Ok(scores)
+}
+
+/// The number of leading tokens all `prefixes` share, at most `cap`.
+fn common_prefix<'a>(mut prefixes: impl Iterator<Item = &'a [u32]>, cap: usize) -> usize {
+    let Some(first) = prefixes.next() else {
+        return 0;
+    };
+    prefixes.fold(cap.min(first.len()), |n, p| {
+        first[..n].iter().zip(p).take_while(|(x, y)| x == y).count()
+    })
 }
 
 /// Log-softmax of logits `(n, 1, V)` as `n` rows of `V` values on the CPU.
@@ -387,36 +439,25 @@ fn log_probs(logits: &Tensor) -> Result<(Vec<f32>, usize)> {
     ))
 }
 
-/// [`score_queries`] for queries of one prefix length.
+/// [`score_queries`] for queries of one length whose first `common` tokens are in `cache`
+/// (one row per query of `chunk`).
 fn score_chunk(
     model: &Transformer,
     queries: &[(Vec<u32>, usize)],
     sets: &[Vec<Vec<u32>>],
     chunk: &[usize],
+    common: usize,
+    mut cache: KvCache,
     prune: bool,
 ) -> Result<Vec<Vec<f64>>> {
     let device = model.device();
     let len = queries[chunk[0]].0.len();
     let prefixes: Vec<&[u32]> = chunk.iter().map(|&q| queries[q].0.as_slice()).collect();
-    // The tokens every prefix starts with run once (one token is left for the batch pass).
-    let common = (0..len - 1)
-        .take_while(|&t| prefixes.iter().all(|p| p[t] == prefixes[0][t]))
-        .count();
     let opts = ForwardOptions {
         differentiable: false,
         logits: LogitsAt::Last,
         use_lora: true,
     };
-    let mut cache = KvCache::new();
-    if common > 0 {
-        let input = Tensor::new(&prefixes[0][..common], device)?.unsqueeze(0)?;
-        let none = ForwardOptions {
-            logits: LogitsAt::None,
-            ..opts
-        };
-        model.run(Input::Ids(&input), &none, Some(&mut cache), &mut NoHook)?;
-        cache = cache.repeat_batch(chunk.len())?;
-    }
     let ids: Vec<u32> = prefixes
         .iter()
         .flat_map(|p| &p[common..])
@@ -819,6 +860,28 @@ mod tests {
             pruned.iter().flatten().any(|s| s.is_infinite()),
             "some candidate is left unfinished: {pruned:?}"
         );
+        // Behind a shared instruction (run once per call), with template words that the queries
+        // of a batch share beyond it.
+        let instructed: Vec<(Vec<u32>, usize)> = queries
+            .iter()
+            .map(|(p, s)| ([1u32, 30, 31, 32].iter().chain(p).copied().collect(), *s))
+            .collect();
+        let full = score_queries(&m.model, &instructed, &sets, false, &mut go)?;
+        for ((p, s), f) in instructed.iter().zip(&full) {
+            let r = candidate_logprobs(&m.model, p, &sets[*s])?;
+            for (a, b) in r.iter().zip(f) {
+                assert!((a - b).abs() < 1e-5, "{r:?} vs {f:?}");
+            }
+        }
+        assert_eq!(
+            common_prefix(instructed.iter().map(|q| q.0.as_slice()), 9),
+            4
+        );
+        assert_eq!(
+            common_prefix(instructed.iter().map(|q| q.0.as_slice()), 2),
+            2
+        );
+        assert_eq!(common_prefix(queries.iter().map(|q| q.0.as_slice()), 9), 0);
         let bad = score_queries(&m.model, &[(vec![], 0)], &sets, true, &mut go);
         assert!(bad.is_err(), "an empty prefix is refused");
         let mut stop = |_| ControlFlow::Break(());
