@@ -3,6 +3,7 @@
 //! description of the subject — and the extraction rate — how often the attention output, the
 //! MLP output or the layer output at the last position already ranks the final prediction first.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 
@@ -511,6 +512,8 @@ pub fn factual_recall_with(
     // The cleaned top tokens per layer of each subject prefix (the ids up to the last subject
     // token): the state there depends on nothing after it.
     let mut tops: HashMap<Vec<u32>, Vec<Vec<String>>> = HashMap::new();
+    // The cleaned token set of each description (a subject's templates share it).
+    let mut wikis: HashMap<&str, HashSet<String>> = HashMap::new();
     // Extraction events per relation: (relation, [attn, mlp, out] per layer counts, probes).
     let mut relations: Vec<(String, Vec<[usize; 3]>, usize)> = Vec::new();
     let pad = tokenizer.eos.as_ref().map_or(0, |(_, id)| *id);
@@ -661,13 +664,16 @@ pub fn factual_recall_with(
                     }
                 }
             }
-            let Some(wiki) = &p.wiki else { continue };
-            let wiki = wiki_set(tokenizer, wiki, &vocab)?;
+            let Some(text) = &p.wiki else { continue };
+            let wiki = match wikis.entry(text.as_str()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(wiki_set(tokenizer, text, &vocab)?),
+            };
             let (ids, s) = &encoded[i];
             let Some(top) = tops.get(&ids[..=*s]) else {
                 continue;
             };
-            let rates: Vec<Option<f64>> = top.iter().map(|t| attribute_rate(t, &wiki)).collect();
+            let rates: Vec<Option<f64>> = top.iter().map(|t| attribute_rate(t, wiki)).collect();
             if rates.iter().all(Option::is_some) {
                 for (sum, r) in ar_sum.iter_mut().zip(rates) {
                     *sum += r.unwrap_or(0.0);
@@ -781,11 +787,10 @@ mod tests {
                 order[[0, 1, v / 2, v - 1][r % 4]]
             })
             .collect();
-        let sample: Vec<u32> = (0..v as u32)
+        let mut sample: Vec<u32> = (0..v as u32)
             .step_by(3)
             .chain(want.iter().copied())
             .collect();
-        let mut sample = sample;
         sample.sort_unstable();
         sample.dedup();
         for norm in [false, true] {
