@@ -517,6 +517,152 @@ fn gemma3_cached_decoding_equals_the_full_pass() {
     assert!(crate::common::max_abs_diff(&full, &stepped) < 1e-5);
 }
 
+/// A padded batch (`run_rows`) gives every row the logits of its own unpadded forward: rows of
+/// different lengths behind a shared dense prefix, continued by padded rows again, then one
+/// token at a time through the plain `run` on the padded cache after `select_rows`. LLaMA (the
+/// fused attention kernel), Gemma 3 (sliding windows shorter than the rows, local RoPE) and
+/// Gemma 2 (soft-capped scores: the unfused path with the additive mask).
+#[test]
+fn padded_rows_equal_their_own_forwards() {
+    let seqs: [&[u32]; 3] = [
+        &[1, 9, 20, 33, 40, 12, 50, 7, 3],
+        &[1, 9, 5, 6],
+        &[1, 9, 44, 2, 17, 8, 30, 21],
+    ];
+    // Shared prefix 2 tokens; then first parts of 3, 1 and 4 tokens; then 2, 0 and 1.
+    let first = [3usize, 1, 4];
+    let second = [2usize, 0, 1];
+    for arch in [
+        Architecture::Llama,
+        Architecture::Gemma3,
+        Architecture::Gemma2,
+    ] {
+        let m = tiny_family(arch, 11, DType::F32);
+        let own: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| m.model.forward(&crate::common::ids_tensor(s)).unwrap())
+            .collect();
+        // Logits of row `r` at its position `p` in its own forward, `(1, V)`.
+        let at = |r: usize, p: usize| own[r].get(0).unwrap().narrow(0, p, 1).unwrap();
+        let last = ForwardOptions {
+            logits: LogitsAt::Last,
+            ..ForwardOptions::default()
+        };
+        let mut cache = KvCache::new();
+        m.model
+            .run(
+                Input::Ids(&crate::common::ids_tensor(&[1, 9])),
+                &last,
+                Some(&mut cache),
+                &mut NoHook,
+            )
+            .unwrap();
+        let mut cache = cache.repeat_batch(3).unwrap();
+        let padded = |from: &[usize], lens: &[usize]| -> Tensor {
+            let width = lens.iter().copied().max().unwrap();
+            let ids: Vec<u32> = (0..3)
+                .flat_map(|r| {
+                    (0..width).map(move |t| if t < lens[r] { seqs[r][from[r] + t] } else { 0 })
+                })
+                .collect();
+            Tensor::from_vec(ids, (3, width), &Device::Cpu).unwrap()
+        };
+        let out = m
+            .model
+            .run_rows(&padded(&[2, 2, 2], &first), &first, &last, &mut cache)
+            .unwrap();
+        for r in 0..3 {
+            let got = out.get(r).unwrap();
+            let diff = crate::common::max_abs_diff(&got, &at(r, 1 + first[r]));
+            assert!(diff < 1e-5, "{arch:?} row {r} first part: {diff:e}");
+        }
+        let from: Vec<usize> = first.iter().map(|f| 2 + f).collect();
+        let out = m
+            .model
+            .run_rows(&padded(&from, &second), &second, &last, &mut cache)
+            .unwrap();
+        for r in [0, 2] {
+            let got = out.get(r).unwrap();
+            let diff = crate::common::max_abs_diff(&got, &at(r, 1 + first[r] + second[r]));
+            assert!(diff < 1e-5, "{arch:?} row {r} second part: {diff:e}");
+        }
+        // Rows 2 and 0 (then 0 twice) continue by one token each through the plain forward.
+        let mut cache = cache.select_rows(&[2, 0]).unwrap();
+        let next = [2 + first[2] + second[2], 2 + first[0] + second[0]];
+        let ids = Tensor::from_vec(
+            vec![seqs[2][next[0]], seqs[0][next[1]]],
+            (2, 1),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let out = m
+            .model
+            .run(Input::Ids(&ids), &last, Some(&mut cache), &mut NoHook)
+            .unwrap();
+        for (i, r) in [2usize, 0].into_iter().enumerate() {
+            let diff = crate::common::max_abs_diff(&out.get(i).unwrap(), &at(r, next[i]));
+            assert!(diff < 1e-5, "{arch:?} row {r} after select_rows: {diff:e}");
+        }
+    }
+}
+
+/// Caches of different lengths joined (`KvCache::concat`: a dense one-row cache and a padded
+/// two-row one) continue each row as its own forward would.
+#[test]
+fn joined_caches_continue_each_row() {
+    let seqs: [&[u32]; 3] = [&[1, 9, 20, 33, 40], &[1, 5, 6, 7, 8, 2, 4], &[1, 44, 2, 17]];
+    for arch in [Architecture::Llama, Architecture::Gemma3] {
+        let m = tiny_family(arch, 5, DType::F32);
+        let last = ForwardOptions {
+            logits: LogitsAt::Last,
+            ..ForwardOptions::default()
+        };
+        let mut a = KvCache::new();
+        m.model
+            .run(
+                Input::Ids(&crate::common::ids_tensor(&seqs[0][..3])),
+                &last,
+                Some(&mut a),
+                &mut NoHook,
+            )
+            .unwrap();
+        let mut b = KvCache::new();
+        let ids =
+            Tensor::from_vec(vec![1u32, 5, 6, 7, 8, 1, 44, 2, 1, 1], (2, 5), &Device::Cpu).unwrap();
+        m.model.run_rows(&ids, &[5, 3], &last, &mut b).unwrap();
+        let mut joined = KvCache::concat(&[&a, &b]).unwrap();
+        assert_eq!(joined.len(), 5);
+        let next = Tensor::from_vec(vec![33u32, 40, 2, 4, 17, 0], (3, 2), &Device::Cpu).unwrap();
+        let out = m
+            .model
+            .run_rows(&next, &[2, 2, 1], &last, &mut joined)
+            .unwrap();
+        for (r, s) in seqs.iter().enumerate() {
+            let own = m.model.forward(&crate::common::ids_tensor(s)).unwrap();
+            let want = own.get(0).unwrap().narrow(0, s.len() - 1, 1).unwrap();
+            let diff = crate::common::max_abs_diff(&out.get(r).unwrap(), &want);
+            assert!(diff < 1e-5, "{arch:?} row {r}: {diff:e}");
+        }
+    }
+}
+
+/// Padded batches refuse differentiable passes and lengths that do not fit the ids.
+#[test]
+fn padded_rows_refuse_bad_requests() {
+    let m = tiny_family(Architecture::Llama, 3, DType::F32);
+    let ids = Tensor::from_vec(vec![1u32, 9, 20, 1, 9, 0], (2, 3), &Device::Cpu).unwrap();
+    let mut cache = KvCache::new();
+    let opts = ForwardOptions::default();
+    assert!(m.model.run_rows(&ids, &[3, 4], &opts, &mut cache).is_err());
+    assert!(m.model.run_rows(&ids, &[3], &opts, &mut cache).is_err());
+    let grad = ForwardOptions {
+        differentiable: true,
+        ..opts
+    };
+    assert!(m.model.run_rows(&ids, &[3, 2], &grad, &mut cache).is_err());
+    assert!(m.model.run_rows(&ids, &[3, 2], &opts, &mut cache).is_ok());
+}
+
 /// The GGUF copies of the tiny Phi-3 (fused `attn_qkv`, gate and up fused in `ffn_up`, sliding
 /// window from the metadata), Qwen3 (`attn_q_norm`/`attn_k_norm`, `key_length` 16 on a hidden
 /// size of 32) and Gemma 2 (gains stored as `1 + w`, `post_attention_norm` / `ffn_norm` /

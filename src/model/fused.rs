@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::model::transformer::RowPositions;
 
 /// Tensors smaller than this are not worth splitting across threads.
 const PAR_MIN_ELEMS: usize = 16_384;
@@ -130,12 +131,13 @@ const ATTN_ROW_BLOCK: usize = 32;
 /// of its own, multiplies the masked half of every score matrix, and transposes `z` afterwards;
 /// here each head's query rows are cut into blocks, one task each, and a block multiplies only
 /// the keys its queries can see.
-pub fn causal_attention(
+pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f32,
     window: Option<usize>,
+    rows: Option<RowPositions>,
 ) -> Result<Option<Tensor>> {
     if !crate::model::blas::BLAS_ENABLED
         || !q.device().is_cpu()
@@ -147,13 +149,19 @@ pub fn causal_attention(
     Ok(Some(q.apply_op3_no_bwd(
         &k,
         &v,
-        &CausalAttention { scale, window },
+        &CausalAttention {
+            scale,
+            window,
+            rows,
+        },
     )?))
 }
 
 struct CausalAttention {
     scale: f32,
     window: Option<usize>,
+    /// Per-row positions of a padded batch (keys are then masked by position, not by index).
+    rows: Option<RowPositions>,
 }
 
 /// Sizes of one [`causal_attention`] call.
@@ -169,15 +177,22 @@ impl CausalAttention {
     /// Visible keys `lo..hi` of the query at row `row` (absolute position `S - T + row`).
     fn visible(&self, dims: AttnDims, row: usize) -> (usize, usize) {
         let pos = dims.kv_len - dims.seq + row;
-        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        // Padded rows: a key's index can run ahead of its position, so the window is applied
+        // by position, per entry.
+        let lo = match (&self.rows, self.window) {
+            (None, Some(w)) => (pos + 1).saturating_sub(w),
+            _ => 0,
+        };
         (lo, pos + 1)
     }
 
     /// Rows `r0..r1` of `z` `(T, hd)` of one head, from its queries `(T, hd)` and its group's
     /// keys and values `(S, hd)`; only the keys these queries can see are multiplied.
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         dims: AttnDims,
+        batch_row: usize,
         rows: std::ops::Range<usize>,
         q: &[f32],
         k: &[f32],
@@ -205,6 +220,13 @@ impl CausalAttention {
         for (i, row) in scores.chunks_mut(cols).enumerate() {
             let (row_lo, row_hi) = self.visible(dims, r0 + i);
             let (a, b) = (row_lo - lo, row_hi - lo);
+            if let Some(pos) = &self.rows {
+                for (j, x) in row.iter_mut().enumerate().take(b).skip(a) {
+                    if !pos.visible(batch_row, r0 + i, lo + j, self.window) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let max = row[a..b].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             row[..a].fill(0.0);
             row[b..].fill(0.0);
@@ -290,6 +312,7 @@ impl CustomOp3 for CausalAttention {
                 let r0 = block * ATTN_ROW_BLOCK;
                 self.block(
                     dims,
+                    bi,
                     r0..(r0 + ATTN_ROW_BLOCK).min(seq),
                     &q[head_task * q_len..(head_task + 1) * q_len],
                     &k[g * kv_size..(g + 1) * kv_size],
@@ -426,7 +449,7 @@ mod tests {
             .reshape((b, groups, kv_len, hd))?;
         let scale = 1.0 / (hd as f32).sqrt();
         for window in [None, Some(6)] {
-            let ours = causal_attention(&q, &k, &v, scale, window)?;
+            let ours = causal_attention(&q, &k, &v, scale, window, None)?;
             assert_eq!(ours.is_some(), crate::model::blas::BLAS_ENABLED);
             let Some(ours) = ours else {
                 return Ok(());

@@ -81,10 +81,17 @@ pub enum Input<'a> {
 }
 
 /// Keys and values of earlier tokens, per layer, for incremental decoding.
+///
+/// A cache filled by [`Transformer::run_rows`] holds rows of different lengths side by side:
+/// each row's padding slots are marked and never attended to, and each row's next token takes
+/// the position after its own last real token.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// Positions of the held keys, `(b, len)` row-major, `-1` for padding; `None` when every
+    /// row holds the positions `0..len`.
+    key_pos: Option<Vec<i32>>,
 }
 
 impl KvCache {
@@ -120,8 +127,80 @@ impl KvCache {
         self.select_rows(&vec![0; n])
     }
 
+    /// The number of real (not padding) tokens of each of `b` rows.
+    fn real_lens(&self, b: usize) -> Result<Vec<usize>> {
+        match &self.key_pos {
+            None => Ok(vec![self.len; b]),
+            Some(pos) => {
+                if self.len == 0 || pos.len() != b * self.len {
+                    return Err(Error::invalid(
+                        "KV cache",
+                        format!("{} rows held, {b} continued", pos.len() / self.len.max(1)),
+                    ));
+                }
+                Ok(pos
+                    .chunks(self.len)
+                    .map(|row| row.iter().filter(|&&p| p >= 0).count())
+                    .collect())
+            }
+        }
+    }
+
+    /// The rows of several caches of one model, in order, as one cache: shorter caches are
+    /// padded at the end (the padding marked, so it is never attended to).
+    pub fn concat(caches: &[&Self]) -> Result<Self> {
+        let len = caches.iter().map(|c| c.len).max().unwrap_or(0);
+        let layers = caches.iter().map(|c| c.layers.len()).max().unwrap_or(0);
+        let mut out = Self {
+            layers: vec![None; layers],
+            len,
+            key_pos: Some(Vec::new()),
+        };
+        let mut rows = Vec::with_capacity(caches.len());
+        for c in caches {
+            let b = match c.layers.iter().flatten().next() {
+                Some((k, _)) => k.dim(0)?,
+                None => continue,
+            };
+            if c.layers.len() != layers || c.layers.iter().any(Option::is_none) {
+                return Err(Error::invalid(
+                    "KV cache",
+                    "caches of different models cannot be joined",
+                ));
+            }
+            let pos = match &c.key_pos {
+                Some(pos) => pos.clone(),
+                None => (0..b).flat_map(|_| 0..c.len as i32).collect(),
+            };
+            if let Some(all) = out.key_pos.as_mut() {
+                for row in pos.chunks(c.len.max(1)).take(b) {
+                    all.extend_from_slice(row);
+                    all.extend(std::iter::repeat_n(-1, len - c.len));
+                }
+            }
+            rows.push((c, b));
+        }
+        for layer in 0..layers {
+            let mut ks = Vec::with_capacity(rows.len());
+            let mut vs = Vec::with_capacity(rows.len());
+            for (c, _) in &rows {
+                if let Some((k, v)) = &c.layers[layer] {
+                    ks.push(k.pad_with_zeros(2, 0, len - c.len)?);
+                    vs.push(v.pad_with_zeros(2, 0, len - c.len)?);
+                }
+            }
+            if !ks.is_empty() {
+                out.layers[layer] = Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+            }
+        }
+        if rows.is_empty() {
+            return Ok(Self::new());
+        }
+        Ok(out)
+    }
+
     /// A cache whose row `i` is row `rows[i]` of this one (rows may repeat): the continuations
-    /// of several sequences of equal length, each continued by any number of rows.
+    /// of several sequences, each continued by any number of rows.
     pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
         let layers = self
             .layers
@@ -143,9 +222,16 @@ impl KvCache {
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
+        let key_pos = self.key_pos.as_ref().map(|pos| {
+            rows.iter()
+                .flat_map(|&r| &pos[r as usize * self.len..(r as usize + 1) * self.len])
+                .copied()
+                .collect()
+        });
         Ok(Self {
             layers,
             len: self.len,
+            key_pos,
         })
     }
 }
@@ -265,6 +351,35 @@ struct PassCtx {
     masks: Vec<(Option<usize>, Option<Tensor>)>,
     /// Absolute position of the first query token (tokens already in the KV cache).
     offset: usize,
+    /// Per-row positions of a padded batch; `None` for a dense one.
+    rows: Option<RowPositions>,
+}
+
+/// The positions of a padded batch ([`Transformer::run_rows`]), `-1` marking padding: a query
+/// sees the keys of its row whose position is at most its own (and inside its window).
+#[derive(Clone, Debug)]
+pub(crate) struct RowPositions {
+    /// New tokens per row, `T`.
+    pub seq: usize,
+    /// Keys per row (cached, then new), `S`.
+    pub kv_len: usize,
+    /// Positions of the new tokens, `(b, T)` row-major.
+    pub query: std::sync::Arc<Vec<i32>>,
+    /// Positions of every key, `(b, S)` row-major.
+    pub key: std::sync::Arc<Vec<i32>>,
+}
+
+impl RowPositions {
+    /// Whether query `t` of row `b` sees key `j`. A padding query sees only its own key, so its
+    /// output stays finite (it is never read).
+    pub fn visible(&self, b: usize, t: usize, j: usize, window: Option<usize>) -> bool {
+        let q = self.query[b * self.seq + t];
+        if q < 0 {
+            return j == self.kv_len - self.seq + t;
+        }
+        let k = self.key[b * self.kv_len + j];
+        k >= 0 && k <= q && window.is_none_or(|w| ((q - k) as usize) < w)
+    }
 }
 
 impl PassCtx {
@@ -412,7 +527,47 @@ impl Transformer {
         cache: Option<&mut KvCache>,
         hook: &mut dyn Hook,
     ) -> Result<Tensor> {
-        self.run_inner(input, opts, cache, hook, None, None)
+        self.run_inner(input, opts, cache, hook, None, None, None)
+    }
+
+    /// A fast forward of a right-padded batch of ids `(b, T)` in which row `r` has `lens[r]`
+    /// real tokens (`0..=T`; the rest are padding, any valid id): each row continues its own
+    /// row of `cache` (whose rows may themselves hold different numbers of real tokens), its
+    /// tokens take the positions after its own last real one, and no real token attends to
+    /// padding. [`LogitsAt::Last`] gives each row's last real token (rows with no new token
+    /// give an unspecified row). The cache is extended with the padding marked.
+    ///
+    /// Sequences of different lengths thus share one forward: every weight matrix is streamed
+    /// once for all of them. Inference only (`opts.differentiable` is refused).
+    pub fn run_rows(
+        &self,
+        ids: &Tensor,
+        lens: &[usize],
+        opts: &ForwardOptions,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, seq) = ids.dims2()?;
+        if lens.len() != b || lens.iter().any(|&l| l > seq) {
+            return Err(Error::invalid(
+                "padded batch",
+                format!("{} lengths for {b} rows of {seq} tokens", lens.len()),
+            ));
+        }
+        if opts.differentiable {
+            return Err(Error::invalid(
+                "padded batch",
+                "differentiable passes take equal-length rows",
+            ));
+        }
+        self.run_inner(
+            Input::Ids(ids),
+            opts,
+            Some(cache),
+            &mut NoHook,
+            None,
+            None,
+            Some(lens),
+        )
     }
 
     /// Runs layers up to (not including) `end` and returns the residual stream entering layer
@@ -427,7 +582,7 @@ impl Transformer {
         hook: &mut dyn Hook,
         end: usize,
     ) -> Result<Tensor> {
-        self.run_inner(input, opts, cache, hook, None, Some(end))
+        self.run_inner(input, opts, cache, hook, None, Some(end), None)
     }
 
     /// A fast (non-differentiable) forward that also records the activations
@@ -459,7 +614,7 @@ impl Transformer {
             ));
         }
         let mut tape = Tape::default();
-        let hidden = self.run_inner(input, &opts, None, hook, Some(&mut tape), None)?;
+        let hidden = self.run_inner(input, &opts, None, hook, Some(&mut tape), None, None)?;
         tape.use_lora = use_lora;
         Ok((hidden, tape))
     }
@@ -472,6 +627,7 @@ impl Transformer {
         hook: &mut dyn Hook,
         mut tape: Option<&mut Tape>,
         end: Option<usize>,
+        lens: Option<&[usize]>,
     ) -> Result<Tensor> {
         let offset = cache.as_ref().map_or(0, |c| c.len);
         hook.set_position_offset(offset);
@@ -513,20 +669,50 @@ impl Transformer {
                 embeds.to_dtype(self.dtype())?
             }
         };
-        let (_b_sz, seq_len, _) = xs.dims3()?;
+        let (b_sz, seq_len, _) = xs.dims3()?;
         if seq_len == 0 {
             return Err(Error::EmptyPrompt);
         }
-        if offset + seq_len > self.cfg.max_position_embeddings {
-            return Err(Error::PromptTooLong {
-                len: offset + seq_len,
-                max: self.cfg.max_position_embeddings,
-            });
-        }
+        // A padded batch, or any continuation of a padded cache: positions per row.
+        let padded = lens.is_some() || cache.as_ref().is_some_and(|c| c.key_pos.is_some());
+        let rows = if padded {
+            if opts.differentiable || tape.is_some() {
+                return Err(Error::invalid(
+                    "padded batch",
+                    "differentiable and taped passes take equal-length rows",
+                ));
+            }
+            let full = vec![seq_len; b_sz];
+            let lens = lens.unwrap_or(&full);
+            let held = match cache.as_deref() {
+                Some(c) if c.len > 0 => c.real_lens(b_sz)?,
+                _ => vec![0; b_sz],
+            };
+            if let Some((r, _)) = held
+                .iter()
+                .zip(lens)
+                .enumerate()
+                .find(|(_, (h, l))| *h + *l > self.cfg.max_position_embeddings)
+            {
+                return Err(Error::PromptTooLong {
+                    len: held[r] + lens[r],
+                    max: self.cfg.max_position_embeddings,
+                });
+            }
+            Some(self.row_positions(cache.as_deref(), &held, lens, seq_len)?)
+        } else {
+            if offset + seq_len > self.cfg.max_position_embeddings {
+                return Err(Error::PromptTooLong {
+                    len: offset + seq_len,
+                    max: self.cfg.max_position_embeddings,
+                });
+            }
+            None
+        };
         if first_layer == 0 {
             xs = replace_if(hook, HookPoint::Embed, xs)?;
         }
-        let pass = self.pass_ctx(*opts, offset, seq_len)?;
+        let pass = self.pass_ctx(*opts, offset, seq_len, rows)?;
         if let Some(cache) = cache.as_deref_mut() {
             if cache.layers.len() != self.layers.len() {
                 cache.layers = vec![None; self.layers.len()];
@@ -567,11 +753,32 @@ impl Transformer {
             tape.sin = Some(pass.sin.clone());
             tape.local_rope.clone_from(&pass.local);
         }
+        let last_real = pass.rows.as_ref().map(|_| lens.map(<[usize]>::to_vec));
         if let Some(cache) = cache {
             cache.len = offset + seq_len;
+            if let Some(rows) = &pass.rows {
+                cache.key_pos = Some(rows.key.as_ref().clone());
+            }
         }
         match opts.logits {
-            LogitsAt::Last if seq_len > 1 => xs = xs.narrow(1, seq_len - 1, 1)?,
+            LogitsAt::Last => {
+                if let Some(Some(lens)) = last_real {
+                    // Each row's last real token.
+                    let idx: Vec<u32> = lens
+                        .iter()
+                        .enumerate()
+                        .map(|(r, &l)| (r * seq_len + l.max(1) - 1) as u32)
+                        .collect();
+                    let idx = Tensor::from_vec(idx, b_sz, xs.device())?;
+                    let d = xs.dim(2)?;
+                    xs = xs
+                        .reshape((b_sz * seq_len, d))?
+                        .index_select(&idx, 0)?
+                        .unsqueeze(1)?;
+                } else if seq_len > 1 {
+                    xs = xs.narrow(1, seq_len - 1, 1)?;
+                }
+            }
             LogitsAt::From(start) if start > 0 => {
                 if start >= seq_len {
                     return Err(Error::invalid(
@@ -630,12 +837,62 @@ impl Transformer {
         )?)
     }
 
-    fn pass_ctx(&self, opts: ForwardOptions, offset: usize, seq_len: usize) -> Result<PassCtx> {
-        let positions: Vec<f32> = (offset..offset + seq_len).map(|p| p as f32).collect();
-        let positions = Tensor::from_vec(positions, (seq_len, 1), &self.device)?;
+    /// The positions of a padded pass: row `r` holds `held[r]` real tokens in `cache` and
+    /// continues with `lens[r]` of the `seq_len` new ones.
+    fn row_positions(
+        &self,
+        cache: Option<&KvCache>,
+        held: &[usize],
+        lens: &[usize],
+        seq_len: usize,
+    ) -> Result<RowPositions> {
+        let b = lens.len();
+        let cached = cache.map_or(0, |c| c.len);
+        let query: Vec<i32> = held
+            .iter()
+            .zip(lens)
+            .flat_map(|(&h, &l)| (0..seq_len).map(move |t| if t < l { (h + t) as i32 } else { -1 }))
+            .collect();
+        let old: Vec<i32> = match cache.and_then(|c| c.key_pos.as_ref()) {
+            Some(pos) => pos.clone(),
+            None => (0..b).flat_map(|_| 0..cached as i32).collect(),
+        };
+        let kv_len = cached + seq_len;
+        let mut key = Vec::with_capacity(b * kv_len);
+        for r in 0..b {
+            key.extend_from_slice(&old[r * cached..(r + 1) * cached]);
+            key.extend_from_slice(&query[r * seq_len..(r + 1) * seq_len]);
+        }
+        Ok(RowPositions {
+            seq: seq_len,
+            kv_len,
+            query: std::sync::Arc::new(query),
+            key: std::sync::Arc::new(key),
+        })
+    }
+
+    fn pass_ctx(
+        &self,
+        opts: ForwardOptions,
+        offset: usize,
+        seq_len: usize,
+        rows: Option<RowPositions>,
+    ) -> Result<PassCtx> {
         let dtype = self.dtype();
+        // Dense: `(T, 1)` positions `offset..`; padded: `(b, T, 1)` per row (padding at 0).
+        let positions = match &rows {
+            None => {
+                let p: Vec<f32> = (offset..offset + seq_len).map(|p| p as f32).collect();
+                Tensor::from_vec(p, (seq_len, 1), &self.device)?
+            }
+            Some(rows) => {
+                let p: Vec<f32> = rows.query.iter().map(|&p| p.max(0) as f32).collect();
+                let b = p.len() / seq_len;
+                Tensor::from_vec(p, (b, seq_len, 1), &self.device)?
+            }
+        };
         let tables = |inv_freq: &Tensor| -> Result<(Tensor, Tensor)> {
-            let freqs = positions.broadcast_mul(inv_freq)?; // (seq_len, head_dim / 2)
+            let freqs = positions.broadcast_mul(inv_freq)?; // (.., seq_len, head_dim / 2)
             Ok((
                 freqs.cos()?.to_dtype(dtype)?.contiguous()?,
                 freqs.sin()?.to_dtype(dtype)?.contiguous()?,
@@ -647,7 +904,11 @@ impl Transformer {
         for layer in 0..self.layers.len() {
             let window = self.cfg.window(layer);
             if !masks.iter().any(|(w, _)| *w == window) {
-                masks.push((window, self.mask(seq_len, offset, window)?));
+                let mask = match &rows {
+                    None => self.mask(seq_len, offset, window)?,
+                    Some(rows) => Some(self.row_mask(rows, window)?),
+                };
+                masks.push((window, mask));
             }
         }
         Ok(PassCtx {
@@ -660,7 +921,22 @@ impl Transformer {
             local,
             masks,
             offset,
+            rows,
         })
+    }
+
+    /// The additive mask `(b, 1, T, S)` of a padded pass.
+    fn row_mask(&self, rows: &RowPositions, window: Option<usize>) -> Result<Tensor> {
+        let b = rows.query.len() / rows.seq;
+        let mut values = vec![f32::NEG_INFINITY; b * rows.seq * rows.kv_len];
+        for (i, v) in values.iter_mut().enumerate() {
+            let (r, rest) = (i / (rows.seq * rows.kv_len), i % (rows.seq * rows.kv_len));
+            if rows.visible(r, rest / rows.kv_len, rest % rows.kv_len, window) {
+                *v = 0.0;
+            }
+        }
+        let mask = Tensor::from_vec(values, (b, 1, rows.seq, rows.kv_len), &self.device)?;
+        Ok(mask.to_dtype(self.dtype())?)
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<()> {
@@ -929,7 +1205,7 @@ impl Attention {
             && softcap.is_none()
             && tape.is_none()
             && !hook.wants(HookPoint::AttnPattern(layer_idx)))
-        .then(|| causal_attention(&q, &k, &v, scale as f32, window))
+        .then(|| causal_attention(&q, &k, &v, scale as f32, window, pass.rows.clone()))
         .transpose()?
         .flatten();
         if let Some(z) = fused {
@@ -959,7 +1235,7 @@ impl Attention {
             None => scores,
             Some(cap) => ((scores / cap)?.tanh()? * cap)?,
         };
-        let fused = fast
+        let fused = (fast && pass.rows.is_none())
             .then(|| causal_softmax(&scores, pass.offset, window))
             .transpose()?
             .flatten();
