@@ -607,15 +607,23 @@ fn padded_rows_equal_their_own_forwards() {
 }
 
 /// Caches of different lengths joined (`KvCache::concat`: a dense one-row cache and a padded
-/// two-row one) continue each row as its own forward would.
+/// two-row one) continue each row as its own forward would, and so do rows taken from it
+/// (`select_rows`) and compacted (`KvCache::compact`: padding moved out of the middle).
 #[test]
 fn joined_caches_continue_each_row() {
-    let seqs: [&[u32]; 3] = [&[1, 9, 20, 33, 40], &[1, 5, 6, 7, 8, 2, 4], &[1, 44, 2, 17]];
+    let seqs: [&[u32]; 3] = [&[1, 9, 20, 33, 40], &[1, 5, 6, 7, 8, 2], &[1, 44, 2, 17, 3]];
     for arch in [Architecture::Llama, Architecture::Gemma3] {
         let m = tiny_family(arch, 5, DType::F32);
         let last = ForwardOptions {
             logits: LogitsAt::Last,
             ..ForwardOptions::default()
+        };
+        let own = |r: usize, len: usize| {
+            let full = m
+                .model
+                .forward(&crate::common::ids_tensor(seqs[r]))
+                .unwrap();
+            full.get(0).unwrap().narrow(0, len - 1, 1).unwrap()
         };
         let mut a = KvCache::new();
         m.model
@@ -631,17 +639,26 @@ fn joined_caches_continue_each_row() {
             Tensor::from_vec(vec![1u32, 5, 6, 7, 8, 1, 44, 2, 1, 1], (2, 5), &Device::Cpu).unwrap();
         m.model.run_rows(&ids, &[5, 3], &last, &mut b).unwrap();
         let mut joined = KvCache::concat(&[&a, &b]).unwrap();
-        assert_eq!(joined.len(), 5);
-        let next = Tensor::from_vec(vec![33u32, 40, 2, 4, 17, 0], (3, 2), &Device::Cpu).unwrap();
+        assert_eq!((joined.len(), joined.rows()), (5, 3));
+        let next = Tensor::from_vec(vec![33u32, 2, 17], (3, 1), &Device::Cpu).unwrap();
         let out = m
             .model
-            .run_rows(&next, &[2, 2, 1], &last, &mut joined)
+            .run(Input::Ids(&next), &last, Some(&mut joined), &mut NoHook)
             .unwrap();
-        for (r, s) in seqs.iter().enumerate() {
-            let own = m.model.forward(&crate::common::ids_tensor(s)).unwrap();
-            let want = own.get(0).unwrap().narrow(0, s.len() - 1, 1).unwrap();
-            let diff = crate::common::max_abs_diff(&out.get(r).unwrap(), &want);
+        for (r, len) in [(0, 4), (1, 6), (2, 4)] {
+            let diff = crate::common::max_abs_diff(&out.get(r).unwrap(), &own(r, len));
             assert!(diff < 1e-5, "{arch:?} row {r}: {diff:e}");
+        }
+        let mut short = joined.select_rows(&[0, 2]).unwrap().compact().unwrap();
+        assert_eq!((short.len(), short.rows()), (4, 2), "padding dropped");
+        let next = Tensor::from_vec(vec![40u32, 3], (2, 1), &Device::Cpu).unwrap();
+        let out = m
+            .model
+            .run(Input::Ids(&next), &last, Some(&mut short), &mut NoHook)
+            .unwrap();
+        for (i, r) in [0, 2].into_iter().enumerate() {
+            let diff = crate::common::max_abs_diff(&out.get(i).unwrap(), &own(r, 5));
+            assert!(diff < 1e-5, "{arch:?} row {r} after compact: {diff:e}");
         }
     }
 }

@@ -319,8 +319,9 @@ const MAX_QUERIES: usize = 64;
 ///    queries that share it, all stems in one padded forward;
 /// 3. the rest of each query runs on top of its stem's cache, queries of similar remaining
 ///    length together;
-/// 4. candidates then grow a token per step for every query of a batch together, candidates
-///    that share their first tokens sharing the rows that score them.
+/// 4. candidates then grow a token per step, the candidates of several batches in one forward
+///    (a pool of rows in one padded cache, stepped once enough rows wait), candidates that
+///    share their first tokens sharing the rows that score them.
 ///
 /// With `prune`, a candidate whose partial score is already below the best finished candidate
 /// of its query stops (log-probabilities only fall as tokens are added, so it cannot become
@@ -379,6 +380,8 @@ pub fn score_queries(
     order.sort_by(|&a, &b| prefixes[a].cmp(prefixes[b]));
     let stem = stem_lengths(&prefixes, &order, global);
     let multi = |q: usize| sets[queries[q].1].iter().filter(|c| c.len() > 1).count();
+    let mut best = vec![f64::NEG_INFINITY; queries.len()];
+    let mut pool = Pool::default();
     let mut done = 0usize;
     let mut at = 0usize;
     while at < order.len() {
@@ -410,8 +413,8 @@ pub fn score_queries(
             .map(|&(q, _)| prefixes[q].len() - stem[q])
             .collect();
         let rows: Vec<usize> = stem_of.iter().map(|&(q, _)| multi(q)).collect();
-        // Each batch also pays for its candidate steps (a few forwards).
-        let batches = partition(&rest, 4.0 * FORWARD_TOKENS, |r| {
+        // Each batch also adds to the candidate steps' forwards.
+        let batches = partition(&rest, 2.0 * FORWARD_TOKENS, |r| {
             r.len() <= MAX_QUERIES
                 && rows[r.clone()].iter().sum::<usize>() <= MAX_ROWS
                 && stem_of[r.start].1.is_some() == stem_of[r.end - 1].1.is_some()
@@ -423,15 +426,30 @@ pub fn score_queries(
                 Some(c) if !parents.is_empty() => c.select_rows(&parents)?,
                 _ => KvCache::new(),
             };
-            let chunk_scores = score_chunk(model, queries, sets, &chunk, &stem, cache, prune)?;
-            for (&q, s) in chunk.iter().zip(chunk_scores) {
-                scores[q] = s;
+            let (cache, live) = start_chunk(
+                model,
+                queries,
+                sets,
+                &chunk,
+                &stem,
+                cache,
+                &mut scores,
+                &mut best,
+            )?;
+            pool.add(&cache, live)?;
+            drop(cache);
+            // Steps run once enough rows wait, so each takes rows of several batches.
+            while pool.live.len() >= MAX_ROWS / 4 {
+                pool.step(model, queries, sets, &mut scores, &mut best, prune)?;
             }
             done += chunk.len();
             if progress(done as f32 / queries.len() as f32).is_break() {
                 return Err(Error::Cancelled);
             }
         }
+    }
+    while !pool.live.is_empty() {
+        pool.step(model, queries, sets, &mut scores, &mut best, prune)?;
     }
     Ok(scores)
 }
@@ -594,18 +612,21 @@ fn log_probs(logits: &Tensor) -> Result<(Vec<f32>, usize)> {
     ))
 }
 
-/// Steps 3–4 of [`score_queries`] for the queries of `chunk`, whose first `stem[q]` tokens
-/// are in `cache` (one row per query of `chunk`).
-fn score_chunk(
+/// Step 3 of [`score_queries`] for the queries of `chunk`, whose first `stem[q]` tokens are in
+/// `cache` (one row per query of `chunk`): the rest of each query in one padded forward, the
+/// first token of every candidate scored (`scores`, and `best` for one-token candidates).
+/// Returns the cache and the candidates still to grow (their rows are the queries' rows).
+#[allow(clippy::too_many_arguments)]
+fn start_chunk(
     model: &Transformer,
     queries: &[(Vec<u32>, usize)],
     sets: &[Vec<Vec<u32>>],
     chunk: &[usize],
     stem: &[usize],
     mut cache: KvCache,
-    prune: bool,
-) -> Result<Vec<Vec<f64>>> {
-    let device = model.device();
+    scores: &mut [Vec<f64>],
+    best: &mut [f64],
+) -> Result<(KvCache, Vec<Growing>)> {
     let rests: Vec<&[u32]> = chunk.iter().map(|&q| &queries[q].0[stem[q]..]).collect();
     let lens: Vec<usize> = rests.iter().map(|r| r.len()).collect();
     let width = lens.iter().copied().max().unwrap_or(1);
@@ -615,72 +636,135 @@ fn score_chunk(
         use_lora: true,
     };
     let ids = padded_ids(rests.iter().copied(), width);
-    let input = Tensor::from_vec(ids, (chunk.len(), width), device)?;
+    let input = Tensor::from_vec(ids, (chunk.len(), width), model.device())?;
     let logits = model.run_rows(&input, &lens, &opts, &mut cache)?;
     let (logp, vocab) = log_probs(&logits)?;
-    let cands = |i: usize| &sets[queries[chunk[i]].1];
-    let mut scores: Vec<Vec<f64>> = Vec::with_capacity(chunk.len());
-    let mut best = vec![f64::NEG_INFINITY; chunk.len()];
-    // Candidates still growing: (query in the chunk, candidate, its row in `cache`).
-    let mut live: Vec<(usize, usize, u32)> = Vec::new();
-    for i in 0..chunk.len() {
+    let mut live = Vec::new();
+    for (i, &q) in chunk.iter().enumerate() {
         let row = &logp[i * vocab..(i + 1) * vocab];
-        let s: Vec<f64> = cands(i)
-            .iter()
-            .map(|c| f64::from(row[c[0] as usize]))
-            .collect();
-        for (c, cand) in cands(i).iter().enumerate() {
+        for (c, cand) in sets[queries[q].1].iter().enumerate() {
+            scores[q][c] = f64::from(row[cand[0] as usize]);
             if cand.len() == 1 {
-                best[i] = best[i].max(s[c]);
+                best[q] = best[q].max(scores[q][c]);
             } else {
-                live.push((i, c, i as u32));
+                live.push(Growing {
+                    query: q,
+                    cand: c,
+                    row: i as u32,
+                    depth: 1,
+                });
             }
         }
-        scores.push(s);
     }
-    // Step `depth`: every live candidate has `depth` tokens scored; feed its token `depth - 1`
-    // to score token `depth`.
-    let mut depth = 1;
-    loop {
-        live.retain(|&(i, c, _)| {
-            let keep = !prune || scores[i][c] >= best[i];
+    Ok((cache, live))
+}
+
+/// A candidate still growing: its query, its index in the query's set, its row in the pool's
+/// cache, and how many of its tokens are scored.
+#[derive(Clone, Copy, Debug)]
+struct Growing {
+    query: usize,
+    cand: usize,
+    row: u32,
+    depth: usize,
+}
+
+/// Step 4 of [`score_queries`]: the candidates still growing, of every batch started so far,
+/// in one padded cache, so each step's forward takes the rows of several batches together
+/// (rows of one query are always at the same depth).
+#[derive(Default)]
+struct Pool {
+    cache: KvCache,
+    live: Vec<Growing>,
+}
+
+impl Pool {
+    /// Adds a batch's growing candidates, whose rows are rows of `cache`.
+    fn add(&mut self, cache: &KvCache, mut live: Vec<Growing>) -> Result<()> {
+        if live.is_empty() {
+            return Ok(());
+        }
+        let mut rows: Vec<u32> = live.iter().map(|g| g.row).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let fresh = cache.select_rows(&rows)?.compact()?;
+        let offset = if self.live.is_empty() {
+            self.cache = fresh;
+            0
+        } else {
+            let held = self.cache.rows();
+            self.cache = KvCache::concat(&[&self.cache.compact()?, &fresh])?;
+            held
+        };
+        for g in &mut live {
+            g.row = (offset + rows.partition_point(|&r| r < g.row)) as u32;
+        }
+        self.live.extend(live);
+        Ok(())
+    }
+
+    /// Scores one more token of every growing candidate (after dropping, with `prune`, those
+    /// below their query's best finished candidate).
+    fn step(
+        &mut self,
+        model: &Transformer,
+        queries: &[(Vec<u32>, usize)],
+        sets: &[Vec<Vec<u32>>],
+        scores: &mut [Vec<f64>],
+        best: &mut [f64],
+        prune: bool,
+    ) -> Result<()> {
+        let cand = |g: &Growing| &sets[queries[g.query].1][g.cand];
+        self.live.retain(|g| {
+            let keep = !prune || scores[g.query][g.cand] >= best[g.query];
             if !keep {
-                scores[i][c] = f64::NEG_INFINITY;
+                scores[g.query][g.cand] = f64::NEG_INFINITY;
             }
             keep
         });
-        if live.is_empty() {
-            break;
+        if self.live.is_empty() {
+            return Ok(());
         }
         // One row per distinct (parent row, token): candidates with a common start share it.
         let mut nodes: Vec<(u32, u32)> = Vec::new();
-        let mut node_of: Vec<usize> = Vec::with_capacity(live.len());
-        for &(i, c, parent) in &live {
-            let key = (parent, cands(i)[c][depth - 1]);
-            let k = nodes.iter().position(|&n| n == key).unwrap_or_else(|| {
-                nodes.push(key);
-                nodes.len() - 1
-            });
-            node_of.push(k);
-        }
+        let mut index: std::collections::HashMap<(u32, u32), usize> =
+            std::collections::HashMap::new();
+        let node_of: Vec<usize> = self
+            .live
+            .iter()
+            .map(|g| {
+                let key = (g.row, cand(g)[g.depth - 1]);
+                *index.entry(key).or_insert_with(|| {
+                    nodes.push(key);
+                    nodes.len() - 1
+                })
+            })
+            .collect();
         let parents: Vec<u32> = nodes.iter().map(|n| n.0).collect();
         let tokens: Vec<u32> = nodes.iter().map(|n| n.1).collect();
-        cache = cache.select_rows(&parents)?;
-        let input = Tensor::from_vec(tokens, (nodes.len(), 1), device)?;
+        let mut cache = self.cache.select_rows(&parents)?;
+        let input = Tensor::from_vec(tokens, (nodes.len(), 1), model.device())?;
+        let opts = ForwardOptions {
+            differentiable: false,
+            logits: LogitsAt::Last,
+            use_lora: true,
+        };
         let logits = model.run(Input::Ids(&input), &opts, Some(&mut cache), &mut NoHook)?;
         let (logp, vocab) = log_probs(&logits)?;
-        for ((i, c, parent), &k) in live.iter_mut().zip(&node_of) {
-            let cand = &cands(*i)[*c];
-            scores[*i][*c] += f64::from(logp[k * vocab + cand[depth] as usize]);
-            *parent = k as u32;
-            if cand.len() == depth + 1 {
-                best[*i] = best[*i].max(scores[*i][*c]);
+        for (g, &k) in self.live.iter_mut().zip(&node_of) {
+            let tokens = &sets[queries[g.query].1][g.cand];
+            scores[g.query][g.cand] += f64::from(logp[k * vocab + tokens[g.depth] as usize]);
+            g.row = k as u32;
+            g.depth += 1;
+            if tokens.len() == g.depth {
+                best[g.query] = best[g.query].max(scores[g.query][g.cand]);
             }
         }
-        depth += 1;
-        live.retain(|&(i, c, _)| cands(i)[c].len() > depth);
+        self.live
+            .retain(|g| sets[queries[g.query].1][g.cand].len() > g.depth);
+        self.cache = cache;
+        Ok(())
     }
-    Ok(scores)
 }
 
 /// The index of the highest score (the last of equal ones, as `Iterator::max_by`).

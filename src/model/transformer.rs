@@ -105,6 +105,16 @@ impl KvCache {
         self.len
     }
 
+    /// Sequences (rows) held; 0 when empty.
+    pub fn rows(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|(k, _)| k.dim(0).ok())
+            .unwrap_or(0)
+    }
+
     /// Whether no token is held.
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -197,6 +207,62 @@ impl KvCache {
             return Ok(Self::new());
         }
         Ok(out)
+    }
+
+    /// The same rows with each row's real keys moved to the front and the columns that are
+    /// padding in every row dropped (keys keep their positions, so every continuation is
+    /// unchanged): a padded cache continued for many steps stays as short as its longest row.
+    pub fn compact(&self) -> Result<Self> {
+        let Some(pos) = &self.key_pos else {
+            return Ok(self.clone());
+        };
+        let b = pos.len() / self.len.max(1);
+        let kept: Vec<Vec<u32>> = pos
+            .chunks(self.len.max(1))
+            .map(|row| {
+                (0..row.len() as u32)
+                    .filter(|&j| row[j as usize] >= 0)
+                    .collect()
+            })
+            .collect();
+        let len = kept.iter().map(Vec::len).max().unwrap_or(0);
+        if len == self.len || len == 0 {
+            return Ok(self.clone());
+        }
+        let mut idx = Vec::with_capacity(b * len);
+        let mut key_pos = Vec::with_capacity(b * len);
+        for (r, cols) in kept.iter().enumerate() {
+            for i in 0..len {
+                // Padding points at column 0; its position marks it.
+                let j = cols.get(i).copied();
+                idx.push(j.unwrap_or(0));
+                key_pos.push(j.map_or(-1, |j| pos[r * self.len + j as usize]));
+            }
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                layer
+                    .as_ref()
+                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                        let (kb, heads, _, hd) = k.dims4()?;
+                        let index = Tensor::from_slice(&idx, (kb, 1, len, 1), k.device())?
+                            .broadcast_as((kb, heads, len, hd))?
+                            .contiguous()?;
+                        Ok((
+                            k.contiguous()?.gather(&index, 2)?,
+                            v.contiguous()?.gather(&index, 2)?,
+                        ))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            len,
+            key_pos: Some(key_pos),
+        })
     }
 
     /// A cache whose row `i` is row `rows[i]` of this one (rows may repeat): the continuations
