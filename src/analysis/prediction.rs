@@ -316,7 +316,7 @@ const MAX_QUERIES: usize = 64;
 /// 1. the prefix all queries share (BOS, an instruction) runs once;
 /// 2. each query's *stem* — the prefix it shares with other queries, chosen to minimise its
 ///    share of the work (for a template, its words before the subject) — runs once for all the
-///    queries that share it, all stems in one padded forward;
+///    queries that share it, stems of similar length in one padded forward;
 /// 3. the rest of each query runs on top of its stem's cache, queries of similar remaining
 ///    length together;
 /// 4. candidates then grow a token per step, the candidates of several batches in one forward
@@ -1139,7 +1139,7 @@ mod tests {
             [(&[20, 21, 22], &[23]), (&[], &[24, 25]), (&[26], &[])];
         let mut queries = Vec::new();
         for s in 0..30u32 {
-            let subject: Vec<u32> = (0..1 + s % 3).map(|i| 30 + (s * 7 + i * 3) % 30).collect();
+            let subject: Vec<u32> = (0..=s % 3).map(|i| 30 + (s * 7 + i * 3) % 30).collect();
             for (before, after) in templates {
                 let ids: Vec<u32> = [1u32, 2, 3]
                     .iter()

@@ -604,7 +604,9 @@ impl Transformer {
     /// give an unspecified row). The cache is extended with the padding marked.
     ///
     /// Sequences of different lengths thus share one forward: every weight matrix is streamed
-    /// once for all of them. Inference only (`opts.differentiable` is refused).
+    /// once for all of them. Inference only (`opts.differentiable` is refused). A padded cache
+    /// can also be continued through [`Transformer::run`] (rows of equal new length); a hook
+    /// there sees positions counted from the padded cache's length, not each row's.
     pub fn run_rows(
         &self,
         ids: &Tensor,
@@ -685,6 +687,9 @@ impl Transformer {
         Ok((hidden, tape))
     }
 
+    // The pass's optional parts (cache, hook, tape, early end, padded lengths) are what its
+    // public entry points choose among.
+    #[allow(clippy::too_many_arguments)]
     fn run_inner(
         &self,
         input: Input<'_>,
@@ -765,7 +770,7 @@ impl Transformer {
                     max: self.cfg.max_position_embeddings,
                 });
             }
-            Some(self.row_positions(cache.as_deref(), &held, lens, seq_len)?)
+            Some(Self::row_positions(cache.as_deref(), &held, lens, seq_len))
         } else {
             if offset + seq_len > self.cfg.max_position_embeddings {
                 return Err(Error::PromptTooLong {
@@ -906,12 +911,11 @@ impl Transformer {
     /// The positions of a padded pass: row `r` holds `held[r]` real tokens in `cache` and
     /// continues with `lens[r]` of the `seq_len` new ones.
     fn row_positions(
-        &self,
         cache: Option<&KvCache>,
         held: &[usize],
         lens: &[usize],
         seq_len: usize,
-    ) -> Result<RowPositions> {
+    ) -> RowPositions {
         let b = lens.len();
         let cached = cache.map_or(0, |c| c.len);
         let query: Vec<i32> = held
@@ -929,12 +933,12 @@ impl Transformer {
             key.extend_from_slice(&old[r * cached..(r + 1) * cached]);
             key.extend_from_slice(&query[r * seq_len..(r + 1) * seq_len]);
         }
-        Ok(RowPositions {
+        RowPositions {
             seq: seq_len,
             kv_len,
             query: std::sync::Arc::new(query),
             key: std::sync::Arc::new(key),
-        })
+        }
     }
 
     fn pass_ctx(
