@@ -137,6 +137,17 @@ impl KvCache {
         self.select_rows(&vec![0; n])
     }
 
+    /// Every layer's keys and values through `f`.
+    fn map_layers(
+        &self,
+        f: impl Fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Vec<Option<(Tensor, Tensor)>>> {
+        self.layers
+            .iter()
+            .map(|layer| layer.as_ref().map(|(k, v)| f(k, v)).transpose())
+            .collect()
+    }
+
     /// The number of real (not padding) tokens of each of `b` rows.
     fn real_lens(&self, b: usize) -> Result<Vec<usize>> {
         match &self.key_pos {
@@ -168,10 +179,10 @@ impl KvCache {
         };
         let mut rows = Vec::with_capacity(caches.len());
         for c in caches {
-            let b = match c.layers.iter().flatten().next() {
-                Some((k, _)) => k.dim(0)?,
-                None => continue,
-            };
+            let b = c.rows();
+            if b == 0 {
+                continue;
+            }
             if c.layers.len() != layers || c.layers.iter().any(Option::is_none) {
                 return Err(Error::invalid(
                     "KV cache",
@@ -239,25 +250,16 @@ impl KvCache {
                 key_pos.push(j.map_or(-1, |j| pos[r * self.len + j as usize]));
             }
         }
-        let layers = self
-            .layers
-            .iter()
-            .map(|layer| {
-                layer
-                    .as_ref()
-                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
-                        let (kb, heads, _, hd) = k.dims4()?;
-                        let index = Tensor::from_slice(&idx, (kb, 1, len, 1), k.device())?
-                            .broadcast_as((kb, heads, len, hd))?
-                            .contiguous()?;
-                        Ok((
-                            k.contiguous()?.gather(&index, 2)?,
-                            v.contiguous()?.gather(&index, 2)?,
-                        ))
-                    })
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = self.map_layers(|k, v| {
+            let (kb, heads, _, hd) = k.dims4()?;
+            let index = Tensor::from_slice(&idx, (kb, 1, len, 1), k.device())?
+                .broadcast_as((kb, heads, len, hd))?
+                .contiguous()?;
+            Ok((
+                k.contiguous()?.gather(&index, 2)?,
+                v.contiguous()?.gather(&index, 2)?,
+            ))
+        })?;
         Ok(Self {
             layers,
             len,
@@ -268,26 +270,17 @@ impl KvCache {
     /// A cache whose row `i` is row `rows[i]` of this one (rows may repeat): the continuations
     /// of several sequences, each continued by any number of rows.
     pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|layer| {
-                layer
-                    .as_ref()
-                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
-                        let batch = k.dim(0)?;
-                        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= batch) {
-                            return Err(crate::error::Error::invalid(
-                                "KV cache",
-                                format!("row {bad} of a cache of {batch} rows"),
-                            ));
-                        }
-                        let idx = Tensor::from_slice(rows, rows.len(), k.device())?;
-                        Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
-                    })
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = self.map_layers(|k, v| {
+            let batch = k.dim(0)?;
+            if let Some(&bad) = rows.iter().find(|&&r| r as usize >= batch) {
+                return Err(crate::error::Error::invalid(
+                    "KV cache",
+                    format!("row {bad} of a cache of {batch} rows"),
+                ));
+            }
+            let idx = Tensor::from_slice(rows, rows.len(), k.device())?;
+            Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
+        })?;
         let key_pos = self.key_pos.as_ref().map(|pos| {
             rows.iter()
                 .flat_map(|&r| &pos[r as usize * self.len..(r as usize + 1) * self.len])
