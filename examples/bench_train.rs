@@ -117,22 +117,29 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Median seconds per step of `trainer` over `reps` steps after the warm-up.
-fn time_steps(
-    trainer: &mut Trainer,
+/// Seconds per step of each trainer (median, and every timed step), the trainers taking one
+/// step each in turn after the warm-up, so that a machine whose speed drifts during the run
+/// slows all of them alike.
+fn time_interleaved(
+    trainers: &mut [&mut Trainer],
     reps: usize,
     dev: &candle_core::Device,
-) -> anyhow::Result<(f64, Vec<f64>)> {
-    let mut times = Vec::new();
+) -> anyhow::Result<Vec<(f64, Vec<f64>)>> {
+    let mut times = vec![Vec::new(); trainers.len()];
     for i in 0..WARMUP + reps {
-        let started = Instant::now();
-        trainer.step()?;
-        dev.synchronize()?;
-        if i >= WARMUP {
-            times.push(started.elapsed().as_secs_f64());
+        for (trainer, times) in trainers.iter_mut().zip(&mut times) {
+            let started = Instant::now();
+            trainer.step()?;
+            dev.synchronize()?;
+            if i >= WARMUP {
+                times.push(started.elapsed().as_secs_f64());
+            }
         }
     }
-    Ok((median(times.clone()), times))
+    Ok(times
+        .into_iter()
+        .map(|t| (median(t.clone()), t))
+        .collect())
 }
 
 /// `--guided`: an IV-guided step (METHODS.md §5.2, the code version's settings, a seeded vector
@@ -156,7 +163,6 @@ fn guided_ratio(
     let cfg = model.config().clone();
     let seq_len = examples.first().map_or(0, |e| e.ids.len());
     let mut plain = Trainer::new(model.clone(), settings.clone(), examples.clone(), vec![], 0)?;
-    let (plain_s, plain_all) = time_steps(&mut plain, reps, dev)?;
     let d = cfg.hidden_size;
     #[allow(clippy::cast_precision_loss)]
     let raw: Vec<f32> = (0..d)
@@ -178,11 +184,13 @@ fn guided_ratio(
     guidance.set_cache_budget(0);
     let mut first = Trainer::new(model.clone(), settings.clone(), examples.clone(), vec![], 0)?;
     first.set_guidance(guidance);
-    let (guided_s, guided_all) = time_steps(&mut first, reps, dev)?;
     // Later epochs: each example's reference comes from the cache.
     let mut later = Trainer::new(model.clone(), settings, examples, vec![], 0)?;
     later.set_guidance(Guidance::new(g, &vector, heads, model)?);
-    let (cached_s, cached_all) = time_steps(&mut later, reps, dev)?;
+    let timed = time_interleaved(&mut [&mut plain, &mut first, &mut later], reps, dev)?;
+    let [(plain_s, plain_all), (guided_s, guided_all), (cached_s, cached_all)] =
+        <[(f64, Vec<f64>); 3]>::try_from(timed)
+            .map_err(|_| anyhow::anyhow!("three trainers were timed"))?;
     let report = json!({
         "tool": "tunelens",
         "device": format!("{choice:?}").to_lowercase(),
@@ -197,7 +205,7 @@ fn guided_ratio(
         "plain_all_s": plain_all,
         "guided_all_s": guided_all,
         "guided_cached_all_s": cached_all,
-        "description": "IV-guided step (code version: reference pass with the IV at layer 9, head-reference pass, ce + kl1 + kl2 + pr, thresholds 0.1/0.01) vs a plain LoRA step on the same batch; labels on the second half of each 128-token sequence. ratio: every reference pass runs (an example's first epoch); ratio_cached: the reference passes come from the per-run cache (later epochs)",
+        "description": "the three trainers take one step each in turn; IV-guided step (code version: reference pass with the IV at layer 9, head-reference pass, ce + kl1 + kl2 + pr, thresholds 0.1/0.01) vs a plain LoRA step on the same batch; labels on the second half of each 128-token sequence. ratio: every reference pass runs (an example's first epoch); ratio_cached: the reference passes come from the per-run cache (later epochs)",
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

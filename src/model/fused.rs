@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::model::transformer::RowPositions;
+use crate::model::vexp;
 
 /// Tensors smaller than this are not worth splitting across threads.
 const PAR_MIN_ELEMS: usize = 16_384;
@@ -73,12 +74,11 @@ impl CausalSoftmax {
             dst[lo..hi].fill(0.0);
             return;
         }
-        let mut sum = 0f32;
         for (d, &s) in dst[lo..hi].iter_mut().zip(visible) {
-            let e = (s - max).exp();
-            *d = e;
-            sum += e;
+            *d = s - max;
         }
+        vexp::exp_in_place(&mut dst[lo..hi]);
+        let sum = dst[lo..hi].iter().sum::<f32>();
         let inv = 1.0 / sum;
         for d in &mut dst[lo..hi] {
             *d *= inv;
@@ -234,11 +234,11 @@ impl CausalAttention {
                 row[a..b].fill(0.0);
                 continue;
             }
-            let mut sum = 0f32;
             for x in &mut row[a..b] {
-                *x = (*x - max).exp();
-                sum += *x;
+                *x -= max;
             }
+            vexp::exp_in_place(&mut row[a..b]);
+            let sum = row[a..b].iter().sum::<f32>();
             let inv = 1.0 / sum;
             for x in &mut row[a..b] {
                 *x *= inv;
@@ -371,8 +371,12 @@ impl CustomOp2 for SiluMul {
         let u = contiguous_f32(s2, l2, "silu-mul")?;
         let mut out = vec![0f32; g.len()];
         let kernel = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
+            for (o, &g) in o.iter_mut().zip(g) {
+                *o = -g;
+            }
+            vexp::exp_in_place(o);
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + (-g).exp()) * u;
+                *o = g / (1.0 + *o) * u;
             }
         };
         if g.len() >= PAR_MIN_ELEMS {

@@ -19,6 +19,7 @@ pub mod tensor_file;
 pub mod tiny;
 pub mod tokenizer;
 pub mod transformer;
+pub mod vexp;
 pub mod vjp;
 pub mod weight;
 

@@ -21,6 +21,7 @@ use crate::model::config::Activation;
 use crate::model::fused::contiguous_f32;
 use crate::model::lora::Linear;
 use crate::model::transformer::{DecoderLayer, RmsNorm, Transformer};
+use crate::model::vexp;
 
 /// Activations of one decoder layer, recorded by [`Transformer::run_taped`].
 #[derive(Clone, Debug, Default)]
@@ -933,11 +934,14 @@ fn swiglu_vjp(gate: &Tensor, up: &Tensor, d_hidden: &Tensor) -> Result<(Tensor, 
         let mut d_gate = vec![0f32; dh.len()];
         let mut d_up = vec![0f32; dh.len()];
         // Per (t, i): dh-independent factors once, then each cotangent.
+        let mut neg_exp: Vec<f32> = g.iter().map(|&g| -g).collect();
+        vexp::exp_in_place(&mut neg_exp);
         let factors: Vec<(f32, f32)> = g
             .iter()
             .zip(u)
-            .map(|(&g, &u)| {
-                let sig = 1.0 / (1.0 + (-g).exp());
+            .zip(&neg_exp)
+            .map(|((&g, &u), &e)| {
+                let sig = 1.0 / (1.0 + e);
                 (u * sig * (1.0 + g * (1.0 - sig)), g * sig)
             })
             .collect();

@@ -27,6 +27,7 @@ use candle_core::{DType, Tensor, D};
 use crate::error::{Error, Result};
 use crate::model::hooks::{Chain, Edit, EditOp, Editor, HookPoint, NoHook, Positions, Recorder};
 use crate::model::transformer::{ForwardOptions, Input, KvCache, LogitsAt, Transformer};
+use crate::model::vexp;
 use crate::train::dataset::Example;
 use crate::train::settings::GuidanceSettings;
 
@@ -466,17 +467,14 @@ pub fn kd_rows(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<(Tensor
     Ok((kl.squeeze(D::Minus1)?, grad))
 }
 
-/// `max` and `log Σ exp` of `row / τ`.
-#[allow(clippy::cast_possible_truncation)]
-fn log_sum_exp(row: &[f32], inv_tau: f32) -> f32 {
-    let m = row
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &v| a.max(v * inv_tau));
-    let s: f64 = row
-        .iter()
-        .map(|&v| f64::from((v * inv_tau - m).exp()))
-        .sum();
-    m + s.ln() as f32
+/// `log Σ exp(row / τ)` (`inv_tau = 1/τ > 0`), with `buf` (the row's length) as scratch.
+fn log_sum_exp(row: &[f32], inv_tau: f32, buf: &mut [f32]) -> f32 {
+    let m = vexp::max(row) * inv_tau;
+    for (b, &v) in buf.iter_mut().zip(row) {
+        *b = v * inv_tau - m;
+    }
+    vexp::exp_in_place(buf);
+    m + vexp::sum_f64(buf).ln() as f32
 }
 
 fn kd_rows_cpu(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<(Tensor, Tensor)> {
@@ -497,25 +495,24 @@ fn kd_rows_cpu(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<(Tensor
         .par_chunks_mut(v.max(1))
         .zip(x.par_chunks(v.max(1)))
         .zip(r.par_chunks(v.max(1)))
-        .map(|((g, xr), rr)| {
-            let lse_x = log_sum_exp(xr, inv_tau);
-            let lse_r = log_sum_exp(rr, inv_tau);
-            let mut kl = 0f64;
-            for ((gv, &xv), &rv) in g.iter_mut().zip(xr).zip(rr) {
-                let log_p = xv * inv_tau - lse_x;
-                let ell = log_p - (rv * inv_tau - lse_r);
-                let p = log_p.exp();
-                *gv = ell;
-                kl += f64::from(p * ell);
-            }
-            #[allow(clippy::cast_possible_truncation)]
-            let kl32 = kl as f32;
-            for (gv, &xv) in g.iter_mut().zip(xr) {
-                let p = (xv * inv_tau - lse_x).exp();
-                *gv = p * (*gv - kl32) * inv_tau;
-            }
-            kl32
-        })
+        .map_init(
+            || vec![0f32; v],
+            |p, ((g, xr), rr)| {
+                let lse_x = log_sum_exp(xr, inv_tau, p);
+                let lse_r = log_sum_exp(rr, inv_tau, p);
+                // g = ℓ = log p − log q, then p, KL = Σ p ℓ, and g = p (ℓ − KL) / τ.
+                for (((pv, gv), &xv), &rv) in p.iter_mut().zip(g.iter_mut()).zip(xr).zip(rr) {
+                    *pv = xv * inv_tau - lse_x;
+                    *gv = *pv - (rv * inv_tau - lse_r);
+                }
+                vexp::exp_in_place(p);
+                let kl = vexp::dot_f64(p, g) as f32;
+                for (gv, &pv) in g.iter_mut().zip(p.iter()) {
+                    *gv = pv * (*gv - kl) * inv_tau;
+                }
+                kl
+            },
+        )
         .collect();
     let device = logits.device();
     Ok((
@@ -553,17 +550,21 @@ pub fn kl_values(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<KlRow
         let rows: Vec<(f64, (f32, f32))> = x
             .par_chunks(v.max(1))
             .zip(r.par_chunks(v.max(1)))
-            .map(|(xr, rr)| {
-                let lse_x = log_sum_exp(xr, inv_tau);
-                let lse_r = log_sum_exp(rr, inv_tau);
-                let shift = lse_r - lse_x;
-                let mut acc = [0f32; 8];
-                for (i, (&xv, &rv)) in xr.iter().zip(rr).enumerate() {
-                    let log_p = xv * inv_tau - lse_x;
-                    acc[i % 8] += log_p.exp() * ((xv - rv) * inv_tau + shift);
-                }
-                (acc.iter().copied().map(f64::from).sum(), (lse_x, lse_r))
-            })
+            .map_init(
+                || (vec![0f32; v], vec![0f32; v]),
+                |(p, ell), (xr, rr)| {
+                    let lse_x = log_sum_exp(xr, inv_tau, p);
+                    let lse_r = log_sum_exp(rr, inv_tau, p);
+                    let shift = lse_r - lse_x;
+                    for (((pv, lv), &xv), &rv) in p.iter_mut().zip(ell.iter_mut()).zip(xr).zip(rr)
+                    {
+                        *pv = xv * inv_tau - lse_x;
+                        *lv = (xv - rv) * inv_tau + shift;
+                    }
+                    vexp::exp_in_place(p);
+                    (vexp::dot_f64(p, ell), (lse_x, lse_r))
+                },
+            )
             .collect();
         let (kl, lse) = rows.into_iter().unzip();
         return Ok(KlRows { kl, lse });
@@ -630,22 +631,32 @@ pub fn logit_grads(
             .zip(x.par_chunks(v.max(1)))
             .zip(r.par_chunks(v.max(1)))
             .zip(per_row.par_iter())
-            .for_each(|(((g, xr), rr), &(w, kl, (lse_x, lse_r), y))| {
-                if w != 0.0 {
-                    let shift = lse_r - lse_x;
-                    for (gv, (&xv, &rv)) in g.iter_mut().zip(xr.iter().zip(rr)) {
-                        let p = (xv * inv_tau - lse_x).exp();
-                        *gv = w * p * ((xv - rv) * inv_tau + shift - kl);
+            .for_each_init(
+                || vec![0f32; v],
+                |buf, (((g, xr), rr), &(w, kl, (lse_x, lse_r), y))| {
+                    if w != 0.0 {
+                        let shift = lse_r - lse_x;
+                        for (gv, &xv) in g.iter_mut().zip(xr) {
+                            *gv = xv * inv_tau - lse_x;
+                        }
+                        vexp::exp_in_place(g);
+                        for (gv, (&xv, &rv)) in g.iter_mut().zip(xr.iter().zip(rr)) {
+                            *gv *= w * ((xv - rv) * inv_tau + shift - kl);
+                        }
                     }
-                }
-                if let Some(y) = y {
-                    let lse = log_sum_exp(xr, 1.0);
-                    for (gv, &xv) in g.iter_mut().zip(xr) {
-                        *gv += norm * (xv - lse).exp();
+                    if let Some(y) = y {
+                        let lse = log_sum_exp(xr, 1.0, buf);
+                        for (b, &xv) in buf.iter_mut().zip(xr) {
+                            *b = xv - lse;
+                        }
+                        vexp::exp_in_place(buf);
+                        for (gv, &b) in g.iter_mut().zip(buf.iter()) {
+                            *gv += norm * b;
+                        }
+                        g[y] -= norm;
                     }
-                    g[y] -= norm;
-                }
-            });
+                },
+            );
         return Ok(Tensor::from_vec(grad, (n, v), device)?);
     }
     let dtype = loss_dtype(logits.dtype());
