@@ -136,10 +136,7 @@ fn time_interleaved(
             }
         }
     }
-    Ok(times
-        .into_iter()
-        .map(|t| (median(t.clone()), t))
-        .collect())
+    Ok(times.into_iter().map(|t| (median(t.clone()), t)).collect())
 }
 
 /// `--guided`: an IV-guided step (METHODS.md §5.2, the code version's settings, a seeded vector
@@ -185,12 +182,28 @@ fn guided_ratio(
     let mut first = Trainer::new(model.clone(), settings.clone(), examples.clone(), vec![], 0)?;
     first.set_guidance(guidance);
     // Later epochs: each example's reference comes from the cache.
-    let mut later = Trainer::new(model.clone(), settings, examples, vec![], 0)?;
-    later.set_guidance(Guidance::new(g, &vector, heads, model)?);
-    let timed = time_interleaved(&mut [&mut plain, &mut first, &mut later], reps, dev)?;
-    let [(plain_s, plain_all), (guided_s, guided_all), (cached_s, cached_all)] =
-        <[(f64, Vec<f64>); 3]>::try_from(timed)
-            .map_err(|_| anyhow::anyhow!("three trainers were timed"))?;
+    let mut later = Trainer::new(model.clone(), settings.clone(), examples.clone(), vec![], 0)?;
+    later.set_guidance(Guidance::new(g.clone(), &vector, heads.clone(), model)?);
+    // First epoch with the thresholds at 0, so that every term has a gradient (with the code
+    // version's thresholds the KL and head terms of a fresh adapter are below them, and only
+    // the label rows and t_b have a gradient at the logits).
+    let on = GuidanceSettings {
+        kl_threshold: 0.0,
+        mse_threshold: 0.0,
+        ..g
+    };
+    let all_on = Guidance::new(on, &vector, heads, model)?;
+    all_on.set_cache_budget(0);
+    let mut terms_on = Trainer::new(model.clone(), settings, examples, vec![], 0)?;
+    terms_on.set_guidance(all_on);
+    let timed = time_interleaved(
+        &mut [&mut plain, &mut first, &mut later, &mut terms_on],
+        reps,
+        dev,
+    )?;
+    let [(plain_s, plain_all), (guided_s, guided_all), (cached_s, cached_all), (on_s, on_all)] =
+        <[(f64, Vec<f64>); 4]>::try_from(timed)
+            .map_err(|_| anyhow::anyhow!("four trainers were timed"))?;
     let report = json!({
         "tool": "tunelens",
         "device": format!("{choice:?}").to_lowercase(),
@@ -202,10 +215,13 @@ fn guided_ratio(
         "ratio": guided_s / plain_s,
         "guided_cached_seconds_per_step": cached_s,
         "ratio_cached": cached_s / plain_s,
+        "guided_terms_on_seconds_per_step": on_s,
+        "ratio_terms_on": on_s / plain_s,
+        "guided_terms_on_all_s": on_all,
         "plain_all_s": plain_all,
         "guided_all_s": guided_all,
         "guided_cached_all_s": cached_all,
-        "description": "the three trainers take one step each in turn; IV-guided step (code version: reference pass with the IV at layer 9, head-reference pass, ce + kl1 + kl2 + pr, thresholds 0.1/0.01) vs a plain LoRA step on the same batch; labels on the second half of each 128-token sequence. ratio: every reference pass runs (an example's first epoch); ratio_cached: the reference passes come from the per-run cache (later epochs)",
+        "description": "the four trainers take one step each in turn; IV-guided step (code version: reference pass with the IV at layer 9, head-reference pass, ce + kl1 + kl2 + pr, thresholds 0.1/0.01) vs a plain LoRA step on the same batch; labels on the second half of each 128-token sequence. ratio: every reference pass runs (an example's first epoch); ratio_cached: the reference passes come from the per-run cache (later epochs); ratio_terms_on: first epoch with both thresholds at 0, so every term has a gradient at every row",
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

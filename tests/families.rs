@@ -714,3 +714,42 @@ fn gemma2_matches_transformers_with_and_without_an_adapter() {
     check_with_and_without_adapter(&m, &dir, &golden);
     assert_saves_and_loads_the_same(&m);
 }
+
+/// A cache cut back to its first tokens (`KvCache::truncate`) continues as if the later ones
+/// had never run; a padded cache, or more tokens than it holds, is refused.
+#[test]
+fn truncated_caches_continue_from_their_cut() {
+    let seq: &[u32] = &[1, 9, 20, 33, 40, 12];
+    for arch in [Architecture::Llama, Architecture::Gemma3] {
+        let m = tiny_family(arch, 6, DType::F32);
+        let all = ForwardOptions::default();
+        let full = m.model.forward(&crate::common::ids_tensor(seq)).unwrap();
+        let mut cache = KvCache::new();
+        m.model
+            .run(
+                Input::Ids(&crate::common::ids_tensor(seq)),
+                &all,
+                Some(&mut cache),
+                &mut NoHook,
+            )
+            .unwrap();
+        let mut cut = cache.truncate(2).unwrap();
+        assert_eq!(cut.len(), 2);
+        let rest = m
+            .model
+            .run(
+                Input::Ids(&crate::common::ids_tensor(&seq[2..])),
+                &all,
+                Some(&mut cut),
+                &mut NoHook,
+            )
+            .unwrap();
+        let diff = crate::common::max_abs_diff(&rest, &full.narrow(1, 2, 4).unwrap());
+        assert!(diff < 1e-5, "{arch:?}: {diff:e}");
+        assert!(cache.truncate(7).is_err());
+        let mut padded = KvCache::new();
+        let ids = Tensor::from_vec(vec![1u32, 5, 6, 1, 44, 1], (2, 3), &Device::Cpu).unwrap();
+        m.model.run_rows(&ids, &[3, 2], &all, &mut padded).unwrap();
+        assert!(padded.truncate(1).is_err());
+    }
+}

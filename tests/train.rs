@@ -697,23 +697,30 @@ fn guided_fused_f32_kernels_match_autograd() {
     let mut s = settings(1);
     s.batch_size = 4;
     s.lora.targets = all_targets();
-    let mut trainer = Trainer::new(lm.model.clone(), s, examples(&lm), vec![], 0).unwrap();
-    perturb_adapters(&trainer);
-    let g = GuidanceSettings {
-        kl_alpha1: 1.0,
-        kl_alpha2: 0.1,
-        kl_threshold: 0.0,
-        mse_threshold: 0.0,
-        ..guided_settings()
-    };
-    trainer.set_guidance(tiny_guidance(&lm, g, 2.0));
-    let fast = trainer.gradients().unwrap();
-    trainer.set_autograd(true);
-    let reference = trainer.gradients().unwrap();
-    for ((n, f), (_, r)) in fast.terms.iter().zip(&reference.terms) {
-        assert!((f - r).abs() <= 1e-4 * r.abs().max(1e-3), "{n} {f} vs {r}");
+    // Every row has a gradient with kl2 on; with it off only the label rows and t_b do, and
+    // only those go through the head's backward.
+    for kl_alpha2 in [0.1, 0.0] {
+        let mut trainer =
+            Trainer::new(lm.model.clone(), s.clone(), examples(&lm), vec![], 0).unwrap();
+        perturb_adapters(&trainer);
+        let g = GuidanceSettings {
+            kl_alpha1: 1.0,
+            kl_alpha2,
+            kl_threshold: 0.0,
+            mse_threshold: 0.0,
+            ..guided_settings()
+        };
+        trainer.set_guidance(tiny_guidance(&lm, g, 2.0));
+        let fast = trainer.gradients().unwrap();
+        trainer.set_autograd(true);
+        let reference = trainer.gradients().unwrap();
+        for ((n, f), (_, r)) in fast.terms.iter().zip(&reference.terms) {
+            assert!((f - r).abs() <= 1e-4 * r.abs().max(1e-3), "{n} {f} vs {r}");
+        }
+        assert!(fast.terms[1].1 > 0.0, "{:?}", fast.terms);
+        assert_eq!(fast.terms[2].1 > 0.0, kl_alpha2 > 0.0, "{:?}", fast.terms);
+        assert_grads_close(&fast, &reference, 1e-4);
     }
-    assert_grads_close(&fast, &reference, 1e-4);
 }
 
 #[test]

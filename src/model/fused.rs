@@ -32,6 +32,37 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&data[start..end])
 }
 
+/// Runs `f` on the f32 elements of CPU f32 tensors without copying them (each is made
+/// contiguous first, which is free for a contiguous one or a row range of it). `Ok(None)`
+/// when one of them is not a CPU f32 tensor.
+pub fn with_f32_slices<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<Option<R>> {
+    if tensors
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
+    {
+        return Ok(None);
+    }
+    let owned = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<Tensor>>>()?;
+    let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
+    let slices = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            candle_core::Storage::Cpu(cpu) => Ok(contiguous_f32(cpu, layout, "f32 slices")?),
+            _ => Err(crate::error::Error::invalid(
+                "f32 slices",
+                "expects CPU tensors",
+            )),
+        })
+        .collect::<Result<Vec<&[f32]>>>()?;
+    f(&slices).map(Some)
+}
+
 /// Softmax over the last axis of `scores` `(.., T, T_kv)` with causal masking for queries at
 /// absolute positions `offset..offset+T` (and an optional sliding window); masked entries are 0.
 /// Returns `None` when the kernel does not apply (not CPU f32).

@@ -267,6 +267,26 @@ impl KvCache {
         })
     }
 
+    /// The first `n` tokens of a cache whose rows all hold positions `0..len` (not padded):
+    /// what it held before the later tokens were added, in each layer it holds. A pass that
+    /// starts at a layer (`Input::Resid`) fills only the layers from there on.
+    pub fn truncate(&self, n: usize) -> Result<Self> {
+        if self.key_pos.is_some() || n > self.len {
+            return Err(Error::invalid(
+                "KV cache",
+                format!(
+                    "cannot keep the first {n} of {} tokens of a padded or shorter cache",
+                    self.len
+                ),
+            ));
+        }
+        Ok(Self {
+            layers: self.map_layers(|k, v| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))?,
+            len: n,
+            key_pos: None,
+        })
+    }
+
     /// A cache whose row `i` is row `rows[i]` of this one (rows may repeat): the continuations
     /// of several sequences, each continued by any number of rows.
     pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {

@@ -25,6 +25,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
+use crate::model::fused::with_f32_slices;
 use crate::model::hooks::{Chain, Edit, EditOp, Editor, HookPoint, NoHook, Positions, Recorder};
 use crate::model::transformer::{ForwardOptions, Input, KvCache, LogitsAt, Transformer};
 use crate::model::vexp;
@@ -202,13 +203,13 @@ impl Guidance {
 
     /// The two reference passes of one example (`ids` `(1, T)`), adapters off, no graph.
     ///
-    /// Causality makes most of the work shared. Rows before `t_b` are the same in both passes
-    /// (no IV yet, no adapter), so the prompt before `t_b` runs once into a KV cache, and its
-    /// logits serve as the reference's. Rows `t_b..T` are the same in both passes below the
-    /// edit layer `ℓ` (the IV enters at `ℓ`'s `o_proj` output), so they run once up to `ℓ`;
-    /// from there the IV pass runs to the logits, and the head pass (no IV) only for row `t_b`
-    /// and only as far as the last listed head above `ℓ`. Heads at or below `ℓ` are read from
-    /// the shared part (`z` of layer `ℓ` is taken before the IV is added).
+    /// Causality makes most of the work shared. Both passes are the same below the edit layer
+    /// `ℓ` (the IV enters at `ℓ`'s `o_proj` output), so every row runs once up to `ℓ`; from
+    /// there the IV pass runs to the logits, and the head pass (no IV) only for row `t_b` and
+    /// only as far as the last listed head above `ℓ`, continuing the IV pass's keys and values
+    /// of the rows before `t_b` (the IV enters at `t_b`, so they are the same without it).
+    /// Heads at or below `ℓ` are read from the shared part (`z` of layer `ℓ` is taken before
+    /// the IV is added).
     pub fn reference(&self, model: &Transformer, ids: &Tensor, t_b: usize) -> Result<Reference> {
         let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         let mut refs = self.references(model, &[(ids, t_b)])?;
@@ -317,37 +318,19 @@ impl Guidance {
                 .map(|&(l, _)| HookPoint::HeadOut(l))
                 .collect()
         };
-        let mut cache = KvCache::new();
-        let prefix_hidden = if t_b > 0 {
-            let prefix = ids.narrow(1, 0, t_b)?;
-            Some(model.run(
-                Input::Ids(&prefix),
-                &hidden_opts,
-                Some(&mut cache),
-                &mut NoHook,
-            )?)
-        } else {
-            None
-        };
-        // Rows t_b.. up to the edit layer; the cache's layers from ℓ on keep the prefix only.
-        let suffix = ids.narrow(1, t_b, seq_len - t_b)?;
+        // Every row up to the edit layer: the same in both passes.
         let mut below = Recorder::new(head_points(&|l| l < layer));
-        let resid = model.run_until(
-            Input::Ids(&suffix),
-            &hidden_opts,
-            Some(&mut cache),
-            &mut below,
-            layer,
-        )?;
+        let resid = model.run_until(Input::Ids(ids), &hidden_opts, None, &mut below, layer)?;
+        // The IV pass from there, keeping the keys and values of the layers it runs.
         let mut at = Recorder::new(head_points(&|l| l == layer));
         let mut editor = self.edit(t_b, 1.0)?;
-        let suffix_hidden = {
-            let mut ref_cache = cache.clone();
+        let mut iv_cache = KvCache::new();
+        let hidden = {
             let mut chain = Chain(vec![&mut at, &mut editor]);
             model.run(
                 Input::Resid { layer, xs: &resid },
                 &hidden_opts,
-                Some(&mut ref_cache),
+                Some(&mut iv_cache),
                 &mut chain,
             )?
         };
@@ -358,9 +341,15 @@ impl Guidance {
             .max()
             .filter(|&e| e > layer + 1)
         {
-            // Only row t_b's head outputs are read, and they depend on rows ≤ t_b alone: the
-            // head pass continues the prefix's cache with that one row.
-            let row = resid.narrow(1, 0, 1)?;
+            // Only row t_b's head outputs are read, and they depend on rows ≤ t_b alone; rows
+            // before t_b are the same without the IV (it enters at t_b), so the head pass
+            // continues the IV pass's keys and values of those rows with row t_b.
+            let mut cache = if t_b > 0 {
+                iv_cache.truncate(t_b)?
+            } else {
+                KvCache::new()
+            };
+            let row = resid.narrow(1, t_b, 1)?;
             model.run_until(
                 Input::Resid { layer, xs: &row },
                 &hidden_opts,
@@ -377,21 +366,18 @@ impl Guidance {
                 std::cmp::Ordering::Equal => &at,
                 std::cmp::Ordering::Greater => &above,
             };
-            // (b, rows from t_b, h, d_h): row 0 is t_b.
+            // (b, rows, h, d_h): every row below and at the edit layer, row t_b alone above.
             let out = recorder.get(HookPoint::HeadOut(l))?;
+            let row = if l > layer { 0 } else { t_b };
             for (b, z_b) in z.iter_mut().enumerate() {
                 z_b.push(
                     out.get(b)?
-                        .get(0)?
+                        .get(row)?
                         .get(h)?
                         .to_dtype(loss_dtype(model.dtype()))?,
                 );
             }
         }
-        let hidden = match prefix_hidden {
-            Some(prefix) => Tensor::cat(&[&prefix, &suffix_hidden], 1)?,
-            None => suffix_hidden,
-        };
         Ok((hidden, z))
     }
 
@@ -533,20 +519,20 @@ pub struct KlRows {
 
 /// Per-row `KL(softmax(x/τ) ‖ softmax(r/τ))` values only (no gradient), as [`kd_rows`].
 pub fn kl_values(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<KlRows> {
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 && ref_logits.dtype() == DType::F32
-    {
-        use rayon::prelude::*;
-        let (n, v) = logits.dims2()?;
-        if ref_logits.dims() != [n, v] {
-            return Err(Error::invalid(
-                "reference logits",
-                "shape differs from the logits",
-            ));
-        }
-        let x = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let r = ref_logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        #[allow(clippy::cast_possible_truncation)]
-        let inv_tau = (1.0 / tau) as f32;
+    use rayon::prelude::*;
+    let (n, v) = logits.dims2()?;
+    if ref_logits.dims() != [n, v] {
+        return Err(Error::invalid(
+            "reference logits",
+            "shape differs from the logits",
+        ));
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    let inv_tau = (1.0 / tau) as f32;
+    let fused = with_f32_slices(&[logits, ref_logits], |data| {
+        let &[x, r] = data else {
+            return Err(Error::invalid("kl values", "two tensors expected"));
+        };
         let rows: Vec<(f64, (f32, f32))> = x
             .par_chunks(v.max(1))
             .zip(r.par_chunks(v.max(1)))
@@ -556,8 +542,7 @@ pub fn kl_values(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<KlRow
                     let lse_x = log_sum_exp(xr, inv_tau, p);
                     let lse_r = log_sum_exp(rr, inv_tau, p);
                     let shift = lse_r - lse_x;
-                    for (((pv, lv), &xv), &rv) in p.iter_mut().zip(ell.iter_mut()).zip(xr).zip(rr)
-                    {
+                    for (((pv, lv), &xv), &rv) in p.iter_mut().zip(ell.iter_mut()).zip(xr).zip(rr) {
                         *pv = xv * inv_tau - lse_x;
                         *lv = (xv - rv) * inv_tau + shift;
                     }
@@ -567,7 +552,10 @@ pub fn kl_values(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<KlRow
             )
             .collect();
         let (kl, lse) = rows.into_iter().unzip();
-        return Ok(KlRows { kl, lse });
+        Ok(KlRows { kl, lse })
+    })?;
+    if let Some(rows) = fused {
+        return Ok(rows);
     }
     let (kl, _) = kd_rows(logits, ref_logits, tau)?;
     Ok(KlRows {
@@ -576,25 +564,70 @@ pub fn kl_values(logits: &Tensor, ref_logits: &Tensor, tau: f64) -> Result<KlRow
     })
 }
 
-/// Per row of [`logit_grads`]'s fused pass: KL weight / τ, KL, `(lse_x, lse_r)`, label.
-type FusedRow = (f32, f32, (f32, f32), Option<usize>);
+/// What one example's loss asks of the rows of its trainable logits `(T, V)`.
+#[derive(Clone, Copy, Debug)]
+pub struct RowLoss<'a> {
+    /// `w_t`, the weight of row `t`'s KL term (one per row).
+    pub kl_weight: &'a [f64],
+    /// `(t, y_t)`: the rows with a next-token label, and the label.
+    pub labels: &'a [(usize, u32)],
+    /// The weight of each label row's cross-entropy.
+    pub ce_norm: f64,
+}
 
-/// The gradient of one example's loss at its trainable logits `x` `(T, V)`:
-/// `w_t · ∂KL_t/∂x_t` for every row (`kl_weight[t]`; `rows` from [`kl_values`] on the same
-/// logits) plus `ce_norm · (softmax(x_t) − onehot(y_t))` at each label row `(t, y_t)` of
-/// `labels`. On the CPU in f32 one fused pass per row; elsewhere candle's ops.
+impl RowLoss<'_> {
+    /// The rows whose gradient can be non-zero, ascending: every label row and every row with
+    /// a KL weight.
+    #[must_use]
+    pub fn active_rows(&self) -> Vec<usize> {
+        let mut rows: Vec<usize> = self.labels.iter().map(|&(t, _)| t).collect();
+        rows.extend(
+            self.kl_weight
+                .iter()
+                .enumerate()
+                .filter(|&(_, &w)| w != 0.0)
+                .map(|(t, _)| t),
+        );
+        rows.sort_unstable();
+        rows.dedup();
+        rows
+    }
+}
+
+/// [`logit_grads`]'s result.
+#[derive(Clone, Debug)]
+pub struct LogitGrads {
+    /// The gradient at the requested rows, `(rows, V)`, in the loss dtype.
+    pub grad: Tensor,
+    /// `Σ_t CE_t` over the label rows (unweighted).
+    pub ce_sum: f64,
+}
+
+/// Per row of [`logit_grads`]'s fused pass: row, KL weight / τ, KL, `(lse_x, lse_r)`, label.
+type FusedRow = (usize, f32, f32, (f32, f32), Option<usize>);
+
+/// The gradient of one example's loss at the rows `rows` (ascending; they must include
+/// [`RowLoss::active_rows`], every other row's gradient being zero) of its trainable logits
+/// `x` `(T, V)`: `w_t · ∂KL_t/∂x_t` (`kl` from [`kl_values`] on the same logits) plus
+/// `ce_norm · (softmax(x_t) − onehot(y_t))` at each label row, and the label rows' summed
+/// cross-entropy. On the CPU in f32 one fused pass per row over the tensors' own memory;
+/// elsewhere candle's ops.
 pub fn logit_grads(
     logits: &Tensor,
     ref_logits: &Tensor,
     tau: f64,
-    rows: &KlRows,
-    kl_weight: &[f64],
-    labels: &[(usize, u32)],
-    ce_norm: f64,
-) -> Result<Tensor> {
+    kl: &KlRows,
+    loss: &RowLoss<'_>,
+    rows: &[usize],
+) -> Result<LogitGrads> {
     let (n, v) = logits.dims2()?;
+    let RowLoss {
+        kl_weight,
+        labels,
+        ce_norm,
+    } = *loss;
     if kl_weight.len() != n
-        || rows.kl.len() != n
+        || kl.kl.len() != n
         || labels.iter().any(|&(t, y)| t >= n || y as usize >= v)
     {
         return Err(Error::invalid(
@@ -602,49 +635,64 @@ pub fn logit_grads(
             "rows or labels outside the logits",
         ));
     }
+    if rows.windows(2).any(|w| w[0] >= w[1])
+        || rows.last().is_some_and(|&t| t >= n)
+        || loss
+            .active_rows()
+            .iter()
+            .any(|t| rows.binary_search(t).is_err())
+    {
+        return Err(Error::invalid(
+            "loss rows",
+            "the requested rows leave out a row with a gradient",
+        ));
+    }
     let device = logits.device();
-    let fused = device.is_cpu()
-        && logits.dtype() == DType::F32
-        && ref_logits.dtype() == DType::F32
-        && rows.lse.len() == n;
-    if fused {
-        use rayon::prelude::*;
-        let x = logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let r = ref_logits.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    if kl.lse.len() == n {
         let mut target = vec![None; n];
         for &(t, y) in labels {
             target[t] = Some(y as usize);
         }
         #[allow(clippy::cast_possible_truncation)]
         let (inv_tau, norm) = ((1.0 / tau) as f32, ce_norm as f32);
-        let per_row: Vec<FusedRow> = (0..n)
-            .map(|t| {
-                #[allow(clippy::cast_possible_truncation)]
-                let w = (kl_weight[t] / tau) as f32;
-                #[allow(clippy::cast_possible_truncation)]
-                let kl = rows.kl[t] as f32;
-                (w, kl, rows.lse[t], target[t])
+        #[allow(clippy::cast_possible_truncation)]
+        let per_row: Vec<FusedRow> = rows
+            .iter()
+            .map(|&t| {
+                (
+                    t,
+                    (kl_weight[t] / tau) as f32,
+                    kl.kl[t] as f32,
+                    kl.lse[t],
+                    target[t],
+                )
             })
             .collect();
-        let mut grad = vec![0f32; n * v];
-        grad.par_chunks_mut(v.max(1))
-            .zip(x.par_chunks(v.max(1)))
-            .zip(r.par_chunks(v.max(1)))
-            .zip(per_row.par_iter())
-            .for_each_init(
-                || vec![0f32; v],
-                |buf, (((g, xr), rr), &(w, kl, (lse_x, lse_r), y))| {
-                    if w != 0.0 {
-                        let shift = lse_r - lse_x;
-                        for (gv, &xv) in g.iter_mut().zip(xr) {
-                            *gv = xv * inv_tau - lse_x;
+        let fused = with_f32_slices(&[logits, ref_logits], |data| {
+            use rayon::prelude::*;
+            let &[x, r] = data else {
+                return Err(Error::invalid("logit gradients", "two tensors expected"));
+            };
+            let mut grad = vec![0f32; rows.len() * v];
+            let ce_sum: f64 = grad
+                .par_chunks_mut(v.max(1))
+                .zip(per_row.par_iter())
+                .map_init(
+                    || vec![0f32; v],
+                    |buf, (g, &(t, w, kl, (lse_x, lse_r), y))| {
+                        let xr = &x[t * v..(t + 1) * v];
+                        let rr = &r[t * v..(t + 1) * v];
+                        if w != 0.0 {
+                            let shift = lse_r - lse_x;
+                            for (gv, &xv) in g.iter_mut().zip(xr) {
+                                *gv = xv * inv_tau - lse_x;
+                            }
+                            vexp::exp_in_place(g);
+                            for (gv, (&xv, &rv)) in g.iter_mut().zip(xr.iter().zip(rr)) {
+                                *gv *= w * ((xv - rv) * inv_tau + shift - kl);
+                            }
                         }
-                        vexp::exp_in_place(g);
-                        for (gv, (&xv, &rv)) in g.iter_mut().zip(xr.iter().zip(rr)) {
-                            *gv *= w * ((xv - rv) * inv_tau + shift - kl);
-                        }
-                    }
-                    if let Some(y) = y {
+                        let Some(y) = y else { return 0.0 };
                         let lse = log_sum_exp(xr, 1.0, buf);
                         for (b, &xv) in buf.iter_mut().zip(xr) {
                             *b = xv - lse;
@@ -654,28 +702,48 @@ pub fn logit_grads(
                             *gv += norm * b;
                         }
                         g[y] -= norm;
-                    }
-                },
-            );
-        return Ok(Tensor::from_vec(grad, (n, v), device)?);
+                        f64::from(lse - xr[y])
+                    },
+                )
+                .sum();
+            Ok(LogitGrads {
+                grad: Tensor::from_vec(grad, (rows.len(), v), device)?,
+                ce_sum,
+            })
+        })?;
+        if let Some(out) = fused {
+            return Ok(out);
+        }
     }
     let dtype = loss_dtype(logits.dtype());
     let (_, kd) = kd_rows(logits, ref_logits, tau)?;
     let weights = Tensor::from_vec(kl_weight.to_vec(), (n, 1), device)?.to_dtype(dtype)?;
     let mut grad = kd.broadcast_mul(&weights)?;
+    let mut ce_sum = 0.0;
     if !labels.is_empty() {
         #[allow(clippy::cast_possible_truncation)]
-        let rows: Vec<u32> = labels.iter().map(|&(t, _)| t as u32).collect();
+        let label_rows: Vec<u32> = labels.iter().map(|&(t, _)| t as u32).collect();
         let targets: Vec<u32> = labels.iter().map(|&(_, y)| y).collect();
-        let rows = Tensor::from_vec(rows, labels.len(), device)?;
+        let label_rows = Tensor::from_vec(label_rows, labels.len(), device)?;
         let targets = Tensor::from_vec(targets, (labels.len(), 1), device)?;
-        let picked = logits.to_dtype(dtype)?.index_select(&rows, 0)?;
-        let probs = candle_nn::ops::softmax(&picked, D::Minus1)?;
+        let picked = logits.to_dtype(dtype)?.index_select(&label_rows, 0)?;
+        let log_probs = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
+        ce_sum = -log_probs
+            .gather(&targets, 1)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let probs = log_probs.exp()?;
         let ones = Tensor::ones((labels.len(), 1), dtype, device)?;
         let onehot = probs.zeros_like()?.scatter_add(&targets, &ones, 1)?;
-        grad = grad.index_add(&rows, &((probs - onehot)? * ce_norm)?, 0)?;
+        grad = grad.index_add(&label_rows, &((probs - onehot)? * ce_norm)?, 0)?;
     }
-    Ok(grad)
+    if rows.len() < n {
+        #[allow(clippy::cast_possible_truncation)]
+        let keep: Vec<u32> = rows.iter().map(|&t| t as u32).collect();
+        grad = grad.index_select(&Tensor::from_vec(keep, rows.len(), device)?, 0)?;
+    }
+    Ok(LogitGrads { grad, ce_sum })
 }
 
 /// The same per-row KL on candle's autograd graph (the tests' reference).
@@ -795,28 +863,30 @@ mod tests {
         let guidance = Guidance::new(settings, &iv, heads.clone(), model)?;
         guidance.set_cache_budget(0);
         let ids = Tensor::new(&[[1u32, 9, 20, 33, 40, 12, 50, 7, 3, 18]], &Device::Cpu)?;
-        let t_b = 4;
-        let got = guidance.reference(model, &ids, t_b)?;
-        let off = ForwardOptions {
-            differentiable: false,
-            logits: LogitsAt::All,
-            use_lora: false,
-        };
-        let mut editor = guidance.edit(t_b, 1.0)?;
-        let logits = model
-            .run(Input::Ids(&ids), &off, None, &mut editor)?
-            .squeeze(0)?;
-        let diff = (logits - &got.logits)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "logits differ by {diff}");
-        let mut rec = Recorder::new((0..3).map(HookPoint::HeadOut));
-        model.run(Input::Ids(&ids), &off, None, &mut rec)?;
-        for (&(l, h), z) in heads.iter().zip(&got.z) {
-            let want = rec.get(HookPoint::HeadOut(l))?.get(0)?.get(t_b)?.get(h)?;
-            let diff = (want - z)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "z of L{l}.H{h} differs by {diff}");
+        // t_b = 0: the head pass has no earlier rows to continue.
+        for t_b in [4, 0] {
+            let got = guidance.reference(model, &ids, t_b)?;
+            let off = ForwardOptions {
+                differentiable: false,
+                logits: LogitsAt::All,
+                use_lora: false,
+            };
+            let mut editor = guidance.edit(t_b, 1.0)?;
+            let logits = model
+                .run(Input::Ids(&ids), &off, None, &mut editor)?
+                .squeeze(0)?;
+            let diff = (logits - &got.logits)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "logits differ by {diff}");
+            let mut rec = Recorder::new((0..3).map(HookPoint::HeadOut));
+            model.run(Input::Ids(&ids), &off, None, &mut rec)?;
+            for (&(l, h), z) in heads.iter().zip(&got.z) {
+                let want = rec.get(HookPoint::HeadOut(l))?.get(0)?.get(t_b)?.get(h)?;
+                let diff = (want - z)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "z of L{l}.H{h} differs by {diff}");
+            }
         }
         // Several examples at once (two share a length and t_b and run as one batch): each
         // equals its own single pass.
@@ -898,21 +968,62 @@ mod tests {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
         // The fused gradient with per-row weights and a CE row.
-        let fused = logit_grads(&x32, &q32, tau, &rows, &[0.5, 2.0], &[(1, 3)], 0.25)?;
+        let loss = RowLoss {
+            kl_weight: &[0.5, 2.0],
+            labels: &[(1, 3)],
+            ce_norm: 0.25,
+        };
+        let fused = logit_grads(&x32, &q32, tau, &rows, &loss, &[0, 1])?;
         let plain = logit_grads(
             x.as_tensor(),
             &q,
             tau,
             &kl_values(x.as_tensor(), &q, tau)?,
-            &[0.5, 2.0],
-            &[(1, 3)],
-            0.25,
+            &loss,
+            &[0, 1],
         )?;
-        let df = (fused.to_dtype(DType::F64)? - plain)?
+        let df = (fused.grad.to_dtype(DType::F64)? - &plain.grad)?
             .abs()?
             .max_all()?
             .to_scalar::<f64>()?;
         assert!(df < 1e-6, "{df}");
+        // The CE of row 1's label, both ways, against its definition.
+        let row1 = x.as_tensor().get(1)?.to_vec1::<f64>()?;
+        let lse = row1.iter().map(|v| v.exp()).sum::<f64>().ln();
+        assert!((plain.ce_sum - (lse - row1[3])).abs() < 1e-12);
+        assert!((fused.ce_sum - plain.ce_sum).abs() < 1e-5);
+        // Only the rows with a gradient: row 0 has no label, so with no KL weight it drops
+        // out, and asking for fewer rows than have a gradient is refused.
+        let ce_only = RowLoss {
+            kl_weight: &[0.0, 0.0],
+            ..loss
+        };
+        assert_eq!(ce_only.active_rows(), vec![1]);
+        for (logits, reference, rows) in [
+            (&x32, &q32, &rows),
+            (x.as_tensor(), &q, &kl_values(x.as_tensor(), &q, tau)?),
+        ] {
+            let one = logit_grads(logits, reference, tau, rows, &ce_only, &[1])?;
+            let both = logit_grads(logits, reference, tau, rows, &ce_only, &[0, 1])?;
+            assert_eq!(one.grad.dims(), &[1, 4]);
+            let d = (one.grad.get(0)? - both.grad.get(1)?)?
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            assert!(d < 1e-7, "{d}");
+            assert_eq!(
+                both.grad
+                    .get(0)?
+                    .abs()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?,
+                0.0
+            );
+            assert!(logit_grads(logits, reference, tau, rows, &loss, &[1]).is_err());
+            assert!(logit_grads(logits, reference, tau, rows, &loss, &[1, 0]).is_err());
+        }
         // Central finite differences of the summed KL.
         let base = x.as_tensor().to_vec2::<f64>()?;
         let h = 1e-6;

@@ -18,7 +18,7 @@ use crate::train::batch::{make_batch, Batch};
 use crate::train::dataset::Example;
 use crate::train::guidance::{
     batch_terms, kd_rows_autograd, kl_values, last_prompt_position, logit_grads, loss_dtype,
-    BatchTerms, Guidance, Reference,
+    BatchTerms, Guidance, Reference, RowLoss,
 };
 use crate::train::loss::cross_entropy;
 
@@ -204,8 +204,10 @@ impl Trainer {
         self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
         let (hidden, tape) = taped?;
         let (b_sz, t_len, d) = hidden.dims3()?;
-        let (logits, ce) = self.logits_and_ce(&hidden, &opts, &prep.batch)?;
-        let ce_mean = scalar(&ce)?;
+        let logits = self
+            .model
+            .lm_logits(&hidden.reshape((b_sz * t_len, d))?, &opts)?
+            .to_dtype(wd)?;
         let (mut kl1_sum, mut kl2_sum) = (0f64, 0f64);
         let mut sq_sums = vec![0f64; heads.len()];
         let mut kls = Vec::with_capacity(b_sz);
@@ -247,35 +249,48 @@ impl Trainer {
         let accum = self.settings.grad_accum as f64;
         #[allow(clippy::cast_precision_loss)]
         let norm = 1.0 / (n_labels as f64 * accum);
-        // The gradient at every row's logits: KL rows (c2 everywhere, plus c1 at t_b) and CE
-        // rows per example, zero on padding.
-        let vocab = logits.dim(1)?;
-        let mut blocks = Vec::with_capacity(2 * b_sz);
+        // The gradient at the logits: KL rows (c2 everywhere, plus c1 at t_b) and CE rows per
+        // example. Only the rows where it can be non-zero go through the head's backward (the
+        // label rows and t_b when kl2 is below its threshold); the others, and padding, get
+        // zero.
+        let mut blocks = Vec::with_capacity(b_sz);
+        let mut active: Vec<u32> = Vec::new();
+        let mut ce_sum = 0f64;
         for (b, kl) in kls.iter().enumerate() {
             let (t_b, len) = (prep.t_b[b], prep.lens[b]);
             let mut weights = vec![terms.c2 / accum; len];
             weights[t_b] += terms.c1 / accum;
-            blocks.push(logit_grads(
+            let loss = RowLoss {
+                kl_weight: &weights,
+                labels: &prep.labels[b],
+                ce_norm: norm,
+            };
+            let rows = loss.active_rows();
+            let out = logit_grads(
                 &logits.narrow(0, b * t_len, len)?,
                 &prep.refs[b].logits,
                 tau,
                 kl,
-                &weights,
-                &prep.labels[b],
-                norm,
-            )?);
-            if len < t_len {
-                blocks.push(Tensor::zeros((t_len - len, vocab), wd, &device)?);
-            }
+                &loss,
+                &rows,
+            )?;
+            ce_sum += out.ce_sum;
+            blocks.push(out.grad);
+            #[allow(clippy::cast_possible_truncation)]
+            active.extend(rows.iter().map(|&t| (b * t_len + t) as u32));
         }
+        let n_active = active.len();
+        let active = Tensor::from_vec(active, n_active, &device)?;
         let d_logits = self
             .model
-            .logit_softcap_vjp(&logits, &Tensor::cat(&blocks, 0)?)?;
-        let d_rows = self
+            .logit_softcap_vjp(&logits.index_select(&active, 0)?, &Tensor::cat(&blocks, 0)?)?;
+        let d_active = self
             .model
             .lm_head
             .weight
-            .input_grad(&d_logits.to_dtype(self.model.dtype())?)?
+            .input_grad(&d_logits.to_dtype(self.model.dtype())?)?;
+        let d_rows = Tensor::zeros((b_sz * t_len, d), d_active.dtype(), &device)?
+            .index_add(&active, &d_active, 0)?
             .reshape((b_sz, t_len, d))?;
         // The head term enters at the o_proj input of each listed head's layer.
         let width = n_heads * head_dim;
@@ -311,6 +326,9 @@ impl Trainer {
             .input_vjp_with(&tape, &d_rows, Some(sink), &z_cots);
         self.dropout_seed.store(DROPOUT_OFF, Ordering::Relaxed);
         result?;
+        let label_rows: usize = prep.labels.iter().map(Vec::len).sum();
+        #[allow(clippy::cast_precision_loss)]
+        let ce_mean = ce_sum / label_rows.max(1) as f64;
         Ok((ce_mean, terms))
     }
 
