@@ -280,18 +280,30 @@ impl Trainer {
             active.extend(rows.iter().map(|&t| (b * t_len + t) as u32));
         }
         let n_active = active.len();
+        let every_row = n_active == b_sz * t_len;
         let active = Tensor::from_vec(active, n_active, &device)?;
-        let d_logits = self
-            .model
-            .logit_softcap_vjp(&logits.index_select(&active, 0)?, &Tensor::cat(&blocks, 0)?)?;
+        let mut d_logits = Tensor::cat(&blocks, 0)?;
+        if self.model.config().final_logit_softcapping.is_some() {
+            // The cap's derivative reads the capped logits of the same rows.
+            let active_logits = if every_row {
+                logits.clone()
+            } else {
+                logits.index_select(&active, 0)?
+            };
+            d_logits = self.model.logit_softcap_vjp(&active_logits, &d_logits)?;
+        }
         let d_active = self
             .model
             .lm_head
             .weight
             .input_grad(&d_logits.to_dtype(self.model.dtype())?)?;
-        let d_rows = Tensor::zeros((b_sz * t_len, d), d_active.dtype(), &device)?
-            .index_add(&active, &d_active, 0)?
-            .reshape((b_sz, t_len, d))?;
+        let d_rows = if every_row {
+            d_active
+        } else {
+            Tensor::zeros((b_sz * t_len, d), d_active.dtype(), &device)?
+                .index_add(&active, &d_active, 0)?
+        }
+        .reshape((b_sz, t_len, d))?;
         // The head term enters at the o_proj input of each listed head's layer.
         let width = n_heads * head_dim;
         let mut by_layer: std::collections::BTreeMap<usize, Vec<f64>> =
