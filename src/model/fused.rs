@@ -5,10 +5,12 @@
 //! ~350 µs per layer and SiLU·up ~230 µs; these kernels do the same arithmetic in one pass over
 //! the data, split across cores. Differentiable passes keep candle's ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, StorageRef, Tensor,
+};
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::transformer::RowPositions;
 use crate::model::vexp;
 
@@ -32,6 +34,30 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&data[start..end])
 }
 
+/// The tensors made contiguous, or `None` when any is not a CPU f32 tensor (the fused kernels
+/// then give way to candle ops).
+pub(crate) fn cpu_f32_contiguous(tensors: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
+    if tensors
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
+    {
+        return Ok(None);
+    }
+    let owned: candle_core::Result<Vec<Tensor>> = tensors.iter().map(|t| t.contiguous()).collect();
+    Ok(Some(owned?))
+}
+
+/// The f32 elements behind the storage guards of contiguous CPU f32 tensors.
+pub(crate) fn f32_data<'g>(guards: &'g [(StorageRef<'_>, &Layout)]) -> Result<Vec<&'g [f32]>> {
+    guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cpu(cpu) => Ok(contiguous_f32(cpu, layout, "fused kernel")?),
+            _ => Err(Error::invalid("fused kernel", "expects CPU tensors")),
+        })
+        .collect()
+}
+
 /// Runs `f` on the f32 elements of CPU f32 tensors without copying them (each is made
 /// contiguous first, which is free for a contiguous one or a row range of it). `Ok(None)`
 /// when one of them is not a CPU f32 tensor.
@@ -39,28 +65,11 @@ pub fn with_f32_slices<R>(
     tensors: &[&Tensor],
     f: impl FnOnce(&[&[f32]]) -> Result<R>,
 ) -> Result<Option<R>> {
-    if tensors
-        .iter()
-        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
-    {
+    let Some(owned) = cpu_f32_contiguous(tensors)? else {
         return Ok(None);
-    }
-    let owned = tensors
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<candle_core::Result<Vec<Tensor>>>()?;
+    };
     let guards: Vec<_> = owned.iter().map(Tensor::storage_and_layout).collect();
-    let slices = guards
-        .iter()
-        .map(|(storage, layout)| match &**storage {
-            candle_core::Storage::Cpu(cpu) => Ok(contiguous_f32(cpu, layout, "f32 slices")?),
-            _ => Err(crate::error::Error::invalid(
-                "f32 slices",
-                "expects CPU tensors",
-            )),
-        })
-        .collect::<Result<Vec<&[f32]>>>()?;
-    f(&slices).map(Some)
+    f(&f32_data(&guards)?).map(Some)
 }
 
 /// Softmax over the last axis of `scores` `(.., T, T_kv)` with causal masking for queries at

@@ -13,12 +13,12 @@
 //! grouped-query softmax attention, SwiGLU, LoRA). Tests compare it with candle's autograd on
 //! the differentiable path of the same forward.
 
-use candle_core::{DType, Layout, Storage, StorageRef, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::model::blas::{batched_matmul, gemm_views, MatView, BLAS_ENABLED};
 use crate::model::config::Activation;
-use crate::model::fused::contiguous_f32;
+use crate::model::fused::{cpu_f32_contiguous, f32_data};
 use crate::model::lora::Linear;
 use crate::model::transformer::{DecoderLayer, RmsNorm, Transformer};
 use crate::model::vexp;
@@ -616,30 +616,6 @@ fn attention_core(
     };
     let (d_k, d_v) = (kv_flat(d_k)?, kv_flat(d_v)?);
     Ok((d_q, d_k, d_v))
-}
-
-/// The tensors made contiguous, or `None` when any is not a CPU f32 tensor (the fused kernels
-/// then give way to candle ops).
-fn cpu_f32_contiguous(tensors: &[&Tensor]) -> Result<Option<Vec<Tensor>>> {
-    if tensors
-        .iter()
-        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32)
-    {
-        return Ok(None);
-    }
-    let owned: candle_core::Result<Vec<Tensor>> = tensors.iter().map(|t| t.contiguous()).collect();
-    Ok(Some(owned?))
-}
-
-/// The f32 elements behind the storage guards of contiguous CPU f32 tensors.
-fn f32_data<'g>(guards: &'g [(StorageRef<'_>, &Layout)]) -> Result<Vec<&'g [f32]>> {
-    guards
-        .iter()
-        .map(|(storage, layout)| match &**storage {
-            Storage::Cpu(cpu) => Ok(contiguous_f32(cpu, layout, "fused backward")?),
-            _ => Err(Error::invalid("fused backward", "expects CPU tensors")),
-        })
-        .collect()
 }
 
 /// Shape invariant of the fused kernels: `f32_data` returns one slice per tensor.
